@@ -1,0 +1,155 @@
+"""The path of one graph, from Dynamo to a compiled callable: `compile_graph` lists the stages in order."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx
+
+from .._logging import logger
+from ..analysis.hardware import resolve as resolve_hardware
+from ..config import CompileConfig
+from ..errors import LLMCompressError
+from ..passes.base import PassContext
+from ..passes.manager import PassManager
+from ..recipes import load_recipe, parse_pass_specs
+from . import verify as _verify
+from .capture import capture_dynamo_graph, freeze_aten_graph, needs_grad
+from .lowering import lower
+from .report import dynamo_graph_info, report_for
+from .weights import DERIVED
+
+_graph_ids = itertools.count()
+
+
+class FallbackWarning(UserWarning):
+    """A graph runs uncompressed (no passes), with the reason in the message and the compile report."""
+
+
+def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: CompileConfig) -> Callable[..., Any]:
+    """Dynamo graph + real example inputs -> compiled callable taking the same inputs."""
+    start = time.perf_counter()
+    entry: dict[str, Any] = {**dynamo_graph_info(gm), "graph_id": next(_graph_ids), "lowering": config.lowering,
+                             "mode": config.mode, "nodes_in": sum(1 for _ in gm.graph.nodes)}
+    original = copy_dynamo_graph(gm)  # kept for verify and for a fallback
+    try:
+        # 0. Inference only: with gradients required, run the graph uncompressed (README, "Training").
+        if needs_grad(example_inputs):
+            compiled = _fallback(original, example_inputs, config, entry,
+                                 "gradients are required (grad mode on and an input requires grad); "
+                                 "llmcompress compiles for inference: use torch.no_grad()/inference_mode() or "
+                                 "model.requires_grad_(False)")
+        else:
+            compiled, state = _compile(gm, example_inputs, config, entry)
+            # 5. Verify against the uncompiled graph on the example inputs (raises beyond tolerance).
+            if config.verify is not False:
+                entry["verify"] = _verify.compare(original, compiled, example_inputs, config)
+            # 6. Release dense originals that no compiled graph reads any more.
+            if config.release_weights and state.get("weights") is not None:
+                freed = state["weights"].release_unused(state["final_gm"])
+                entry["released_weights"] = {"count": len(freed), "bytes": sum(freed.values())}
+    except LLMCompressError:
+        raise
+    except Exception as e:  # noqa: BLE001 - our own bug must not break the user's model
+        if config.strict:
+            raise
+        compiled = _fallback(original, example_inputs, config, entry, f"{type(e).__name__}: {e}")
+        logger.debug("fallback", exc_info=True)
+    entry["compile_time_s"] = round(time.perf_counter() - start, 4)
+    report = report_for(config.report)
+    if report is not None:
+        report.add_graph(entry)
+    return compiled
+
+
+def _compile(gm, example_inputs, config: CompileConfig, entry: dict) -> tuple[Callable[..., Any], dict]:
+    from torch._dynamo.backends.common import aot_autograd
+
+    # 1. Capture: module parameters and buffers become buffers of the graph (constants after AOT).
+    capture = capture_dynamo_graph(gm, example_inputs)
+    entry["frozen_weights"] = {"count": len(capture.frozen),
+                               "bytes": sum(w.tensor.numel() * w.tensor.element_size() for w in capture.frozen)}
+    specs = parse_pass_specs(config.passes, "options") if config.passes is not None else load_recipe(config.recipe).passes
+    manager = PassManager.from_specs(specs, strict=config.strict)
+    state: dict[str, Any] = {}
+
+    def compile_aten(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]) -> Callable[[list], Any]:
+        tracing = torch._guards.TracingContext.try_get()
+        fw_metadata = tracing.fw_metadata if tracing is not None else None
+        # 2. Freeze: AOT's lifted weight inputs become get_attr constants.
+        weights, kept = freeze_aten_graph(aten_gm, capture, fw_metadata)
+        fake_inputs = [aten_inputs[i] for i in kept]
+        hits, misses = DERIVED.hits, DERIVED.misses
+        # 3. Passes, in constraint order; a failing pass is undone (or raises under strict).
+        ctx = PassContext(fake_inputs, weights, resolve_hardware(config.hardware, _device_of(fake_inputs)), config,
+                          _fake_mode(aten_inputs), graph_id=str(entry["graph_id"]))
+        records = manager.run(aten_gm, ctx)
+        entry["passes"] = [r.to_json() for r in records]
+        entry["derived_weights"] = {"hits": DERIVED.hits - hits, "misses": DERIVED.misses - misses}
+        entry["nodes_out"] = sum(1 for _ in aten_gm.graph.nodes)
+        weights.check_not_released(aten_gm)
+        # 4. Lower: Inductor, or the FX graph as it is.
+        static = [kept.index(i) for i in getattr(fw_metadata, "static_input_indices", []) or [] if i in kept]
+        t0 = time.perf_counter()
+        fn = lower(aten_gm, fake_inputs, config, static, entry["graph_id"])
+        entry["lowering_time_s"] = round(time.perf_counter() - t0, 4)
+        weights.mark_in_use(aten_gm)
+        state.update(weights=weights, final_gm=aten_gm)
+
+        def run(args: list) -> Any:
+            kept_args = [args[i] for i in kept]
+            args.clear()
+            return fn(kept_args)
+
+        run._boxed_call = True  # type: ignore[attr-defined]
+        return run
+
+    aot_fn = aot_autograd(fw_compiler=compile_aten, inference_compiler=compile_aten,
+                          keep_inference_input_mutations=True)(capture.gm, [example_inputs[i] for i in capture.runtime_positions])
+    positions = capture.runtime_positions
+
+    def compiled(*args: Any) -> Any:
+        return aot_fn(*[args[i] for i in positions])
+
+    return compiled, state
+
+
+def _fallback(original: torch.fx.GraphModule, example_inputs, config: CompileConfig, entry: dict, reason: str):
+    warnings.warn(f"llmcompress: graph {entry['graph_id']} runs uncompressed: {reason}", FallbackWarning, stacklevel=3)
+    entry["fallback"] = reason
+    if config.lowering == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(original, example_inputs)
+    return original.forward
+
+
+def copy_dynamo_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy sharing attributes, with the Dynamo metadata AOT autograd reads (node sources, param sources)."""
+    graph = torch.fx.Graph()
+    val_map: dict[torch.fx.Node, torch.fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, val_map))
+    graph._codegen = gm.graph._codegen
+    new = torch.fx.GraphModule(gm, graph)
+    new.meta = dict(gm.meta)
+    for old, copied in val_map.items():
+        if hasattr(old, "_dynamo_source"):
+            copied._dynamo_source = old._dynamo_source
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = dict(gm._param_name_to_source)
+    return new
+
+
+def _device_of(inputs: list[Any]) -> torch.device | None:
+    return next((x.device for x in inputs if isinstance(x, torch.Tensor)), None)
+
+
+def _fake_mode(inputs: list[Any]):
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode(inputs)

@@ -1,0 +1,104 @@
+"""`CompileConfig`: the validated form of `torch.compile(..., backend="llmcompress", mode=..., options=...)`.
+
+Precedence: keys in `options` > the recipe's `settings` > the defaults below. `mode` is Dynamo's and maps onto the
+lowering (CUDA graphs, Inductor's max-autotune).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from . import options as _options
+from .errors import OptionError
+
+Lowering = Literal["inductor", "eager"]
+LOWERINGS: tuple[str, ...] = ("inductor", "eager")
+
+# Dynamo's modes -> (cudagraphs, max_autotune)
+MODES: dict[str | None, tuple[bool, bool]] = {
+    None: (False, False),
+    "default": (False, False),
+    "reduce-overhead": (True, False),
+    "max-autotune": (True, True),
+    "max-autotune-no-cudagraphs": (False, True),
+}
+
+# Float tolerance of `verify=True`, per output dtype: (atol, rtol).
+VERIFY_TOLERANCE = {"float32": (1e-4, 1e-4), "float64": (1e-7, 1e-7), "float16": (1e-2, 1e-2), "bfloat16": (2e-2, 2e-2)}
+
+# Keys a recipe's `settings` may set (everything a recipe can sensibly fix; `report` and `recipe` cannot).
+RECIPE_SETTINGS = ("lowering", "hardware", "verify", "strict", "release_weights")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileConfig:
+    """Options of the llmcompress backend (see README, "Options")."""
+
+    recipe: str = "default"
+    """Built-in recipe name or path to a YAML/JSON recipe file."""
+    passes: list[str] | dict[str, dict[str, Any]] | None = None
+    """Pass names, or {name: {option: value}}, run in place of the recipe's passes."""
+    lowering: Lowering = "inductor"
+    hardware: str = "auto"
+    verify: bool | dict[str, float] = False
+    """Compare with the uncompiled graph on the example inputs; a dict gives {"atol": .., "rtol": ..}."""
+    strict: bool = False
+    """A failing pass raises instead of restoring the graph and warning."""
+    report: str | None = None
+    """Path of a JSON file describing what the backend did."""
+    release_weights: bool = False
+    """Free the storage of dense weights that no compiled graph uses any more (see docs/architecture.md)."""
+    cudagraphs: bool = dataclasses.field(default=False, init=False)
+    max_autotune: bool = dataclasses.field(default=False, init=False)
+    mode: str | None = dataclasses.field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.verify, dict):
+            bad = sorted(set(self.verify) - {"atol", "rtol"})
+            if bad:
+                raise OptionError(f"options: key 'verify' got {self.verify!r}; a dict may only hold 'atol' and 'rtol'")
+            if any(v < 0 for v in self.verify.values()):
+                raise OptionError(f"options: key 'verify' got {self.verify!r}; tolerances must be >= 0")
+        if self.report is not None and not self.report.strip():
+            raise OptionError("options: key 'report' got ''; expected a file path")
+        if not self.recipe:
+            raise OptionError("options: key 'recipe' got ''; expected a recipe name or file path")
+        from .analysis.hardware import HARDWARE
+
+        if self.hardware != "auto" and self.hardware not in HARDWARE:
+            raise OptionError(
+                f"options: key 'hardware' got {self.hardware!r}; expected 'auto' or one of {', '.join(sorted(HARDWARE))}"
+            )
+
+    def tolerance(self, dtype_name: str) -> tuple[float, float]:
+        atol, rtol = VERIFY_TOLERANCE.get(dtype_name, (0.0, 0.0))
+        if isinstance(self.verify, dict):
+            atol, rtol = self.verify.get("atol", atol), self.verify.get("rtol", rtol)
+        return atol, rtol
+
+    @staticmethod
+    def from_options(options: Mapping[str, Any] | None, mode: str | None = None) -> CompileConfig:
+        """Validate `options` (and the recipe's settings) into a config; raises `OptionError`."""
+        if options is not None and not isinstance(options, Mapping):
+            raise OptionError(f"options: expected a dict, got {type(options).__name__}")
+        if mode not in MODES:
+            raise OptionError(f"mode: got {mode!r}; expected one of {', '.join(repr(m) for m in MODES)}")
+        user = dict(options or {})
+        from .recipes import load_recipe
+
+        recipe_name = user.get("recipe", "default")
+        # Validate the key's type before using it to load a file.
+        _options.build(CompileConfig, {"recipe": recipe_name}, "options")
+        recipe = load_recipe(recipe_name)
+        merged = {**recipe.settings, **user}
+        config = _options.build(CompileConfig, merged, "options")
+        cudagraphs, max_autotune = MODES[mode]
+        object.__setattr__(config, "cudagraphs", cudagraphs)
+        object.__setattr__(config, "max_autotune", max_autotune)
+        object.__setattr__(config, "mode", mode)
+        return config
+
+    def to_json(self) -> dict[str, Any]:
+        return _options.as_dict(self)

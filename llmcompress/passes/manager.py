@@ -1,0 +1,151 @@
+"""`PassManager`: orders passes from their `after`/`before` constraints, runs them, and undoes a pass that fails."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import networkx as nx
+import torch
+
+from .._logging import logger
+from ..errors import PassFailedError, PassOrderError
+from ..recipes import PassSpec
+from .base import Pass, PassContext, PassResult
+from .registry import get_pass, registered_passes
+
+
+class PassFallbackWarning(UserWarning):
+    """A pass raised; the graph was restored to its state before that pass and compilation went on."""
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """What one pass did to one graph, as written to the compile report."""
+
+    name: str
+    status: str
+    """'changed', 'unchanged' or 'failed'."""
+    time_s: float
+    stats: dict[str, Any]
+    ops_added: dict[str, int]
+    ops_removed: dict[str, int]
+    decisions: list[dict[str, Any]]
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def order_passes(passes: Sequence[Pass]) -> list[Pass]:
+    """Topological order that keeps the given order wherever the constraints leave a choice."""
+    known = registered_passes()
+    index = {p.name: i for i, p in enumerate(passes)}
+    graph = nx.DiGraph()
+    graph.add_nodes_from(index)
+    for p in passes:
+        for rel, names in (("after", p.after), ("before", p.before)):
+            for other in names:
+                if other not in known:
+                    raise PassOrderError(
+                        f"pass {p.name!r} declares {rel}={other!r}, which is not a registered pass; "
+                        f"registered: {', '.join(known)}"
+                    )
+                if other in index:
+                    graph.add_edge(*((other, p.name) if rel == "after" else (p.name, other)))
+    try:
+        names = list(nx.lexicographical_topological_sort(graph, key=index.__getitem__))
+    except nx.NetworkXUnfeasible:
+        cycle = " -> ".join(u for u, _ in nx.find_cycle(graph))
+        raise PassOrderError(f"pass ordering constraints form a cycle: {cycle} -> {cycle.split(' -> ')[0]}") from None
+    by_name = {p.name: p for p in passes}
+    return [by_name[n] for n in names]
+
+
+def _op_counts(graph: torch.fx.Graph) -> collections.Counter[str]:
+    return collections.Counter(
+        "get_attr" if n.op == "get_attr" else str(n.target)
+        for n in graph.nodes
+        if n.op in ("call_function", "call_method", "call_module", "get_attr")
+    )
+
+
+class _Snapshot:
+    """The graph and the attribute names of a GraphModule, to restore after a failing pass."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.graph = torch.fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
+        out = self.graph.graph_copy(gm.graph, {})
+        self.graph.output(out)
+        self.graph._codegen = gm.graph._codegen
+        self.attrs = set(gm.__dict__) | set(gm._buffers) | set(gm._parameters) | set(gm._modules)
+
+    def restore(self, gm: torch.fx.GraphModule) -> None:
+        for name in (set(gm.__dict__) | set(gm._buffers) | set(gm._parameters) | set(gm._modules)) - self.attrs:
+            delattr(gm, name)
+        gm.graph = self.graph
+        gm.recompile()
+
+
+class PassManager:
+    """Runs passes in constraint order on one GraphModule; see `run`."""
+
+    def __init__(self, passes: Sequence[Pass], *, strict: bool = False) -> None:
+        names = [p.name for p in passes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise PassOrderError(f"pass {dupes[0]!r} appears twice in the pipeline; list each pass once")
+        self.passes = order_passes(passes)
+        self.strict = strict
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[PassSpec], *, strict: bool = False) -> PassManager:
+        return cls([get_pass(s.name)(s.options) for s in specs], strict=strict)
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> list[PassRecord]:
+        """Run every pass; a pass that raises (or leaves a graph that fails lint) is undone and warned about,
+        or re-raised as `PassFailedError` under `strict`."""
+        records = []
+        for p in self.passes:
+            snapshot = _Snapshot(gm)
+            before = _op_counts(gm.graph)
+            start = time.perf_counter()
+            try:
+                result = p.run(gm, ctx)
+                if not isinstance(result, PassResult):
+                    raise TypeError(f"run() returned {type(result).__name__}, expected PassResult")
+                gm.graph.lint()
+                gm.recompile()
+            except Exception as e:  # noqa: BLE001 - a pass's bug must not corrupt the graph
+                elapsed = time.perf_counter() - start
+                snapshot.restore(gm)
+                message = f"{type(e).__name__}: {e}"
+                records.append(PassRecord(p.name, "failed", elapsed, {}, {}, {}, [], message))
+                if self.strict:
+                    raise PassFailedError(f"pass {p.name!r} failed on graph {ctx.graph_id} (strict=True): {message}") from e
+                warnings.warn(
+                    f"llmcompress: pass {p.name!r} failed on graph {ctx.graph_id} and was undone; "
+                    f"compilation continues without it: {message}",
+                    PassFallbackWarning,
+                    stacklevel=2,
+                )
+                logger.debug("pass %s failed", p.name, exc_info=True)
+                continue
+            elapsed = time.perf_counter() - start
+            after = _op_counts(gm.graph)
+            record = PassRecord(
+                p.name,
+                "changed" if result.changed else "unchanged",
+                elapsed,
+                dict(result.stats),
+                dict(after - before),
+                dict(before - after),
+                list(result.decisions),
+            )
+            logger.info("pass %s: %s in %.3fs %s", p.name, record.status, elapsed, record.stats)
+            records.append(record)
+        return records
