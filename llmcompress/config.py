@@ -29,7 +29,7 @@ MODES: dict[str | None, tuple[bool, bool]] = {
 VERIFY_TOLERANCE = {"float32": (1e-4, 1e-4), "float64": (1e-7, 1e-7), "float16": (1e-2, 1e-2), "bfloat16": (2e-2, 2e-2)}
 
 # Keys a recipe's `settings` may set (everything a recipe can sensibly fix; `report` and `recipe` cannot).
-RECIPE_SETTINGS = ("lowering", "hardware", "verify", "strict", "release_weights")
+RECIPE_SETTINGS = ("lowering", "hardware", "verify", "strict", "release_weights", "mode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +50,15 @@ class CompileConfig:
     """Path of a JSON file describing what the backend did."""
     release_weights: bool = False
     """Free the storage of dense weights that no compiled graph uses any more (see docs/architecture.md)."""
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    """Dynamo's mode; also accepted here because torch.compile refuses mode= and options= together."""
     cudagraphs: bool = dataclasses.field(default=False, init=False)
     max_autotune: bool = dataclasses.field(default=False, init=False)
-    mode: str | None = dataclasses.field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        cudagraphs, max_autotune = MODES[self.mode]
+        object.__setattr__(self, "cudagraphs", cudagraphs)
+        object.__setattr__(self, "max_autotune", max_autotune)
         if isinstance(self.verify, dict):
             bad = sorted(set(self.verify) - {"atol", "rtol"})
             if bad:
@@ -86,6 +90,10 @@ class CompileConfig:
         if mode not in MODES:
             raise OptionError(f"mode: got {mode!r}; expected one of {', '.join(repr(m) for m in MODES)}")
         user = dict(options or {})
+        if mode is not None:
+            if user.get("mode", mode) != mode:
+                raise OptionError(f"options: key 'mode' got {user['mode']!r} but torch.compile's mode is {mode!r}")
+            user["mode"] = mode
         from .recipes import load_recipe
 
         recipe_name = user.get("recipe", "default")
@@ -93,12 +101,7 @@ class CompileConfig:
         _options.build(CompileConfig, {"recipe": recipe_name}, "options")
         recipe = load_recipe(recipe_name)
         merged = {**recipe.settings, **user}
-        config = _options.build(CompileConfig, merged, "options")
-        cudagraphs, max_autotune = MODES[mode]
-        object.__setattr__(config, "cudagraphs", cudagraphs)
-        object.__setattr__(config, "max_autotune", max_autotune)
-        object.__setattr__(config, "mode", mode)
-        return config
+        return _options.build(CompileConfig, merged, "options")
 
     def to_json(self) -> dict[str, Any]:
         return _options.as_dict(self)

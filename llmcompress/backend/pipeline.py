@@ -36,7 +36,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: C
     start = time.perf_counter()
     entry: dict[str, Any] = {**dynamo_graph_info(gm), "graph_id": next(_graph_ids), "lowering": config.lowering,
                              "mode": config.mode, "nodes_in": sum(1 for _ in gm.graph.nodes)}
-    original = copy_dynamo_graph(gm)  # kept for verify and for a fallback
+    # Dynamo reads its graph again after the backend returns (to call the result): never edit it in place.
+    original, gm = gm, copy_dynamo_graph(gm)
     try:
         # 0. Inference only: with gradients required, run the graph uncompressed (README, "Training").
         if needs_grad(example_inputs):

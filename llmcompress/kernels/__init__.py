@@ -1,0 +1,27 @@
+"""Hand-written Triton kernels, each registered as a `torch.ops.llmcompress.*` custom op.
+
+Importing this package registers every op (`import llmcompress.kernels`).
+
+Every kernel file `kernels/<name>.py` follows `rms_norm.py`:
+- `_<name>_kernel`: a private `@triton.jit` kernel, arguments grouped as pointers,
+  sizes, strides, scalars, then `BLOCK_*` constexprs.
+- `<name>_triton(...)`: the public launcher; raises `ValueError` naming what is
+  allowed for bad shapes/dtypes/devices, allocates the output, launches through
+  `torch.library.wrap_triton(kernel)` (called directly when TRITON_INTERPRET=1 made
+  the kernel an InterpretedFunction, which torch 2.11's `wrap_triton` rejects).
+- `<name>_reference(...)`: plain torch, the CPU implementation and the single
+  source of truth for tests.
+- `llmcompress::<name>`: a `torch.library.triton_op`, so Inductor traces into the
+  kernel; CUDA runs the launcher, CPU runs the reference. The CPU route exists
+  twice: `op.register_kernel("cpu")` for eager dispatch, and a device branch in the
+  op body, because triton_op reuses the body as the fake impl and inlines it under
+  torch.compile without going through the CPU kernel.
+- `op.register_autograd(...)` with a plain-torch backward when the op sits on a
+  path that may require grad: without one, torch.compile fails while tracing the
+  joint graph of any module whose weights require grad.
+"""
+
+from llmcompress.kernels import rms_norm
+from llmcompress.kernels.rms_norm import rms_norm_reference, rms_norm_triton
+
+__all__ = ["rms_norm", "rms_norm_reference", "rms_norm_triton"]

@@ -1,0 +1,31 @@
+"""Test setup: the Triton interpreter on machines without a CUDA GPU (set before anything imports triton)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch, and compile reports do not leak between tests."""
+    from llmcompress.backend.report import reset_reports
+
+    torch._dynamo.reset()
+    reset_reports()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def cpu_only_seed():
+    torch.manual_seed(0)
