@@ -7,6 +7,7 @@ lowering (CUDA graphs, Inductor's max-autotune).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -46,7 +47,7 @@ class CompileConfig:
     """Compare with the uncompiled graph on the example inputs; a dict gives {"atol": .., "rtol": ..}."""
     strict: bool = False
     """A failing pass raises instead of restoring the graph and warning."""
-    report: str | None = None
+    report: str | os.PathLike | None = None
     """Path of a JSON file describing what the backend did."""
     release_weights: bool = False
     """Free the storage of dense weights that no compiled graph uses any more (see docs/architecture.md)."""
@@ -65,6 +66,8 @@ class CompileConfig:
                 raise OptionError(f"options: key 'verify' got {self.verify!r}; a dict may only hold 'atol' and 'rtol'")
             if any(v < 0 for v in self.verify.values()):
                 raise OptionError(f"options: key 'verify' got {self.verify!r}; tolerances must be >= 0")
+        if self.report is not None:
+            object.__setattr__(self, "report", os.fspath(self.report))
         if self.report is not None and not self.report.strip():
             raise OptionError("options: key 'report' got ''; expected a file path")
         if not self.recipe:

@@ -47,6 +47,8 @@ class FrozenWeight:
     """Readable name from Dynamo's source (`model.layers.0.mlp.up_proj.weight`)."""
     tensor: torch.Tensor
     """The module's own parameter or buffer (never copied): the identity derived weights are cached on."""
+    derived: bool = False
+    """Added by a pass (`FrozenWeights.add`), not a module's tensor: never released."""
     constant: torch.Tensor = dataclasses.field(init=False)
     """A detached alias of `tensor` (same storage): what the graph holds."""
 
@@ -164,6 +166,18 @@ class FrozenWeights:
 
         return DERIVED.get(weight.tensor, chain, key, compute)
 
+    def add(self, gm: torch.fx.GraphModule, tensor: torch.Tensor, name: str) -> torch.fx.Node:
+        """Add a tensor a pass derived (usually from `derive`) as a constant that later passes see as frozen.
+
+        Returns its get_attr node (inserted at the graph's insertion point); `name` reads well in reports.
+        """
+        from ..passes.graph_utils import add_constant, fake_mode_of
+
+        with unset_fake_temporarily():
+            node = add_constant(gm, fake_mode_of(gm), tensor, name)
+            self.by_attr[node.target] = FrozenWeight(node.target, name, tensor, derived=True)
+        return node
+
     def used_attrs(self, gm: torch.fx.GraphModule) -> set[str]:
         return {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target in self.by_attr}
 
@@ -182,7 +196,7 @@ class FrozenWeights:
         used = self.used_attrs(gm)
         freed = {}
         for attr, w in self.by_attr.items():
-            if attr in used or id(w.tensor) in _DENSE_IN_USE or is_released(w.tensor):
+            if w.derived or attr in used or id(w.tensor) in _DENSE_IN_USE or is_released(w.tensor):
                 continue
             nbytes = w.tensor.untyped_storage().nbytes()
             w.tensor.untyped_storage().resize_(0)

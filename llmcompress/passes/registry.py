@@ -71,6 +71,7 @@ def load_plugins(force: bool = False) -> None:
             obj = ep.load()
             if isinstance(obj, type) and issubclass(obj, Pass) and _PASSES.get(obj.name) is not obj:
                 register_pass(obj)
+            plugin_errors.pop(ep.name, None)
         except Exception as e:  # noqa: BLE001 - any failure of third-party code must not stop the others
             plugin_errors[ep.name] = f"{type(e).__name__}: {e}"
             warnings.warn(
@@ -95,6 +96,11 @@ def registered_passes() -> dict[str, type[Pass]]:
 def get_pass(name: str) -> type[Pass]:
     passes = registered_passes()
     if name not in passes:
-        hint = f" (plugin {name!r} failed to load: {plugin_errors[name]})" if name in plugin_errors else ""
+        if name in plugin_errors:
+            hint = f" (plugin {name!r} failed to load: {plugin_errors[name]})"
+        elif plugin_errors:
+            hint = " (plugins that failed to load: " + "; ".join(f"{k}: {v}" for k, v in plugin_errors.items()) + ")"
+        else:
+            hint = ""
         raise OptionError(f"unknown pass {name!r}{hint}; registered passes: {', '.join(passes) or '(none)'}")
     return passes[name]
