@@ -66,9 +66,9 @@ def build(cls: type, values: Mapping[str, Any] | None, where: str) -> Any:
     `where` names the thing being configured in error messages, e.g. ``options`` or ``pass 'canonicalize'``.
     The dataclass's own `__post_init__` may raise `OptionError` for value checks beyond types.
     """
-    values = dict(values or {})
-    if not isinstance(values, Mapping):
+    if values is not None and not isinstance(values, Mapping):
         raise OptionError(f"{where}: expected a dict of options, got {type(values).__name__}")
+    values = dict(values or {})
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
     hints = typing.get_type_hints(cls)
     unknown = sorted(k for k in values if k not in fields)

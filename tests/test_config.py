@@ -111,3 +111,14 @@ def test_errors_surface_through_torch_compile(options, message):
     cause = _root_cause(info.value)
     assert isinstance(cause, OptionError), repr(cause)
     assert message in str(cause)
+
+
+def test_pass_options_must_be_a_mapping():
+    from llmcompress.passes.canonicalize import CanonicalizePass
+
+    with pytest.raises(OptionError, match="pass 'canonicalize': expected a dict of options, got list"):
+        CanonicalizePass(["linear"])
+
+
+def test_report_accepts_a_path(tmp_path):
+    assert CompileConfig.from_options({"report": tmp_path / "r.json"}).report == str(tmp_path / "r.json")
