@@ -12,7 +12,9 @@ import torch
 import torch.fx
 
 from .._logging import logger
+from ..analysis.calibration import load_profile
 from ..analysis.hardware import resolve as resolve_hardware
+from ..analysis.roofline import CostModel, example_sizes
 from ..config import CompileConfig
 from ..errors import LLMCompressError
 from ..passes.base import PassContext
@@ -54,8 +56,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: C
             if config.release_weights and state.get("weights") is not None:
                 freed = state["weights"].release_unused(state["final_gm"])
                 entry["released_weights"] = {"count": len(freed), "bytes": sum(freed.values())}
-    except LLMCompressError:
-        raise
+    except (LLMCompressError, torch._dynamo.exc.TorchDynamoException):
+        raise  # ours are deliberate; Dynamo's steer its own tracing (RestartAnalysis asks it to trace again)
     except Exception as e:  # noqa: BLE001 - our own bug must not break the user's model
         if config.strict:
             raise
@@ -86,10 +88,16 @@ def _compile(gm, example_inputs, config: CompileConfig, entry: dict) -> tuple[Ca
         weights, kept = freeze_aten_graph(aten_gm, capture, fw_metadata)
         fake_inputs = [aten_inputs[i] for i in kept]
         hits, misses = DERIVED.hits, DERIVED.misses
+        hardware = resolve_hardware(config.hardware, _device_of(fake_inputs))
+        cost_model = CostModel(hardware, load_profile(hardware))
+        fake_mode = _fake_mode(aten_inputs)
+        sizes = example_sizes(fake_mode)
+        entry["predicted_before"] = _predict(cost_model, aten_gm, sizes)
         # 3. Passes, in constraint order; a failing pass is undone (or raises under strict).
-        ctx = PassContext(fake_inputs, weights, resolve_hardware(config.hardware, _device_of(fake_inputs)), config,
-                          _fake_mode(aten_inputs), graph_id=str(entry["graph_id"]))
+        ctx = PassContext(fake_inputs, weights, hardware, config, fake_mode, graph_id=str(entry["graph_id"]),
+                          cost_model=cost_model)
         records = manager.run(aten_gm, ctx)
+        entry["predicted_after"] = _predict(cost_model, aten_gm, sizes)
         entry["passes"] = [r.to_json() for r in records]
         entry["derived_weights"] = {"hits": DERIVED.hits - hits, "misses": DERIVED.misses - misses}
         entry["nodes_out"] = sum(1 for _ in aten_gm.graph.nodes)
@@ -118,6 +126,17 @@ def _compile(gm, example_inputs, config: CompileConfig, entry: dict) -> tuple[Ca
         return aot_fn(*[args[i] for i in positions])
 
     return compiled, state
+
+
+def _predict(cost_model: CostModel, gm: torch.fx.GraphModule, sizes: dict) -> dict[str, Any]:
+    """Predicted totals at the example's sizes, for the report; never fails a compile."""
+    try:
+        cost = cost_model.estimate(gm)
+        return {"hardware": cost_model.hardware.name, "sizes": {str(k): v for k, v in sizes.items()},
+                **cost.summary(sizes)}
+    except Exception as e:  # noqa: BLE001 - a cost-model gap must not break compilation
+        logger.debug("cost prediction failed", exc_info=True)
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def _fallback(original: torch.fx.GraphModule, example_inputs, config: CompileConfig, entry: dict, reason: str):
