@@ -334,7 +334,8 @@ def example_sizes(fake_mode: Any) -> dict[Any, int]:
     shape_env = getattr(fake_mode, "shape_env", None)
     if shape_env is None:
         return {}
-    return {s: int(v) if float(v).is_integer() else float(v) for s, v in shape_env.var_to_val.items()}
+    values = getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val
+    return {s: int(v) if float(v).is_integer() else float(v) for s, v in values.items()}
 
 
 def _first_dtype(node: torch.fx.Node) -> torch.dtype:

@@ -28,6 +28,10 @@ from .weights import DERIVED
 
 _graph_ids = itertools.count()
 
+GraphObserver = Callable[[torch.fx.GraphModule, torch.fx.GraphModule, PassContext], None]
+graph_observers: list[GraphObserver] = []
+"""Called with (graph before passes, graph after passes, context) for each graph; used by `analysis.trace`."""
+
 
 class FallbackWarning(UserWarning):
     """A graph runs uncompressed (no passes), with the reason in the message and the compile report."""
@@ -93,11 +97,14 @@ def _compile(gm, example_inputs, config: CompileConfig, entry: dict) -> tuple[Ca
         fake_mode = _fake_mode(aten_inputs)
         sizes = example_sizes(fake_mode)
         entry["predicted_before"] = _predict(cost_model, aten_gm, sizes)
+        before = _copy_graph_module(aten_gm) if graph_observers else None
         # 3. Passes, in constraint order; a failing pass is undone (or raises under strict).
         ctx = PassContext(fake_inputs, weights, hardware, config, fake_mode, graph_id=str(entry["graph_id"]),
                           cost_model=cost_model)
         records = manager.run(aten_gm, ctx)
         entry["predicted_after"] = _predict(cost_model, aten_gm, sizes)
+        for observer in graph_observers:
+            observer(before, aten_gm, ctx)
         entry["passes"] = [r.to_json() for r in records]
         entry["derived_weights"] = {"hits": DERIVED.hits - hits, "misses": DERIVED.misses - misses}
         entry["nodes_out"] = sum(1 for _ in aten_gm.graph.nodes)
@@ -147,6 +154,14 @@ def _fallback(original: torch.fx.GraphModule, example_inputs, config: CompileCon
 
         return compile_fx(original, example_inputs)
     return original.forward
+
+
+def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A structural copy sharing the constants (node meta copied shallowly)."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph._codegen = gm.graph._codegen
+    return torch.fx.GraphModule(gm, graph)
 
 
 def copy_dynamo_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from ..analysis.roofline import io_bytes, numel, register_cost
 from triton.runtime.jit import JITFunction
 
 __all__ = ["rms_norm_reference", "rms_norm_triton"]
@@ -199,3 +201,10 @@ def _backward(ctx, grad_out: torch.Tensor):
 
 
 _rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_cost(torch.ops.llmcompress.rms_norm.default)
+def _rms_norm_cost(node):
+    """Square, sum, scale and weight multiply per element (4 FLOPs); x and weight read once, out written once."""
+    x = node.args[0].meta["val"]
+    return 4 * numel(x), io_bytes(node)

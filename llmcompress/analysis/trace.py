@@ -1,0 +1,107 @@
+"""Capture a model's aten graphs for analysis, before and after passes: `trace_model`.
+
+Runs the model once through the llmcompress backend with the eager lowering (on the meta device the run costs no
+memory and no time) and keeps, per graph, the captured aten graph before the passes and after them. Batch and
+sequence are traced symbolically (at example sizes of at least 2, so Dynamo does not specialise them), so costs are
+sympy expressions that `sizes` evaluates at the sizes asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import sympy
+import torch
+
+from ..backend import pipeline
+from ..passes.base import PassContext
+
+
+@dataclasses.dataclass
+class TracedGraph:
+    before: torch.fx.GraphModule
+    """Aten graph as captured (weights frozen as get_attr constants), before passes."""
+    after: torch.fx.GraphModule
+    """The same graph after the passes."""
+    sizes: dict[Any, int]
+    """sympy Symbol -> value to evaluate costs at (the sizes asked for, else the traced example's)."""
+    names: dict[str, str]
+    """Symbol name -> readable name ("s0" -> "batch")."""
+    weight_bytes: int
+    """Bytes of the frozen weights the graph (after passes) reads."""
+
+
+def _sym_of(x: Any) -> sympy.Symbol | None:
+    if isinstance(x, torch.SymInt) and isinstance(x.node.expr, sympy.Symbol):
+        return x.node.expr
+    return None
+
+
+def trace_model(model: torch.nn.Module, input_ids: torch.Tensor, *, passes: list[str] | None = None,
+                recipe: str | None = None, kv_len: int | None = None) -> list[TracedGraph]:
+    """Trace `model(input_ids)` (a prefill, or with `kv_len` one decode step over a static cache of that length).
+
+    `input_ids`: (B, S) token ids on the model's device; B and S are the sizes costs are evaluated at.
+    Resets Dynamo's caches (`torch._dynamo.reset()`), like any fresh compile would need.
+    """
+    batch, seq = input_ids.shape
+    if batch < 1 or seq < 1:
+        raise ValueError(f"input_ids must be (batch >= 1, seq >= 1), got {tuple(input_ids.shape)}")
+    want = {"batch": batch, "seq": seq}
+    # Trace at sizes >= 2 so that Dynamo keeps them symbolic (it specialises 0 and 1).
+    example = torch.randint(0, 2, (max(batch, 2), max(seq, 2) if kv_len is None else 1), device=input_ids.device)
+    torch._dynamo.mark_dynamic(example, 0)
+    if kv_len is None:
+        torch._dynamo.mark_dynamic(example, 1)
+    options: dict[str, Any] = {"lowering": "eager"}
+    if passes is not None:
+        options["passes"] = list(passes)
+    elif recipe is not None:
+        options["recipe"] = recipe
+    else:
+        options["passes"] = []
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if kv_len is not None:
+        from transformers import StaticCache
+
+        cache = StaticCache(config=model.config, max_cache_len=kv_len)
+        kwargs = {"use_cache": True, "past_key_values": cache,
+                  "cache_position": torch.tensor([kv_len - 1], device=input_ids.device)}
+
+    traced: list[TracedGraph] = []
+
+    def observe(before: torch.fx.GraphModule, after: torch.fx.GraphModule, ctx: PassContext) -> None:
+        sizes = dict(_example_sizes(ctx))
+        names: dict[str, str] = {}
+        ids = next((x for x in ctx.example_inputs if isinstance(x, torch.Tensor) and x.dtype == torch.int64
+                    and x.dim() == 2), None)
+        if ids is not None:
+            for dim, name in ((0, "batch"), (1, "seq")):
+                s = _sym_of(ids.shape[dim])
+                if s is not None:
+                    names[str(s)] = name
+                    sizes[s] = want[name]
+        used = ctx.weights.used_attrs(after)
+        weight_bytes = sum(w.tensor.numel() * w.tensor.element_size() for a, w in ctx.weights.by_attr.items()
+                           if a in used)
+        traced.append(TracedGraph(before, after, sizes, names, weight_bytes))
+
+    torch._dynamo.reset()
+    pipeline.graph_observers.append(observe)
+    try:
+        compiled = torch.compile(model, backend="llmcompress", options=options)
+        with torch.no_grad():
+            compiled(example, **kwargs)
+    finally:
+        pipeline.graph_observers.remove(observe)
+        torch._dynamo.reset()
+    if kv_len is not None and batch != example.shape[0]:
+        pass  # batch stays symbolic: evaluated at `batch` through sizes
+    return traced
+
+
+def _example_sizes(ctx: PassContext) -> dict[Any, int]:
+    from .roofline import example_sizes
+
+    return example_sizes(ctx.fake_mode)
