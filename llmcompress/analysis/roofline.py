@@ -334,7 +334,8 @@ def example_sizes(fake_mode: Any) -> dict[Any, int]:
     shape_env = getattr(fake_mode, "shape_env", None)
     if shape_env is None:
         return {}
-    values = getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val
+    # torch 2.13 renamed var_to_val (which now warns) to backed_var_to_val; 2.11 has only the old name.
+    values = shape_env.backed_var_to_val if hasattr(shape_env, "backed_var_to_val") else shape_env.var_to_val
     return {s: int(v) if float(v).is_integer() else float(v) for s, v in values.items()}
 
 
