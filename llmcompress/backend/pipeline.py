@@ -100,7 +100,7 @@ def _compile(gm, example_inputs, config: CompileConfig, entry: dict) -> tuple[Ca
         before = _copy_graph_module(aten_gm) if graph_observers else None
         # 3. Passes, in constraint order; a failing pass is undone (or raises under strict).
         ctx = PassContext(fake_inputs, weights, hardware, config, fake_mode, graph_id=str(entry["graph_id"]),
-                          cost_model=cost_model)
+                          cost_model=cost_model, sizes=sizes)
         records = manager.run(aten_gm, ctx)
         entry["predicted_after"] = _predict(cost_model, aten_gm, sizes)
         for observer in graph_observers:

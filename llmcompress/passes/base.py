@@ -54,7 +54,9 @@ class PassContext:
     """The FakeTensorMode the graph's `node.meta["val"]` live in; run shape logic under it."""
     graph_id: str = "0"
     cost_model: Any = None
-    """The roofline cost model (`analysis/`), once it exists; None until then."""
+    """The roofline `analysis.roofline.CostModel` for `hardware` (with the device's calibration profile if stored)."""
+    sizes: dict[Any, Any] = dataclasses.field(default_factory=dict)
+    """Symbol -> value in the example inputs: `ctx.cost_model.estimate(node, ctx.sizes)` costs a node there."""
     logger: logging.Logger = dataclasses.field(default_factory=lambda: logging.getLogger("llmcompress.passes"))
 
 

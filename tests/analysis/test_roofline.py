@@ -208,3 +208,41 @@ def test_unresolved_symbols_are_a_clear_error():
     with pytest.raises(ValueError, match="depends on .*give their sizes"):
         CostModel(H100).estimate(gm).summary()
     assert isinstance(sympy.sympify(CostModel(H100).estimate(gm).nodes[0].flops), sympy.Expr)
+
+
+def test_passes_read_the_cost_model_through_the_context(tmp_path):
+    """A pass asks ctx.cost_model at ctx.sizes; the compile report carries predictions before and after passes."""
+    import json
+    from typing import ClassVar
+
+    from llmcompress import Pass, PassResult, register_pass
+    from llmcompress.passes.registry import unregister_pass
+
+    seen = []
+
+    @register_pass
+    class AskCostModel(Pass):
+        name: ClassVar[str] = "t-ask-cost"
+        description: ClassVar[str] = "test: cost every linear"
+        after: ClassVar[tuple[str, ...]] = ("canonicalize",)
+
+        def run(self, gm, ctx):
+            for n in gm.graph.nodes:
+                if n.target is aten.linear.default:
+                    cost = ctx.cost_model.estimate(n, ctx.sizes)
+                    seen.append((cost.flops, cost.bytes))
+            return PassResult(False, decisions=[{"flops": f, "bytes": b} for f, b in seen])
+
+    try:
+        report = tmp_path / "r.json"
+        compiled = torch.compile(torch.nn.Linear(16, 8, bias=False), backend="llmcompress",
+                                 options={"passes": ["canonicalize", "t-ask-cost"], "lowering": "eager",
+                                          "hardware": "h100-sxm", "report": str(report)})
+        with torch.no_grad():
+            compiled(torch.randn(3, 16))
+    finally:
+        unregister_pass("t-ask-cost")
+    assert seen == [(2 * 3 * 16 * 8, (3 * 16 + 16 * 8 + 3 * 8) * 4)]
+    graph = json.loads(report.read_text())["graphs"][0]
+    assert graph["predicted_before"]["hardware"] == "h100-sxm"
+    assert graph["predicted_after"]["flops"] == 2 * 3 * 16 * 8
