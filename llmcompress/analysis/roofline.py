@@ -60,6 +60,11 @@ MOVE_OPS = {aten.clone.default, aten._to_copy.default, aten.copy.default, aten.c
             aten.slice_scatter.default, aten.select_scatter.default, aten.repeat.default, aten.tril.default,
             aten.triu.default, aten.flip.default, aten.roll.default}
 
+# Functional scatters into a tensor: Inductor re-inplaces them when the base is dead after (the KV cache update),
+# so they move the updated values, not the whole base. The copy_ that writes such a result back is then free.
+SCATTER_OPS = {aten.index_copy.default, aten.index_put.default, aten.slice_scatter.default,
+               aten.select_scatter.default, aten.scatter.src}
+
 CostFn = Callable[[torch.fx.Node], tuple[Any, Any]]
 _CUSTOM_COSTS: dict[Any, CostFn] = {}
 
@@ -276,7 +281,7 @@ class CostModel:
         target = node.target
         packet = getattr(target, "overloadpacket", None)
         correction = 1.0
-        if target in FREE_OPS:
+        if target in FREE_OPS or _is_writeback(node):
             return NodeCost(node.name, _op_name(target), "free", 0, 0, 0, 0, 0, shape, dtype)
         if target in _CUSTOM_COSTS or packet in _CUSTOM_COSTS:
             flops, nbytes_ = (_CUSTOM_COSTS.get(target) or _CUSTOM_COSTS[packet])(node)
@@ -293,6 +298,9 @@ class CostModel:
         elif target in REDUCTION_OPS:
             ins = [t for a in node.all_input_nodes for t in _tensors(a.meta.get("val"))]
             flops, nbytes_, kind = (numel(ins[0]) if ins else 0), io_bytes(node), "reduction"
+            peak = self._peak(torch.float32, False)
+        elif target in SCATTER_OPS:
+            flops, nbytes_, kind = 0, _scatter_bytes(node), "data"
             peak = self._peak(torch.float32, False)
         elif target in MOVE_OPS:
             flops, nbytes_, kind = 0, io_bytes(node), "data"
@@ -327,6 +335,28 @@ class CostModel:
         b, a = self.estimate(before, sizes), self.estimate(after, sizes)
         tb, ta = b.total("time_s", sizes), a.total("time_s", sizes)
         return {"before_s": tb, "after_s": ta, "speedup": tb / ta if ta else math.inf, "faster": ta < tb}
+
+
+def _is_writeback(node: torch.fx.Node) -> bool:
+    """`copy_(input, scatter(...))`: the mutation AOT keeps in the graph, done in place by the scatter."""
+    if node.target is not aten.copy_.default or len(node.args) < 2:
+        return False
+    dst, src = node.args[:2]
+    return isinstance(dst, torch.fx.Node) and dst.op == "placeholder" and isinstance(src, torch.fx.Node) and \
+        src.target in SCATTER_OPS
+
+
+def _scatter_bytes(node: torch.fx.Node) -> Expr:
+    """Read the values and indices, write the values: everything but the base (args[0])."""
+    total = sympy.Integer(0)
+    for arg in node.all_input_nodes:
+        if arg is node.args[0]:
+            continue
+        for t in _tensors(arg.meta.get("val")):
+            total += nbytes(t)
+    src = [t for a in node.all_input_nodes if a is not node.args[0] for t in _tensors(a.meta.get("val"))
+           if t.is_floating_point()]
+    return total + sum((nbytes(t) for t in src), sympy.Integer(0))
 
 
 def example_sizes(fake_mode: Any) -> dict[Any, int]:

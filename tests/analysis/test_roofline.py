@@ -246,3 +246,19 @@ def test_passes_read_the_cost_model_through_the_context(tmp_path):
     graph = json.loads(report.read_text())["graphs"][0]
     assert graph["predicted_before"]["hardware"] == "h100-sxm"
     assert graph["predicted_after"]["flops"] == 2 * 3 * 16 * 8
+
+
+def test_cache_update_moves_the_new_slot_only():
+    cache, new, pos = torch.randn(1, 4, 512, 64), torch.randn(1, 4, 1, 64), torch.tensor([7])
+
+    def update(cache, new, pos):
+        return cache.index_copy_(2, pos, new)
+
+    from torch._functorch.aot_autograd import aot_function
+
+    graphs = []
+    aot_function(update, fw_compiler=lambda gm, _: graphs.append(gm) or gm, keep_inference_input_mutations=True)(
+        cache.clone(), new, pos)
+    costs = CostModel(H100).estimate(graphs[0])
+    moved = costs.summary()["bytes"]
+    assert moved == 2 * new.numel() * 4 + 8, "read and write the new slot, read the index; not the 512-slot cache"
