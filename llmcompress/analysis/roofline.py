@@ -47,6 +47,12 @@ ATTENTION_OPS = {
     aten._scaled_dot_product_flash_attention_for_cpu.default, aten.scaled_dot_product_attention.default,
     aten._scaled_dot_product_cudnn_attention.default,
 }
+# Position of is_causal in each attention op's arguments.
+_CAUSAL_ARG = {
+    aten._scaled_dot_product_flash_attention.default: 4, aten._scaled_dot_product_flash_attention_for_cpu.default: 4,
+    aten._scaled_dot_product_efficient_attention.default: 6, aten.scaled_dot_product_attention.default: 5,
+    aten._scaled_dot_product_cudnn_attention.default: 6,
+}
 REDUCTION_OPS = {aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.amax.default,
                  aten.amin.default, aten.max.dim, aten.min.dim, aten.var_mean.correction, aten.var.correction,
                  aten.argmax.default, aten._softmax.default, aten._log_softmax.default, aten.softmax.int,
@@ -163,7 +169,8 @@ def _attention_flops(node: torch.fx.Node) -> Expr:
     b_h_l = numel(q) / sym(q.shape[-1])
     s, e, ev = sym(k.shape[-2]), sym(q.shape[-1]), sym(v.shape[-1])
     flops = 2 * b_h_l * s * e + 2 * b_h_l * s * ev
-    causal = node.kwargs.get("is_causal", node.args[4] if len(node.args) > 4 and isinstance(node.args[4], bool) else False)
+    pos = _CAUSAL_ARG.get(node.target, 4)
+    causal = node.kwargs.get("is_causal", node.args[pos] if len(node.args) > pos else False)
     if causal and sympy.simplify(sym(q.shape[-2]) - s) == 0:
         flops = flops / 2
     return flops
@@ -298,6 +305,11 @@ class CostModel:
         elif target in REDUCTION_OPS:
             ins = [t for a in node.all_input_nodes for t in _tensors(a.meta.get("val"))]
             flops, nbytes_, kind = (numel(ins[0]) if ins else 0), io_bytes(node), "reduction"
+            peak = self._peak(torch.float32, False)
+        elif target is aten.embedding.default:
+            # A gather: the rows it reads (not the whole table), the indices, the rows it writes.
+            flops, kind = 0, "data"
+            nbytes_ = nbytes(_val(node.args[1])) + 2 * nbytes(outs[0], stored=False)
             peak = self._peak(torch.float32, False)
         elif target in SCATTER_OPS:
             flops, nbytes_, kind = 0, _scatter_bytes(node), "data"

@@ -1,13 +1,15 @@
 """Capture a model's aten graphs for analysis, before and after passes: `trace_model`.
 
 Runs the model once through the llmcompress backend with the eager lowering (on the meta device the run costs no
-memory and no time) and keeps, per graph, the captured aten graph before the passes and after them. Batch and
-sequence are traced symbolically (at example sizes of at least 2, so Dynamo does not specialise them), so costs are
-sympy expressions that `sizes` evaluates at the sizes asked for.
+memory and no time) and keeps, per graph, the captured aten graph before the passes and after them. For a prefill,
+batch and sequence are traced symbolically (at example sizes of at least 2, so Dynamo does not specialise them), so
+costs are sympy expressions that `sizes` evaluates at the sizes asked for; a decode step over a static cache of
+`kv_len` is traced at the batch given. On the meta device SDPA is traced as one attention node, as a GPU runs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch
 
 from ..backend import pipeline
 from ..passes.base import PassContext
+from .roofline import ATTENTION_OPS
 
 
 @dataclasses.dataclass
@@ -30,6 +33,39 @@ class TracedGraph:
     """Symbol name -> readable name ("s0" -> "batch")."""
     weight_bytes: int
     """Bytes of the frozen weights the graph (after passes) reads."""
+
+
+@torch.library.custom_op("llmcompress::analysis_attention", mutates_args=())
+def _analysis_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                        is_causal: bool, scale: float | None) -> torch.Tensor:
+    """Stand-in for SDPA while tracing on the meta device, where SDPA would trace to its unfused math form."""
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@_analysis_attention.register_fake
+def _(q, k, v, attn_mask, is_causal, scale):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+ATTENTION_OPS.add(torch.ops.llmcompress.analysis_attention.default)  # priced like SDPA (is_causal is args[4])
+
+
+def _meta_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return torch.ops.llmcompress.analysis_attention(query, key, value, attn_mask, is_causal, scale)
+
+
+@contextlib.contextmanager
+def _fused_attention_on_meta(device: torch.device):
+    """On the meta device, trace SDPA as one attention node (what a GPU runs), not as bmm + softmax."""
+    if device.type != "meta":
+        yield
+        return
+    original = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = _meta_sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
 
 
 def _sym_of(x: Any) -> sympy.Symbol | None:
@@ -49,11 +85,14 @@ def trace_model(model: torch.nn.Module, input_ids: torch.Tensor, *, passes: list
     if batch < 1 or seq < 1:
         raise ValueError(f"input_ids must be (batch >= 1, seq >= 1), got {tuple(input_ids.shape)}")
     want = {"batch": batch, "seq": seq}
-    # Trace at sizes >= 2 so that Dynamo keeps them symbolic (it specialises 0 and 1).
-    example = torch.randint(0, 2, (max(batch, 2), max(seq, 2) if kv_len is None else 1), device=input_ids.device)
-    torch._dynamo.mark_dynamic(example, 0)
     if kv_len is None:
+        # Trace at sizes >= 2 so that Dynamo keeps them symbolic (it specialises 0 and 1).
+        example = torch.randint(0, 2, (max(batch, 2), max(seq, 2)), device=input_ids.device)
+        torch._dynamo.mark_dynamic(example, 0)
         torch._dynamo.mark_dynamic(example, 1)
+    else:
+        # A decode step over a static cache: the cache fixes the batch, so it is traced as given.
+        example = torch.randint(0, 2, (batch, 1), device=input_ids.device)
     options: dict[str, Any] = {"lowering": "eager"}
     if passes is not None:
         options["passes"] = list(passes)
@@ -90,14 +129,15 @@ def trace_model(model: torch.nn.Module, input_ids: torch.Tensor, *, passes: list
     torch._dynamo.reset()
     pipeline.graph_observers.append(observe)
     try:
-        compiled = torch.compile(model, backend="llmcompress", options=options)
-        with torch.no_grad():
+        with _fused_attention_on_meta(input_ids.device), torch.no_grad():
+            if kv_len is not None:
+                model(example, **kwargs)  # the static cache allocates its tensors on first use: not in the graph
+                kwargs["cache_position"] = kwargs["cache_position"].clone()
+            compiled = torch.compile(model, backend="llmcompress", options=options)
             compiled(example, **kwargs)
     finally:
         pipeline.graph_observers.remove(observe)
         torch._dynamo.reset()
-    if kv_len is not None and batch != example.shape[0]:
-        pass  # batch stays symbolic: evaluated at `batch` through sizes
     return traced
 
 
