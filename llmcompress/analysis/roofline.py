@@ -62,7 +62,8 @@ MOVE_OPS = {aten.clone.default, aten._to_copy.default, aten.copy.default, aten.c
             aten.index_put.default, aten.index_copy.default, aten.scatter.src, aten.embedding.default,
             aten.constant_pad_nd.default, aten.new_zeros.default, aten.full.default, aten.zeros.default,
             aten.ones.default, aten.arange.default, aten.arange.start, aten.empty.memory_format, aten.full_like.default,
-            aten.zeros_like.default, aten.ones_like.default, aten.where.self, aten.masked_fill.Scalar,
+            aten.zeros_like.default,
+            aten.new_ones.default, aten.new_empty.default, aten.ones_like.default, aten.where.self, aten.masked_fill.Scalar,
             aten.slice_scatter.default, aten.select_scatter.default, aten.repeat.default, aten.tril.default,
             aten.triu.default, aten.flip.default, aten.roll.default}
 
@@ -191,6 +192,8 @@ class NodeCost:
     memory_time_s: Any
     shape: str
     dtype: str
+    rows: Any = None
+    """M of a matmul (rows of the activation): picks the calibration point; None for other kinds."""
 
     @property
     def intensity(self) -> Any:
@@ -204,7 +207,8 @@ class NodeCost:
         """The same cost at concrete sizes (`{symbol or name: value}`); plain numbers out."""
         return dataclasses.replace(
             self, flops=_num(self.flops, sizes), bytes=_num(self.bytes, sizes), time_s=_num(self.time_s, sizes),
-            compute_time_s=_num(self.compute_time_s, sizes), memory_time_s=_num(self.memory_time_s, sizes))
+            compute_time_s=_num(self.compute_time_s, sizes), memory_time_s=_num(self.memory_time_s, sizes),
+            rows=None if self.rows is None else _num(self.rows, sizes))
 
     def to_json(self, sizes: Mapping[Any, int] | None = None) -> dict[str, Any]:
         c = self.evaluate(sizes)
@@ -273,7 +277,7 @@ class CostModel:
         try:
             m_val = float(m)
         except TypeError:
-            return 1.0  # symbolic M: the correction is applied when evaluated through estimate(sizes=...)
+            return 1.0  # symbolic M: CostModel.estimate(..., sizes) applies it once M is known
         best = min(points, key=lambda p: abs(math.log(max(p["m"], 1)) - math.log(max(m_val, 1))))
         return float(best["time_s"]) / float(best["roofline_time_s"])
 
@@ -327,19 +331,30 @@ class CostModel:
         memory = nbytes_ / self.bandwidth
         time = sympy.Max(compute, memory) * correction + self.launch_s if isinstance(flops, Expr) or isinstance(
             nbytes_, Expr) else max(compute, memory) * correction + self.launch_s
-        return NodeCost(node.name, _op_name(target), kind, flops, nbytes_, time, compute, memory, shape, dtype)
+        rows = m if kind == "matmul" else None
+        return NodeCost(node.name, _op_name(target), kind, flops, nbytes_, time, compute, memory, shape, dtype, rows)
+
+    def _evaluate(self, cost: NodeCost, sizes: Mapping[Any, int]) -> NodeCost:
+        """`cost.evaluate(sizes)`, with the calibrated matmul correction for the now concrete M."""
+        out = cost.evaluate(sizes)
+        if self.profile and cost.kind == "matmul" and not isinstance(cost.rows, (int, float)) and \
+                getattr(sympy.sympify(cost.rows), "free_symbols", None):
+            dtype = getattr(torch, cost.dtype, torch.float32)
+            corr = self._matmul_correction(dtype, out.rows)
+            out = dataclasses.replace(out, time_s=max(out.compute_time_s, out.memory_time_s) * corr + self.launch_s)
+        return out
 
     def estimate(self, what: torch.fx.Node | torch.fx.GraphModule | torch.fx.Graph | Iterable[torch.fx.Node],
                  sizes: Mapping[Any, int] | None = None) -> NodeCost | GraphCost | None:
         """A node's `NodeCost`, or a `GraphCost` of a graph / node list; evaluated at `sizes` when given."""
         if isinstance(what, torch.fx.Node):
             cost = self.node_cost(what)
-            return cost.evaluate(sizes) if cost is not None and sizes is not None else cost
+            return self._evaluate(cost, sizes) if cost is not None and sizes is not None else cost
         nodes = what.graph.nodes if isinstance(what, torch.fx.GraphModule) else \
             what.nodes if isinstance(what, torch.fx.Graph) else what
         costs = [c for c in (self.node_cost(n) for n in nodes) if c is not None]
         if sizes is not None:
-            costs = [c.evaluate(sizes) for c in costs]
+            costs = [self._evaluate(c, sizes) for c in costs]
         return GraphCost(costs)
 
     def compare(self, before: Any, after: Any, sizes: Mapping[Any, int] | None = None) -> dict[str, Any]:

@@ -127,7 +127,9 @@ class CanonicalizePass(Pass):
         with graph.inserting_before(replaced):
             linear = call(graph, fake_mode, aten.linear.default, (x, weight, bias))
         linear.meta[LINEAR_META] = ctx.weights.name(weight)
-        linear.meta["stack_trace"] = node.meta.get("stack_trace")
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if key in node.meta:
+                linear.meta[key] = node.meta[key]
         replaced.replace_all_uses_with(linear)
         if out_view is not None:
             graph.erase_node(out_view)
@@ -151,7 +153,7 @@ class CanonicalizePass(Pass):
             return False  # the add would promote: keep it as written
         with gm.graph.inserting_before(node):
             folded = call(gm.graph, fake_mode, aten.linear.default, (lin.args[0], lin.args[1], bias))
-        folded.meta[LINEAR_META] = lin.meta.get(LINEAR_META)
+        folded.meta.update({k: v for k, v in lin.meta.items() if k != "val"})
         node.replace_all_uses_with(folded)
         gm.graph.erase_node(node)
         gm.graph.erase_node(lin)
