@@ -1,10 +1,12 @@
 """The `llmcompress` command: `llmcompress passes` lists the registered passes (plugins included),
-`llmcompress recipes` the built-in recipes. Later verbs (report, calibrate) join here."""
+`llmcompress recipes` the built-in recipes, `llmcompress report MODEL` a model's roofline cost report.
+`llmcompress calibrate` measures this device for the cost model."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _passes(args: argparse.Namespace) -> int:
@@ -28,11 +30,105 @@ def _recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
+def _hardware_name(text: str) -> str:
+    from .analysis.hardware import HARDWARE
+
+    if text != "auto" and text not in HARDWARE:
+        raise argparse.ArgumentTypeError(f"unknown hardware {text!r}; expected auto or one of {', '.join(HARDWARE)}")
+    return text
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .analysis.model_loading import ModelLoadError
+    from .analysis.report import render, report_model
+    from .errors import OptionError
+
+    if args.kv_len is not None and args.seq not in (None, 1):
+        args.parser.error(f"argument --seq: must be 1 with --kv-len (a report of one decode step), got {args.seq}")
+    if args.output is not None and not Path(args.output).expanduser().resolve().parent.is_dir():
+        args.parser.error(f"argument -o/--output: folder of {args.output!r} does not exist")
+    try:
+        report = report_model(args.model, batch=args.batch, seq=args.seq, kv_len=args.kv_len,
+                              hardware=args.hardware, recipe=args.recipe)
+    except (ModelLoadError, OptionError) as e:
+        args.parser.error(str(e))  # exits 2, like any usage error
+    text = render(report, args.format)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        Path(args.output).expanduser().write_text(text, encoding="utf-8")
+        print(f"wrote {args.output} ({args.format}, {len(report['nodes'])} nodes)", file=sys.stderr)
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .analysis.calibration import calibrate, default_grid, format_table
+    from .analysis.hardware import resolve
+    from .errors import OptionError
+
+    try:
+        grid = None
+        if args.m:
+            grid = dataclasses.replace(default_grid(resolve(args.hardware).kind, args.quick), m=tuple(args.m))
+        profile = calibrate(args.hardware, dtypes=tuple(args.dtype or ("bfloat16",)), grid=grid, quick=args.quick,
+                            out=args.output)
+    except OptionError as e:
+        args.parser.error(str(e))
+    print(format_table(profile))
+    print(f"wrote {profile['path']}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmcompress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("passes", help="list registered passes, plugins included").set_defaults(func=_passes)
     sub.add_parser("recipes", help="list built-in recipes").set_defaults(func=_recipes)
+    report = sub.add_parser(
+        "report", help="roofline cost report of a model: per-layer table and totals (text, json, html)",
+        description="Predict a model's per-node and per-layer cost with the roofline model. The model is built on "
+                    "the meta device from its config: no weights are read, so large configs report without memory.")
+    report.add_argument("model", metavar="MODEL", help="local transformers model folder (with config.json), or a "
+                        "config .json file")
+    report.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="batch size (default 1)")
+    report.add_argument("--seq", type=_positive_int, default=None, metavar="S",
+                        help="tokens per sequence (default 128; 1 with --kv-len)")
+    report.add_argument("--kv-len", type=_positive_int, default=None, metavar="L",
+                        help="report one decode step over a static KV cache of L slots instead of a prefill")
+    report.add_argument("--hardware", type=_hardware_name, default="auto", metavar="NAME|auto",
+                        help="hardware row to price on (default auto: this machine's device)")
+    report.add_argument("--recipe", default=None, metavar="R",
+                        help="built-in recipe name or recipe file: adds before/after columns")
+    report.add_argument("--format", choices=("text", "json", "html"), default="text", help="default text")
+    report.add_argument("-o", "--output", default=None, metavar="PATH", help="write here (default stdout)")
+    report.set_defaults(func=_report, parser=report)
+    calibrate = sub.add_parser(
+        "calibrate", help="measure this device's bandwidth, launch overhead and matmul efficiency for the cost model",
+        description="Measure the current device (a large copy, a one-element kernel, F.linear over a grid of M x "
+                    "(N, K)) and store the profile the cost model uses instead of datasheet peaks.")
+    calibrate.add_argument("--hardware", type=_hardware_name, default="auto", metavar="NAME|auto",
+                           help="hardware row the profile calibrates (default auto: this machine's device)")
+    calibrate.add_argument("--dtype", action="extend", nargs="+", default=None, metavar="DTYPE",
+                           help="matmul dtypes (default bfloat16), e.g. --dtype bfloat16 float16")
+    calibrate.add_argument("--m", type=_positive_int, nargs="+", default=None, metavar="M",
+                           help="matmul M values instead of the grid's (default 1 16 64 256 4096 on a GPU)")
+    calibrate.add_argument("--quick", action="store_true", help="a small grid and short measurements (seconds)")
+    calibrate.add_argument("-o", "--output", default=None, metavar="PATH",
+                           help="write here (default llmcompress/analysis/profiles/<device>.json, or under "
+                                "$LLMCOMPRESS_PROFILE_DIR)")
+    calibrate.set_defaults(func=_calibrate, parser=calibrate)
     args = parser.parse_args(argv)
     return args.func(args)
 
