@@ -85,6 +85,7 @@ import torch
 import transformers
 
 import llmcompress
+from llmcompress.analysis.calibration import device_name
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -154,18 +155,6 @@ def _subset(text: str, known: tuple[str, ...], flag: str) -> list[str]:
     if bad or not names:
         raise SystemExit(f"{flag}: unknown {bad or text!r}; choose from {', '.join(known)}")
     return [n for n in known if n in names]  # canonical order: references first
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def device_slug(device: torch.device) -> str:
