@@ -59,7 +59,7 @@ def _report(args: argparse.Namespace) -> int:
         args.parser.error(f"argument -o/--output: folder of {args.output!r} does not exist")
     try:
         report = report_model(args.model, batch=args.batch, seq=args.seq, kv_len=args.kv_len,
-                              hardware=args.hardware, recipe=args.recipe)
+                              hardware=args.hardware, recipe=args.recipe, full_trace=args.full_trace)
     except (ModelLoadError, OptionError) as e:
         args.parser.error(str(e))  # exits 2, like any usage error
     text = render(report, args.format)
@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--recipe", default=None, metavar="R",
                         help="built-in recipe name or recipe file: adds before/after columns")
     report.add_argument("--format", choices=("text", "json", "html"), default="text", help="default text")
+    report.add_argument("--full-trace", action="store_true",
+                        help="trace every decoder layer (default: trace two and repeat the second when the config's "
+                             "layers are alike; same numbers, seconds instead of minutes for deep models)")
     report.add_argument("-o", "--output", default=None, metavar="PATH", help="write here (default stdout)")
     report.set_defaults(func=_report, parser=report)
     calibrate = sub.add_parser(

@@ -71,25 +71,27 @@ def load_config(path: str | Path) -> Any:
         raise ModelLoadError(f"cannot build a config from {str(p)!r}: {e}") from e
 
 
-def load_model(path: str | Path, device: str | torch.device = "meta", dtype: torch.dtype | str | None = None
-               ) -> torch.nn.Module:
+def load_model(path: str | Path, device: str | torch.device = "meta", dtype: torch.dtype | str | None = None,
+               config: Any = None) -> torch.nn.Module:
     """A transformers causal LM from a local folder with config.json, or from a path to a config .json file.
 
     device: "meta" (default) builds the architecture from the config alone: no weight is read or allocated.
         Another device loads the folder's weights when it has them (random initialisation from a bare config).
     dtype: the parameters' dtype; default the config's `dtype` (`torch_dtype`), float32 when it names none.
+    config: build from this config instead of the path's (weights are then never loaded).
     Returns the model in eval mode. Raises `ModelLoadError` for a missing or unreadable path, a malformed config, or
     a config transformers has no causal LM class for.
     """
     import transformers
 
-    config = load_config(path)
+    from_path = config is None
+    config = load_config(path) if from_path else config
     dtype = parse_dtype(dtype) or parse_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)) \
         or torch.float32
     device = torch.device(device)
     folder = Path(path).expanduser()
     try:
-        if device.type == "meta" or not folder.is_dir() or not _has_weights(folder):
+        if device.type == "meta" or not from_path or not folder.is_dir() or not _has_weights(folder):
             with torch.device(device):
                 model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         else:

@@ -18,6 +18,9 @@ FLOPs and seconds, at the concrete sizes of `workload`:
   (FLOP/byte where the roof bends, at roof_dtype)}.
 * `recipe`: null, or {name, source, passes: [pass names]}: then `nodes`, `layers` and `totals` describe the graph
   after the recipe's passes and `totals_before` the graph as captured.
+* `trace`: {layers_traced, repeated_from}: a model whose decoder layers are alike is traced with two of them and
+  the second's rows repeated up to its depth (`layer_repeat`); then `repeated_from` names that traced layer
+  ("model.layers.1"), else it is null and every layer was traced.
 * `graphs`: one per Dynamo graph: {index, kernels, free_nodes, weight_bytes, latency_s, symbols {Dynamo symbol:
   readable name}}.
 * `totals` (and `totals_before`, null without a recipe): {flops, bytes, weight_bytes, kernels, free_nodes
@@ -32,7 +35,8 @@ FLOPs and seconds, at the concrete sizes of `workload`:
 * `nodes`: every priced (non-free) node of the graph(s), in graph order, each {graph, node, layer, module (the
   nn.Module path that produced it), op, kind ('matmul', 'attention', 'pointwise', 'reduction', 'data', 'custom',
   'unknown'), shape ("1x128x4096" at workload sizes), shape_symbolic ("batchxseqx4096"), dtype, flops, bytes,
-  intensity (FLOP/byte; null when bytes is 0), bound ('compute', 'memory' or 'none'), time_s, share}.
+  intensity (FLOP/byte; null when bytes is 0), bound ('compute', 'memory' or 'none'), time_s, share,
+  replicated_from (null, or the traced layer whose row this repeats: node names then repeat too)}.
 
 Layers come from each node's `nn_module_stack` (kept by Dynamo and AOT autograd), from the weight a canonical linear
 names (`meta["llmcompress.linear"]`), or else from the node before it.
@@ -52,6 +56,7 @@ from typing import Any
 import sympy
 import torch
 
+from .._logging import logger as log
 from .hardware import Hardware
 from .roofline import CostModel, _tensors, sym
 
@@ -79,17 +84,20 @@ def check_sizes(batch: int, seq: int | None, kv_len: int | None) -> tuple[int, i
 
 def report_model(path: str | Path, *, batch: int = 1, seq: int | None = None, kv_len: int | None = None,
                  hardware: str | Hardware = "auto", recipe: str | None = None,
-                 dtype: torch.dtype | str | None = None) -> dict[str, Any]:
+                 dtype: torch.dtype | str | None = None, full_trace: bool = False) -> dict[str, Any]:
     """The cost report of the model at `path` (a local folder with config.json, or a config .json file).
 
     A prefill of `batch` sequences of `seq` tokens (default 128), or with `kv_len` one decode step of `batch`
     tokens over a static cache of `kv_len` slots. The model is built on the meta device: no weights are read.
+    Unless `full_trace`, a model whose decoder layers are alike is traced with two of them and the second one's
+    costs are repeated up to its depth (`layer_repeat`; a 70B config then reports in seconds, not minutes).
     Raises `ValueError` for bad sizes, `OptionError` for unknown hardware or recipe, `ModelLoadError` for a path.
     """
     from ..recipes import load_recipe
     from .calibration import load_profile
     from .hardware import resolve
-    from .model_loading import load_model, model_name
+    from .layer_repeat import TRACED_LAYERS, repeatable_depth, shallow_config
+    from .model_loading import load_config, load_model, model_name
     from .trace import trace_model
 
     batch, seq, kv_len = check_sizes(batch, seq, kv_len)
@@ -98,13 +106,40 @@ def report_model(path: str | Path, *, batch: int = 1, seq: int | None = None, kv
     if recipe is not None:
         r = load_recipe(recipe)
         recipe_info = {"name": r.name, "source": r.source, "passes": [p.name for p in r.passes]}
+    profile = load_profile(hw)
+    depth = None if full_trace else repeatable_depth(load_config(path))
+    if depth is not None:
+        model = load_model(path, device="meta", dtype=dtype, config=shallow_config(load_config(path)))
+        traced = trace_model(model, torch.zeros(batch, seq, dtype=torch.long, device="meta"), recipe=recipe,
+                             kv_len=kv_len)
+        info = model_info(model, path, name=model_name(path))
+        try:
+            template = _template_layer_of_model(model)
+            per_layer = list(model.get_submodule(template).parameters())
+            extra = depth - TRACED_LAYERS
+            info["parameters"] += extra * sum(p.numel() for p in per_layer)
+            info["parameter_bytes"] += extra * sum(p.numel() * p.element_size() for p in per_layer)
+            info["num_hidden_layers"] = depth
+            return build_report(traced, hw, profile=profile, model=info, batch=batch, seq=seq, kv_len=kv_len,
+                                recipe=recipe_info, depth=depth)
+        except NotRepeatable as e:
+            log.info("report: tracing all %d layers of %s: %s", depth, path, e)
     model = load_model(path, device="meta", dtype=dtype)
-    device = next(model.parameters()).device
-    traced = trace_model(model, torch.zeros(batch, seq, dtype=torch.long, device=device), recipe=recipe,
+    traced = trace_model(model, torch.zeros(batch, seq, dtype=torch.long, device="meta"), recipe=recipe,
                          kv_len=kv_len)
     info = model_info(model, path, name=model_name(path))
-    return build_report(traced, hw, profile=load_profile(hw), model=info, batch=batch, seq=seq, kv_len=kv_len,
+    return build_report(traced, hw, profile=profile, model=info, batch=batch, seq=seq, kv_len=kv_len,
                         recipe=recipe_info)
+
+
+def _template_layer_of_model(model: torch.nn.Module) -> str:
+    """The module path of decoder layer `TRACED_LAYERS - 1` ("model.layers.1")."""
+    from .layer_repeat import TRACED_LAYERS
+
+    names = [n for n, _ in model.named_modules() if _LAYER_RE.fullmatch(n) and n.endswith(f".{TRACED_LAYERS - 1}")]
+    if len(names) != 1:
+        raise NotRepeatable(f"cannot tell the decoder layers of {type(model).__name__} apart: {names}")
+    return names[0]
 
 
 def model_info(model: torch.nn.Module, path: str | Path | None = None, name: str | None = None) -> dict[str, Any]:
@@ -185,12 +220,12 @@ def _shape(node: torch.fx.Node, ev: _Evaluator, names: Mapping[str, str]) -> tup
 
 
 def _price(cm: CostModel, gm: torch.fx.GraphModule, sizes: Mapping[Any, int], names: Mapping[str, str],
-           index: int) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
-    """(priced rows, free node count, symbolic totals) of one graph."""
+           index: int) -> tuple[list[dict[str, Any]], dict[str, int], list[tuple[Any, Any, Any]]]:
+    """(priced rows, free node count per layer, each row's symbolic (flops, bytes, time)) of one graph."""
     ev = _Evaluator(sizes)
     rows: list[dict[str, Any]] = []
-    free = 0
-    flops, nbytes, times = [], [], []
+    free: dict[str, int] = {}
+    exprs: list[tuple[Any, Any, Any]] = []
     module = None
     modules: dict[torch.fx.Node, str] = {}
     for node in gm.graph.nodes:
@@ -202,11 +237,10 @@ def _price(cm: CostModel, gm: torch.fx.GraphModule, sizes: Mapping[Any, int], na
         own = _module_of(node) or next((modules[a] for a in reversed(node.all_input_nodes) if a in modules), None)
         module = modules[node] = own or module
         if cost.kind == "free":
-            free += 1
+            layer = layer_of(module or "")
+            free[layer] = free.get(layer, 0) + 1
             continue
-        flops.append(_rename(cost.flops, names))
-        nbytes.append(_rename(cost.bytes, names))
-        times.append(_rename(cost.time_s, names))
+        exprs.append((_rename(cost.flops, names), _rename(cost.bytes, names), _rename(cost.time_s, names)))
         f, b, t = ev(cost.flops), ev(cost.bytes), ev(cost.time_s)
         c, m = ev(cost.compute_time_s), ev(cost.memory_time_s)
         shape, shape_sym = _shape(node, ev, names)
@@ -215,9 +249,39 @@ def _price(cm: CostModel, gm: torch.fx.GraphModule, sizes: Mapping[Any, int], na
             "op": cost.op, "kind": cost.kind, "shape": shape, "shape_symbolic": shape_sym, "dtype": cost.dtype,
             "flops": f, "bytes": b, "intensity": f / b if b else None,
             "bound": "compute" if c > m else "memory" if m > 0 else "none", "time_s": t, "share": 0.0,
+            "replicated_from": None,
         })
-    symbolic = {"flops": sympy.Add(*flops), "bytes": sympy.Add(*nbytes), "latency_s": sympy.Add(*times)}
-    return rows, free, symbolic
+    return rows, free, exprs
+
+
+def _symbolic(exprs: Sequence[tuple[Any, Any, Any]]) -> dict[str, Any]:
+    return {"flops": sympy.Add(*(e[0] for e in exprs)), "bytes": sympy.Add(*(e[1] for e in exprs)),
+            "latency_s": sympy.Add(*(e[2] for e in exprs))}
+
+
+def _free_total(by_layer: Mapping[str, int], template_of: Sequence[dict[str, Any]] | None, depth: int | None) -> int:
+    """Free nodes of a graph, with the template layer's counted again for each repeated layer."""
+    total = sum(by_layer.values())
+    if template_of is not None and depth is not None:
+        from .layer_repeat import TRACED_LAYERS
+
+        total += (depth - TRACED_LAYERS) * by_layer.get(_template_layer(template_of), 0)
+    return total
+
+
+class NotRepeatable(Exception):
+    """The traced layers differ, or span several graphs: the model must be traced at its full depth."""
+
+
+def _template_layer(rows: Sequence[dict[str, Any]]) -> str:
+    """The last traced decoder layer ("model.layers.1") of a shallow trace."""
+    from .layer_repeat import TRACED_LAYERS, layer_index
+
+    layers = {r["layer"] for r in rows if _LAYER_RE.match(r["layer"])}
+    wanted = [x for x in layers if (layer_index(x) or ("", -1))[1] == TRACED_LAYERS - 1]
+    if len(wanted) != 1:
+        raise NotRepeatable(f"expected one decoder layer {TRACED_LAYERS - 1}, found {sorted(layers)}")
+    return wanted[0]
 
 
 def _totals(rows: list[dict[str, Any]], free: int, weight_bytes: int, symbolic: Mapping[str, Any],
@@ -296,11 +360,15 @@ def graph_weight_bytes(gm: torch.fx.GraphModule) -> int:
 
 def build_report(traced: Sequence[Any], hardware: Hardware, *, profile: Mapping[str, Any] | None = None,
                  model: Mapping[str, Any] | None = None, batch: int = 1, seq: int = DEFAULT_SEQ,
-                 kv_len: int | None = None, recipe: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 kv_len: int | None = None, recipe: Mapping[str, Any] | None = None,
+                 depth: int | None = None) -> dict[str, Any]:
     """The report dict (schema in the module docstring) of `trace_model`'s graphs, priced on `hardware`.
 
     traced: `TracedGraph`s whose `sizes` are the workload's (batch, seq); with `recipe` their `before` is priced too.
+    depth: the model was traced with `layer_repeat.TRACED_LAYERS` decoder layers and has `depth`: repeat the last
+        traced layer's rows up to it (raises `NotRepeatable` when the traced layers differ or span several graphs).
     """
+    from .layer_repeat import TRACED_LAYERS, repeat_layers, repeat_weight_bytes
     import transformers
 
     from .. import __version__ as llmcompress_version
@@ -310,32 +378,50 @@ def build_report(traced: Sequence[Any], hardware: Hardware, *, profile: Mapping[
     rows: list[dict[str, Any]] = []
     rows_before: list[dict[str, Any]] = []
     free = free_before = 0
-    sym_after: dict[str, list[Any]] = {"flops": [], "bytes": [], "latency_s": []}
-    sym_before: dict[str, list[Any]] = {"flops": [], "bytes": [], "latency_s": []}
+    exprs_after: list[tuple[Any, Any, Any]] = []
+    exprs_before: list[tuple[Any, Any, Any]] = []
     graphs = []
+    template = None
+    if depth is not None and len(traced) != 1:
+        raise NotRepeatable(f"the shallow trace gave {len(traced)} graphs; layers are repeated within one graph")
+    weight_bytes = weight_bytes_before = 0
     for i, g in enumerate(traced):
-        r, f, s = _price(cm, g.after, g.sizes, g.names, i)
+        r, free_by_layer, e = _price(cm, g.after, g.sizes, g.names, i)
+        f = _free_total(free_by_layer, template_of=r if depth is not None else None, depth=depth)
+        wb, wb_before = int(g.weight_bytes), graph_weight_bytes(g.before)
+        if depth is not None:
+            template = _template_layer(r)
+            repeated = repeat_layers(r, e, template, depth)
+            if repeated is None:
+                raise NotRepeatable(f"the traced decoder layers differ (template {template})")
+            r, e = repeated
+            wb = repeat_weight_bytes(g.weight_bytes_by_name, template, depth)
+            wb_before = repeat_weight_bytes(g.weight_bytes_by_name_before, template, depth)
         rows += r
+        exprs_after += e
         free += f
-        for k, v in s.items():
-            sym_after[k].append(v)
         if recipe is not None:
-            rb, fb, sb = _price(cm, g.before, g.sizes, g.names, i)
+            rb, free_by_layer, eb = _price(cm, g.before, g.sizes, g.names, i)
+            fb = _free_total(free_by_layer, template_of=rb if depth is not None else None, depth=depth)
+            if template is not None:
+                repeated = repeat_layers(rb, eb, template, depth)
+                if repeated is None:
+                    raise NotRepeatable(f"the traced decoder layers differ before the passes (template {template})")
+                rb, eb = repeated
             rows_before += rb
+            exprs_before += eb
             free_before += fb
-            for k, v in sb.items():
-                sym_before[k].append(v)
-        graphs.append({"index": i, "kernels": len(r), "free_nodes": f, "weight_bytes": int(g.weight_bytes),
+        weight_bytes += wb
+        weight_bytes_before += wb_before
+        graphs.append({"index": i, "kernels": len(r), "free_nodes": f, "weight_bytes": wb,
                        "latency_s": sum(x["time_s"] for x in r), "symbols": dict(sorted(g.names.items()))})
-    weight_bytes = sum(int(g.weight_bytes) for g in traced)
-    totals = _totals(rows, free, weight_bytes, {k: sympy.Add(*v) for k, v in sym_after.items()}, tokens,
-                     cm.bandwidth, cm.launch_s)
+    totals = _totals(rows, free, weight_bytes, _symbolic(exprs_after), tokens, cm.bandwidth, cm.launch_s)
     for r in rows:
         r["share"] = r["time_s"] / totals["latency_s"] if totals["latency_s"] else 0.0
     totals_before = None
     if recipe is not None:
-        totals_before = _totals(rows_before, free_before, sum(graph_weight_bytes(g.before) for g in traced),
-                                {k: sympy.Add(*v) for k, v in sym_before.items()}, tokens, cm.bandwidth, cm.launch_s)
+        totals_before = _totals(rows_before, free_before, weight_bytes_before, _symbolic(exprs_before), tokens,
+                                cm.bandwidth, cm.launch_s)
     roof_dtype = (model or {}).get("dtype") or "float32"
     peak = hardware.peak_flops.get(roof_dtype, hardware.peak_flops["float32"])
     return {
@@ -350,6 +436,8 @@ def build_report(traced: Sequence[Any], hardware: Hardware, *, profile: Mapping[
                      "calibrated": profile is not None, "roof_dtype": roof_dtype,
                      "ridge_intensity": peak / cm.bandwidth},
         "recipe": dict(recipe) if recipe is not None else None,
+        "trace": {"layers_traced": (depth and TRACED_LAYERS) or (model or {}).get("num_hidden_layers"),
+                  "repeated_from": template},
         "graphs": graphs,
         "totals": totals,
         "totals_before": totals_before,

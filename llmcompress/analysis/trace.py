@@ -33,6 +33,10 @@ class TracedGraph:
     """Symbol name -> readable name ("s0" -> "batch")."""
     weight_bytes: int
     """Bytes of the frozen weights the graph (after passes) reads."""
+    weight_bytes_by_name: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Weight name (`model.layers.0.mlp.up_proj.weight`, or a pass's derived name) -> bytes, graph after passes."""
+    weight_bytes_by_name_before: dict[str, int] = dataclasses.field(default_factory=dict)
+    """The same for the graph as captured."""
 
 
 @torch.library.custom_op("llmcompress::analysis_attention", mutates_args=())
@@ -121,10 +125,9 @@ def trace_model(model: torch.nn.Module, input_ids: torch.Tensor, *, passes: list
                 if s is not None:
                     names[str(s)] = name
                     sizes[s] = want[name]
-        used = ctx.weights.used_attrs(after)
-        weight_bytes = sum(w.tensor.numel() * w.tensor.element_size() for a, w in ctx.weights.by_attr.items()
-                           if a in used)
-        traced.append(TracedGraph(before, after, sizes, names, weight_bytes))
+        by_name = _weight_bytes(ctx, after)
+        traced.append(TracedGraph(before, after, sizes, names, sum(by_name.values()), by_name,
+                                  _weight_bytes(ctx, before)))
 
     torch._dynamo.reset()
     pipeline.graph_observers.append(observe)
@@ -139,6 +142,15 @@ def trace_model(model: torch.nn.Module, input_ids: torch.Tensor, *, passes: list
         pipeline.graph_observers.remove(observe)
         torch._dynamo.reset()
     return traced
+
+
+def _weight_bytes(ctx: PassContext, gm: torch.fx.GraphModule) -> dict[str, int]:
+    used = ctx.weights.used_attrs(gm)
+    out: dict[str, int] = {}
+    for attr, w in ctx.weights.by_attr.items():
+        if attr in used:
+            out[w.fqn] = out.get(w.fqn, 0) + w.tensor.numel() * w.tensor.element_size()
+    return out
 
 
 def _example_sizes(ctx: PassContext) -> dict[Any, int]:

@@ -81,8 +81,8 @@ def test_text_to_stdout(tiny, capsys):
 def test_json_keys_and_totals_add_up(prefill_json):
     r = prefill_json
     assert r["report_version"] == 1
-    assert set(r) == {"report_version", "versions", "model", "workload", "hardware", "recipe", "graphs", "totals",
-                      "totals_before", "layers", "nodes"}
+    assert set(r) == {"report_version", "versions", "model", "workload", "hardware", "recipe", "trace", "graphs",
+                      "totals", "totals_before", "layers", "nodes"}
     assert r["workload"] == {"mode": "prefill", "batch": 2, "seq": 16, "kv_len": None, "tokens_per_step": 32}
     assert r["recipe"] is None and r["totals_before"] is None
     t, nodes = r["totals"], r["nodes"]
