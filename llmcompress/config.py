@@ -11,6 +11,8 @@ import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import torch
+
 from . import options as _options
 from .errors import OptionError
 
@@ -53,6 +55,13 @@ class CompileConfig:
     """Free the storage of dense weights that no compiled graph uses any more (see docs/architecture.md)."""
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
     """Dynamo's mode; also accepted here because torch.compile refuses mode= and options= together."""
+    calibration: Any = None
+    """Calibration data for AWQ / GPTQ / SmoothQuant: token ids (tensor), a datasets.Dataset or a text file path."""
+    tokenizer: Any = None
+    """Tokenizer (or the path of a local tokenizer folder) for text calibration data."""
+    calibration_samples: int = 128
+    """Windows of calibration_seq_len tokens to calibrate on."""
+    calibration_seq_len: int = 512
     cudagraphs: bool = dataclasses.field(default=False, init=False)
     max_autotune: bool = dataclasses.field(default=False, init=False)
 
@@ -66,6 +75,14 @@ class CompileConfig:
                 raise OptionError(f"options: key 'verify' got {self.verify!r}; a dict may only hold 'atol' and 'rtol'")
             if any(v < 0 for v in self.verify.values()):
                 raise OptionError(f"options: key 'verify' got {self.verify!r}; tolerances must be >= 0")
+        from .quantization.calibration_data import describe_calibration
+
+        problem = describe_calibration(self.calibration)
+        if problem is not None:
+            raise OptionError(f"options: key 'calibration' {problem}")
+        for key in ("calibration_samples", "calibration_seq_len"):
+            if getattr(self, key) < 1:
+                raise OptionError(f"options: key {key!r} got {getattr(self, key)!r}; expected an integer >= 1")
         if self.report is not None:
             object.__setattr__(self, "report", os.fspath(self.report))
         if self.report is not None and not self.report.strip():
@@ -107,4 +124,13 @@ class CompileConfig:
         return _options.build(CompileConfig, merged, "options")
 
     def to_json(self) -> dict[str, Any]:
-        return _options.as_dict(self)
+        out = _options.as_dict(self)
+        for key in ("calibration", "tokenizer"):  # data and objects: described, not dumped
+            v = out[key]
+            if isinstance(v, torch.Tensor):
+                out[key] = f"tensor {str(v.dtype).removeprefix('torch.')} {tuple(v.shape)}"
+            elif v is not None and not isinstance(v, (str, os.PathLike)):
+                out[key] = type(v).__name__
+            elif v is not None:
+                out[key] = os.fspath(v)
+        return out

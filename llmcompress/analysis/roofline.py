@@ -281,6 +281,17 @@ class CostModel:
         best = min(points, key=lambda p: abs(math.log(max(p["m"], 1)) - math.log(max(m_val, 1))))
         return float(best["time_s"]) / float(best["roofline_time_s"])
 
+    def kernel_time(self, flops: float, nbytes: float, dtype: torch.dtype, *, tensor_cores: bool = True,
+                    rows: float | None = None, launches: int = 1) -> float:
+        """Predicted seconds of a kernel that is not (yet) a graph node: passes price alternatives with it.
+
+        rows: M of a matmul (applies the calibrated matmul correction); launches: kernels the alternative runs.
+        """
+        compute = flops / self._peak(dtype, tensor_cores)
+        memory = nbytes / self.bandwidth
+        correction = self._matmul_correction(dtype, rows) if rows is not None and tensor_cores else 1.0
+        return max(compute, memory) * correction + launches * self.launch_s
+
     def node_cost(self, node: torch.fx.Node) -> NodeCost | None:
         """The cost of one node; None for placeholders, constants and the output."""
         if node.op != "call_function":

@@ -101,8 +101,10 @@ def _compile(gm, example_inputs, config: CompileConfig, entry: dict) -> tuple[Ca
             entry["predicted_before"] = _predict(cost_model, aten_gm, sizes)
         before = _copy_graph_module(aten_gm) if graph_observers else None
         # 3. Passes, in constraint order; a failing pass is undone (or raises under strict).
+        names = [w.fqn for w in capture.frozen] + [n.name for n in capture.gm.graph.find_nodes(op="placeholder")]
         ctx = PassContext(fake_inputs, weights, hardware, config, fake_mode, graph_id=str(entry["graph_id"]),
-                          cost_model=cost_model, sizes=sizes)
+                          cost_model=cost_model, sizes=sizes,
+                          input_names=[names[i] if i < len(names) else f"input {i}" for i in kept])
         records = manager.run(aten_gm, ctx)
         if config.report is not None:
             entry["predicted_after"] = _predict(cost_model, aten_gm, sizes)

@@ -56,6 +56,12 @@ class FrozenWeight:
         self.constant = self.tensor.detach()
 
 
+def _version(t: torch.Tensor) -> int:
+    """The tensor's version counter; inference tensors (made under inference_mode) have none and cannot be
+    modified in place outside it, so they count as never modified."""
+    return -1 if t.is_inference() else t._version
+
+
 class _DerivedCache:
     """Process-wide cache of derived weights keyed by (base tensor identity, view, key); entries die with the base."""
 
@@ -68,16 +74,21 @@ class _DerivedCache:
     def get(self, base: torch.Tensor, view_key: Hashable, key: Hashable, fn: Callable[[], Any]) -> Any:
         k = (id(base), view_key, key)
         entry = self._entries.get(k)
-        if entry is not None and entry[0] == base._version:
+        if entry is not None and entry[0] == _version(base):
             self.hits += 1
             return entry[1]
         self.misses += 1
         value = fn()
-        self._entries[k] = (base._version, value)
+        self._entries[k] = (_version(base), value)
         if id(base) not in self._watched:
             self._watched.add(id(base))
             weakref.finalize(base, self._drop, id(base))
         return value
+
+    def peek(self, base: torch.Tensor, view_key: Hashable, key: Hashable) -> Any:
+        """The cached value, or None (no computation, no hit counted)."""
+        entry = self._entries.get((id(base), view_key, key))
+        return entry[1] if entry is not None and entry[0] == _version(base) else None
 
     def _drop(self, base_id: int) -> None:
         self._watched.discard(base_id)
@@ -165,6 +176,14 @@ class FrozenWeights:
                 return fn(value)
 
         return DERIVED.get(weight.tensor, chain, key, compute)
+
+    def cached(self, node: torch.fx.Node, key: Hashable) -> Any:
+        """What `derive(node, key, ...)` computed earlier in this process (another graph), else None."""
+        root = self._root(node)
+        if root is None:
+            return None
+        weight, chain = root
+        return DERIVED.peek(weight.tensor, chain, key)
 
     def add(self, gm: torch.fx.GraphModule, tensor: torch.Tensor, name: str) -> torch.fx.Node:
         """Add a tensor a pass derived (usually from `derive`) as a constant that later passes see as frozen.

@@ -21,7 +21,8 @@ Every kernel file `kernels/<name>.py` follows `rms_norm.py`:
   joint graph of any module whose weights require grad.
 """
 
-from llmcompress.kernels import rms_norm
+from llmcompress.kernels import fp8_linear, grouped_linear, int4_linear, int8_linear, rms_norm, w8a8_linear
 from llmcompress.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 
-__all__ = ["rms_norm", "rms_norm_reference", "rms_norm_triton"]
+__all__ = ["fp8_linear", "grouped_linear", "int4_linear", "int8_linear", "rms_norm", "rms_norm_reference",
+           "rms_norm_triton", "w8a8_linear"]

@@ -57,6 +57,8 @@ class PassContext:
     """The roofline `analysis.roofline.CostModel` for `hardware` (with the device's calibration profile if stored)."""
     sizes: dict[Any, Any] = dataclasses.field(default_factory=dict)
     """Symbol -> value in the example inputs: `ctx.cost_model.estimate(node, ctx.sizes)` costs a node there."""
+    input_names: list[str] = dataclasses.field(default_factory=list)
+    """A name per placeholder: Dynamo's (`L_input_ids_`, `s0`) or, for a buffer the graph writes, its module path."""
     logger: logging.Logger = dataclasses.field(default_factory=lambda: logging.getLogger("llmcompress.passes"))
 
 

@@ -13,7 +13,7 @@ import networkx as nx
 import torch
 
 from .._logging import logger
-from ..errors import PassFailedError, PassOrderError
+from ..errors import LLMCompressError, PassFailedError, PassOrderError
 from ..recipes import PassSpec
 from .base import Pass, PassContext, PassResult
 from .registry import get_pass, registered_passes
@@ -108,7 +108,8 @@ class PassManager:
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> list[PassRecord]:
         """Run every pass; a pass that raises (or leaves a graph that fails lint) is undone and warned about,
-        or re-raised as `PassFailedError` under `strict`."""
+        or re-raised as `PassFailedError` under `strict`. An `LLMCompressError` (a deliberate error: bad
+        calibration data, fp8 on a GPU without it ...) is re-raised as it is, after the graph is restored."""
         records = []
         for p in self.passes:
             snapshot = _Snapshot(gm)
@@ -125,6 +126,8 @@ class PassManager:
                 snapshot.restore(gm)
                 message = f"{type(e).__name__}: {e}"
                 records.append(PassRecord(p.name, "failed", elapsed, {}, {}, {}, [], message))
+                if isinstance(e, LLMCompressError):
+                    raise  # deliberate: the user asked for something that cannot be done (bad data, no fp8 ...)
                 if self.strict:
                     raise PassFailedError(f"pass {p.name!r} failed on graph {ctx.graph_id} (strict=True): {message}") from e
                 warnings.warn(

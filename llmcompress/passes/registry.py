@@ -84,6 +84,7 @@ def load_plugins(force: bool = False) -> None:
 
 def _load_builtins() -> None:
     importlib.import_module("llmcompress.passes.canonicalize")
+    importlib.import_module("llmcompress.passes.quantize_linear")
 
 
 def registered_passes() -> dict[str, type[Pass]]:
