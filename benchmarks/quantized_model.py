@@ -22,7 +22,7 @@ Workloads (`--workloads`), each timed exactly as run_backend.py times it, with i
             up; then CUDA: median of `triton.testing.do_bench` over `--bench-ms`; CPU: median of `--forward-repeats`
             perf_counter samples (`run_backend.time_ms`). Memory (CUDA): `torch.cuda.memory_allocated` before the
             model is built, after it is built, after the prefill (the static KV cache), after compiling and one call
-            (the quantization recipes have then freed the dense weights: release_weights), after timing, and
+            (these configs set release_weights: the dense weights are then freed), after timing, and
             `max_memory_allocated` from the build through the first call (dense and quantized copies coexist while
             compiling). The logits of the timed step are compared with the eager bf16 model's (same weights).
   generate  `run_backend.run_generate`: `model.generate(max_new_tokens=--new-tokens, do_sample=False,
@@ -34,7 +34,7 @@ Workloads (`--workloads`), each timed exactly as run_backend.py times it, with i
 
 `--gptq-time`: on a fresh model, times the first call of `torch.compile(model, backend="llmcompress",
 options={"recipe": "w4a16-gptq", "calibration": ids, "calibration_samples": S, "calibration_seq_len": L})` on a
-plain forward of the 32-token prompt: capture, GPTQ calibration (layers quantized in graph order on the activations
+plain forward of the first calibration window (1 x L): capture, GPTQ calibration (layers quantized in graph order on the activations
 of the already-quantized layers), lowering and the call, in seconds. ids: S x L random token ids (`--gptq-samples`,
 `--gptq-seq-len`; 128 x 512 on CUDA, 4 x 64 on a CPU). The report's per-layer counts show every linear got GPTQ.
 
@@ -103,9 +103,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "inductor-cudagraphs": {"backend": "inductor", "mode": "reduce-overhead"},
     "llmcompress-cudagraphs": {"backend": "llmcompress", "options": {"mode": "reduce-overhead"}},
     "llmcompress-w8a16-cudagraphs": {"backend": "llmcompress",
-                                     "options": {"recipe": "w8a16", "mode": "reduce-overhead"}},
+                                     "options": {"recipe": "w8a16", "mode": "reduce-overhead",
+                                                 "release_weights": True}},
     "llmcompress-w4a16-cudagraphs": {"backend": "llmcompress",
-                                     "options": {"recipe": "w4a16", "mode": "reduce-overhead"}},
+                                     "options": {"recipe": "w4a16", "mode": "reduce-overhead",
+                                                 "release_weights": True}},
 }
 REFERENCE = "inductor-cudagraphs"
 W4A16 = "llmcompress-w4a16-cudagraphs"
@@ -359,6 +361,9 @@ def run_gptq(prompt: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
                    "calibration_seq_len": args.gptq_seq_len, "report": report}
         result["compile"] = {"backend": "llmcompress",
                              "options": {**options, "calibration": f"randint ids {tuple(ids.shape)}"}}
+        # Compile on a calibration-length prompt: the graph is static, and calibration feeds it windows of its own
+        # length (a 32-token graph would take the 128 x 512 tokens as 2048 windows of 32).
+        prompt = ids[:1]
         reference = model(prompt).logits[:, -1].float()
         compiled = torch.compile(model, backend="llmcompress", options=options)
         rb.sync(args.device)

@@ -61,6 +61,8 @@ class QuantizeLinearOptions:
     """GPTQ: damping, as a fraction of the Hessian's mean diagonal."""
     block_size: int = 128
     """GPTQ: columns per lazy batch."""
+    mse: bool = False
+    """GPTQ: search each group's range for the lowest error instead of taking its min and max."""
     skip: list[str] = dataclasses.field(default_factory=lambda: list(_DEFAULT_SKIP))
     """Layer name patterns left dense: fnmatch on the module path or its tail (`lm_head`, `*.mlp.gate`)."""
     overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
@@ -256,7 +258,7 @@ class QuantizeLinearPass(Pass):
     def _key(self, layer: _Layer, method: str | None = None, calibration: str | None = None) -> tuple:
         o = self.options
         return ("quantize-linear", 1, layer.scheme, method or layer.method, layer.group_size, layer.alpha,
-                o.act_order, o.damp, o.block_size, calibration)
+                o.act_order, o.damp, o.block_size, o.mse, calibration)
 
     def _calibrate(self, gm: torch.fx.GraphModule, ctx: PassContext, targets: list[_Target], stats: dict
                    ) -> dict[torch.fx.Node, tuple[tuple[torch.Tensor, ...], str]]:
@@ -407,7 +409,7 @@ def _calibrated(t: _Target, inputs: list[torch.Tensor], o: QuantizeLinearOptions
         for x in inputs:
             acc.add(x.reshape(-1, k))
         return gptq_quantize_int4(t.weight.float(), acc.hessian, group_size=t.layer.group_size, damp=o.damp,
-                                  block_size=o.block_size, act_order=o.act_order)
+                                  block_size=o.block_size, act_order=o.act_order, mse=o.mse)
     if method == "awq":
         from ..quantization.awq import awq_search
 

@@ -136,8 +136,8 @@ def _output_loss(w: torch.Tensor, xs: torch.Tensor, s: torch.Tensor, group_size:
 
 
 def awq_search(w: torch.Tensor, x: torch.Tensor, *, group_size: int = 128, n_grid: int = 20, clip: bool = True,
-               max_rows: int = 4096, n_clip_grid: int = 20, max_shrink: float = 0.5, clip_rows: int = 512
-               ) -> AWQResult:
+               max_rows: int = 4096, n_clip_grid: int = 20, max_shrink: float = 0.5, clip_rows: int = 512,
+               duo: bool = True) -> AWQResult:
     """AWQ scale search (and range clipping) for one linear layer.
 
     w: (N, K) weight of y = x @ w.T; x: (T, K) or (..., K) the layer's calibration inputs (any float dtype).
@@ -145,6 +145,8 @@ def awq_search(w: torch.Tensor, x: torch.Tensor, *, group_size: int = 128, n_gri
     sqrt(max(s) * min(s)); the loss of alpha is the mean square output error of RTN int4 on w * diag(s), scaled
     back, on up to `max_rows` evenly spaced rows of x. Then, if `clip`, each group's range is shrunk to minimize its
     output error on `clip_rows` of those rows; the clipping is kept only if it lowers the loss on the `max_rows`.
+    duo: also try s = a^alpha / w_mean^(1 - alpha), w_mean the mean of |w| over output channels with each group
+    normalized by its max (AutoAWQ's "duo scaling"); the lowest loss over both families wins.
     """
     if w.dim() != 2:
         raise ValueError(f"awq_search: weight must be (N, K), got {tuple(w.shape)}")
@@ -165,14 +167,23 @@ def awq_search(w: torch.Tensor, x: torch.Tensor, *, group_size: int = 128, n_gri
     m = min(max_rows, x.shape[0])
     xs = x[_even_rows(x.shape[0], m, x.device)].float()
 
-    alphas = torch.linspace(0, 1, n_grid).tolist()
+    grid = torch.linspace(0, 1, n_grid).tolist()
+    alphas: list[float] = []
     losses = []
     scales = []
-    for alpha in alphas:
-        s = act.pow(alpha)
-        s = s / (s.max() * s.min()).sqrt()
-        scales.append(s)
-        losses.append(_output_loss(w, xs, s, group_size))
+    w_mean = None
+    if duo:
+        wa = w.float().abs().reshape(n, -1, group_size)
+        w_mean = (wa / wa.amax(dim=2, keepdim=True).clamp_min(_MIN_ACT)).reshape(n, k).mean(dim=0)
+    for family in ("act", "duo") if duo else ("act",):
+        for alpha in grid:
+            if family == "duo" and alpha in (0.0, 1.0):
+                continue  # alpha 1 is the act family's; alpha 0 (1 / w_mean) protects nothing the search needs
+            s = act.pow(alpha) if family == "act" else act.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            alphas.append(alpha)
+            scales.append(s)
+            losses.append(_output_loss(w, xs, s, group_size))
     losses_t = torch.stack(losses)
     best = int(torch.argmin(losses_t))
     s = scales[best]

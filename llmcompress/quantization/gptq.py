@@ -143,7 +143,7 @@ def _f16_scale(scale: torch.Tensor) -> torch.Tensor:
 
 
 def gptq_quantize_int4(w: torch.Tensor, hessian: torch.Tensor, *, group_size: int = 128, damp: float = 0.01,
-                       block_size: int = 128, act_order: bool = False
+                       block_size: int = 128, act_order: bool = False, mse: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ into the int4 group format of `formats.py`.
 
@@ -154,7 +154,10 @@ def gptq_quantize_int4(w: torch.Tensor, hessian: torch.Tensor, *, group_size: in
     left them when its first column is reached (as the reference does). With act_order (columns in decreasing
     diag(H)), groups must still be contiguous in the original column order for the format, so every group's
     parameters come from the original w up front ("static groups") and each column uses its own group's.
+    mse: each group's range is searched for the lowest quantization error (`formats.int4_scales_zeros_mse`)
+    instead of taken from its min and max.
     """
+    group_params = formats.int4_scales_zeros_mse if mse else formats.int4_scales_zeros
     _check_args(w, hessian, damp, block_size)
     n, k = w.shape
     formats.check_group_size(k, group_size)
@@ -162,7 +165,7 @@ def gptq_quantize_int4(w: torch.Tensor, hessian: torch.Tensor, *, group_size: in
     n_groups = k // group_size
 
     if act_order:
-        scale, zero = formats.int4_scales_zeros(wf, group_size)
+        scale, zero = group_params(wf, group_size)
         scales16 = _f16_scale(scale)
         zeros = zero
         perm = torch.argsort(h.diagonal(), descending=True)
@@ -189,7 +192,7 @@ def gptq_quantize_int4(w: torch.Tensor, hessian: torch.Tensor, *, group_size: in
                 if cols.shape[1] < group_size:
                     i2 = j - i + w1.shape[1]
                     cols = torch.cat((cols, wf[:, i2:j + group_size]), dim=1)
-                scale, zero = formats.int4_scales_zeros(cols, group_size)
+                scale, zero = group_params(cols, group_size)
                 g = j // group_size
                 scales16[:, g] = _f16_scale(scale[:, 0])
                 zeros[:, g] = zero[:, 0]
