@@ -19,6 +19,11 @@ Every kernel file `kernels/<name>.py` follows `rms_norm.py`:
 - `op.register_autograd(...)` with a plain-torch backward when the op sits on a
   path that may require grad: without one, torch.compile fails while tracing the
   joint graph of any module whose weights require grad.
+
+What the quantized linears (`int4_linear`, `int8_linear`, `w8a8_linear`, `fp8_linear`)
+share — Triton helpers, the launch helper, M buckets, input checks, the backward and
+cost formulas — lives in `_linear_common.py`; each kernel file keeps its kernels,
+launchers, reference and op.
 """
 
 from llmcompress.kernels import fp8_linear, grouped_linear, int4_linear, int8_linear, rms_norm, w8a8_linear

@@ -31,20 +31,22 @@ from typing import Optional, Union
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ..analysis.roofline import register_cost
 from ..errors import LLMCompressError
 from ..quantization.formats import dequantize_fp8, quantize_fp8_per_token
+from . import _linear_common as common
 from .w8a8_linear import (
-    _COMPILED,
     _check_activation,
-    _check_launchable,
     _check_linear,
+    _per_token_outputs,
     _quant_launch_params,
+    _quantized_linear,
     _quantized_linear_cost,
     _round_half_even,
-    _scaled_mm,
+    _row_absmax,
+    _scaled_mm_reference,
 )
 
 __all__ = [
@@ -125,13 +127,9 @@ def _quantize_per_token_fp8_kernel(
     x_row = x_ptr + row * x_row_stride
     q_row = q_ptr + row * q_row_stride
 
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, n_cols, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        v = tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
+    amax = _row_absmax(x_row, x_row, n_cols, False, BLOCK_K)
     # div_rn: Triton's fp32 `/` is an approximate division on GPU; torch's is correctly rounded.
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), 1e-8)
+    scale = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-8)
     tl.store(scale_ptr + row, scale)
 
     for k0 in range(0, n_cols, BLOCK_K):
@@ -143,7 +141,7 @@ def _quantize_per_token_fp8_kernel(
 
 
 def _check_fp8_launch(name: str, x: torch.Tensor) -> None:
-    _check_launchable(name, x)
+    common.check_launchable(name, x)
     check_fp8_device(x.device, name)
 
 
@@ -175,17 +173,11 @@ def quantize_per_token_fp8_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.
     _check_activation(name, x)
     _check_fp8_launch(name, x)
     k = x.shape[-1]
-    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    x2d, q, q2d, scale = _per_token_outputs(x, torch.float8_e4m3fn)
     if q.numel() == 0:
         return q, scale
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    x2d = x.reshape(-1, k)
-    q2d = q.view(-1, k)
     block_k, num_warps = _quant_launch_params(k)
-    kernel = wrap_triton(_quantize_per_token_fp8_kernel) if _COMPILED else _quantize_per_token_fp8_kernel
-    kernel[(x2d.shape[0],)](
+    common.wrap(_quantize_per_token_fp8_kernel)[(x2d.shape[0],)](
         x2d, q2d, scale, k, x2d.stride(0), q2d.stride(0), BLOCK_K=block_k, num_warps=num_warps
     )
     return q, scale
@@ -211,13 +203,8 @@ def linear_fp8_reference(
     Returns:
         (..., N) in x.dtype.
     """
-    k, n = x.shape[-1], qweight.shape[0]
     q, s = quantize_per_token_fp8_reference(x)
-    acc = (q.reshape(-1, k).double() @ qweight.double().T).float()
-    y = acc * s.reshape(-1, 1) * wscale.float()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return _scaled_mm_reference(q, s, qweight, wscale, bias, x)
 
 
 def linear_fp8_triton(
@@ -241,13 +228,7 @@ def linear_fp8_triton(
 
 
 def _linear_impl(x, qweight, wscale, bias) -> torch.Tensor:
-    k, n = x.shape[-1], qweight.shape[0]
-    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    q, xscale = quantize_per_token_fp8_triton(x)
-    _scaled_mm(q.view(-1, k), xscale, qweight, wscale.contiguous(), bias, out.view(-1, n))
-    return out
+    return _quantized_linear(x, qweight, wscale, bias, quantize_per_token_fp8_triton)
 
 
 @triton_op("llmcompress::linear_fp8", mutates_args=())
@@ -282,12 +263,8 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out: torch.Tensor):
     # Straight-through, as w8a8_linear._backward: dy/dx = the dequantized weight.
     qweight, wscale = ctx.saved_tensors
-    grad_x = grad_bias = None
-    g = grad_out.float()
-    if ctx.needs_input_grad[0]:
-        grad_x = (g @ dequantize_fp8(qweight, wscale)).to(ctx.x_dtype)
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
-        grad_bias = g.reshape(-1, g.shape[-1]).sum(0).to(ctx.bias_dtype)
+    grad_x, grad_bias = common.linear_backward(ctx, grad_out, lambda: dequantize_fp8(qweight, wscale), None,
+                                               ctx.bias_dtype, 3)
     return grad_x, None, None, grad_bias
 
 

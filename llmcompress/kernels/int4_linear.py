@@ -28,34 +28,14 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
-from triton.runtime.jit import JITFunction
+from torch.library import triton_op
 
-from ..analysis.roofline import io_bytes, numel, register_cost, sym
+from ..analysis.roofline import register_cost
 from ..quantization.formats import INT4_GROUP_SIZES, dequantize_int4
+from . import _linear_common as common
+from ._linear_common import DENSE_OFF, GEMV_MAX_M, dot_fp32, grouped_pid, store_output
 
 __all__ = ["dequantize_w4_triton", "linear_w4a16_reference", "linear_w4a16_triton"]
-
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Default dense_min_m: larger than any M, so the dense path is off unless a pass asks for it.
-DENSE_OFF = 2**62
-# Rows one GEMV program holds (its largest BLOCK_M): gemv_max_m may not exceed it.
-GEMV_MAX_M = 16
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr):
-    """acc + a @ b in fp32; fp32 operands in full precision (the reference's numerics), not TF32."""
-    # The Triton 3.9 interpreter multiplies bfloat16 operands as their raw uint16 storage; fp16/bf16 values
-    # are exact in fp32, so upcasting there gives the tensor core's result (exact products, fp32 sums).
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if a.dtype == tl.float32:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
 
 
 @triton.jit
@@ -127,16 +107,13 @@ def _w4_gemv_kernel(
                 # 5..16 rows: FMAs would make the kernel compute-bound (64 FLOPs per weight byte at M=16), so pad
                 # M to the tensor cores' 16 and round both operands to x's dtype, as the GEMM does.
                 dt = x_ptr.dtype.element_ty
-                acc = _dot(x_even.to(dt), tl.trans(w_even.to(dt)), acc, UPCAST)
-                acc = _dot(x_odd.to(dt), tl.trans(w_odd.to(dt)), acc, UPCAST)
+                acc = dot_fp32(x_even.to(dt), tl.trans(w_even.to(dt)), acc, UPCAST)
+                acc = dot_fp32(x_odd.to(dt), tl.trans(w_odd.to(dt)), acc, UPCAST)
             else:
                 # 1..4 rows: fp32 FMAs, with the dequantized tile reused across the rows.
                 prod = x_even[:, None, :] * w_even[None, :, :] + x_odd[:, None, :] * w_odd[None, :, :]
                 acc += tl.sum(prod, axis=2)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    store_output(acc, bias_ptr, out_ptr, rm, rn, m_mask, n_mask, stride_om, HAS_BIAS)
 
 
 @triton.jit
@@ -168,15 +145,7 @@ def _w4_gemm_kernel(
     # m_bucket is unused here: it is only the autotuner's key, so each power-of-two range of M gets its config.
     # Grouped program order (Triton matmul tutorial): GROUP_M row-blocks share weight tiles while in L2.
     HALF_K: tl.constexpr = BLOCK_K // 2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_rows
-    pid_n = (pid % num_pid_in_group) // group_rows
-
+    pid_m, pid_n = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rkh = tl.arange(0, HALF_K)
@@ -212,12 +181,9 @@ def _w4_gemm_kernel(
             z = tl.load(z_ptr + s_cols[None, :] + g[:, None], mask=sz_mask, other=0.0).to(tl.float32)
         w_even = (((packed & 0xF).to(tl.float32) - z) * s).to(dt)  # (HALF_K, BLOCK_N)
         w_odd = (((packed >> 4).to(tl.float32) - z) * s).to(dt)
-        acc = _dot(x_even, w_even, acc, UPCAST)
-        acc = _dot(x_odd, w_odd, acc, UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        acc = dot_fp32(x_even, w_even, acc, UPCAST)
+        acc = dot_fp32(x_odd, w_odd, acc, UPCAST)
+    store_output(acc, bias_ptr, out_ptr, rm, rn, m_mask, n_mask, stride_om, HAS_BIAS)
 
 
 @triton.jit
@@ -260,70 +226,22 @@ def _w4_dequant_kernel(
     tl.store(out + 1, w_odd.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# Under TRITON_INTERPRET=1 @triton.jit returns an InterpretedFunction, which runs on CPU tensors; torch 2.11's
-# wrap_triton rejects it (2.13 passes it through), and autotuning there would run every config in Python.
-_INTERPRETED = not isinstance(_w4_gemv_kernel, JITFunction)
-
 # GPU configs are untuned guesses pending H100 measurement (no GPU was available when this was written):
 # GEMV steps of 16-64 outputs by 64-256 k (the FMA buckets hold BLOCK_M x BLOCK_N x BLOCK_K / 2 products in
-# registers, so at 4 rows the larger ones may spill and lose the tuning); GEMM tiles after the Triton matmul
-# tutorial's fp16 configs. Keyed on (M bucket, N, K). Under the interpreter one small fixed config runs instead.
+# registers, so at 4 rows the larger ones may spill and lose the tuning); GEMM tiles `GEMM_CONFIGS`, after the
+# Triton matmul tutorial's fp16 configs. Keyed on (M bucket, N, K, GROUP_SIZE). Under the interpreter one small
+# fixed config runs instead.
 _GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=st)
     for bn, bk, st in [(16, 128, 3), (16, 256, 3), (32, 128, 3), (32, 256, 2), (64, 64, 4), (64, 128, 2)]
-]
-_GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
-    for bm, bn, bk, w, st in [
-        (32, 64, 128, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 128, 128, 8, 3),
-        (128, 64, 64, 4, 4),
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-    ]
 ]
 _GEMV_INTERP = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4}
 _GEMM_INTERP = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4, "num_warps": 4}
 # Memory-bound elementwise: one config everywhere.
 _DEQUANT_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
 
-if _INTERPRETED:
-    _gemv_tuned = _gemm_tuned = None
-else:
-    _gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["BLOCK_M", "N", "K", "GROUP_SIZE"])(_w4_gemv_kernel)
-    _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["m_bucket", "N", "K", "GROUP_SIZE"])(_w4_gemm_kernel)
-
-
-def _launch(kernel, tuned, grid, args, interp_config, **constexprs) -> None:
-    """Launch `tuned` (autotuned, through wrap_triton so Inductor sees it) or, under the interpreter, `kernel`
-    with `interp_config`; `grid(meta)` sees the config's block sizes either way."""
-    if tuned is None:
-        meta = {**interp_config, **constexprs}
-        kernel[grid(meta)](*args, **meta)
-    else:
-        wrap_triton(tuned)[grid](*args, **constexprs)
-
-
-def _gemv_bucket(m) -> int:
-    # The rows the GEMV pads M to: 1, 2, 4 (fp32 FMAs) or 16 (tensor cores). Comparisons rather than
-    # next_power_of_2, so a symbolic M under torch.compile only gets range guards.
-    if m <= 1:
-        return 1
-    if m <= 2:
-        return 2
-    if m <= 4:
-        return 4
-    return 16
-
-
-def _gemm_bucket(m) -> int:
-    # The GEMM autotuner's M key: powers of two from 32 to 8192, one tuning per bucket rather than per M.
-    b = 32
-    while b < 8192 and m > b:
-        b *= 2
-    return b
+_gemv_tuned = common.autotuned(_w4_gemv_kernel, _GEMV_CONFIGS, key=["BLOCK_M", "N", "K", "GROUP_SIZE"])
+_gemm_tuned = common.autotuned(_w4_gemm_kernel, common.GEMM_CONFIGS, key=["m_bucket", "N", "K", "GROUP_SIZE"])
 
 
 def linear_w4a16_reference(
@@ -356,13 +274,7 @@ def linear_w4a16_reference(
         (..., N) in x.dtype.
     """
     w = dequantize_int4(qweight, scales, zeros, group_size)
-    h = x.float()
-    if act_scale is not None:
-        h = h * act_scale.float()
-    y = h @ w.T
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return common.weight_only_linear_reference(x, w, bias, act_scale)
 
 
 def _check_weight(name, k, qweight, scales, zeros, group_size) -> None:
@@ -386,34 +298,14 @@ def _check_weight(name, k, qweight, scales, zeros, group_size) -> None:
 
 
 def _check_inputs(x, qweight, scales, zeros, group_size, bias, act_scale, name="linear_w4a16") -> None:
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"{name}: x must be float16, bfloat16 or float32, got {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError(f"{name}: x must be (..., K), got a 0-d tensor")
-    k = x.shape[-1]
-    _check_weight(name, k, qweight, scales, zeros, group_size)
-    n = qweight.shape[0]
-    if bias is not None and (bias.dtype != x.dtype or tuple(bias.shape) != (n,)):
-        raise ValueError(f"{name}: bias must be ({n},) in x's dtype {x.dtype}, got {bias.dtype} {tuple(bias.shape)}")
-    if act_scale is not None and (act_scale.dtype != torch.float32 or tuple(act_scale.shape) != (k,)):
-        raise ValueError(
-            f"{name}: act_scale must be float32 ({k},), got {act_scale.dtype} {tuple(act_scale.shape)}"
-        )
-    _check_devices(name, x, qweight, scales, zeros, bias, act_scale)
-
-
-def _check_devices(name, *tensors) -> None:
-    tensors = [t for t in tensors if t is not None]
-    if any(t.device != tensors[0].device for t in tensors):
-        raise ValueError(f"{name}: all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
+    common.check_activation(name, x)
+    _check_weight(name, x.shape[-1], qweight, scales, zeros, group_size)
+    common.check_bias_act_scale(name, x, qweight.shape[0], bias, act_scale)
+    common.check_devices(name, x, qweight, scales, zeros, bias, act_scale)
 
 
 def _check_triton_device(x: torch.Tensor) -> None:
-    if not _INTERPRETED and x.device.type == "cpu":
-        raise ValueError(
-            "linear_w4a16_triton: x is on cpu; the Triton kernels need a GPU tensor "
-            "(or TRITON_INTERPRET=1); use linear_w4a16_reference on CPU"
-        )
+    common.check_launchable("linear_w4a16_triton", x, "linear_w4a16_reference")
 
 
 def _prepare(x2d, qweight, scales, zeros):
@@ -432,7 +324,7 @@ def _gemv(x2d, qweight, scales, zeros, group_size, bias=None, act_scale=None) ->
     out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     if out.numel() == 0:
         return out
-    _launch(
+    common.launch(
         _w4_gemv_kernel,
         _gemv_tuned,
         lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),),
@@ -442,8 +334,8 @@ def _gemv(x2d, qweight, scales, zeros, group_size, bias=None, act_scale=None) ->
         GROUP_SIZE=group_size,
         HAS_BIAS=bias is not None,
         HAS_ACT=act_scale is not None,
-        UPCAST=_INTERPRETED,
-        BLOCK_M=_gemv_bucket(m),
+        UPCAST=common.INTERPRETED,
+        BLOCK_M=common.gemv_bucket(m),
     )
     return out
 
@@ -455,17 +347,17 @@ def _gemm(x2d, qweight, scales, zeros, group_size, bias=None, act_scale=None) ->
     out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     if out.numel() == 0:
         return out
-    _launch(
+    common.launch(
         _w4_gemm_kernel,
         _gemm_tuned,
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
         (x2d, qweight, scales, zeros, x2d if bias is None else bias, x2d if act_scale is None else act_scale, out,
-         m, n, k, _gemm_bucket(m), x2d.stride(0), qweight.stride(0), scales.stride(0), out.stride(0)),
+         m, n, k, common.gemm_bucket(m), x2d.stride(0), qweight.stride(0), scales.stride(0), out.stride(0)),
         _GEMM_INTERP,
         GROUP_SIZE=group_size,
         HAS_BIAS=bias is not None,
         HAS_ACT=act_scale is not None,
-        UPCAST=_INTERPRETED,
+        UPCAST=common.INTERPRETED,
     )
     return out
 
@@ -486,24 +378,21 @@ def dequantize_w4_triton(
         act_scale: optional (K,) float32, folded into the weight's columns.
     """
     name = "dequantize_w4_triton"
-    if dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"{name}: dtype must be float16, bfloat16 or float32, got {dtype}")
+    common.check_dtype(name, "dtype", dtype)
     if qweight.dim() != 2:
         raise ValueError(f"{name}: qweight must be uint8 (N, K // 2), got {qweight.dtype} {tuple(qweight.shape)}")
     k = qweight.shape[1] * 2
     _check_weight(name, k, qweight, scales, zeros, group_size)
-    if act_scale is not None and (act_scale.dtype != torch.float32 or tuple(act_scale.shape) != (k,)):
-        raise ValueError(f"{name}: act_scale must be float32 ({k},), got {act_scale.dtype} {tuple(act_scale.shape)}")
-    _check_devices(name, qweight, scales, zeros, act_scale)
+    common.check_act_scale(name, act_scale, k)
+    common.check_devices(name, qweight, scales, zeros, act_scale)
     _check_triton_device(qweight)
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     n = qweight.shape[0]
     out = torch.empty((n, k), dtype=dtype, device=qweight.device)
     if out.numel() == 0:
         return out
-    kernel = _w4_dequant_kernel if _INTERPRETED else wrap_triton(_w4_dequant_kernel)
     cfg = _DEQUANT_BLOCKS
-    kernel[(triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]))](
+    common.wrap(_w4_dequant_kernel)[(triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]))](
         qweight, scales, zeros, qweight if act_scale is None else act_scale, out,
         n, k, qweight.stride(0), scales.stride(0), out.stride(0),
         GROUP_SIZE=group_size, HAS_ACT=act_scale is not None, **cfg,
@@ -540,20 +429,8 @@ def linear_w4a16_triton(
     """
     _check_inputs(x, qweight, scales, zeros, group_size, bias, act_scale)
     _check_triton_device(x)
-    if not 0 <= gemv_max_m <= GEMV_MAX_M:
-        raise ValueError(f"linear_w4a16: gemv_max_m must be in [0, {GEMV_MAX_M}], got {gemv_max_m}")
-    k, n = x.shape[-1], qweight.shape[0]
-    x2d = x.reshape(-1, k)
-    m = x2d.shape[0]
-    if m == 0 or n == 0:
-        return x.new_empty((*x.shape[:-1], n))
-    if m <= gemv_max_m:
-        path = _gemv
-    elif m >= dense_min_m:
-        path = _dense
-    else:
-        path = _gemm
-    return path(x2d, qweight, scales, zeros, group_size, bias, act_scale).view(*x.shape[:-1], n)
+    return common.run_by_rows("linear_w4a16", x, qweight.shape[0], gemv_max_m, dense_min_m, _gemv, _gemm, _dense,
+                              qweight, scales, zeros, group_size, bias, act_scale)
 
 
 # triton_op infers the schema from the annotations (torch 2.13 ignores its schema= argument), so the ints read
@@ -571,10 +448,9 @@ def _linear_w4a16_op(
     dense_min_m: int = DENSE_OFF,
 ) -> torch.Tensor:
     # triton_op reuses this body as the fake impl and inlines it under torch.compile without going through the
-    # CPU kernel below, so it routes CPU tensors to the reference itself (see rms_norm.py).
+    # CPU kernel below, so it calls that kernel's function itself for CPU tensors (see rms_norm.py).
     if x.device.type == "cpu":
-        _check_inputs(x, qweight, scales, zeros, group_size, bias, act_scale)
-        return linear_w4a16_reference(x, qweight, scales, zeros, group_size, bias, act_scale)
+        return _linear_w4a16_cpu(x, qweight, scales, zeros, group_size, bias, act_scale)
     return linear_w4a16_triton(x, qweight, scales, zeros, group_size, bias, act_scale, gemv_max_m, dense_min_m)
 
 
@@ -590,42 +466,21 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(qweight, scales, zeros, act_scale)
     ctx.group_size = group_size
     ctx.x_dtype = x.dtype
-    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad_out: torch.Tensor):
-    # Plain torch, for activations that require grad (the quantized weight is frozen): without a formula
-    # torch.compile fails while tracing the joint graph of such a model (see kernels/__init__.py).
     qweight, scales, zeros, act_scale = ctx.saved_tensors
-    g = grad_out.float()
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = g @ dequantize_int4(qweight, scales, zeros, ctx.group_size)
-        if act_scale is not None:
-            grad_x = grad_x * act_scale
-        grad_x = grad_x.to(ctx.x_dtype)
-    if ctx.has_bias and ctx.needs_input_grad[5]:
-        grad_bias = g.reshape(-1, g.shape[-1]).sum(0).to(ctx.x_dtype)
+    grad_x, grad_bias = common.linear_backward(
+        ctx, grad_out, lambda: dequantize_int4(qweight, scales, zeros, ctx.group_size), act_scale, ctx.bias_dtype, 5
+    )
     return grad_x, None, None, None, None, grad_bias, None, None, None
 
 
 _linear_w4a16_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _arg(node, index: int, name: str):
-    a = node.args[index] if len(node.args) > index else node.kwargs.get(name)
-    return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
-
-
 @register_cost(torch.ops.llmcompress.linear_w4a16.default)
 def _linear_w4a16_cost(node):
     """2·M·N·K (+M·N bias, +M·K act_scale); bytes at stored dtypes, so the packed weight counts K/2 per row."""
-    x, qweight = _arg(node, 0, "x"), _arg(node, 1, "qweight")
-    k, n = sym(x.shape[-1]), sym(qweight.shape[0])
-    m = numel(x) / k
-    flops = 2 * m * n * k
-    if _arg(node, 5, "bias") is not None:
-        flops += m * n
-    if _arg(node, 6, "act_scale") is not None:
-        flops += m * k
-    return flops, io_bytes(node)
+    return common.weight_only_linear_cost(node, bias_index=5, act_scale_index=6)

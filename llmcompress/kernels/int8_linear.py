@@ -27,34 +27,14 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
-from triton.runtime.jit import JITFunction
+from torch.library import triton_op
 
-from ..analysis.roofline import io_bytes, numel, register_cost, sym
+from ..analysis.roofline import register_cost
 from ..quantization.formats import dequantize_int8
+from . import _linear_common as common
+from ._linear_common import DENSE_OFF, GEMV_MAX_M, dot_fp32, grouped_pid, store_output
 
 __all__ = ["dequantize_w8_triton", "linear_w8a16_reference", "linear_w8a16_triton"]
-
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Default dense_min_m: larger than any M, so the dense path is off unless a pass asks for it.
-DENSE_OFF = 2**62
-# Rows one GEMV program holds (its largest BLOCK_M): gemv_max_m may not exceed it.
-GEMV_MAX_M = 16
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr):
-    """acc + a @ b in fp32; fp32 operands in full precision (the reference's numerics), not TF32."""
-    # The Triton 3.9 interpreter multiplies bfloat16 operands as their raw uint16 storage; fp16/bf16 values
-    # are exact in fp32, so upcasting there gives the tensor core's result (exact products, fp32 sums).
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if a.dtype == tl.float32:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
 
 
 @triton.jit
@@ -101,15 +81,12 @@ def _w8_gemv_kernel(
             # to the tensor cores' 16; int8 codes are exact in fp16/bf16, only x * act_scale is rounded. Codes go
             # through fp32 as in the GEMM (the interpreter casts int8 to bfloat16 as raw bits).
             dt = x_ptr.dtype.element_ty
-            acc = _dot(xk.to(dt), tl.trans(q.to(tl.float32).to(dt)), acc, UPCAST)
+            acc = dot_fp32(xk.to(dt), tl.trans(q.to(tl.float32).to(dt)), acc, UPCAST)
         else:
             # 1..4 rows: fp32 FMAs.
             acc += tl.sum(xk[:, None, :] * q.to(tl.float32)[None, :, :], axis=2)
     acc = acc * tl.load(scale_ptr + rn, mask=n_mask, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    store_output(acc, bias_ptr, out_ptr, rm, rn, m_mask, n_mask, stride_om, HAS_BIAS)
 
 
 @triton.jit
@@ -137,15 +114,7 @@ def _w8_gemm_kernel(
 ):
     # m_bucket is unused here: it is only the autotuner's key, so each power-of-two range of M gets its config.
     # Grouped program order (Triton matmul tutorial): GROUP_M row-blocks share weight tiles while in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_rows
-    pid_n = (pid % num_pid_in_group) // group_rows
-
+    pid_m, pid_n = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -163,12 +132,9 @@ def _w8_gemm_kernel(
             xk = (xk.to(tl.float32) * tl.load(act_ptr + k, mask=k_mask, other=0.0)[None, :]).to(dt)
         q = tl.load(w_cols + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
         # Through fp32 (exact either way): the Triton 3.9 interpreter casts int8 to bfloat16 as raw bits.
-        acc = _dot(xk, q.to(tl.float32).to(dt), acc, UPCAST)
+        acc = dot_fp32(xk, q.to(tl.float32).to(dt), acc, UPCAST)
     acc = acc * tl.load(scale_ptr + rn, mask=n_mask, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    store_output(acc, bias_ptr, out_ptr, rm, rn, m_mask, n_mask, stride_om, HAS_BIAS)
 
 
 @triton.jit
@@ -199,70 +165,22 @@ def _w8_dequant_kernel(
     tl.store(out_ptr + rn64 * stride_on + k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# Under TRITON_INTERPRET=1 @triton.jit returns an InterpretedFunction, which runs on CPU tensors; torch 2.11's
-# wrap_triton rejects it (2.13 passes it through), and autotuning there would run every config in Python.
-_INTERPRETED = not isinstance(_w8_gemv_kernel, JITFunction)
-
 # GPU configs are untuned guesses pending H100 measurement (no GPU was available when this was written):
 # GEMV steps of 16-64 outputs by 64-256 k (the FMA buckets hold BLOCK_M x BLOCK_N x BLOCK_K products in
-# registers, so at 4 rows the larger ones may spill and lose the tuning); GEMM tiles after the Triton matmul
-# tutorial's fp16 configs. Keyed on (M bucket, N, K). Under the interpreter one small fixed config runs instead.
+# registers, so at 4 rows the larger ones may spill and lose the tuning); GEMM tiles `GEMM_CONFIGS`, after the
+# Triton matmul tutorial's fp16 configs. Keyed on (M bucket, N, K). Under the interpreter one small fixed config
+# runs instead.
 _GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=st)
     for bn, bk, st in [(16, 128, 3), (16, 256, 3), (32, 64, 4), (32, 128, 3), (64, 64, 3), (64, 128, 2)]
-]
-_GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
-    for bm, bn, bk, w, st in [
-        (32, 64, 128, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 128, 128, 8, 3),
-        (128, 64, 64, 4, 4),
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-    ]
 ]
 _GEMV_INTERP = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4}
 _GEMM_INTERP = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4}
 # Memory-bound elementwise: one config everywhere.
 _DEQUANT_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
 
-if _INTERPRETED:
-    _gemv_tuned = _gemm_tuned = None
-else:
-    _gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["BLOCK_M", "N", "K"])(_w8_gemv_kernel)
-    _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["m_bucket", "N", "K"])(_w8_gemm_kernel)
-
-
-def _launch(kernel, tuned, grid, args, interp_config, **constexprs) -> None:
-    """Launch `tuned` (autotuned, through wrap_triton so Inductor sees it) or, under the interpreter, `kernel`
-    with `interp_config`; `grid(meta)` sees the config's block sizes either way."""
-    if tuned is None:
-        meta = {**interp_config, **constexprs}
-        kernel[grid(meta)](*args, **meta)
-    else:
-        wrap_triton(tuned)[grid](*args, **constexprs)
-
-
-def _gemv_bucket(m) -> int:
-    # The rows the GEMV pads M to: 1, 2, 4 (fp32 FMAs) or 16 (tensor cores). Comparisons rather than
-    # next_power_of_2, so a symbolic M under torch.compile only gets range guards.
-    if m <= 1:
-        return 1
-    if m <= 2:
-        return 2
-    if m <= 4:
-        return 4
-    return 16
-
-
-def _gemm_bucket(m) -> int:
-    # The GEMM autotuner's M key: powers of two from 32 to 8192, one tuning per bucket rather than per M.
-    b = 32
-    while b < 8192 and m > b:
-        b *= 2
-    return b
+_gemv_tuned = common.autotuned(_w8_gemv_kernel, _GEMV_CONFIGS, key=["BLOCK_M", "N", "K"])
+_gemm_tuned = common.autotuned(_w8_gemm_kernel, common.GEMM_CONFIGS, key=["m_bucket", "N", "K"])
 
 
 def linear_w8a16_reference(
@@ -292,13 +210,7 @@ def linear_w8a16_reference(
         (..., N) in x.dtype.
     """
     w = dequantize_int8(qweight, scale)
-    h = x.float()
-    if act_scale is not None:
-        h = h * act_scale.float()
-    y = h @ w.T
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return common.weight_only_linear_reference(x, w, bias, act_scale)
 
 
 def _check_weight(name, k, qweight, scale) -> None:
@@ -311,34 +223,14 @@ def _check_weight(name, k, qweight, scale) -> None:
 
 
 def _check_inputs(x, qweight, scale, bias, act_scale, name="linear_w8a16") -> None:
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"{name}: x must be float16, bfloat16 or float32, got {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError(f"{name}: x must be (..., K), got a 0-d tensor")
-    k = x.shape[-1]
-    _check_weight(name, k, qweight, scale)
-    n = qweight.shape[0]
-    if bias is not None and (bias.dtype != x.dtype or tuple(bias.shape) != (n,)):
-        raise ValueError(f"{name}: bias must be ({n},) in x's dtype {x.dtype}, got {bias.dtype} {tuple(bias.shape)}")
-    if act_scale is not None and (act_scale.dtype != torch.float32 or tuple(act_scale.shape) != (k,)):
-        raise ValueError(
-            f"{name}: act_scale must be float32 ({k},), got {act_scale.dtype} {tuple(act_scale.shape)}"
-        )
-    _check_devices(name, x, qweight, scale, bias, act_scale)
-
-
-def _check_devices(name, *tensors) -> None:
-    tensors = [t for t in tensors if t is not None]
-    if any(t.device != tensors[0].device for t in tensors):
-        raise ValueError(f"{name}: all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
+    common.check_activation(name, x)
+    _check_weight(name, x.shape[-1], qweight, scale)
+    common.check_bias_act_scale(name, x, qweight.shape[0], bias, act_scale)
+    common.check_devices(name, x, qweight, scale, bias, act_scale)
 
 
 def _check_triton_device(x: torch.Tensor) -> None:
-    if not _INTERPRETED and x.device.type == "cpu":
-        raise ValueError(
-            "linear_w8a16_triton: x is on cpu; the Triton kernels need a GPU tensor "
-            "(or TRITON_INTERPRET=1); use linear_w8a16_reference on CPU"
-        )
+    common.check_launchable("linear_w8a16_triton", x, "linear_w8a16_reference")
 
 
 def _gemv(x2d, qweight, scale, bias=None, act_scale=None) -> torch.Tensor:
@@ -353,7 +245,7 @@ def _gemv(x2d, qweight, scale, bias=None, act_scale=None) -> torch.Tensor:
     out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     if out.numel() == 0:
         return out
-    _launch(
+    common.launch(
         _w8_gemv_kernel,
         _gemv_tuned,
         lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),),
@@ -362,8 +254,8 @@ def _gemv(x2d, qweight, scale, bias=None, act_scale=None) -> torch.Tensor:
         _GEMV_INTERP,
         HAS_BIAS=bias is not None,
         HAS_ACT=act_scale is not None,
-        UPCAST=_INTERPRETED,
-        BLOCK_M=_gemv_bucket(m),
+        UPCAST=common.INTERPRETED,
+        BLOCK_M=common.gemv_bucket(m),
     )
     return out
 
@@ -377,16 +269,16 @@ def _gemm(x2d, qweight, scale, bias=None, act_scale=None) -> torch.Tensor:
     out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     if out.numel() == 0:
         return out
-    _launch(
+    common.launch(
         _w8_gemm_kernel,
         _gemm_tuned,
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
         (x2d, qweight, scale, x2d if bias is None else bias, x2d if act_scale is None else act_scale, out,
-         m, n, k, _gemm_bucket(m), x2d.stride(0), qweight.stride(0), out.stride(0)),
+         m, n, k, common.gemm_bucket(m), x2d.stride(0), qweight.stride(0), out.stride(0)),
         _GEMM_INTERP,
         HAS_BIAS=bias is not None,
         HAS_ACT=act_scale is not None,
-        UPCAST=_INTERPRETED,
+        UPCAST=common.INTERPRETED,
     )
     return out
 
@@ -405,23 +297,20 @@ def dequantize_w8_triton(
         act_scale: optional (K,) float32, folded into the weight's columns.
     """
     name = "dequantize_w8_triton"
-    if dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"{name}: dtype must be float16, bfloat16 or float32, got {dtype}")
+    common.check_dtype(name, "dtype", dtype)
     if qweight.dim() != 2:
         raise ValueError(f"{name}: qweight must be int8 (N, K), got {qweight.dtype} {tuple(qweight.shape)}")
     n, k = qweight.shape
     _check_weight(name, k, qweight, scale)
-    if act_scale is not None and (act_scale.dtype != torch.float32 or tuple(act_scale.shape) != (k,)):
-        raise ValueError(f"{name}: act_scale must be float32 ({k},), got {act_scale.dtype} {tuple(act_scale.shape)}")
-    _check_devices(name, qweight, scale, act_scale)
+    common.check_act_scale(name, act_scale, k)
+    common.check_devices(name, qweight, scale, act_scale)
     _check_triton_device(qweight)
     qweight, scale = qweight.contiguous(), scale.contiguous()
     out = torch.empty((n, k), dtype=dtype, device=qweight.device)
     if out.numel() == 0:
         return out
-    kernel = _w8_dequant_kernel if _INTERPRETED else wrap_triton(_w8_dequant_kernel)
     cfg = _DEQUANT_BLOCKS
-    kernel[(triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]))](
+    common.wrap(_w8_dequant_kernel)[(triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]))](
         qweight, scale, qweight if act_scale is None else act_scale, out,
         n, k, qweight.stride(0), out.stride(0),
         HAS_ACT=act_scale is not None, **cfg,
@@ -456,20 +345,8 @@ def linear_w8a16_triton(
     """
     _check_inputs(x, qweight, scale, bias, act_scale)
     _check_triton_device(x)
-    if not 0 <= gemv_max_m <= GEMV_MAX_M:
-        raise ValueError(f"linear_w8a16: gemv_max_m must be in [0, {GEMV_MAX_M}], got {gemv_max_m}")
-    k, n = x.shape[-1], qweight.shape[0]
-    x2d = x.reshape(-1, k)
-    m = x2d.shape[0]
-    if m == 0 or n == 0:
-        return x.new_empty((*x.shape[:-1], n))
-    if m <= gemv_max_m:
-        path = _gemv
-    elif m >= dense_min_m:
-        path = _dense
-    else:
-        path = _gemm
-    return path(x2d, qweight, scale, bias, act_scale).view(*x.shape[:-1], n)
+    return common.run_by_rows("linear_w8a16", x, qweight.shape[0], gemv_max_m, dense_min_m, _gemv, _gemm, _dense,
+                              qweight, scale, bias, act_scale)
 
 
 # triton_op infers the schema from the annotations (torch 2.13 ignores its schema= argument), so the ints read
@@ -485,10 +362,9 @@ def _linear_w8a16_op(
     dense_min_m: int = DENSE_OFF,
 ) -> torch.Tensor:
     # triton_op reuses this body as the fake impl and inlines it under torch.compile without going through the
-    # CPU kernel below, so it routes CPU tensors to the reference itself (see rms_norm.py).
+    # CPU kernel below, so it calls that kernel's function itself for CPU tensors (see rms_norm.py).
     if x.device.type == "cpu":
-        _check_inputs(x, qweight, scale, bias, act_scale)
-        return linear_w8a16_reference(x, qweight, scale, bias, act_scale)
+        return _linear_w8a16_cpu(x, qweight, scale, bias, act_scale)
     return linear_w8a16_triton(x, qweight, scale, bias, act_scale, gemv_max_m, dense_min_m)
 
 
@@ -502,42 +378,21 @@ def _setup_context(ctx, inputs, output) -> None:
     x, qweight, scale, bias, act_scale = inputs[:5]
     ctx.save_for_backward(qweight, scale, act_scale)
     ctx.x_dtype = x.dtype
-    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad_out: torch.Tensor):
-    # Plain torch, for activations that require grad (the quantized weight is frozen): without a formula
-    # torch.compile fails while tracing the joint graph of such a model (see kernels/__init__.py).
     qweight, scale, act_scale = ctx.saved_tensors
-    g = grad_out.float()
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = g @ dequantize_int8(qweight, scale)
-        if act_scale is not None:
-            grad_x = grad_x * act_scale
-        grad_x = grad_x.to(ctx.x_dtype)
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_bias = g.reshape(-1, g.shape[-1]).sum(0).to(ctx.x_dtype)
+    grad_x, grad_bias = common.linear_backward(
+        ctx, grad_out, lambda: dequantize_int8(qweight, scale), act_scale, ctx.bias_dtype, 3
+    )
     return grad_x, None, None, grad_bias, None, None, None
 
 
 _linear_w8a16_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _arg(node, index: int, name: str):
-    a = node.args[index] if len(node.args) > index else node.kwargs.get(name)
-    return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
-
-
 @register_cost(torch.ops.llmcompress.linear_w8a16.default)
 def _linear_w8a16_cost(node):
     """2·M·N·K (+M·N bias, +M·K act_scale); bytes at stored dtypes, so the weight counts one byte per value."""
-    x, qweight = _arg(node, 0, "x"), _arg(node, 1, "qweight")
-    k, n = sym(x.shape[-1]), sym(qweight.shape[0])
-    m = numel(x) / k
-    flops = 2 * m * n * k
-    if _arg(node, 3, "bias") is not None:
-        flops += m * n
-    if _arg(node, 4, "act_scale") is not None:
-        flops += m * k
-    return flops, io_bytes(node)
+    return common.weight_only_linear_cost(node, bias_index=3, act_scale_index=4)

@@ -27,11 +27,12 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
-from triton.runtime.jit import JITFunction
+from torch.library import triton_op
 
 from ..analysis.roofline import io_bytes, numel, register_cost, sym
 from ..quantization.formats import INT8_MAX, dequantize_int8, quantize_int8_per_token
+from . import _linear_common as common
+from ._linear_common import grouped_pid
 
 __all__ = [
     "linear_w8a8_reference",
@@ -40,8 +41,6 @@ __all__ = [
     "quantize_per_token_int8_triton",
 ]
 
-_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_ALLOWED = "float16, bfloat16 or float32"
 # int32 accumulation cannot overflow while K * 127 * 127 < 2**31.
 MAX_K = (2**31 - 1) // (INT8_MAX * INT8_MAX)
 # formats._TINY: an all-zero row gets this scale instead of 0.
@@ -64,6 +63,21 @@ def _round_half_even(v):
 
 
 @triton.jit
+def _row_absmax(x_row, smooth_ptr, n_cols, HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr):
+    """max_k |x_row[k] * smooth[k]| in fp32, BLOCK_K columns at a time (smooth only if HAS_SMOOTH): the first pass
+    of the per-token quantization kernels (shared with fp8_linear)."""
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, n_cols, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = cols < n_cols
+        v = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            v = v * tl.load(smooth_ptr + cols, mask=mask, other=0.0)
+        amax = tl.maximum(amax, tl.abs(v))
+    return tl.max(amax, axis=0)
+
+
+@triton.jit
 def _quantize_per_token_int8_kernel(
     x_ptr,
     smooth_ptr,
@@ -81,16 +95,9 @@ def _quantize_per_token_int8_kernel(
     x_row = x_ptr + row * x_row_stride
     q_row = q_ptr + row * q_row_stride
 
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, n_cols, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        mask = cols < n_cols
-        v = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            v = v * tl.load(smooth_ptr + cols, mask=mask, other=0.0)
-        amax = tl.maximum(amax, tl.abs(v))
+    amax = _row_absmax(x_row, smooth_ptr, n_cols, HAS_SMOOTH, BLOCK_K)
     # div_rn: Triton's fp32 `/` is an approximate division on GPU; torch's is correctly rounded.
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), 1e-8)
+    scale = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-8)
     tl.store(scale_ptr + row, scale)
 
     for k0 in range(0, n_cols, BLOCK_K):
@@ -134,15 +141,7 @@ def _scaled_mm_kernel(
     `m_bucket` is unused in the body: it is the autotuner's key for M (see `_m_bucket`).
     """
     # Grouped ordering (Triton matmul tutorial): GROUP_M row blocks share their B tiles in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -197,12 +196,7 @@ _GPU_CONFIGS = [
 # largest tiles that keep the tests' few-row GEMMs to a handful of programs.
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 
-# Under TRITON_INTERPRET=1 @triton.jit returns an InterpretedFunction, which runs on CPU tensors; torch 2.11's
-# wrap_triton rejects it (2.13 passes it through), so interpreted kernels are called directly.
-_COMPILED = isinstance(_scaled_mm_kernel, JITFunction)
-_scaled_mm_autotuned = (
-    triton.autotune(configs=_GPU_CONFIGS, key=["m_bucket", "N", "K"])(_scaled_mm_kernel) if _COMPILED else None
-)
+_scaled_mm_autotuned = common.autotuned(_scaled_mm_kernel, _GPU_CONFIGS, key=["m_bucket", "N", "K"])
 
 
 def _m_bucket(m) -> int:
@@ -224,17 +218,20 @@ def _quant_launch_params(k: int) -> tuple[int, int]:
     return block_k, 8 if block_k >= 2048 else 4
 
 
-def _check_launchable(name: str, x: torch.Tensor) -> None:
-    if _COMPILED and x.device.type == "cpu":
-        raise ValueError(
-            f"{name}: x is on cpu; the Triton kernel needs a GPU tensor (or TRITON_INTERPRET=1); "
-            "use the reference on CPU"
-        )
+def _per_token_outputs(x: torch.Tensor, qdtype: torch.dtype):
+    """For a per-token quantization kernel: x (..., K) as (M, K) with unit column stride, the uninitialized outputs
+    q (..., K) qdtype and scale (..., 1) float32, and q as (M, K). Returns (x2d, q, q2d, scale)."""
+    k = x.shape[-1]
+    q = torch.empty(x.shape, dtype=qdtype, device=x.device)
+    scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x.reshape(-1, k), q, q.view(-1, k), scale
 
 
 def _check_activation(name: str, x: torch.Tensor, smooth: Optional[torch.Tensor] = None) -> None:
-    if x.dtype not in _ACT_DTYPES:
-        raise ValueError(f"{name}: x must be {_ALLOWED}, got {x.dtype}")
+    if x.dtype not in common.SUPPORTED_DTYPES:
+        raise ValueError(f"{name}: x must be {common.SUPPORTED_DTYPES_TEXT}, got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"{name}: x must have a non-empty last dimension K, got shape {tuple(x.shape)}")
     if smooth is not None:
@@ -271,9 +268,10 @@ def _check_linear(
         raise ValueError(
             f"{name}: wscale must be float32 of shape (N,) = ({n},), got {wscale.dtype} of shape {tuple(wscale.shape)}"
         )
-    if bias is not None and (bias.dtype not in _ACT_DTYPES or bias.dim() != 1 or bias.shape[0] != n):
+    if bias is not None and (bias.dtype not in common.SUPPORTED_DTYPES or bias.dim() != 1 or bias.shape[0] != n):
         raise ValueError(
-            f"{name}: bias must be {_ALLOWED} of shape (N,) = ({n},), got {bias.dtype} of shape {tuple(bias.shape)}"
+            f"{name}: bias must be {common.SUPPORTED_DTYPES_TEXT} of shape (N,) = ({n},), "
+            f"got {bias.dtype} of shape {tuple(bias.shape)}"
         )
     for what, t in (("qweight", qweight), ("wscale", wscale), ("bias", bias)):
         if t is not None and t.device != x.device:
@@ -298,16 +296,41 @@ def _scaled_mm(
         out, m, n, k, _m_bucket(m),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
     )
-    flags = {"HAS_BIAS": bias is not None, "INT8": a.dtype == torch.int8}
-    if _COMPILED:
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    common.launch(
+        _scaled_mm_kernel,
+        _scaled_mm_autotuned,
+        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
+        args,
+        _INTERPRETER_CONFIG,
+        HAS_BIAS=bias is not None,
+        INT8=a.dtype == torch.int8,
+    )
 
-        wrap_triton(_scaled_mm_autotuned)[grid](*args, **flags)
-    else:
-        cfg = _INTERPRETER_CONFIG
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _scaled_mm_kernel[grid](*args, **flags, **cfg)
+
+def _scaled_mm_reference(
+    q: torch.Tensor,
+    q_scale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    x: torch.Tensor,
+) -> torch.Tensor:
+    """What `_scaled_mm` computes, for the references: the 8-bit dot products summed in float64 (exact, see
+    `linear_w8a8_reference` and `linear_fp8_reference`), rounded once to float32; the epilogue float32, left to right.
+
+    Args:
+        q: (..., K) the codes of x (..., K); q_scale: (..., 1) float32; qweight: (N, K); wscale: (N,) float32;
+        bias: (N,) float or None.
+
+    Returns:
+        (..., N) in x.dtype.
+    """
+    k, n = x.shape[-1], qweight.shape[0]
+    acc = (q.reshape(-1, k).double() @ qweight.double().T).float()
+    y = acc * q_scale.reshape(-1, 1) * wscale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def quantize_per_token_int8_reference(
@@ -344,19 +367,13 @@ def quantize_per_token_int8_triton(
     """
     name = "quantize_per_token_int8_triton"
     _check_activation(name, x, smooth)
-    _check_launchable(name, x)
+    common.check_launchable(name, x)
     k = x.shape[-1]
-    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    x2d, q, q2d, scale = _per_token_outputs(x, torch.int8)
     if q.numel() == 0:
         return q, scale
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    x2d = x.reshape(-1, k)
-    q2d = q.view(-1, k)
     block_k, num_warps = _quant_launch_params(k)
-    kernel = wrap_triton(_quantize_per_token_int8_kernel) if _COMPILED else _quantize_per_token_int8_kernel
-    kernel[(x2d.shape[0],)](
+    common.wrap(_quantize_per_token_int8_kernel)[(x2d.shape[0],)](
         x2d,
         smooth.contiguous() if smooth is not None else x2d,  # a valid pointer, never read without HAS_SMOOTH
         q2d,
@@ -393,13 +410,8 @@ def linear_w8a8_reference(
     Returns:
         (..., N) in x.dtype.
     """
-    k, n = x.shape[-1], qweight.shape[0]
     q, s = quantize_per_token_int8_reference(x, smooth)
-    acc = (q.reshape(-1, k).double() @ qweight.double().T).float()
-    y = acc * s.reshape(-1, 1) * wscale.float()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return _scaled_mm_reference(q, s, qweight, wscale, bias, x)
 
 
 def linear_w8a8_triton(
@@ -419,16 +431,21 @@ def linear_w8a8_triton(
     """
     name = "linear_w8a8_triton"
     _check_linear(name, x, qweight, torch.int8, wscale, bias, smooth)
-    _check_launchable(name, x)
+    common.check_launchable(name, x)
     return _linear_impl(x, qweight, wscale, bias, smooth)
 
 
 def _linear_impl(x, qweight, wscale, bias, smooth) -> torch.Tensor:
+    return _quantized_linear(x, qweight, wscale, bias, lambda x: quantize_per_token_int8_triton(x, smooth))
+
+
+def _quantized_linear(x, qweight, wscale, bias, quantize) -> torch.Tensor:
+    """(q, s) = quantize(x), then `_scaled_mm` into a new (..., N) x.dtype output; shared with fp8_linear."""
     k, n = x.shape[-1], qweight.shape[0]
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    q, xscale = quantize_per_token_int8_triton(x, smooth)
+    q, xscale = quantize(x)
     _scaled_mm(q.view(-1, k), xscale, qweight, wscale.contiguous(), bias, out.view(-1, n))
     return out
 
@@ -463,18 +480,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out: torch.Tensor):
-    # Straight-through: the rounding of x counts as identity, so dy/dx = dequantized W (times smooth). Without
-    # a formula torch.compile fails tracing the joint graph whenever activations require grad (rms_norm.py).
+    # Straight-through: the rounding of x counts as identity, so dy/dx = dequantized W (times smooth).
     qweight, wscale, smooth = ctx.saved_tensors
-    grad_x = grad_bias = None
-    g = grad_out.float()
-    if ctx.needs_input_grad[0]:
-        grad_x = g @ dequantize_int8(qweight, wscale)
-        if smooth is not None:
-            grad_x = grad_x * smooth
-        grad_x = grad_x.to(ctx.x_dtype)
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
-        grad_bias = g.reshape(-1, g.shape[-1]).sum(0).to(ctx.bias_dtype)
+    grad_x, grad_bias = common.linear_backward(ctx, grad_out, lambda: dequantize_int8(qweight, wscale), smooth,
+                                               ctx.bias_dtype, 3)
     return grad_x, None, None, grad_bias, None
 
 

@@ -1,1 +1,2 @@
-"""Helpers shared by tests, examples and benchmarks: tiny model builders and numerics checks."""
+"""Helpers shared by tests, examples and benchmarks: tiny model builders (`models`), numerics checks (`numerics`),
+one-op graphs (`graphs`) and where the kernel tests can run (`devices`)."""

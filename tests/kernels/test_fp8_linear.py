@@ -7,8 +7,6 @@ TRITON_INTERPRET=1 as well as on GPUs of compute capability >= 8.9.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -26,10 +24,10 @@ from llmcompress.kernels.fp8_linear import (
     quantize_per_token_fp8_triton,
 )
 from llmcompress.quantization.formats import quantize_fp8_per_channel, quantize_fp8_per_token
+from llmcompress.testing.devices import DEVICE, HAS_CUDA, INTERPRET
+from llmcompress.testing.graphs import single_node_graph
+from llmcompress.testing.numerics import per_token_linear_float64, random_quantized_linear, sqnr_db
 
-HAS_CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 FP8_GPU = HAS_CUDA and fp8_supported("cuda")
 
 needs_fp8_triton = pytest.mark.skipif(
@@ -58,29 +56,15 @@ def _bits(q: torch.Tensor) -> torch.Tensor:
     return q.cpu().view(torch.uint8)
 
 
-def _sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
-    ref, got = ref.double(), got.double()
-    return (10 * torch.log10(ref.pow(2).mean() / (ref - got).pow(2).mean())).item()
-
-
 def _linear_inputs(shape, n, dtype, bias=False, device=DEVICE, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    k = shape[-1]
-    x = torch.randn(shape, generator=g)
-    w = torch.randn(n, k, generator=g) / k**0.5
-    qweight, wscale = quantize_fp8_per_channel(w)
-    b = torch.randn(n, generator=g).to(dtype) if bias else None
-    return x.to(device, dtype), qweight.to(device), wscale.to(device), None if b is None else b.to(device)
+    """x (*shape) in dtype, e4m3 weight (n, K) from a random float one, its scales, optional bias."""
+    return random_quantized_linear(shape, n, dtype, quantize_fp8_per_channel, bias, False, device, seed)[:4]
 
 
 def _exact_quantized_math(x, qweight, wscale, bias):
     """The quantized math in float64 throughout, from the reference's codes and scales (computed on CPU)."""
     q, s = quantize_per_token_fp8_reference(x.cpu())
-    k = x.shape[-1]
-    y = (q.reshape(-1, k).double() @ qweight.cpu().double().T) * s.reshape(-1, 1).double() * wscale.cpu().double()
-    if bias is not None:
-        y = y + bias.cpu().double()
-    return y.reshape(*x.shape[:-1], -1)
+    return per_token_linear_float64(q, s, qweight, wscale, bias)
 
 
 def _assert_close(out, ref, atol, rtol):
@@ -162,7 +146,7 @@ def test_kernel_end_to_end_sqnr():
     out = linear_fp8_triton(x.to(DEVICE), qweight.to(DEVICE), wscale.to(DEVICE))
 
     # e4m3 keeps 3 mantissa bits (~31 dB per operand); measured 28.9 dB for the product.
-    assert _sqnr_db(x @ w.T, out.cpu()) >= 26
+    assert sqnr_db(x @ w.T, out.cpu()) >= 26
 
 
 def test_reference_is_formats_math():
@@ -178,7 +162,7 @@ def test_reference_sqnr():
     x, w = torch.randn(16, 256, generator=g).bfloat16(), torch.randn(64, 256, generator=g) * 0.02
     out = linear_fp8_reference(x, *quantize_fp8_per_channel(w))
     assert out.dtype == torch.bfloat16
-    assert _sqnr_db(x.float() @ w.T, out) >= 26
+    assert sqnr_db(x.float() @ w.T, out) >= 26
 
 
 def test_fp8_supported():
@@ -265,25 +249,10 @@ def test_op_backward_is_straight_through():
     torch.testing.assert_close(gx, grad_out @ (qweight.float() * wscale[:, None]))
 
 
-def _single_node_graph(target, args):
-    """A one-op graph whose placeholders and node carry fake `meta["val"]` (tests/analysis/test_roofline.py)."""
-    mode, graph = FakeTensorMode(), torch.fx.Graph()
-    nodes = []
-    for i, t in enumerate(args):
-        ph = graph.placeholder(f"in{i}")
-        ph.meta["val"] = mode.from_tensor(t)
-        nodes.append(ph)
-    node = graph.call_function(target, tuple(nodes))
-    with mode:
-        node.meta["val"] = target(*[a.meta["val"] for a in nodes])
-    graph.output(node)
-    return node
-
-
 def test_cost():
     m, k, n = 6, 64, 32
     x, qweight, wscale, b = _linear_inputs((m, k), n, torch.float16, bias=True, device="cpu")
-    cost = CostModel(HARDWARE["h100-sxm"]).node_cost(_single_node_graph(op, (x, qweight, wscale, b)))
+    cost = CostModel(HARDWARE["h100-sxm"]).node_cost(single_node_graph(op, (x, qweight, wscale, b)))
 
     assert cost.kind == "custom"
     assert cost.flops == 2 * m * n * k + m * n

@@ -3,8 +3,6 @@ choice between them, the reference, the custom op and its cost."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -15,14 +13,10 @@ from llmcompress.analysis.hardware import HARDWARE
 from llmcompress.analysis.roofline import CostModel
 from llmcompress.kernels.int8_linear import dequantize_w8_triton, linear_w8a16_reference, linear_w8a16_triton
 from llmcompress.quantization import formats
+from llmcompress.testing.devices import DEVICE, HAS_CUDA, INTERPRET, needs_compiled_cuda, needs_triton
+from llmcompress.testing.numerics import random_activations
 
-HAS_CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 OP = torch.ops.llmcompress.linear_w8a16.default
-
-needs_triton = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a CUDA GPU or TRITON_INTERPRET=1")
-needs_compiled_cuda = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU without TRITON_INTERPRET")
 
 # Outputs are O(1) (weights scaled by 1/sqrt(K), unit bias), so one ulp is ~4e-3 (fp16) / ~3e-2 (bf16) at the
 # largest |y| ~ 6. fp16/bf16 outputs round once; the tensor-core paths also round x * act_scale (and the dense
@@ -52,11 +46,7 @@ def _weights(n, k, device=DEVICE, seed=0):
 
 
 def _activations(shape, dtype, bias=False, act_scale=False, n=None, device=DEVICE, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g).to(device, dtype)
-    b = torch.randn(n, generator=g).to(device, dtype) if bias else None
-    a = (0.5 + torch.rand(shape[-1], generator=g)).to(device) if act_scale else None
-    return x, b, a
+    return random_activations(shape, dtype, bias, act_scale, n, device, seed)
 
 
 def _oracle(x, qweight, scale, bias=None, act_scale=None):

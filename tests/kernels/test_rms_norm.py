@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import llmcompress.kernels  # noqa: F401  (registers torch.ops.llmcompress.*)
 from llmcompress.kernels.rms_norm import rms_norm_reference, rms_norm_triton
+from llmcompress.testing.devices import DEVICE, INTERPRET, needs_compiled_cuda, needs_triton
 
-HAS_CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 EPS = 1e-6
-
-needs_triton = pytest.mark.skipif(
-    not (HAS_CUDA or INTERPRET), reason="needs a CUDA GPU or TRITON_INTERPRET=1"
-)
-needs_compiled_cuda = pytest.mark.skipif(
-    not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU without TRITON_INTERPRET"
-)
 
 SHAPES = [(1, 7), (3, 5, 123), (2, 1000), (4, 384), (2, 4097)]
 

@@ -3,8 +3,6 @@ the custom op and its cost."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -19,15 +17,9 @@ from llmcompress.kernels.w8a8_linear import (
     quantize_per_token_int8_triton,
 )
 from llmcompress.quantization.formats import quantize_int8_per_channel, quantize_int8_per_token
-
-HAS_CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-
-needs_triton = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a CUDA GPU or TRITON_INTERPRET=1")
-needs_compiled_cuda = pytest.mark.skipif(
-    not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU without TRITON_INTERPRET"
-)
+from llmcompress.testing.devices import DEVICE, needs_compiled_cuda, needs_triton
+from llmcompress.testing.graphs import single_node_graph
+from llmcompress.testing.numerics import per_token_linear_float64, random_quantized_linear, sqnr_db
 
 op = torch.ops.llmcompress.linear_w8a8.default
 
@@ -40,32 +32,15 @@ DTYPE_TOLS = [
 ]
 
 
-def _sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
-    ref, got = ref.double(), got.double()
-    return (10 * torch.log10(ref.pow(2).mean() / (ref - got).pow(2).mean())).item()
-
-
 def _linear_inputs(shape, n, dtype, bias=False, smooth=False, device=DEVICE, seed=0):
     """x (*shape) in dtype, int8 weight (n, K) from a random float one, its scales, optional bias and smooth."""
-    g = torch.Generator().manual_seed(seed)
-    k = shape[-1]
-    x = torch.randn(shape, generator=g)
-    w = torch.randn(n, k, generator=g) / k**0.5
-    qweight, wscale = quantize_int8_per_channel(w)
-    b = torch.randn(n, generator=g).to(dtype) if bias else None
-    s = (0.5 + torch.rand(k, generator=g)) if smooth else None
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return x.to(device, dtype), move(qweight), move(wscale), move(b), move(s)
+    return random_quantized_linear(shape, n, dtype, quantize_int8_per_channel, bias, smooth, device, seed)
 
 
 def _exact_quantized_math(x, qweight, wscale, bias, smooth):
     """The quantized math in float64 throughout, from the reference's codes and scales (computed on CPU)."""
     q, s = quantize_per_token_int8_reference(x.cpu(), None if smooth is None else smooth.cpu())
-    k = x.shape[-1]
-    y = (q.reshape(-1, k).double() @ qweight.cpu().double().T) * s.reshape(-1, 1).double() * wscale.cpu().double()
-    if bias is not None:
-        y = y + bias.cpu().double()
-    return y.reshape(*x.shape[:-1], -1)
+    return per_token_linear_float64(q, s, qweight, wscale, bias)
 
 
 @needs_triton
@@ -166,7 +141,7 @@ def test_end_to_end_sqnr():
     out = linear_w8a8_triton(x.to(DEVICE), qweight.to(DEVICE), wscale.to(DEVICE))
 
     # Gaussian rows: absmax ~3 sigma, so each operand is ~43 dB; measured 39.9 dB for the product.
-    assert _sqnr_db(x @ w.T, out.cpu()) >= 35
+    assert sqnr_db(x @ w.T, out.cpu()) >= 35
 
 
 @needs_triton
@@ -183,7 +158,7 @@ def test_smoothing_improves_sqnr_with_outlier_channels():
     smoothed = linear_w8a8_triton(*dev(x, *quantize_int8_per_channel(w * s)), smooth=(1 / s).to(DEVICE))
 
     # Measured 29.4 dB plain, 42.3 dB smoothed.
-    sqnr_plain, sqnr_smooth = _sqnr_db(y, plain.cpu()), _sqnr_db(y, smoothed.cpu())
+    sqnr_plain, sqnr_smooth = sqnr_db(y, plain.cpu()), sqnr_db(y, smoothed.cpu())
     assert sqnr_smooth >= 38
     assert sqnr_smooth >= sqnr_plain + 8
 
@@ -254,29 +229,11 @@ def test_op_backward_is_straight_through():
     torch.testing.assert_close(gb, grad_out.sum((0, 1)))
 
 
-def _single_node_graph(target, args, kwargs=None):
-    """A one-op graph whose placeholders and node carry fake `meta["val"]` (tests/analysis/test_roofline.py)."""
-    mode, graph = FakeTensorMode(), torch.fx.Graph()
-    nodes = []
-    for i, t in enumerate(args):
-        if t is None:
-            nodes.append(None)
-            continue
-        ph = graph.placeholder(f"in{i}")
-        ph.meta["val"] = mode.from_tensor(t)
-        nodes.append(ph)
-    node = graph.call_function(target, tuple(nodes), kwargs or {})
-    with mode:
-        node.meta["val"] = target(*[None if a is None else a.meta["val"] for a in nodes], **(kwargs or {}))
-    graph.output(node)
-    return node
-
-
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_cost(bias):
     m, k, n = 4, 64, 32
     x, qweight, wscale, b, s = _linear_inputs((2, 2, k), n, torch.bfloat16, bias=bias, smooth=True, device="cpu")
-    node = _single_node_graph(op, (x, qweight, wscale, b, s))
+    node = single_node_graph(op, (x, qweight, wscale, b, s))
     cost = CostModel(HARDWARE["h100-sxm"]).node_cost(node)
 
     assert cost.kind == "custom"

@@ -15,6 +15,7 @@ from llmcompress.errors import OptionError
 from llmcompress.quantization import formats
 from llmcompress.quantization.calibration_data import CalibrationWarning
 from llmcompress.testing.models import VOCAB, example_ids, main_output, tiny_model
+from llmcompress.testing.numerics import sqnr_db
 
 QUANT_OPS = {"linear_w4a16", "linear_w8a16", "linear_w8a8", "linear_fp8", "grouped_linear_w4a16",
              "grouped_linear_w8a16"}
@@ -64,11 +65,6 @@ def _fake_quant(model, scheme, group_size=32, skip=("lm_head",)):
     return model
 
 
-def _sqnr(ref, out):
-    ref, out = ref.double(), out.double()
-    return (10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())).item()
-
-
 @pytest.mark.parametrize("lowering", ["eager", "inductor"])
 @pytest.mark.parametrize("scheme", ["w8a16", "w4a16"])
 def test_weight_only_rtn_matches_fake_quantized_eager(scheme, lowering, tmp_path):
@@ -80,7 +76,7 @@ def test_weight_only_rtn_matches_fake_quantized_eager(scheme, lowering, tmp_path
     passes = {"canonicalize": {}, "quantize-linear": {"scheme": scheme, "group_size": 32}}
     out, report = _report(tmp_path, model, ids, {"passes": passes, "lowering": lowering})
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
-    assert _sqnr(dense, out) > (30 if scheme == "w8a16" else 12)
+    assert sqnr_db(dense, out) > (30 if scheme == "w8a16" else 12)
     rec = _pass_record(report)
     # 2 layers x (q, k, v, o, gate, up, down); lm_head skipped by the default pattern.
     assert rec["stats"][f"{scheme} rtn"] == 14
@@ -152,7 +148,7 @@ def test_calibrated_methods_run_through_the_graph(method, scheme, tmp_path):
     assert rec["stats"][f"{scheme} {method}"] == 14
     # The graph is static (2, 11): calibration cuts the 6 x 24 tokens into 2 x 11 windows.
     assert rec["stats"]["calibration tokens"] == 132
-    assert _sqnr(dense, out) > (20 if scheme == "w8a8" else 12)
+    assert sqnr_db(dense, out) > (20 if scheme == "w8a8" else 12)
 
 
 def test_gptq_beats_round_to_nearest_on_the_logits(tmp_path):
@@ -168,7 +164,7 @@ def test_gptq_beats_round_to_nearest_on_the_logits(tmp_path):
         passes = {"canonicalize": {}, "quantize-linear": {"scheme": "w4a16", "method": method, "group_size": 32}}
         with torch.no_grad():
             outs[method] = main_output(_compile(model, {**base, "passes": passes})(ids))
-    assert _sqnr(dense, outs["gptq"]) > _sqnr(dense, outs["rtn"]) + 1.0
+    assert sqnr_db(dense, outs["gptq"]) > sqnr_db(dense, outs["rtn"]) + 1.0
 
 
 def test_calibrated_weights_are_reused_by_graphs_that_cannot_calibrate():
@@ -244,7 +240,7 @@ def test_mixtral_experts_become_grouped_quantized_ops(tmp_path):
     rec = _pass_record(report)
     grouped = [d for d in rec["decisions"] if str(d.get("kernel", "")).startswith("grouped")]
     assert len(grouped) == 4  # 2 layers x (gate_up, down)
-    assert _sqnr(dense, out) > 10
+    assert sqnr_db(dense, out) > 10
 
 
 def test_release_weights_frees_the_dense_originals():

@@ -8,20 +8,7 @@ import torch
 
 from llmcompress.quantization import formats
 from llmcompress.quantization.awq import AWQResult, awq_search
-
-
-def _layer(n: int = 128, k: int = 512, t: int = 1024, seed: int = 0, outliers: bool = True
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (n, k): Laplace weights with per-input-channel magnitudes; x (t, k): correlated features (z @ A), with 8
-    outlier channels scaled 10x to 50x if `outliers`."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(t, k, generator=g) @ (torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k))
-    idx = torch.randperm(k, generator=g)[:8]
-    if outliers:
-        x[:, idx] *= torch.linspace(10, 50, 8)
-    sign = torch.randint(0, 2, (n, k), generator=g) * 2 - 1
-    w = sign * -torch.log(torch.rand(n, k, generator=g)) * (0.5 + torch.rand(1, k, generator=g)) * 0.02
-    return w, x
+from llmcompress.testing.numerics import outlier_layer
 
 
 def _loss(x: torch.Tensor, w: torch.Tensor, r: AWQResult, group_size: int) -> float:
@@ -43,7 +30,7 @@ def _check_format(r: AWQResult, n: int, k: int, group_size: int) -> None:
 @pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("group_size", [32, 128])
 def test_awq_beats_rtn_on_outlier_activations(group_size, clip):
-    w, x = _layer()
+    w, x = outlier_layer()
     r = awq_search(w, x, group_size=group_size, clip=clip)
     _check_format(r, 128, 512, group_size)
     assert 0.0 < r.alpha <= 1.0
@@ -57,7 +44,7 @@ def test_awq_beats_rtn_on_outlier_activations(group_size, clip):
 
 
 def test_awq_clipping_lowers_the_loss_on_heavy_tailed_weights():
-    w, x = _layer(seed=1)
+    w, x = outlier_layer(seed=1)
     plain = awq_search(w, x, group_size=128, clip=False)
     clipped = awq_search(w, x, group_size=128, clip=True)
     assert clipped.clipped and clipped.alpha == plain.alpha
@@ -65,7 +52,7 @@ def test_awq_clipping_lowers_the_loss_on_heavy_tailed_weights():
 
 
 def test_awq_without_outliers_never_loses_to_rtn():
-    w, x = _layer(outliers=False, seed=2)
+    w, x = outlier_layer(outliers=False, seed=2)
     r = awq_search(w, x, group_size=64)
     _check_format(r, 128, 512, 64)
     assert r.loss_awq <= r.loss_rtn
@@ -73,7 +60,7 @@ def test_awq_without_outliers_never_loses_to_rtn():
 
 def test_awq_alpha_zero_is_exactly_rtn():
     # n_grid=1 searches alpha = 0 only: s = 1, and the result must be formats' RTN bit for bit.
-    w, x = _layer(n=64, k=256, t=256, seed=3)
+    w, x = outlier_layer(n=64, k=256, t=256, seed=3)
     r = awq_search(w, x, group_size=64, n_grid=1, clip=False)
     qweight, scales, zeros = formats.quantize_int4_rtn(w, 64)
     assert r.alpha == 0.0 and r.loss_awq == r.loss_rtn and not r.clipped
@@ -82,7 +69,7 @@ def test_awq_alpha_zero_is_exactly_rtn():
 
 
 def test_awq_subsamples_rows_and_takes_any_input_layout():
-    w, x = _layer(n=64, k=256, t=3000, seed=4)
+    w, x = outlier_layer(n=64, k=256, t=3000, seed=4)
     x3 = x.reshape(3, 1000, 256).to(torch.bfloat16)
     r = awq_search(w.to(torch.bfloat16), x3, group_size=32, max_rows=500, clip_rows=128)
     _check_format(r, 64, 256, 32)
@@ -94,7 +81,7 @@ def test_awq_subsamples_rows_and_takes_any_input_layout():
 
 
 def test_awq_dead_input_channels_keep_act_scale_finite():
-    w, x = _layer(n=64, k=256, t=512, seed=5)
+    w, x = outlier_layer(n=64, k=256, t=512, seed=5)
     x[:, [0, 7, 200]] = 0.0
     r = awq_search(w, x, group_size=64)
     _check_format(r, 64, 256, 64)
@@ -102,7 +89,7 @@ def test_awq_dead_input_channels_keep_act_scale_finite():
 
 
 def test_awq_rejects_bad_arguments():
-    w, x = _layer(n=16, k=256, t=64, seed=6)
+    w, x = outlier_layer(n=16, k=256, t=64, seed=6)
     with pytest.raises(ValueError, match="inputs"):
         awq_search(w, x[:, :128])
     with pytest.raises(ValueError, match="group_size"):

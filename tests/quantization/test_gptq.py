@@ -13,24 +13,7 @@ from llmcompress.quantization.gptq import (
     gptq_quantize_int4,
     gptq_quantize_int8,
 )
-
-
-def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    return (10 * torch.log10(ref.double().pow(2).sum() / (ref.double() - approx.double()).pow(2).sum())).item()
-
-
-def _layer(n: int = 128, k: int = 512, t: int = 1024, seed: int = 0, outliers: bool = True
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (n, k): Laplace weights with per-input-channel magnitudes; x (t, k): correlated features (z @ A), with 8
-    outlier channels scaled 10x to 50x if `outliers`."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(t, k, generator=g) @ (torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k))
-    idx = torch.randperm(k, generator=g)[:8]
-    if outliers:
-        x[:, idx] *= torch.linspace(10, 50, 8)
-    sign = torch.randint(0, 2, (n, k), generator=g) * 2 - 1
-    w = sign * -torch.log(torch.rand(n, k, generator=g)) * (0.5 + torch.rand(1, k, generator=g)) * 0.02
-    return w, x
+from llmcompress.testing.numerics import outlier_layer, sqnr_db
 
 
 def _hessian(x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +25,7 @@ def _out_mse(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
 
 
 def test_hessian_accumulator_chunks_equal_one_shot():
-    _, x = _layer(k=256, t=1000)
+    _, x = outlier_layer(k=256, t=1000)
     acc = HessianAccumulator(256)
     acc.add(x[:1].reshape(1, 1, 256))
     acc.add(x[1:301].reshape(3, 100, 256).to(torch.bfloat16).float())  # (..., K) inputs
@@ -62,7 +45,7 @@ def test_hessian_accumulator_rejects_wrong_width():
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_gptq_int4_beats_rtn(group_size, act_order, outliers):
-    w, x = _layer(outliers=outliers)
+    w, x = outlier_layer(outliers=outliers)
     qweight, scales, zeros = gptq_quantize_int4(w, _hessian(x).float(), group_size=group_size, act_order=act_order)
 
     assert qweight.shape == (128, 256) and qweight.dtype == torch.uint8
@@ -102,7 +85,7 @@ def _obq_reference(w: torch.Tensor, h: torch.Tensor, group_size: int, damp: floa
 
 
 def test_gptq_int4_matches_direct_obq_update():
-    w, x = _layer(n=64, k=128, t=512, seed=1)
+    w, x = outlier_layer(n=64, k=128, t=512, seed=1)
     h = _hessian(x)
     ref = _obq_reference(w, h, group_size=32, damp=0.01)
     qweight, _, _ = gptq_quantize_int4(w, h.float(), group_size=32, block_size=32)
@@ -112,7 +95,7 @@ def test_gptq_int4_matches_direct_obq_update():
 
 
 def test_gptq_int4_lazy_blocks_do_not_change_the_result():
-    w, x = _layer(k=256, t=512, seed=2)
+    w, x = outlier_layer(k=256, t=512, seed=2)
     h = _hessian(x).float()
     q_ref = formats.unpack_int4(gptq_quantize_int4(w, h, group_size=32, block_size=256)[0])
     for block_size in (1, 32, 96):  # 96: groups straddle block ends
@@ -121,7 +104,7 @@ def test_gptq_int4_lazy_blocks_do_not_change_the_result():
 
 
 def test_gptq_int4_dead_inputs():
-    w, x = _layer(k=256, t=512, seed=3)
+    w, x = outlier_layer(k=256, t=512, seed=3)
     dead = torch.tensor([0, 5, 100, 255])
     x[:, dead] = 0.0
     qweight, scales, zeros = gptq_quantize_int4(w, _hessian(x).float(), group_size=64)
@@ -135,7 +118,7 @@ def test_gptq_int4_dead_inputs():
 def test_gptq_int4_singular_hessian_retries_damping():
     # 64 rows for 256 inputs, and 32 duplicated columns: H has rank < 64. With damp=1e-7 the float32 Cholesky
     # fails (measured: up to 1e-6) and the damping grows until it succeeds.
-    w, x = _layer(k=256, t=64, seed=4)
+    w, x = outlier_layer(k=256, t=64, seed=4)
     x[:, 32:64] = x[:, :32]
     h = _hessian(x).float()
     with pytest.warns(RuntimeWarning, match="not positive definite"):
@@ -166,7 +149,7 @@ def test_gptq_rejects_unusable_hessians_and_bad_arguments():
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_int8_beats_rtn(act_order):
-    w, x = _layer(k=256, t=512, seed=6)
+    w, x = outlier_layer(k=256, t=512, seed=6)
     qweight, scale = gptq_quantize_int8(w, _hessian(x).float(), act_order=act_order)
     assert qweight.shape == (128, 256) and qweight.dtype == torch.int8
     assert scale.shape == (128,) and scale.dtype == torch.float32
@@ -179,7 +162,7 @@ def test_gptq_int8_beats_rtn(act_order):
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_mse_group_ranges_lower_the_error(act_order):
-    w, x = _layer(seed=4)
+    w, x = outlier_layer(seed=4)
     h = _hessian(x)
     plain = formats.dequantize_int4(*gptq_quantize_int4(w, h, group_size=128, act_order=act_order), 128)
     mse = formats.dequantize_int4(*gptq_quantize_int4(w, h, group_size=128, act_order=act_order, mse=True), 128)
@@ -187,7 +170,7 @@ def test_mse_group_ranges_lower_the_error(act_order):
 
 
 def test_mse_ranges_beat_min_max_per_group():
-    w, _ = _layer(seed=5)
+    w, _ = outlier_layer(seed=5)
     for params in (formats.int4_scales_zeros, formats.int4_scales_zeros_mse):
         s, z = params(w, 64)
         s16 = s.to(torch.float16)

@@ -10,21 +10,7 @@ import torch
 
 from llmcompress.quantization import formats
 from llmcompress.quantization.smoothquant import ActivationAbsMax, smoothquant_quantize, smoothquant_scales
-
-
-def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    return (10 * torch.log10(ref.double().pow(2).sum() / (ref.double() - approx.double()).pow(2).sum())).item()
-
-
-def _layer(n: int = 128, k: int = 512, t: int = 1024, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (n, k): Laplace weights with per-input-channel magnitudes; x (t, k): correlated features (z @ A) with 8
-    outlier channels scaled 10x to 50x."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(t, k, generator=g) @ (torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k))
-    x[:, torch.randperm(k, generator=g)[:8]] *= torch.linspace(10, 50, 8)
-    sign = torch.randint(0, 2, (n, k), generator=g) * 2 - 1
-    w = sign * -torch.log(torch.rand(n, k, generator=g)) * (0.5 + torch.rand(1, k, generator=g)) * 0.02
-    return w, x
+from llmcompress.testing.numerics import outlier_layer, sqnr_db
 
 
 def _w8a8(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
@@ -40,7 +26,7 @@ def _absmax(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_smoothquant_beats_unsmoothed_w8a8_on_outliers():
-    w, x = _layer()
+    w, x = outlier_layer()
     y = x @ w.T
     plain = sqnr_db(y, _w8a8(x, *formats.quantize_int8_per_channel(w), torch.ones(512)))
     qweight, wscale, smooth = smoothquant_quantize(w, _absmax(x), alpha=0.5)
@@ -50,7 +36,7 @@ def test_smoothquant_beats_unsmoothed_w8a8_on_outliers():
 
 
 def test_smoothquant_format_and_round_trip():
-    w, x = _layer(n=96, k=256, t=256, seed=1)
+    w, x = outlier_layer(n=96, k=256, t=256, seed=1)
     qweight, wscale, smooth = smoothquant_quantize(w, _absmax(x), alpha=0.5)
     assert qweight.shape == (96, 256) and qweight.dtype == torch.int8 and qweight.min() >= -127
     assert wscale.shape == (96,) and wscale.dtype == torch.float32
@@ -76,13 +62,13 @@ def test_smoothquant_scales_formula_and_clamps():
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan")])
 def test_smoothquant_rejects_bad_alpha(alpha):
-    w, x = _layer(n=8, k=16, t=8, seed=2)
+    w, x = outlier_layer(n=8, k=16, t=8, seed=2)
     with pytest.raises(ValueError, match="alpha"):
         smoothquant_quantize(w, _absmax(x), alpha=alpha)
 
 
 def test_activation_absmax_chunks_equal_one_shot():
-    _, x = _layer(k=64, t=300, seed=3)
+    _, x = outlier_layer(k=64, t=300, seed=3)
     acc = ActivationAbsMax(64)
     acc.add(x[:100].reshape(4, 25, 64).to(torch.bfloat16))
     acc.add(x[100:100])  # empty chunks are fine
