@@ -169,7 +169,7 @@ class QuantizeLinearPass(Pass):
                 results.update(self._calibrate(gm, ctx, calibrated, stats))
         for t in targets:
             if t.node not in results:
-                key = self._key(t.layer, "rtn" if t.layer.method != "rtn" else None)
+                key = self._key(t.layer, "rtn")
                 results[t.node] = (ctx.weights.derive(t.node.args[1], key, lambda _w, t=t: _rtn(t)), "rtn")
         changed = False
         for t in targets:

@@ -19,7 +19,7 @@ import torch.fx
 
 from ..passes.base import PassContext
 
-# Tokens per chunk when the batch dimension is dynamic: chunks of this many windows bound activation memory.
+# Windows per chunk when the batch dimension is dynamic: bounds the activation memory of one node's evaluation.
 _DYNAMIC_BATCH = 8
 
 
