@@ -279,7 +279,7 @@ def planned_thresholds(n: int, k: int, tensors: tuple[torch.Tensor, ...], device
 
     hw = resolve("auto", device)
     ctx = types.SimpleNamespace(cost_model=CostModel(hw, load_profile(hw)))
-    gemv_max, dense_min, _ = _choose_kernels(ctx, "w4a16", n, k, torch.bfloat16, tensors)
+    gemv_max, dense_min, _ = _choose_kernels(ctx, n, k, torch.bfloat16, tensors)
     return gemv_max, dense_min
 
 

@@ -259,13 +259,13 @@ def _symbolic(exprs: Sequence[tuple[Any, Any, Any]]) -> dict[str, Any]:
             "latency_s": sympy.Add(*(e[2] for e in exprs))}
 
 
-def _free_total(by_layer: Mapping[str, int], template_of: Sequence[dict[str, Any]] | None, depth: int | None) -> int:
+def _free_total(by_layer: Mapping[str, int], template: str | None, depth: int | None) -> int:
     """Free nodes of a graph, with the template layer's counted again for each repeated layer."""
     total = sum(by_layer.values())
-    if template_of is not None and depth is not None:
+    if template is not None and depth is not None:
         from .layer_repeat import TRACED_LAYERS
 
-        total += (depth - TRACED_LAYERS) * by_layer.get(_template_layer(template_of), 0)
+        total += (depth - TRACED_LAYERS) * by_layer.get(template, 0)
     return total
 
 
@@ -387,7 +387,6 @@ def build_report(traced: Sequence[Any], hardware: Hardware, *, profile: Mapping[
     weight_bytes = weight_bytes_before = 0
     for i, g in enumerate(traced):
         r, free_by_layer, e = _price(cm, g.after, g.sizes, g.names, i)
-        f = _free_total(free_by_layer, template_of=r if depth is not None else None, depth=depth)
         wb, wb_before = int(g.weight_bytes), graph_weight_bytes(g.before)
         if depth is not None:
             template = _template_layer(r)
@@ -397,12 +396,13 @@ def build_report(traced: Sequence[Any], hardware: Hardware, *, profile: Mapping[
             r, e = repeated
             wb = repeat_weight_bytes(g.weight_bytes_by_name, template, depth)
             wb_before = repeat_weight_bytes(g.weight_bytes_by_name_before, template, depth)
+        f = _free_total(free_by_layer, template, depth)
         rows += r
         exprs_after += e
         free += f
         if recipe is not None:
             rb, free_by_layer, eb = _price(cm, g.before, g.sizes, g.names, i)
-            fb = _free_total(free_by_layer, template_of=rb if depth is not None else None, depth=depth)
+            fb = _free_total(free_by_layer, template, depth)
             if template is not None:
                 repeated = repeat_layers(rb, eb, template, depth)
                 if repeated is None:

@@ -33,6 +33,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from ..errors import OptionError
 from ..quantization import formats
 from ..quantization.calibration_data import CalibrationWarning, calibration_windows, fingerprint
+from ..kernels._linear_common import DENSE_OFF as _NEVER  # dense_min_m when dequantize + cuBLAS never wins
+from ..kernels._linear_common import GEMV_MAX_M as _GEMV_MAX_ROWS  # activation rows one GEMV program holds
 from .base import Pass, PassContext, PassResult
 from .graph_utils import call
 from .registry import register_pass
@@ -41,10 +43,8 @@ aten = torch.ops.aten
 
 SCHEMES = ("w8a16", "w4a16", "w8a8", "fp8")
 METHODS = {"w8a16": ("rtn",), "w4a16": ("rtn", "awq", "gptq"), "w8a8": ("rtn", "smoothquant"), "fp8": ("rtn",)}
-_NEVER = 2 ** 62  # dense_min_m when dequantize + cuBLAS never wins
 # Row counts the kernel choice is priced at (decode batches up to prefill chunks).
 _M_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-_GEMV_MAX_ROWS = 16  # the GEMV kernels hold at most 16 activation rows per program (kernels/int4_linear.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,7 +332,7 @@ class QuantizeLinearPass(Pass):
                 decision["kernel"] = f"grouped {layer.scheme} (per-expert GEMV/GEMM)"
             elif layer.scheme in ("w4a16", "w8a16"):
                 n, k = t.weight.shape
-                gemv_max, dense_min, priced = _choose_kernels(ctx, layer.scheme, n, k, dtype, tensors)
+                gemv_max, dense_min, priced = _choose_kernels(ctx, n, k, dtype, tensors)
                 act_scale = consts[3] if layer.scheme == "w4a16" and len(consts) > 3 else None
                 if layer.scheme == "w4a16":
                     op = torch.ops.llmcompress.linear_w4a16.default
@@ -440,7 +440,7 @@ def _apply(layer: _Layer, tensors: tuple[torch.Tensor, ...], x: torch.Tensor, bi
     return ops.linear_fp8(x, tensors[0], tensors[1], bias)
 
 
-def _choose_kernels(ctx: PassContext, scheme: str, n: int, k: int, dtype: torch.dtype,
+def _choose_kernels(ctx: PassContext, n: int, k: int, dtype: torch.dtype,
                     tensors: tuple[torch.Tensor, ...]) -> tuple[int, int, dict[str, Any]]:
     """(gemv_max_m, dense_min_m, priced) from the cost model: the cheapest kernel at each M of `_M_GRID`.
 

@@ -170,14 +170,6 @@ def run_sequential(gm: torch.fx.GraphModule, feeds: list[list[Any]], targets: Se
                         args = torch.fx.node.map_arg(node.args, env.__getitem__)
                         kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
                         env[node] = node.target(*args, **kwargs)
-            elif node.op in ("call_method", "call_module"):  # not in aten graphs; kept for completeness
-                for env in envs:
-                    args = torch.fx.node.map_arg(node.args, env.__getitem__)
-                    kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
-                    if node.op == "call_method":
-                        env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
-                    else:
-                        env[node] = gm.get_submodule(node.target)(*args, **kwargs)
             for a in node.all_input_nodes:
                 if last_use.get(a) == i:
                     for env in envs:

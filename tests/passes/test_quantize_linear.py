@@ -121,7 +121,7 @@ def test_kernel_thresholds_come_from_the_cost_model():
         cost_model = CostModel(resolve("h100-sxm"))
 
     q = formats.quantize_int4_rtn(torch.randn(4096, 4096), 128)
-    gemv_max, dense_min, priced = _choose_kernels(Ctx, "w4a16", 4096, 4096, torch.bfloat16, q)
+    gemv_max, dense_min, priced = _choose_kernels(Ctx, 4096, 4096, torch.bfloat16, q)
     # Both stream the packed weight once: memory-bound ties up to 16 rows go to the GEMV (its design limit).
     assert gemv_max == 16
     assert priced["m=1"]["gemv_s"] == priced["m=1"]["gemm_s"]
