@@ -16,8 +16,8 @@ import torch
 from . import options as _options
 from .errors import OptionError
 
-Lowering = Literal["inductor", "eager"]
-LOWERINGS: tuple[str, ...] = ("inductor", "eager")
+Lowering = Literal["inductor", "eager", "triton"]
+LOWERINGS: tuple[str, ...] = ("inductor", "eager", "triton")
 
 # Dynamo's modes -> (cudagraphs, max_autotune)
 MODES: dict[str | None, tuple[bool, bool]] = {
@@ -55,6 +55,8 @@ class CompileConfig:
     """Free the storage of dense weights that no compiled graph uses any more (see docs/architecture.md)."""
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
     """Dynamo's mode; also accepted here because torch.compile refuses mode= and options= together."""
+    dump_kernels: str | os.PathLike | None = None
+    """Folder to which every kernel the code generator writes is also copied under a readable name."""
     calibration: Any = None
     """Calibration data for AWQ / GPTQ / SmoothQuant: token ids (tensor), a datasets.Dataset or a text file path."""
     tokenizer: Any = None
@@ -85,6 +87,8 @@ class CompileConfig:
                 raise OptionError(f"options: key {key!r} got {getattr(self, key)!r}; expected an integer >= 1")
         if self.report is not None:
             object.__setattr__(self, "report", os.fspath(self.report))
+        if self.dump_kernels is not None:
+            object.__setattr__(self, "dump_kernels", os.fspath(self.dump_kernels))
         if self.report is not None and not self.report.strip():
             raise OptionError("options: key 'report' got ''; expected a file path")
         if not self.recipe:

@@ -368,6 +368,40 @@ class CostModel:
             costs = [self._evaluate(c, sizes) for c in costs]
         return GraphCost(costs)
 
+    def group_cost(self, nodes: Iterable[torch.fx.Node], sizes: Mapping[Any, int] | None = None,
+                   name: str = "group") -> NodeCost:
+        """The nodes run as ONE kernel: their FLOPs (each at its own peak), the tensors they read from outside the
+        group once, the values used outside the group written once, one launch.
+
+        This is how a fusing lowering (Inductor for a pointwise chain, our generated kernels) runs them, where
+        `estimate` prices each node as its own kernel. Free nodes (views) add nothing.
+        """
+        group = [n for n in nodes if n.op == "call_function"]
+        members = set(group)
+        flops, compute = sympy.Integer(0), sympy.Integer(0)
+        inputs: dict[torch.fx.Node, None] = {}
+        nbytes_ = sympy.Integer(0)
+        for n in group:
+            cost = self.node_cost(n)
+            if cost is not None and cost.kind != "free":
+                flops += sympy.sympify(cost.flops)
+                compute += sympy.sympify(cost.compute_time_s)
+            for a in n.all_input_nodes:
+                if a not in members:
+                    inputs[a] = None
+            if any(u not in members for u in n.users):
+                nbytes_ += sum((nbytes(t, stored=False) for t in _tensors(n.meta.get("val"))), sympy.Integer(0))
+        for a in inputs:
+            nbytes_ += sum((nbytes(t) for t in _tensors(a.meta.get("val"))), sympy.Integer(0))
+        memory = nbytes_ / self.bandwidth
+        launches = 1 if group else 0
+        time = sympy.Max(compute, memory) + launches * self.launch_s
+        out = next((t for n in reversed(group) for t in _tensors(n.meta.get("val"))), None)
+        cost = NodeCost(name, "fused", "fused", flops, nbytes_, time, compute, memory,
+                        "x".join(str(s) for s in out.shape) if out is not None else "",
+                        str(out.dtype).removeprefix("torch.") if out is not None else "")
+        return cost.evaluate(sizes) if sizes is not None else cost
+
     def compare(self, before: Any, after: Any, sizes: Mapping[Any, int] | None = None) -> dict[str, Any]:
         """Predicted time of a subgraph before and after a proposed rewrite (each a node list or graph)."""
         b, a = self.estimate(before, sizes), self.estimate(after, sizes)

@@ -1,6 +1,13 @@
-"""Lowering: turn the rewritten aten graph into a callable, with Inductor (default) or as it is (`"eager"`).
+"""Lowering: turn the rewritten aten graph into a callable, with Inductor (default), as it is (`"eager"`), or with
+our own kernels (`"triton"`).
 
-Both return a boxed callable (takes a list of inputs) over the graph's remaining placeholders.
+`"triton"` runs the graph as it is too: by then the pipeline has run the lowering's own passes
+(`TRITON_LOWERING_PASSES`: every dense linear on our Triton linear kernel, every group of pointwise ops and
+reductions on a kernel our code generator wrote), so what is left in aten is what we do not generate (attention
+through SDPA, embedding, indexing, views). With `mode="reduce-overhead"` it is replayed through CUDA graphs (torch's
+CUDA-graph trees, as Dynamo's `cudagraphs` backend uses them).
+
+Each returns a boxed callable (takes a list of inputs) over the graph's remaining placeholders.
 """
 
 from __future__ import annotations
@@ -85,12 +92,22 @@ def lower_eager(gm: torch.fx.GraphModule, config: CompileConfig) -> Callable[[li
     if config.cudagraphs and not _warned_eager_cudagraphs:
         _warned_eager_cudagraphs = True
         warnings.warn(
-            f"llmcompress: mode={config.mode!r} asks for CUDA graphs, which only lowering='inductor' provides; "
+            f"llmcompress: mode={config.mode!r} asks for CUDA graphs, which only lowering='inductor' and 'triton' provide; "
             "lowering='eager' runs without them",
             stacklevel=2,
         )
     logger.debug("eager lowering of graph with %d nodes", len(gm.graph.nodes))
+    return _boxed_graph(gm)
 
+
+TRITON_LOWERING_PASSES: dict[str, dict[str, Any]] = {
+    "fuse-linear-epilogue": {"force": True},
+    "fuse-pointwise": {"force": True},
+}
+"""Passes `lowering="triton"` runs after the recipe's (with these options; a recipe's own options are kept)."""
+
+
+def _boxed_graph(gm: torch.fx.GraphModule) -> Callable[[list], Any]:
     def run(args: list) -> Any:
         inputs = list(args)
         args.clear()
@@ -100,8 +117,43 @@ def lower_eager(gm: torch.fx.GraphModule, config: CompileConfig) -> Callable[[li
     return run
 
 
+def _cudagraph_skip_reason(gm: torch.fx.GraphModule, static_input_idxs: Sequence[int]) -> str | None:
+    from torch._dynamo.backends.cudagraphs import find_input_mutations, get_device_node_mapping
+
+    devices = set(get_device_node_mapping(gm))
+    if any(d.type != "cuda" for d in devices) or len(devices) != 1:
+        return f"the graph's tensors are on {sorted(map(str, devices))}, not one CUDA device"
+    mutated = set(find_input_mutations(gm.graph)) - set(static_input_idxs)
+    if mutated:
+        return f"it writes to inputs {sorted(mutated)} that are not static (CUDA graphs would replay stale pointers)"
+    return None
+
+
+def lower_triton(gm: torch.fx.GraphModule, fake_inputs: Sequence[Any], config: CompileConfig,
+                 static_input_idxs: Sequence[int]) -> Callable[[list], Any]:
+    run = _boxed_graph(gm)
+    if not config.cudagraphs:
+        return run
+    reason = _cudagraph_skip_reason(gm, static_input_idxs)
+    if reason is not None:
+        warnings.warn(f"llmcompress: lowering='triton' runs this graph without CUDA graphs: {reason}", stacklevel=2)
+        return run
+    from torch._dynamo.backends.cudagraphs import find_input_mutations, get_device_index
+    from torch._inductor.cudagraph_trees import cudagraphify_impl
+    from torch._inductor.cudagraph_utils import get_placeholder_info
+
+    out = cudagraphify_impl(run, list(fake_inputs), list(static_input_idxs), device_index=get_device_index(gm),
+                            is_backward=False, is_inference=True, stack_traces=[],
+                            placeholders=get_placeholder_info(gm.graph),
+                            mutated_input_idxs=find_input_mutations(gm.graph))
+    out._boxed_call = True  # type: ignore[attr-defined]
+    return out
+
+
 def lower(gm: torch.fx.GraphModule, fake_inputs: Sequence[Any], config: CompileConfig,
           static_input_idxs: Sequence[int], graph_id: int) -> Callable[[list], Any]:
     if config.lowering == "inductor":
         return lower_inductor(gm, fake_inputs, config, static_input_idxs, graph_id)
+    if config.lowering == "triton":
+        return lower_triton(gm, fake_inputs, config, static_input_idxs)
     return lower_eager(gm, config)

@@ -19,10 +19,10 @@ from ..config import CompileConfig
 from ..errors import LLMCompressError
 from ..passes.base import PassContext
 from ..passes.manager import PassManager
-from ..recipes import load_recipe, parse_pass_specs
+from ..recipes import PassSpec, load_recipe, parse_pass_specs
 from . import verify as _verify
 from .capture import capture_dynamo_graph, freeze_aten_graph, needs_grad
-from .lowering import lower
+from .lowering import TRITON_LOWERING_PASSES, lower
 from .report import dynamo_graph_info, report_for
 from .weights import DERIVED
 
@@ -82,6 +82,8 @@ def _compile(gm, example_inputs, config: CompileConfig, entry: dict) -> tuple[Ca
     entry["frozen_weights"] = {"count": len(capture.frozen),
                                "bytes": sum(w.tensor.numel() * w.tensor.element_size() for w in capture.frozen)}
     specs = parse_pass_specs(config.passes, "options") if config.passes is not None else load_recipe(config.recipe).passes
+    if config.lowering == "triton":
+        specs = with_lowering_passes(specs, TRITON_LOWERING_PASSES)
     manager = PassManager.from_specs(specs, strict=config.strict)
     state: dict[str, Any] = {}
 
@@ -140,6 +142,15 @@ def _compile(gm, example_inputs, config: CompileConfig, entry: dict) -> tuple[Ca
     return compiled, state
 
 
+def with_lowering_passes(specs: tuple[PassSpec, ...], required: dict[str, dict[str, Any]]) -> tuple[PassSpec, ...]:
+    """The recipe's passes plus the lowering's own: a pass already there gets the lowering's options on top of its
+    own, a missing one is appended (the manager orders them by their after/before constraints)."""
+    out = [PassSpec(s.name, {**s.options, **required[s.name]}) if s.name in required else s for s in specs]
+    present = {s.name for s in specs}
+    out += [PassSpec(name, dict(opts)) for name, opts in required.items() if name not in present]
+    return tuple(out)
+
+
 def _predict(cost_model: CostModel, gm: torch.fx.GraphModule, sizes: dict) -> dict[str, Any]:
     """Predicted totals at the example's sizes, for the report; never fails a compile."""
     try:
@@ -158,7 +169,7 @@ def _fallback(original: torch.fx.GraphModule, example_inputs, config: CompileCon
         from torch._inductor.compile_fx import compile_fx
 
         return compile_fx(original, example_inputs)
-    return original.forward
+    return original.forward  # eager, and triton (whose kernels come from passes that did not run)
 
 
 def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

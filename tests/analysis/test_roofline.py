@@ -283,3 +283,20 @@ def test_decode_trace_on_meta_prices_weights_and_kv_cache():
     total = costs.summary()["bytes"]
     weights_read = graph.weight_bytes - 1000 * 256 * 2 + 256 * 2  # the embedding reads one row of its table
     assert weights_read + kv_bytes <= total <= 1.05 * (weights_read + kv_bytes)
+
+
+def test_group_cost_reads_inputs_once_and_writes_only_escaping_values():
+    # y = (a * w + a).sigmoid(): three pointwise nodes; fused, a (4x8) and w (8) are read once, y written once.
+    gm = _graph(lambda a, w: (a * w + a).sigmoid(), torch.randn(4, 8), torch.randn(8))
+    model = CostModel(H100)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert len(nodes) == 3
+    fused = model.group_cost(nodes, {})
+    assert fused.flops == 3 * 32
+    assert fused.bytes == (32 + 8 + 32) * 4
+    assert fused.time_s == pytest.approx(max(fused.compute_time_s, fused.memory_time_s) + H100.launch_overhead_s)
+    separate = model.estimate(nodes, {})
+    assert separate.total("time_s") > fused.time_s  # three launches and two round trips of the intermediates
+    # A member whose value is used outside the group is written too.
+    head = model.group_cost(nodes[:2], {})
+    assert head.bytes == (32 + 8 + 32) * 4
