@@ -26,6 +26,15 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_cache_dir(tmp_path_factory):
+    """Generated kernels go to a temporary cache folder, never the user's ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LLMCOMPRESS_CACHE_DIR", str(tmp_path_factory.mktemp("llmcompress-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def cpu_only_seed():
     torch.manual_seed(0)

@@ -17,7 +17,8 @@ def test_defaults():
     assert (config.recipe, config.lowering, config.hardware, config.strict, config.verify) == (
         "default", "inductor", "auto", False, False)
     assert "default" in builtin_recipes()
-    assert [p.name for p in load_recipe("default").passes] == ["canonicalize"]
+    assert [p.name for p in load_recipe("default").passes] == ["canonicalize", "fold-into-weights", "fuse-sibling-linears",
+                                                           "fuse-linear-epilogue", "fuse-pointwise"]
 
 
 @pytest.mark.parametrize("mode, cudagraphs, autotune", [

@@ -1,9 +1,11 @@
-"""Report deep models from a two-layer trace: the decoder layers of most LLMs are identical, so their costs are too.
+"""Report deep models from a three-layer trace: the decoder layers of most LLMs are identical, so their costs are too.
 
 Tracing goes through Dynamo and AOT autograd at about a second per decoder layer on a CPU (a 70B config's 80 layers
 took 80 s); the cost of the report is all in the trace. `report_model` therefore traces a copy of the config with
-two layers, checks that the two priced layers are identical (same ops, shapes, FLOPs, bytes and times, relative to
-their layer), and repeats the second one's rows up to the real depth. Configs whose layers differ by design
+three layers, checks that the last two priced layers are identical (same ops, shapes, FLOPs, bytes and times,
+relative to their layer), and repeats the last one's rows up to the real depth. The first layer is not compared: a
+fusion may put model-level work into it (the rotary tables, computed once, fused into the first layer's rotary
+kernel), as it does at full depth. Configs whose layers differ by design
 (alternating attention kinds, dense layers before MoE ones, ...) are traced in full: `repeatable_depth` says which.
 """
 
@@ -14,7 +16,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-TRACED_LAYERS = 2
+TRACED_LAYERS = 3
 
 # Config keys that make decoder layers differ from each other when set to a non-trivial value.
 _HETEROGENEOUS_KEYS = {
@@ -81,15 +83,15 @@ def repeat_layers(rows: list[dict[str, Any]], exprs: list[Any], template: str, d
                   ) -> tuple[list[dict[str, Any]], list[Any]] | None:
     """Rows (and their parallel symbolic costs) with `template`'s rows repeated for the layers up to `depth`.
 
-    `template` is the last traced layer ("model.layers.1"); copies are named "model.layers.2" ... and carry
+    `template` is the last traced layer ("model.layers.2"); copies are named "model.layers.3" ... and carry
     `replicated_from: template`. Returns None when the traced layers are not alike (the caller traces in full).
     """
     parsed = layer_index(template)
     if parsed is None:
         return None
     prefix, last = parsed
-    first = f"{prefix}0"
-    if last != TRACED_LAYERS - 1 or signature(rows, first) != signature(rows, template) \
+    previous = f"{prefix}{last - 1}"
+    if last != TRACED_LAYERS - 1 or signature(rows, previous) != signature(rows, template) \
             or not signature(rows, template):
         return None
     # Each contiguous run of the template's rows is followed by its copies, layer by layer: a decode graph has the

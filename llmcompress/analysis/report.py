@@ -18,9 +18,9 @@ FLOPs and seconds, at the concrete sizes of `workload`:
   (FLOP/byte where the roof bends, at roof_dtype)}.
 * `recipe`: null, or {name, source, passes: [pass names]}: then `nodes`, `layers` and `totals` describe the graph
   after the recipe's passes and `totals_before` the graph as captured.
-* `trace`: {layers_traced, repeated_from}: a model whose decoder layers are alike is traced with two of them and
-  the second's rows repeated up to its depth (`layer_repeat`); then `repeated_from` names that traced layer
-  ("model.layers.1"), else it is null and every layer was traced.
+* `trace`: {layers_traced, repeated_from}: a model whose decoder layers are alike is traced with three of them and
+  the last one's rows repeated up to its depth (`layer_repeat`); then `repeated_from` names that traced layer
+  ("model.layers.2"), else it is null and every layer was traced.
 * `graphs`: one per Dynamo graph: {index, kernels, free_nodes, weight_bytes, latency_s, symbols {Dynamo symbol:
   readable name}}.
 * `totals` (and `totals_before`, null without a recipe): {flops, bytes, weight_bytes, kernels, free_nodes
@@ -133,7 +133,7 @@ def report_model(path: str | Path, *, batch: int = 1, seq: int | None = None, kv
 
 
 def _template_layer_of_model(model: torch.nn.Module) -> str:
-    """The module path of decoder layer `TRACED_LAYERS - 1` ("model.layers.1")."""
+    """The module path of decoder layer `TRACED_LAYERS - 1` ("model.layers.2")."""
     from .layer_repeat import TRACED_LAYERS
 
     names = [n for n, _ in model.named_modules() if _LAYER_RE.fullmatch(n) and n.endswith(f".{TRACED_LAYERS - 1}")]
@@ -274,7 +274,7 @@ class NotRepeatable(Exception):
 
 
 def _template_layer(rows: Sequence[dict[str, Any]]) -> str:
-    """The last traced decoder layer ("model.layers.1") of a shallow trace."""
+    """The last traced decoder layer ("model.layers.2") of a shallow trace."""
     from .layer_repeat import TRACED_LAYERS, layer_index
 
     layers = {r["layer"] for r in rows if _LAYER_RE.match(r["layer"])}

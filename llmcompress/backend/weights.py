@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -63,40 +63,54 @@ def _version(t: torch.Tensor) -> int:
 
 
 class _DerivedCache:
-    """Process-wide cache of derived weights keyed by (base tensor identity, view, key); entries die with the base."""
+    """Process-wide cache of derived weights keyed by (base tensor identity, view, key); entries die with the base.
+
+    A base may be a tuple of tensors (a weight derived from several, e.g. concatenated siblings): the entry is
+    stale when any of them changed and dies with the first of them.
+    """
 
     def __init__(self) -> None:
-        self._entries: dict[tuple, tuple[int, Any]] = {}
+        self._entries: dict[tuple, tuple[Any, Any]] = {}
         self._watched: set[int] = set()
         self.hits = 0
         self.misses = 0
 
-    def get(self, base: torch.Tensor, view_key: Hashable, key: Hashable, fn: Callable[[], Any]) -> Any:
-        k = (id(base), view_key, key)
+    def get(self, base: torch.Tensor | tuple[torch.Tensor, ...], view_key: Hashable, key: Hashable,
+            fn: Callable[[], Any]) -> Any:
+        k = (_ids(base), view_key, key)
         entry = self._entries.get(k)
-        if entry is not None and entry[0] == _version(base):
+        if entry is not None and entry[0] == _versions(base):
             self.hits += 1
             return entry[1]
         self.misses += 1
         value = fn()
-        self._entries[k] = (_version(base), value)
-        if id(base) not in self._watched:
-            self._watched.add(id(base))
-            weakref.finalize(base, self._drop, id(base))
+        self._entries[k] = (_versions(base), value)
+        for b in base if isinstance(base, tuple) else (base,):
+            if id(b) not in self._watched:
+                self._watched.add(id(b))
+                weakref.finalize(b, self._drop, id(b))
         return value
 
-    def peek(self, base: torch.Tensor, view_key: Hashable, key: Hashable) -> Any:
+    def peek(self, base: torch.Tensor | tuple[torch.Tensor, ...], view_key: Hashable, key: Hashable) -> Any:
         """The cached value, or None (no computation, no hit counted)."""
-        entry = self._entries.get((id(base), view_key, key))
-        return entry[1] if entry is not None and entry[0] == _version(base) else None
+        entry = self._entries.get((_ids(base), view_key, key))
+        return entry[1] if entry is not None and entry[0] == _versions(base) else None
 
     def _drop(self, base_id: int) -> None:
         self._watched.discard(base_id)
-        for k in [k for k in self._entries if k[0] == base_id]:
+        for k in [k for k in self._entries if k[0] == base_id or (isinstance(k[0], tuple) and base_id in k[0])]:
             del self._entries[k]
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _ids(base: torch.Tensor | tuple[torch.Tensor, ...]) -> int | tuple[int, ...]:
+    return tuple(id(b) for b in base) if isinstance(base, tuple) else id(base)
+
+
+def _versions(base: torch.Tensor | tuple[torch.Tensor, ...]) -> int | tuple[int, ...]:
+    return tuple(_version(b) for b in base) if isinstance(base, tuple) else _version(base)
 
 
 DERIVED = _DerivedCache()
@@ -161,29 +175,44 @@ class FrozenWeights:
         base = self._apply_chain(node.args[0])
         return node.target(base, *[_plain(a) for a in node.args[1:]])
 
-    def derive(self, node: torch.fx.Node, key: Hashable, fn: Callable[[torch.Tensor], Any]) -> Any:
+    def derive(self, node: torch.fx.Node | Sequence[torch.fx.Node], key: Hashable,
+               fn: Callable[[Any], Any]) -> Any:
         """`fn(value(node))`, computed once per (weight, view, key) across all graphs and recompiles.
 
-        `key` must cover everything that changes the result; passes use `(self.uuid(), ...)`.
+        `key` must cover everything that changes the result; passes use `(self.uuid(), ...)`. `node` may be a
+        sequence of constant nodes (a weight derived from several: concatenated siblings, a weight times a norm's
+        scale): `fn` then gets the list of their values, and the entry is recomputed when any of them changes.
         """
-        root = self._root(node)
-        if root is None:
-            raise KeyError(f"node {node.name} is not a frozen weight or a view of one")
-        weight, chain = root
+        bases, chains = self._roots(node)
+        multi = not isinstance(node, torch.fx.Node)
+
         def compute() -> Any:
-            value = self.value(node)
+            values = [self.value(n) for n in node] if multi else self.value(node)
             with unset_fake_temporarily():
-                return fn(value)
+                return fn(values)
 
-        return DERIVED.get(weight.tensor, chain, key, compute)
+        return DERIVED.get(bases, chains, key, compute)
 
-    def cached(self, node: torch.fx.Node, key: Hashable) -> Any:
+    def cached(self, node: torch.fx.Node | Sequence[torch.fx.Node], key: Hashable) -> Any:
         """What `derive(node, key, ...)` computed earlier in this process (another graph), else None."""
-        root = self._root(node)
-        if root is None:
+        try:
+            bases, chains = self._roots(node)
+        except KeyError:
             return None
-        weight, chain = root
-        return DERIVED.peek(weight.tensor, chain, key)
+        return DERIVED.peek(bases, chains, key)
+
+    def _roots(self, node: torch.fx.Node | Sequence[torch.fx.Node]) -> tuple[Any, Any]:
+        """(base tensor, view chain) of a constant node, or tuples of them for a sequence of nodes."""
+        nodes = [node] if isinstance(node, torch.fx.Node) else list(node)
+        roots = []
+        for n in nodes:
+            root = self._root(n) if isinstance(n, torch.fx.Node) else None
+            if root is None:
+                raise KeyError(f"node {getattr(n, 'name', n)} is not a frozen weight or a view of one")
+            roots.append(root)
+        if isinstance(node, torch.fx.Node):
+            return roots[0][0].tensor, roots[0][1]
+        return tuple(w.tensor for w, _ in roots), tuple(c for _, c in roots)
 
     def add(self, gm: torch.fx.GraphModule, tensor: torch.Tensor, name: str) -> torch.fx.Node:
         """Add a tensor a pass derived (usually from `derive`) as a constant that later passes see as frozen.

@@ -13,10 +13,14 @@ networkx holds the graph of groups; `check_acyclic` verifies the result (tests c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import networkx as nx
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+Rows = tuple[Any, ...]
 
 
 def _inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -31,17 +35,19 @@ class _Groups:
         self.group_of: dict[torch.fx.Node, int] = {}
         self.members: dict[int, list[torch.fx.Node]] = {}
         self.first: dict[int, int] = {}
+        self.rows: dict[int, Rows | None] = {}
         self._next = 0
 
-    def new(self, node: torch.fx.Node) -> int:
+    def new(self, node: torch.fx.Node, rows: Rows | None) -> int:
         gid = self._next
         self._next += 1
         self.group_of[node] = gid
         self.members[gid] = [node]
         self.first[gid] = self.order[node]
+        self.rows[gid] = rows
         return gid
 
-    def merge(self, gids: list[int], node: torch.fx.Node) -> int:
+    def merge(self, gids: list[int], node: torch.fx.Node, rows: Rows | None) -> int:
         keep = max(gids, key=lambda g: len(self.members[g]))
         for g in gids:
             if g == keep:
@@ -50,9 +56,39 @@ class _Groups:
                 self.group_of[n] = keep
                 self.members[keep].append(n)
             self.first[keep] = min(self.first[keep], self.first.pop(g))
+            self.rows.pop(g)
+        self.rows[keep] = rows
         self.group_of[node] = keep
         self.members[keep].append(node)
         return keep
+
+
+def _dim_broadcast(a: Any, b: Any) -> Any:
+    if statically_known_true(a == b) or statically_known_true(b == 1):
+        return a
+    if statically_known_true(a == 1):
+        return b
+    return None
+
+
+def broadcast_rows(shapes: Sequence[Rows | None]) -> Rows | None | bool:
+    """The leading shape all `shapes` broadcast to (right-aligned), None if none constrains, False if they clash."""
+    out: list[Any] | None = None
+    for shape in shapes:
+        if shape is None:
+            continue
+        if out is None:
+            out = list(shape)
+            continue
+        a, b = (out, list(shape)) if len(out) >= len(shape) else (list(shape), out)
+        merged = a[: len(a) - len(b)]
+        for x, y in zip(a[len(a) - len(b):], b):
+            d = _dim_broadcast(x, y)
+            if d is None:
+                return False
+            merged.append(d)
+        out = merged
+    return None if out is None else tuple(out)
 
 
 def _reaches(groups: _Groups, gids: set[int], start: Iterable[torch.fx.Node]) -> bool:
@@ -73,11 +109,16 @@ def _reaches(groups: _Groups, gids: set[int], start: Iterable[torch.fx.Node]) ->
     return False
 
 
-def partition(graph: torch.fx.Graph, fusible: Callable[[torch.fx.Node], bool]) -> list[list[torch.fx.Node]]:
+def partition(graph: torch.fx.Graph, fusible: Callable[[torch.fx.Node], bool],
+              rows: Callable[[torch.fx.Node], Rows | None] | None = None) -> list[list[torch.fx.Node]]:
     """Fusion groups of `graph`, each a list of nodes in graph order; groups listed by their first node.
 
+    rows(node): the node's leading (row) shape, or None where it does not constrain the group (a view the kernel
+    folds into a load). The rows of a group must broadcast into one row space (the code generator's row model):
+    q and k of grouped-query attention (4 and 2 heads) share cos/sin but not rows, so they get one kernel each.
     Single-node groups are included: whether one pays is the caller's (cost model's) decision.
     """
+    rows = rows or (lambda _n: None)
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     groups = _Groups(order)
@@ -85,15 +126,18 @@ def partition(graph: torch.fx.Graph, fusible: Callable[[torch.fx.Node], bool]) -
         if node.op != "call_function" or not fusible(node):
             continue
         inputs = _inputs(node)
-        producer_gids = list(dict.fromkeys(groups.group_of[a] for a in inputs if a in groups.group_of))
+        node_rows = rows(node)
+        producer_gids = [g for g in dict.fromkeys(groups.group_of[a] for a in inputs if a in groups.group_of)
+                         if broadcast_rows([groups.rows[g], node_rows]) is not False]
         chosen: list[int] = []
         if producer_gids:
-            # All producers' groups at once, if no other input of the node (or, joining several groups, of their
-            # members) depends on them: that input would be computed in the middle of the kernel. Else the
-            # largest single group that allows it.
+            # All producers' groups at once, if their rows agree and no other input of the node (or, joining
+            # several groups, of their members) depends on them: that input would be computed in the middle of
+            # the kernel. Else the largest single group that allows it.
             joined = inputs + [a for g in producer_gids for m in groups.members[g] for a in m.all_input_nodes] \
                 if len(producer_gids) > 1 else inputs
-            if not _reaches(groups, set(producer_gids), joined):
+            all_rows = broadcast_rows([groups.rows[g] for g in producer_gids] + [node_rows])
+            if all_rows is not False and not _reaches(groups, set(producer_gids), joined):
                 chosen = producer_gids
             else:
                 for gid in sorted(producer_gids, key=lambda g: -len(groups.members[g])):
@@ -101,9 +145,9 @@ def partition(graph: torch.fx.Graph, fusible: Callable[[torch.fx.Node], bool]) -
                         chosen = [gid]
                         break
         if chosen:
-            groups.merge(chosen, node)
+            groups.merge(chosen, node, broadcast_rows([groups.rows[g] for g in chosen] + [node_rows]) or None)
         else:
-            groups.new(node)
+            groups.new(node, node_rows)
     result = [sorted(m, key=order.__getitem__) for m in groups.members.values()]
     return sorted(result, key=lambda m: order[m[0]])
 

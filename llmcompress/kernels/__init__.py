@@ -26,8 +26,8 @@ cost formulas — lives in `_linear_common.py`; each kernel file keeps its kerne
 launchers, reference and op.
 """
 
-from llmcompress.kernels import fp8_linear, grouped_linear, int4_linear, int8_linear, rms_norm, w8a8_linear
+from llmcompress.kernels import fp8_linear, fused_linear, grouped_linear, int4_linear, int8_linear, rms_norm, w8a8_linear
 from llmcompress.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 
-__all__ = ["fp8_linear", "grouped_linear", "int4_linear", "int8_linear", "rms_norm", "rms_norm_reference",
+__all__ = ["fp8_linear", "fused_linear", "grouped_linear", "int4_linear", "int8_linear", "rms_norm", "rms_norm_reference",
            "rms_norm_triton", "w8a8_linear"]

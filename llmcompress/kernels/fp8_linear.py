@@ -241,7 +241,7 @@ def _linear_fp8_op(
     # triton_op reuses this body as the fake impl and inlines it under torch.compile, so it routes CPU tensors
     # to the reference itself (rms_norm.py). On a GPU below sm_89 this raises while tracing.
     _check_linear("linear_fp8", x, qweight, torch.float8_e4m3fn, wscale, bias)
-    if x.device.type == "cpu":
+    if x.device.type != "cuda":  # the CPU, and the meta device of a cost report's trace
         return linear_fp8_reference(x, qweight, wscale, bias)
     check_fp8_device(x.device)
     return _linear_impl(x, qweight, wscale, bias)

@@ -449,7 +449,7 @@ def _linear_w4a16_op(
 ) -> torch.Tensor:
     # triton_op reuses this body as the fake impl and inlines it under torch.compile without going through the
     # CPU kernel below, so it calls that kernel's function itself for CPU tensors (see rms_norm.py).
-    if x.device.type == "cpu":
+    if x.device.type != "cuda":  # the CPU, and the meta device of a cost report's trace
         return _linear_w4a16_cpu(x, qweight, scales, zeros, group_size, bias, act_scale)
     return linear_w4a16_triton(x, qweight, scales, zeros, group_size, bias, act_scale, gemv_max_m, dense_min_m)
 

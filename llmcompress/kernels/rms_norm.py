@@ -163,7 +163,7 @@ def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     # it (its FunctionalTensorMode rule) instead of dispatching to the CPU kernel below;
     # so it must route CPU tensors to the reference itself. The device is static while
     # tracing, so only one branch lands in the graph.
-    if x.device.type == "cpu":
+    if x.device.type != "cuda":  # the CPU, and the meta device of a cost report's trace
         _check_inputs(x, weight)
         return rms_norm_reference(x, weight, eps)
     return rms_norm_triton(x, weight, eps)

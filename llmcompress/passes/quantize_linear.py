@@ -137,8 +137,13 @@ _DEFAULT_SKIP = ["lm_head"]
 
 
 def _matches(name: str, pattern: str) -> bool:
-    """fnmatch on the module path, or on its tail: `lm_head` matches `lm_head` and `model.lm_head`."""
-    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*.{pattern}")
+    """fnmatch on the module path, or on its tail: `lm_head` matches `lm_head` and `model.lm_head`.
+
+    A layer fused by `fuse-sibling-linears` (`a.q_proj+k_proj+v_proj`) matches when any of its members does.
+    """
+    from .fusion.siblings import member_names
+
+    return any(fnmatch.fnmatchcase(m, pattern) or fnmatch.fnmatchcase(m, f"*.{pattern}") for m in member_names(name))
 
 
 def _module_name(weight_name: str) -> str:

@@ -85,6 +85,8 @@ def load_plugins(force: bool = False) -> None:
 def _load_builtins() -> None:
     importlib.import_module("llmcompress.passes.canonicalize")
     importlib.import_module("llmcompress.passes.quantize_linear")
+    for module in ("fold", "siblings", "epilogue", "pointwise"):
+        importlib.import_module(f"llmcompress.passes.fusion.{module}")
 
 
 def registered_passes() -> dict[str, type[Pass]]:

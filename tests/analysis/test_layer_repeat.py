@@ -1,4 +1,4 @@
-"""Reports from a two-layer trace equal reports from a full trace, for prefill and decode with a recipe; configs
+"""Reports from a three-layer trace equal reports from a full trace, for prefill and decode with a recipe; configs
 whose layers differ are traced in full."""
 
 from __future__ import annotations
@@ -48,29 +48,29 @@ def deep(tmp_path_factory):
 def test_repeated_layers_equal_a_full_trace(deep, kwargs):
     fast = report_model(deep, hardware="h100-sxm", **kwargs)
     full = report_model(deep, hardware="h100-sxm", full_trace=True, **kwargs)
-    assert fast["trace"] == {"layers_traced": 2, "repeated_from": "model.layers.1"}
+    assert fast["trace"] == {"layers_traced": 3, "repeated_from": "model.layers.2"}
     assert full["trace"] == {"layers_traced": 5, "repeated_from": None}
     _close(_strip(fast), _strip(full))
     assert fast["model"]["num_hidden_layers"] == 5
     replicated = {r["layer"] for r in fast["nodes"] if r["replicated_from"]}
-    assert replicated == {"model.layers.2", "model.layers.3", "model.layers.4"}
+    assert replicated == {"model.layers.3", "model.layers.4"}
 
 
 def test_which_configs_repeat():
     base = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
     assert repeatable_depth(transformers.LlamaConfig(num_hidden_layers=80, **base)) == 80
-    assert repeatable_depth(transformers.LlamaConfig(num_hidden_layers=2, **base)) is None
-    mixed = transformers.Qwen2Config(num_hidden_layers=4, use_sliding_window=True, max_window_layers=2, **base)
+    assert repeatable_depth(transformers.LlamaConfig(num_hidden_layers=3, **base)) is None
+    mixed = transformers.Qwen2Config(num_hidden_layers=5, use_sliding_window=True, max_window_layers=2, **base)
     assert len(set(mixed.layer_types)) == 2
     assert repeatable_depth(mixed) is None
     small = shallow_config(transformers.Qwen2Config(num_hidden_layers=6, **base))
-    assert small.num_hidden_layers == 2 and len(small.layer_types) == 2
+    assert small.num_hidden_layers == 3 and len(small.layer_types) == 3
 
 
 def test_heterogeneous_config_is_traced_in_full(tmp_path):
-    transformers.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+    transformers.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=128, use_sliding_window=True, sliding_window=4,
                              max_window_layers=1, dtype="float32").save_pretrained(tmp_path)
     report = report_model(tmp_path, hardware="h100-sxm", seq=8)
-    assert report["trace"] == {"layers_traced": 3, "repeated_from": None}
+    assert report["trace"] == {"layers_traced": 5, "repeated_from": None}
     assert not any(r["replicated_from"] for r in report["nodes"])

@@ -130,23 +130,29 @@ def test_json_linear_flops_and_layers(prefill_json):
 def test_decode_with_recipe_has_before_and_after(decode_json):
     r = decode_json
     assert r["workload"] == {"mode": "decode", "batch": 2, "seq": 1, "kv_len": 32, "tokens_per_step": 2}
-    assert r["recipe"] == {"name": "default", "source": "default", "passes": ["canonicalize"]}
+    from llmcompress.recipes import load_recipe
+
+    passes = [p.name for p in load_recipe("default").passes]
+    assert r["recipe"] == {"name": "default", "source": "default", "passes": passes}
     b, t = r["totals_before"], r["totals"]
     assert set(b) == set(t)
-    # canonicalize changes the form (mm -> linear), not the cost
-    assert b["flops"] == pytest.approx(t["flops"]) and b["bytes"] == pytest.approx(t["bytes"])
-    assert b["weight_bytes"] == t["weight_bytes"] > 0  # the KV cache is an input, not a frozen weight
-    assert any(n["op"] == "aten.linear.default" for n in r["nodes"])
+    # The default recipe's fusions move fewer bytes in fewer kernels for (almost) the same FLOPs.
+    assert t["flops"] == pytest.approx(b["flops"], rel=0.02)
+    assert t["bytes"] < b["bytes"] and t["kernels"] < b["kernels"] and t["latency_s"] < b["latency_s"]
+    assert 0 < t["weight_bytes"] <= b["weight_bytes"]  # the KV cache is an input; folded norm weights are gone
+    linears = [n for n in r["nodes"] if n["op"] in ("aten.linear.default", "llmcompress.fused_linear.default")]
+    assert linears and all(n["op"] == "llmcompress.fused_linear.default" for n in linears)
     assert all(layer["time_s_before"] is not None for layer in r["layers"])
-    matmul_flops = sum(n["flops"] for n in r["nodes"] if n["kind"] == "matmul")
-    assert matmul_flops == 2 * _linear_params(HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB) * 2
+    linear_flops = sum(n["flops"] for n in linears)
+    assert linear_flops == pytest.approx(2 * _linear_params(HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB) * 2,
+                                         rel=0.02)  # plus the epilogues' elementwise work
     attention = [n for n in r["nodes"] if n["kind"] == "attention"]
     assert len(attention) == LAYERS and all(n["shape"] == f"2x{HEADS}x1x{HIDDEN // HEADS}" for n in attention)
     assert t["symbolic"]["flops"] == str(int(t["flops"]))  # a decode step is traced at fixed sizes
     # Renderers read only the report dict: the JSON renders as text and HTML with before/after columns.
     text = render_text(r)
     assert "decode step: batch 2, 1 new token over a static cache of 32" in text
-    assert "before" in text and "speedup" in text and "1.00x" in text
+    assert "before" in text and "speedup" in text
     assert "time before" in render_html(r)
 
 
@@ -156,8 +162,10 @@ def test_html_is_self_contained(html_report):
     assert page.count('src="data:image/png;base64,') == 1
     for external in ("<script", "<link", 'src="http', "url(http"):
         assert external not in page
+    # Both layers are listed: the default recipe's fusions put the rotary tables into the first layer's kernel,
+    # so the two layers of this model differ (the text report's test checks the folding of identical layers).
     for text in ("Roofline", "Per layer", "Per node", "predicted latency", "time before", "model.layers.0",
-                 "identical to model.layers.0"):
+                 "model.layers.1"):
         assert text in page, text
 
 

@@ -94,3 +94,24 @@ def test_random_graphs_partition_acyclic_and_maximal(seed):
                 others = [g for g in groups if g not in merged]
                 with pytest.raises(AssertionError):
                     check_acyclic(graph, others + [joined])
+
+
+def test_groups_only_join_when_their_rows_broadcast():
+    # q (2, 4, 5) and k (2, 2, 5) rows both read c (5,): the consumers of c cannot share one row space.
+    def fn(c, q, k):
+        s = torch.sin(c)
+        return q * s, k * s
+
+    gm = torch.fx.symbolic_trace(fn)
+    shapes = {"sin": (), "mul": (2, 4), "mul_1": (2, 2)}
+    groups = partition(gm.graph, _fusible, rows=lambda n: shapes.get(n.name))
+    check_acyclic(gm.graph, groups)
+    assert _names(groups) == [["sin", "mul"], ["mul_1"]]
+
+
+def test_broadcast_rows():
+    from llmcompress.codegen.partition import broadcast_rows
+
+    assert broadcast_rows([(2, 1, 7), (5, 1), None]) == (2, 5, 7)
+    assert broadcast_rows([(2, 4), (2, 2)]) is False
+    assert broadcast_rows([None, None]) is None

@@ -22,7 +22,7 @@ def _dynamo_graph_count(model, ids) -> int:
     return counter.frame_count
 
 
-@pytest.mark.parametrize("lowering", ["eager", "inductor"])
+@pytest.mark.parametrize("lowering", ["eager", "inductor", "triton"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_parity_with_eager(family, lowering, tmp_path):
     model, ids = tiny_model(family), example_ids()
@@ -40,13 +40,16 @@ def test_parity_with_eager(family, lowering, tmp_path):
     assert sum(p["stats"].get("linear", 0) for g in data["graphs"] for p in g["passes"]) > 0
 
 
-def test_parity_bf16_and_new_sequence_length(tmp_path):
+@pytest.mark.parametrize("lowering", ["eager", "triton"])
+def test_parity_bf16_and_new_sequence_length(lowering, tmp_path):
     model = tiny_model("llama", dtype=torch.bfloat16)
-    compiled = torch.compile(model, backend="llmcompress", options={"lowering": "eager", "strict": True})
+    compiled = torch.compile(model, backend="llmcompress", options={"lowering": lowering, "strict": True})
     with torch.no_grad():
         for seq in (7, 12):
             ids = example_ids(seq=seq)
-            torch.testing.assert_close(main_output(compiled(ids)), main_output(model(ids)))
+            # The default recipe folds norm weights into the linears and rounds once per fused kernel where eager
+            # rounds after every op: bf16 results differ by about one bf16 rounding step (2**-8 relative).
+            torch.testing.assert_close(main_output(compiled(ids)), main_output(model(ids)), atol=2e-2, rtol=2e-2)
 
 
 def _generate(model, ids, compile_config=None):
@@ -54,7 +57,8 @@ def _generate(model, ids, compile_config=None):
                           compile_config=compile_config, pad_token_id=0)
 
 
-@pytest.mark.parametrize("family, lowering", [("llama", "eager"), ("llama", "inductor"), ("mixtral", "eager")])
+@pytest.mark.parametrize("family, lowering", [("llama", "eager"), ("llama", "inductor"), ("llama", "triton"),
+                                              ("mixtral", "eager")])
 def test_greedy_generate_with_static_cache(family, lowering, tmp_path):
     model, ids = tiny_model(family), example_ids(batch=1, seq=6)
     expected = _generate(model, ids)
@@ -85,7 +89,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-@pytest.mark.parametrize("lowering", ["eager", "inductor"])
+@pytest.mark.parametrize("lowering", ["eager", "inductor", "triton"])
 def test_cuda_parity_and_generate(lowering, mode, tmp_path):
     """On a GPU: bf16 Llama through both lowerings, with and without CUDA graphs, and static-cache generate."""
     if mode == "reduce-overhead" and lowering == "eager":

@@ -1,0 +1,360 @@
+"""Compiled fusion groups: the source cache, the launcher, the `llmcompress::fused` custom op and the registry.
+
+Entry points: `compile_group(nodes) -> FusedKernel`, `insert_call(gm, kernel)`, `get_kernel(key)`, and the op
+`torch.ops.llmcompress.fused(key, inputs) -> list[Tensor]` that rewritten graphs call.
+
+Sources are cached on disk (`$LLMCOMPRESS_CACHE_DIR/kernels`, default `~/.cache/llmcompress/kernels`) under the
+sha256 of everything that determines them, and imported from there so Triton's JIT reads a real file. The op runs
+the Triton kernel on CUDA, and on the CPU under TRITON_INTERPRET=1 (so CPU tests exercise the generated code end to
+end); elsewhere it runs the group's reference GraphModule, which is also its fake implementation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import operator
+import os
+import pathlib
+import re
+import sys
+import types
+import warnings
+from typing import Any
+
+import sympy
+import torch
+import torch.fx
+import triton
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from triton.runtime.jit import JITFunction
+
+from .. import __version__
+from ..analysis.roofline import io_bytes, nbytes, numel, register_cost
+from ..passes.graph_utils import call, fake_mode_of
+from .emit import GENERATOR_VERSION, generate
+from .group import MAX_REDUCTION_COLS, CodegenError, Group, analyze
+from .ops import RULES, val
+
+aten = torch.ops.aten
+
+# Elements per program: 4096 values keep a 2-D block in registers at 4 warps (32 per thread) and give the Triton
+# interpreter blocks large enough that CPU tests stay fast. Not tuned on a GPU yet.
+_TILE = 4096
+# Column tile of a group without reductions (it need not hold whole rows).
+_MAX_TILE_COLS = 1024
+
+_REGISTRY: dict[str, FusedKernel] = {}
+_MODULES: dict[str, types.ModuleType] = {}
+
+
+def default_cache_dir() -> pathlib.Path:
+    root = os.environ.get("LLMCOMPRESS_CACHE_DIR")
+    return pathlib.Path(root) / "kernels" if root else pathlib.Path.home() / ".cache" / "llmcompress" / "kernels"
+
+
+def get_kernel(key: str) -> FusedKernel:
+    try:
+        return _REGISTRY[key]
+    except KeyError:
+        raise KeyError(f"no fused kernel {key!r} in this process: the graph calling it was made by compile_group in "
+                       "another process (compiled graphs are not cached across processes)") from None
+
+
+class Plan:
+    """Sizes, strides and launch parameters of one call, computed once per input shapes/strides by running the
+    reference on meta tensors (so output shapes and layouts follow aten exactly)."""
+
+    def __init__(self, kernel: FusedKernel, tensors: list[torch.Tensor]) -> None:
+        group = kernel.group
+        with unset_fake_temporarily():
+            metas = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in tensors]
+            interp = torch.fx.Interpreter(group.reference, garbage_collect_values=False)
+            outs = interp.run(*metas)
+            self._vals = {x: interp.env[r] for x, r in group.ref_nodes.items() if r in interp.env}
+            alloc = [torch.empty_like(o) for o in outs]
+        self.out_shapes = [tuple(a.shape) for a in alloc]
+        self.out_strides = [tuple(a.stride()) for a in alloc]
+        evaluated = group.evaluated
+        lead = [1] * group.rank
+        for x in evaluated:
+            shape = self.shape(x)[:-1]
+            for j, size in enumerate(shape):
+                d = group.rank - len(shape) + j
+                if size != 1 and lead[d] not in (1, size):
+                    raise CodegenError(f"fused kernel {kernel.key}: {x.name} has leading dims {shape}, which do not "
+                                       f"broadcast with the group's {tuple(lead)}")
+                lead[d] = size if size != 1 else lead[d]
+        self.lead = tuple(lead)
+        self.rows = math.prod(lead)
+        self.max_cols = max(self.cols(x) for x in evaluated)
+        # What runs instead of the kernel: "" none, "empty" (no output has elements), "reference" (no rows or no
+        # columns to launch over, but an output broadcast over them has elements), or a reason to warn about.
+        self.fallback = ""
+        if all(0 in s for s in self.out_shapes):
+            self.fallback = "empty"
+        elif self.rows == 0 or self.max_cols == 0:
+            self.fallback = "reference"
+        elif group.has_reduction and self.max_cols > MAX_REDUCTION_COLS:
+            self.fallback = f"rows of {self.max_cols} columns with a reduction (at most {MAX_REDUCTION_COLS})"
+        if self.fallback:
+            return
+        self.ints = tuple(int(fn(self)) for _, fn in kernel.int_args)
+        block_c = triton.next_power_of_2(self.max_cols)
+        if not group.has_reduction:
+            block_c = min(block_c, _MAX_TILE_COLS)
+        block_r = max(1, min(triton.next_power_of_2(self.rows), _TILE // block_c))
+        self.blocks = {"BLOCK_R": block_r, "BLOCK_C": block_c,
+                       "num_warps": 16 if block_r * block_c >= 16384 else 8 if block_r * block_c >= 8192 else 4}
+        self.grid = (triton.cdiv(self.rows, block_r), triton.cdiv(self.max_cols, block_c))
+
+    def meta(self, x: torch.fx.Node) -> torch.Tensor:
+        return self._vals[x]
+
+    def shape(self, x: torch.fx.Node) -> tuple[int, ...]:
+        return tuple(self._vals[x].shape)
+
+    def common_cols(self, xs: list[torch.fx.Node]) -> int:
+        sizes = {x.name: self.cols(x) for x in xs}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"fused kernel: last dims {sizes} were equal when the kernel was compiled; a kernel "
+                             "compiled from a static graph needs them equal (compile from a dynamic graph instead)")
+        return next(iter(sizes.values()))
+
+    def cols(self, x: torch.fx.Node) -> int:
+        s = self._vals[x].shape
+        return s[-1] if len(s) else 1
+
+
+
+class FusedKernel:
+    """One compiled fusion group. `kernel(*tensors)` launches it on tensors like `inputs`' values."""
+
+    def __init__(self, key: str, group: Group, source: str, source_path: pathlib.Path, module: types.ModuleType,
+                 int_args: list, name: str) -> None:
+        self.key = key
+        self.group = group
+        self.inputs = list(group.inputs)
+        self.outputs = list(group.outputs)
+        self.source = source
+        self.source_path = source_path
+        self.reference = group.reference
+        self.module = module
+        self.int_args = int_args
+        self.name = name
+        self.compiled = isinstance(module.fused_kernel, JITFunction)
+        self._plans: dict[tuple, Plan] = {}
+        self._warned: set[str] = set()
+        self.flops = _group_flops(group)
+        self.bytes = sum((nbytes(val(x)) for x in group.inputs), sympy.Integer(0)) + \
+            sum((nbytes(val(x), stored=False) for x in group.outputs), sympy.Integer(0))
+
+    def __repr__(self) -> str:
+        return f"FusedKernel({self.key}, {self.name}, {len(self.inputs)} inputs, {len(self.outputs)} outputs)"
+
+    def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        return self.run(list(tensors))
+
+    def _check(self, tensors: list[torch.Tensor]) -> None:
+        if len(tensors) != len(self.inputs):
+            raise ValueError(f"fused kernel {self.key}: takes {len(self.inputs)} tensors, got {len(tensors)}")
+        device = tensors[0].device if tensors else None
+        for i, (t, x) in enumerate(zip(tensors, self.inputs)):
+            v = val(x)
+            if not isinstance(t, torch.Tensor) or t.dtype != v.dtype or t.dim() != v.dim() or t.device != device:
+                raise ValueError(f"fused kernel {self.key}: input {i} must be a {v.dim()}-d {v.dtype} tensor on "
+                                 f"{device} (as {x.name} it was compiled for), got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            for j, s in enumerate(v.shape):
+                if isinstance(s, int) and s == 1 and t.shape[j] != 1:
+                    raise ValueError(f"fused kernel {self.key}: input {i} was compiled with size 1 at dim {j} "
+                                     f"(broadcast), got shape {tuple(t.shape)}")
+
+    def plan(self, tensors: list[torch.Tensor]) -> Plan:
+        sig = tuple((tuple(t.shape), t.stride()) for t in tensors)
+        plan = self._plans.get(sig)
+        if plan is None:
+            self._check(tensors)
+            plan = self._plans[sig] = Plan(self, tensors)
+        return plan
+
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        plan = self.plan(tensors)
+        device = tensors[0].device
+        use_triton = device.type != "cpu" or not self.compiled
+        if plan.fallback not in ("", "empty") or not use_triton:
+            if plan.fallback not in ("", "empty", "reference") and plan.fallback not in self._warned:
+                self._warned.add(plan.fallback)
+                warnings.warn(f"fused kernel {self.key} ({self.name}): {plan.fallback}; running its aten reference",
+                              stacklevel=2)
+            return [_fresh(o) for o in self.reference(*tensors)]
+        outs = [torch.empty_strided(s, st, dtype=val(x).dtype, device=device)
+                for s, st, x in zip(plan.out_shapes, plan.out_strides, self.outputs)]
+        if plan.fallback == "empty":
+            return outs
+        self.module.fused_kernel[plan.grid](*tensors, *outs, *plan.ints, **plan.blocks)
+        return outs
+
+    def fake(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What the op returns, on fake (or meta) tensors: fresh tensors in the layout of aten's results."""
+        return [torch.empty_like(o) for o in self.reference(*tensors)]
+
+
+def _fresh(o: torch.Tensor) -> torch.Tensor:
+    """The reference's result as a new tensor in the layout `fake` promises (a custom op may not return an alias)."""
+    out = torch.empty_like(o)
+    out.copy_(o)
+    return out
+
+
+def _group_flops(group: Group) -> Any:
+    """Elementwise work of the group as the roofline counts it: one FLOP per output element of a pointwise op, one
+    per input element of a reduction, nothing for views and copies."""
+    total = sympy.Integer(0)
+    for n in group.nodes:
+        if n in group.load_base or n in group.identity_views or n in group.column_slices or \
+                n.target is operator.getitem:
+            continue
+        kind = RULES[n.target].kind
+        if kind in ("reduction", "multi"):
+            total += numel(val(n.args[0]))
+        elif kind == "pointwise" and n.target not in (aten._to_copy.default, aten.clone.default):
+            total += numel(val(n))
+    return total
+
+
+def _versions() -> str:
+    return f"torch={torch.__version__} triton={triton.__version__} llmcompress={__version__} " \
+        f"generator={GENERATOR_VERSION}"
+
+
+def _load(key: str, path: pathlib.Path) -> types.ModuleType:
+    if key in _MODULES:
+        return _MODULES[key]
+    name = f"llmcompress_fused_{key}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    _MODULES[key] = module
+    return module
+
+
+def _write_once(path: pathlib.Path, text: str) -> None:
+    """Write `text` unless the file already holds it (atomically: concurrent compiles may race)."""
+    if path.exists() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _default_name(group: Group) -> str:
+    ops = [RULES[n.target].kind != "view" and n.target.overloadpacket.__name__ for n in group.nodes
+           if n.target is not operator.getitem and n not in group.load_base]
+    name = "_".join(dict.fromkeys(o.strip("_") for o in ops if o))
+    return name[:48].rstrip("_") or "fused"
+
+
+def compile_group(nodes: list[torch.fx.Node], *, name_hint: str = "", dump_dir: str | os.PathLike | None = None,
+                  cache_dir: str | os.PathLike | None = None) -> FusedKernel:
+    """Generate, cache, import and register the Triton kernel computing a fusion group.
+
+    nodes: call_function nodes of one graph forming a group; inputs of the group are the nodes outside it they read
+    (kernel arguments, in order of first use), outputs the group nodes read outside it. Raises `CodegenError` with the
+    reason when the group cannot be generated. `dump_dir` receives a readable copy of the source
+    (`fused_003_<name>.py`, headed by the FX nodes it came from).
+    """
+    group = analyze(list(nodes))
+    gen = generate(group)
+    signature = [(str(val(x).dtype), val(x).dim(), tuple(isinstance(s, int) and s == 1 for s in val(x).shape))
+                 for x in group.inputs]
+    device = {val(x).device.type for x in group.inputs + group.outputs}
+    material = "\n".join([gen.source, group.reference.code, repr(signature), repr(sorted(device)), _versions()])
+    key = hashlib.sha256(material.encode()).hexdigest()[:32]
+    folder = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = folder / f"fused_{key}.py"
+    _write_once(path, gen.source)
+    module = _load(key, path)
+    name = re.sub(r"\W", "_", name_hint) or _default_name(group)
+    kernel = FusedKernel(key, group, gen.source, path, module, gen.int_args, name)
+    _REGISTRY[key] = kernel
+    if dump_dir is not None:
+        _dump(kernel, pathlib.Path(dump_dir))
+    return kernel
+
+
+def _dump(kernel: FusedKernel, folder: pathlib.Path) -> pathlib.Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = {int(m.group(1)) for p in folder.glob("fused_*.py") if (m := re.match(r"fused_(\d+)_", p.name))}
+    index = max(taken, default=-1) + 1
+    header = [f"# key {kernel.key}; cached at {kernel.source_path}", "# FX nodes:"]
+    header += [f"#   {n.format_node()}" for n in kernel.group.nodes]
+    header += [f"# inputs: {', '.join(x.name for x in kernel.inputs)}",
+               f"# outputs: {', '.join(x.name for x in kernel.outputs)}", ""]
+    path = folder / f"fused_{index:03d}_{kernel.name}.py"
+    path.write_text("\n".join(header) + kernel.source)
+    return path
+
+
+def insert_call(gm: torch.fx.GraphModule, kernel: FusedKernel) -> list[torch.fx.Node]:
+    """Replace the group's nodes in `gm` by one `llmcompress::fused` call; returns its getitem nodes, one per output.
+
+    The call goes before the first node outside the group that reads an output; nodes after that point that the
+    group's inputs depend on are moved before it (a group that is not convex raises CodegenError).
+    """
+    graph = gm.graph
+    members = set(kernel.group.nodes)
+    if any(n.graph is not graph or n._erased for n in members):
+        raise CodegenError(f"fused kernel {kernel.key}: its nodes are not all in this graph any more")
+    fake_mode = fake_mode_of(gm)
+    if fake_mode is None:
+        raise CodegenError("the graph has no fake values (meta['val']) to type the fused call with")
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    readers = [u for o in kernel.outputs for u in o.users if u not in members]
+    anchor = min(readers, key=order.__getitem__)
+    late: dict[torch.fx.Node, None] = {}
+    stack = [x for x in kernel.inputs if order[x] >= order[anchor]]
+    while stack:
+        x = stack.pop()
+        if x in late or order[x] < order[anchor]:
+            continue
+        if x in members or any(a in members for a in x.all_input_nodes):
+            raise CodegenError(f"fused kernel {kernel.key}: the group is not convex ({x.name} reads the group and "
+                               "feeds it)")
+        late[x] = None
+        stack.extend(x.all_input_nodes)
+    for x in sorted(late, key=order.__getitem__):
+        anchor.prepend(x)
+    with graph.inserting_before(anchor):
+        fused = call(graph, fake_mode, torch.ops.llmcompress.fused.default, (kernel.key, list(kernel.inputs)))
+        # Provenance of the group's first node: reports attribute the kernel to that module (layer).
+        first = kernel.group.nodes[0]
+        for key in ("stack_trace", "nn_module_stack"):
+            if first.meta.get(key) is not None:
+                fused.meta[key] = first.meta[key]
+        results = [call(graph, fake_mode, operator.getitem, (fused, i)) for i in range(len(kernel.outputs))]
+    for o, r in zip(kernel.outputs, results):
+        o.replace_all_uses_with(r, delete_user_cb=lambda u: u not in members)
+    for n in reversed(kernel.group.nodes):
+        graph.erase_node(n)
+    return results
+
+
+@torch.library.custom_op("llmcompress::fused", mutates_args=())
+def _fused_op(key: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return get_kernel(key).run(list(inputs))
+
+
+@_fused_op.register_fake
+def _fused_fake(key: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return get_kernel(key).fake(list(inputs))
+
+
+@register_cost(torch.ops.llmcompress.fused.default)
+def _fused_cost(node: torch.fx.Node) -> tuple[Any, Any]:
+    """The group's elementwise FLOPs; its inputs read once and outputs written once."""
+    kernel = _REGISTRY.get(node.args[0])
+    return (kernel.flops if kernel is not None else 0), io_bytes(node)

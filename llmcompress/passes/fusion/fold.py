@@ -1,0 +1,482 @@
+"""`fold-into-weights`: fold constant scales into the frozen weights of the linears they feed, removing kernels.
+
+Entry point: `FoldIntoWeightsPass` ("fold-into-weights"). Each fold is exact in real arithmetic; what changes is
+the rounding: the product is rounded once into the weight's dtype (computed in float32) instead of into the
+activation on every call.
+
+* norm scale: ``mul(γ, h)`` (the last step of RMSNorm; γ a frozen (K,) vector, or a Python number / 1-element
+  constant) whose every user is a linear on a frozen weight, directly or through reshapes that keep the last dim
+  and slices of whole rows:
+  ``W' = W·diag(γ)`` and the linears read h. The mul disappears.
+* layer-norm affine: ``native_layer_norm(x, [K], γ, β, eps)`` whose output feeds only such linears:
+  ``W' = W·diag(γ)``, ``b' = b + W·β``, and the layer norm keeps no affine.
+* scale after a linear: ``linear(x, W, b) * s`` -> ``linear(x, s·W, s·b)`` (OPT's query scaling).
+* identity: ``x * 1`` -> x (Llama's rotary ``attention_scaling`` of 1.0).
+* round-trip cast: ``x.to(wider).to(x.dtype)`` -> x (exact: the widening cast loses nothing).
+
+A fold never fires when the mul would promote (``mul(γ fp32, h bf16)`` is fp32: the linear would see another
+dtype), when a user is not such a linear (the residual path, an output), or when the scaled weight would overflow or
+flush a nonzero entry to zero. Every fold is priced with the cost model (the removed kernels' predicted seconds and
+bytes) and recorded in the decisions; a fold that only removes work always wins.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import operator
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..base import Pass, PassContext, PassResult
+from ..graph_utils import call, fake_mode_of, fake_value
+from ..registry import register_pass
+
+aten = torch.ops.aten
+_MULS = (aten.mul.Tensor, aten.mul.Scalar)
+# Ops through which a linear's input may reach it: row-major reshapes keep each row (the last dim) whole.
+_RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default)
+# Views through which a node may reach the output: replacing it by its input would alias that input to an output.
+_VIEWS = (*_RESHAPES, aten.t.default, aten.permute.default, aten.transpose.int, aten.unsqueeze.default,
+          aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.slice.Tensor,
+          aten.select.int, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, operator.getitem)
+# Casts that represent every value of the source dtype exactly.
+_WIDENING = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.float64),
+             (torch.float16, torch.float64), (torch.float32, torch.float64)}
+
+
+def _val(a: Any) -> Any:
+    return a.meta.get("val") if isinstance(a, torch.fx.Node) else None
+
+
+def _same(a: Any, b: Any) -> bool:
+    return bool(statically_known_true(a == b)) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) \
+        else a == b
+
+
+def _same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
+def _is_number(c: Any) -> bool:
+    return isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
+
+
+def _same_layout(old: Any, new: Any) -> bool:
+    olds, news = torch.utils._pytree.tree_leaves(old), torch.utils._pytree.tree_leaves(new)
+    if len(olds) != len(news):
+        return False
+    for o, n in zip(olds, news):
+        if isinstance(o, torch.Tensor) != isinstance(n, torch.Tensor):
+            return False
+        if isinstance(o, torch.Tensor) and (o.dtype != n.dtype or not _same_shape(o.shape, n.shape)
+                                            or not _same_shape(o.stride(), n.stride())):
+            return False
+    return True
+
+
+def reaches_output(node: torch.fx.Node) -> bool:
+    """Whether `node` reaches the graph output through views only (replacing it would alias what it is replaced
+    by to an output)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u.op == "output":
+                return True
+            if u.op == "call_function" and u.target in _VIEWS and u.args[0] is n:
+                stack.append(u)
+    return False
+
+
+def refresh_meta(gm: torch.fx.GraphModule, fake_mode: Any, start: Iterable[torch.fx.Node]) -> int:
+    """Recompute `meta["val"]` of `start` and of every node downstream whose input's layout changed.
+
+    A pass that replaces a node by another of the same shape but other strides (a slice of a fused output, the
+    input of a removed mul) leaves stale strides behind; a `view` that the new strides do not allow becomes a
+    `reshape` (a copy only where a view is impossible). Returns how many views became reshapes.
+    """
+    todo, dirty, reshaped = set(start), set(), 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not (node in todo or any(a in dirty for a in node.all_input_nodes)):
+            continue
+        old = node.meta.get("val")
+        try:
+            with fake_mode:
+                new = node.target(*fake_value(node.args), **fake_value(node.kwargs))
+        except (RuntimeError, ValueError):  # fake tensors raise ValueError for an impossible view
+            if node.target not in (aten.view.default, aten._unsafe_view.default):
+                raise
+            node.target = aten.reshape.default
+            with fake_mode:
+                new = node.target(*fake_value(node.args), **fake_value(node.kwargs))
+            reshaped += 1
+        node.meta["val"] = new
+        if not _same_layout(old, new):
+            dirty.add(node)
+    return reshaped
+
+
+def price_candidate(ctx: PassContext, fake_mode: Any, target: Any, args: Sequence[Any]) -> Any:
+    """The evaluated `NodeCost` of `target(*args)`, a kernel not (yet) in the graph, or None without a cost model.
+
+    args: graph nodes (their fake values are used), fake tensors (a weight not derived yet), or plain values. The
+    node lives in a scratch graph, so the graph being rewritten is untouched.
+    """
+    if ctx.cost_model is None:
+        return None
+    scratch = torch.fx.Graph()
+    lifted: dict[int, torch.fx.Node] = {}
+
+    def lift(a: Any) -> Any:
+        if not isinstance(a, (torch.fx.Node, torch.Tensor)):
+            return a
+        if id(a) not in lifted:
+            p = scratch.placeholder(f"in{len(lifted)}")
+            p.meta["val"] = a.meta["val"] if isinstance(a, torch.fx.Node) else a
+            lifted[id(a)] = p
+        return lifted[id(a)]
+
+    fx_args = tuple(torch.fx.node.map_aggregate(a, lift) for a in args)
+    node = scratch.call_function(target, fx_args)
+    with fake_mode:
+        node.meta["val"] = target(*fake_value(fx_args))
+    return ctx.cost_model.estimate(node, ctx.sizes)
+
+
+def price_nodes(ctx: PassContext, nodes: Iterable[Any]) -> tuple[float, float] | None:
+    """(seconds, bytes) of graph nodes or `price_candidate` costs together, at the example's sizes."""
+    if ctx.cost_model is None:
+        return None
+    seconds = nbytes = 0.0
+    for n in nodes:
+        cost = ctx.cost_model.estimate(n, ctx.sizes) if isinstance(n, torch.fx.Node) else n
+        if cost is not None:
+            seconds, nbytes = seconds + float(cost.time_s), nbytes + float(cost.bytes)
+    return seconds, nbytes
+
+
+def _scaled(w: torch.Tensor, scale: Any) -> torch.Tensor | None:
+    """`w * scale` (scale broadcast along w's last dim) rounded once to w's dtype, computed in at least float32;
+    None when a finite entry overflows or a nonzero entry times a nonzero scale flushes to zero."""
+    acc = torch.promote_types(w.dtype, torch.float32)
+    s = scale.to(acc) if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=acc, device=w.device)
+    out = (w.to(acc) * s).to(w.dtype)
+    if out.is_meta:
+        return out.contiguous()  # a cost report's trace on the meta device: no values to check
+    overflowed = torch.isfinite(w) & ~torch.isfinite(out)
+    flushed = (w != 0) & (s != 0) & (out == 0)
+    return None if bool((overflowed | flushed).any()) else out.contiguous()
+
+
+def _bias_through(w: torch.Tensor, b: torch.Tensor | None, beta: torch.Tensor) -> torch.Tensor | None:
+    """b + W·β (the layer norm's shift pushed through the linear), in at least float32, rounded once."""
+    acc = torch.promote_types(w.dtype, torch.float32)
+    out = w.to(acc) @ beta.to(acc)
+    if b is not None:
+        out = out + b.to(acc)
+    out = out.to(w.dtype)
+    return out if out.is_meta or bool(torch.isfinite(out).all()) else None
+
+
+@register_pass
+class FoldIntoWeightsPass(Pass):
+    """See the module docstring."""
+
+    name: ClassVar[str] = "fold-into-weights"
+    description: ClassVar[str] = ("Fold norm scales, layer-norm affines and scalar multiplications into the weights "
+                                  "of the linears they feed; drop x*1 and lossless cast round trips")
+    after: ClassVar[tuple[str, ...]] = ("canonicalize",)
+    before: ClassVar[tuple[str, ...]] = ("fuse-sibling-linears", "quantize-linear")
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        self._gm, self._ctx = gm, ctx
+        self._fake_mode = fake_mode_of(gm) or ctx.fake_mode
+        self._uuid = self.uuid()
+        self._stats: collections.Counter[str] = collections.Counter()
+        self._decisions: list[dict[str, Any]] = []
+        self._refresh: set[torch.fx.Node] = set()
+        erased: set[torch.fx.Node] = set()
+        # Cleanups first, so that a scale hidden behind `* 1` or a cast round trip is seen by the folds after.
+        for rule in (self._identity, self._scale_after_linear, self._scale_before_linears, self._layer_norm):
+            for node in list(gm.graph.nodes):
+                if node not in erased and node.op == "call_function":
+                    erased |= rule(node)
+        changed = any(v for k, v in self._stats.items() if not k.startswith("skipped"))
+        if changed:
+            gm.graph.eliminate_dead_code()
+            reshaped = refresh_meta(gm, self._fake_mode, self._refresh)
+            if reshaped:
+                self._stats["view -> reshape"] += reshaped
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(changed, dict(self._stats), self._decisions)
+
+    def _record(self, kind: str, node: torch.fx.Node, removed: Sequence[Any], added: Sequence[Any] = (),
+                **extra: Any) -> bool:
+        """Price the removed kernels against the added ones; count and record the fold. Returns whether it pays."""
+        decision: dict[str, Any] = {"node": node.name, "kind": kind, **extra}
+        try:
+            before, after = price_nodes(self._ctx, removed), price_nodes(self._ctx, added)
+        except Exception as e:  # noqa: BLE001 - a gap in the cost model must not block an exact fold
+            before = after = None
+            decision["cost_error"] = f"{type(e).__name__}: {e}"
+        if before is not None and after is not None:
+            decision.update(saved_s=before[0] - after[0], saved_bytes=before[1] - after[1])
+            if after[0] > before[0]:
+                self._stats["skipped: cost model: slower"] += 1
+                self._decisions.append({**decision, "skipped": "cost model: slower"})
+                return False
+        self._stats[kind] += 1
+        self._decisions.append(decision)
+        return True
+
+    def _skip(self, kind: str, node: torch.fx.Node, reason: str, **extra: Any) -> set:
+        self._stats[f"skipped: {reason}"] += 1
+        self._decisions.append({"node": node.name, "kind": kind, **extra, "skipped": reason})
+        return set()
+
+    def _replace(self, node: torch.fx.Node, by: torch.fx.Node) -> set:
+        self._refresh.update(node.users)
+        node.replace_all_uses_with(by)
+        self._gm.graph.erase_node(node)
+        return {node}
+
+    # --- identity: x * 1, x.to(wider).to(x.dtype) ---------------------------------------------------------------
+
+    def _identity(self, node: torch.fx.Node) -> set:
+        if node.target in _MULS and len(node.args) == 2:
+            a, b = node.args
+            x, one = (a, b) if isinstance(a, torch.fx.Node) else (b, a)
+            kind = "identity mul"
+            if not (isinstance(x, torch.fx.Node) and _is_number(one) and one == 1):
+                return set()
+        elif node.target is aten._to_copy.default and self._round_trip(node):
+            x, kind = node.args[0].args[0], "round-trip cast"
+        else:
+            return set()
+        out, xv = _val(node), _val(x)
+        if not (isinstance(xv, torch.Tensor) and out.dtype == xv.dtype and _same_shape(out.shape, xv.shape)):
+            return set()
+        # Safe to return x itself only if x is a fresh tensor that nothing else reads (else two outputs, or an
+        # output and an input, would share memory).
+        fresh = x.op == "call_function" and x.target not in _VIEWS and len(x.users) == 1
+        if not fresh and reaches_output(node):
+            return self._skip(kind, node, "would alias an output")
+        removed = [node] if kind == "identity mul" or len(node.args[0].users) > 1 else [node.args[0], node]
+        if not self._record(kind, node, removed):
+            return set()
+        return self._replace(node, x)
+
+    @staticmethod
+    def _round_trip(node: torch.fx.Node) -> bool:
+        inner = node.args[0]
+        if not (isinstance(inner, torch.fx.Node) and inner.target is aten._to_copy.default):
+            return False
+        x = inner.args[0]
+        xv, mid, out = _val(x), _val(inner), _val(node)
+        if not all(isinstance(t, torch.Tensor) for t in (xv, mid, out)):
+            return False
+        for cast in (inner, node):
+            extra = set(cast.kwargs) - {"dtype", "device", "layout", "memory_format"}
+            if extra or len(cast.args) != 1 or cast.kwargs.get("layout", torch.strided) != torch.strided or \
+                    cast.kwargs.get("memory_format", torch.preserve_format) != torch.preserve_format:
+                return False
+        return (xv.dtype, mid.dtype) in _WIDENING and out.dtype == xv.dtype and \
+            xv.device == mid.device == out.device
+
+    # --- a scale after a linear ---------------------------------------------------------------------------------
+
+    def _scale_of(self, c: Any, k: Any = None) -> tuple[str, Any] | None:
+        """('number', c) for a Python number, ('tensor', node) for a frozen 1-element constant or, when `k` is
+        given, a frozen (K,) vector; else None."""
+        if _is_number(c):
+            return "number", c
+        v = _val(c)
+        if not (isinstance(v, torch.Tensor) and v.is_floating_point() and self._ctx.weights.is_constant(c)):
+            return None
+        if v.numel() == 1 and v.dim() <= 1:
+            return "tensor", c
+        if k is not None and v.dim() == 1 and _same(v.shape[0], k):
+            return "tensor", c
+        return None
+
+    def _scaled_weight(self, w: torch.fx.Node, scale: tuple[str, Any], what: str) -> torch.Tensor | None:
+        kind, c = scale
+        weights = self._ctx.weights
+        if kind == "number":
+            return weights.derive(w, (self._uuid, what, float(c)), lambda t: _scaled(t, c))
+        return weights.derive([w, c], (self._uuid, what), lambda ts: _scaled(ts[0], ts[1]))
+
+    def _scale_after_linear(self, node: torch.fx.Node) -> set:
+        if node.target not in _MULS or len(node.args) != 2:
+            return set()
+        a, b = node.args
+        lin, c = (a, b) if getattr(a, "target", None) is aten.linear.default else (b, a)
+        if not (isinstance(lin, torch.fx.Node) and lin.target is aten.linear.default and not lin.kwargs):
+            return set()
+        scale = self._scale_of(c)
+        kind = "scale after linear"
+        if scale is None:
+            return set()  # linear * activation is a gate, not a scale
+        w, bias = lin.args[1], (lin.args[2] if len(lin.args) > 2 else None)
+        out, lv = _val(node), _val(lin)
+        if not self._ctx.weights.is_constant(w) or (bias is not None and not self._ctx.weights.is_constant(bias)):
+            return self._skip(kind, node, "weight not frozen")
+        if len(lin.users) != 1:
+            return self._skip(kind, node, "linear output used elsewhere")
+        if out.dtype != lv.dtype or not _same_shape(out.shape, lv.shape):
+            return self._skip(kind, node, "dtype promotion")
+        new_w = self._scaled_weight(w, scale, "scale")
+        new_b = None if bias is None else self._scaled_weight(bias, scale, "scale")
+        if new_w is None or (bias is not None and new_b is None):
+            return self._skip(kind, node, "scaled weight overflows or underflows")
+        if not self._record(kind, node, [node], layers=[self._ctx.weights.name(w)]):
+            return set()
+        with self._gm.graph.inserting_before(lin):
+            w_node = self._ctx.weights.add(self._gm, new_w, self._ctx.weights.name(w))
+            b_node = None if bias is None else self._ctx.weights.add(self._gm, new_b, self._ctx.weights.name(bias))
+        lin.args = (lin.args[0], w_node, b_node)
+        return self._replace(node, lin)
+
+    # --- a scale before linears (RMSNorm's γ) -------------------------------------------------------------------
+
+    def _linear_users(self, node: torch.fx.Node, k: Any, keep_last_dim: bool) -> list[torch.fx.Node] | str:
+        """The linears `node` feeds as input (through reshapes), or why it feeds something else."""
+        linears, stack = [], [node]
+        while stack:
+            n = stack.pop()
+            for u in n.users:
+                if u.op == "call_function" and u.target in _RESHAPES and u.args[0] is n:
+                    if keep_last_dim and not _same(_val(u).shape[-1], k):
+                        return "a reshape that splits rows"
+                    stack.append(u)
+                elif u.op == "call_function" and u.target in (aten.slice.Tensor, aten.select.int) and \
+                        u.args[0] is n and (u.args[1] if len(u.args) > 1 else 0) % _val(n).dim() != _val(n).dim() - 1:
+                    stack.append(u)  # rows picked whole (the last token's hidden state before lm_head)
+                elif u.op == "call_function" and u.target is aten.linear.default and u.args[0] is n and \
+                        n not in u.args[1:] and not u.kwargs:
+                    if not self._ctx.weights.is_constant(u.args[1]) or _val(u.args[1]).dim() != 2:
+                        return "a linear on a weight that is not frozen"
+                    bias = u.args[2] if len(u.args) > 2 else None
+                    if bias is not None and not self._ctx.weights.is_constant(bias):
+                        return "a linear on a bias that is not frozen"
+                    linears.append(u)
+                else:
+                    return "a user that is not a linear"
+        return linears or "no linear user"
+
+    def _scale_before_linears(self, node: torch.fx.Node) -> set:
+        if node.target not in _MULS or len(node.args) != 2:
+            return set()
+        a, b = node.args
+        out = _val(node)
+        for h, c in ((b, a), (a, b)):
+            hv = _val(h)
+            if not (isinstance(hv, torch.Tensor) and hv.dim() >= 1 and hv.is_floating_point()) or \
+                    self._ctx.weights.is_constant(h):
+                continue
+            scale = self._scale_of(c, hv.shape[-1])
+            if scale is not None:
+                break
+        else:
+            return set()
+        vector = scale[0] == "tensor" and _val(c).numel() > 1
+        kind = "norm scale" if vector else "scale before linear"
+        users = self._linear_users(node, hv.shape[-1], keep_last_dim=vector)
+        if isinstance(users, str):
+            # Counted only where a linear is in reach: a scalar mul elsewhere (GELU's 0.5) is not a candidate.
+            if vector or users.startswith("a linear"):
+                return self._skip(kind, node, users)
+            return set()
+        if out.dtype != hv.dtype or not _same_shape(out.shape, hv.shape):
+            return self._skip(kind, node, "dtype promotion")
+        new_weights = [self._scaled_weight(lin.args[1], scale, "scale in") for lin in users]
+        if any(w is None for w in new_weights):
+            return self._skip(kind, node, "scaled weight overflows or underflows")
+        layers = [self._ctx.weights.name(lin.args[1]) for lin in users]
+        if not self._record(kind, node, [node], layers=layers):
+            return set()
+        for lin, new_w in zip(users, new_weights):
+            with self._gm.graph.inserting_before(lin):
+                w_node = self._ctx.weights.add(self._gm, new_w, self._ctx.weights.name(lin.args[1]))
+            lin.args = (lin.args[0], w_node, *lin.args[2:])
+        return self._replace(node, h)
+
+    # --- LayerNorm's affine -------------------------------------------------------------------------------------
+
+    def _layer_norm(self, node: torch.fx.Node) -> set:
+        if node.target is not aten.native_layer_norm.default or len(node.args) != 5:
+            return set()
+        x, shape, gamma, beta, eps = node.args
+        kind = "layer-norm affine"
+        if gamma is None and beta is None:
+            return set()
+        if len(shape) != 1:
+            return self._skip(kind, node, "normalized over more than the last dim")
+        if any(p is not None and self._scale_of(p, shape[0]) is None for p in (gamma, beta)):
+            return self._skip(kind, node, "affine not frozen")
+        if any(u.target is not operator.getitem for u in node.users):
+            return self._skip(kind, node, "a user that is not a linear")
+        users: list[torch.fx.Node] = []
+        for out in (u for u in node.users if u.args[1] == 0):  # mean and rstd (1, 2) do not depend on the affine
+            found = self._linear_users(out, shape[0], keep_last_dim=True)
+            if isinstance(found, str):
+                return self._skip(kind, node, found)
+            users += found
+        if not users:
+            return set()
+        weights, ok = self._ctx.weights, True
+        plans = []
+        for lin in users:
+            w, bias = lin.args[1], (lin.args[2] if len(lin.args) > 2 else None)
+            new_w = None if gamma is None else self._scaled_weight(w, ("tensor", gamma), "scale in")
+            new_b = None
+            if beta is not None:
+                nodes = [w, beta] + ([bias] if bias is not None else [])
+                new_b = weights.derive(nodes, (self._uuid, "shift in", bias is not None),
+                                       lambda ts: _bias_through(ts[0], ts[2] if len(ts) > 2 else None, ts[1]))
+            ok = ok and (gamma is None or new_w is not None) and (beta is None or new_b is not None)
+            plans.append((lin, w, bias, new_w, new_b))
+        if not ok:
+            return self._skip(kind, node, "scaled weight overflows or underflows")
+        # Price: the layer norm with and without its affine, and the linears that gain a bias.
+        try:
+            plain = price_candidate(self._ctx, self._fake_mode, aten.native_layer_norm.default,
+                                    (x, shape, None, None, eps))
+            added: list[Any] = [plain]
+            for lin, w, bias, _, new_b in plans:
+                if bias is None and new_b is not None:
+                    b_fake = self._fake_mode.from_tensor(new_b, static_shapes=True)
+                    added.append(price_candidate(self._ctx, self._fake_mode, aten.linear.default,
+                                                 (lin.args[0], w, b_fake)))
+                else:
+                    added.append(lin)
+        except Exception as e:  # noqa: BLE001 - a gap in the cost model must not block an exact fold
+            added, note = None, {"cost_error": f"{type(e).__name__}: {e}"}
+        else:
+            note = {}
+        removed = [node, *(lin for lin, *_ in plans)] if added is not None else []
+        if not self._record(kind, node, removed, added or [], layers=[weights.name(w) for _, w, *_ in plans], **note):
+            return set()
+        for lin, w, bias, new_w, new_b in plans:
+            name = weights.name(w) or w.name
+            with self._gm.graph.inserting_before(lin):
+                w_node = w if new_w is None else weights.add(self._gm, new_w, name)
+                b_node = bias if new_b is None else weights.add(
+                    self._gm, new_b, weights.name(bias) if bias is not None else name.removesuffix("weight") + "bias")
+            lin.args = (lin.args[0], w_node, b_node)
+        with self._gm.graph.inserting_before(node):
+            plain_ln = call(self._gm.graph, self._fake_mode, aten.native_layer_norm.default,
+                            (x, shape, None, None, eps))
+        plain_ln.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        return self._replace(node, plain_ln)
+
+
+from . import siblings as _siblings  # noqa: E402,F401  (its ordering constraints name this pass, and this one it)
+
+__all__ = ["FoldIntoWeightsPass", "price_candidate", "price_nodes", "reaches_output", "refresh_meta"]
