@@ -43,6 +43,7 @@ from ...kernels._linear_common import GEMV_MAX_M, SUPPORTED_DTYPES
 from ..base import Pass, PassContext, PassResult
 from ..graph_utils import call, fake_mode_of
 from ..registry import register_pass
+from .device import no_triton_reason
 
 aten = torch.ops.aten
 OP = torch.ops.llmcompress.fused_linear.default
@@ -287,6 +288,9 @@ class FuseLinearEpiloguePass(Pass):
         stats: collections.Counter[str] = collections.Counter()
         decisions: list[dict[str, Any]] = []
         fake_mode = fake_mode_of(gm) or ctx.fake_mode
+        reason = None if self.options.force else no_triton_reason(ctx)
+        if reason is not None:
+            return PassResult(False, {f"skipped: {reason}": 1})
         done: set[torch.fx.Node] = set()
         for node in list(gm.graph.nodes):
             if node in done or not _is_call(node, aten.linear.default):

@@ -23,6 +23,7 @@ from ... import codegen
 from ...codegen.partition import partition
 from ..base import Pass, PassContext, PassResult
 from ..registry import register_pass
+from .device import no_triton_reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +96,9 @@ class FusePointwisePass(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: dict[str, int] = {}
         decisions: list[dict[str, Any]] = []
+        reason = None if self.options.force else no_triton_reason(ctx)
+        if reason is not None:
+            return PassResult(False, {f"skipped: {reason}": 1})
         reasons: dict[torch.fx.Node, str | None] = {}
 
         def fusible(node: torch.fx.Node) -> bool:

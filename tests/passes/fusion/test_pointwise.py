@@ -152,3 +152,26 @@ def test_fusion_keeps_working_around_quantized_linears(lowering, tmp_path):
     assert ops["llmcompress.linear_w4a16.default"] == 2 * 4  # per layer: q+k+v, o, gate+up, down
     assert ops[FUSED] >= 4
     assert sqnr_db(eager, fused) > sqnr_db(eager, plain) - 3.0 > 10.0
+
+
+def test_fusions_stand_aside_where_triton_does_not_run(monkeypatch, tmp_path):
+    """A CPU without the Triton interpreter: our ops would run their references op by op and hide the graph from
+    the lowering, so the cost model's fused price does not hold; `force` (lowering="triton") still fuses."""
+    import llmcompress.kernels._linear_common as common
+
+    monkeypatch.setattr(common, "INTERPRETED", False)
+    model, (x, r) = NormGate().eval(), _inputs(3, 5, 37)
+    report = tmp_path / "r.json"
+    with torch.no_grad():
+        torch.testing.assert_close(_compile(model, report=report)(x, r), model(x, r))
+    assert ops_of_last_graph()[FUSED] == 0
+    data = json.loads(report.read_text())
+    stats = next(p for p in data["graphs"][0]["passes"] if p["name"] == "fuse-pointwise")["stats"]
+    assert stats == {"skipped: no Triton kernels on cpu (our ops would run their PyTorch references)": 1}
+    torch._dynamo.reset()
+    forced = tmp_path / "forced.json"
+    with torch.no_grad():
+        torch.testing.assert_close(_compile(model, "triton", forced)(x, r), model(x, r))
+    data = json.loads(forced.read_text())
+    stats = next(p for p in data["graphs"][0]["passes"] if p["name"] == "fuse-pointwise")["stats"]
+    assert stats["groups fused"] == 1
