@@ -99,11 +99,9 @@ class FusePointwisePass(Pass):
         reason = None if self.options.force else no_triton_reason(ctx)
         if reason is not None:
             return PassResult(False, {f"skipped: {reason}": 1})
-        reasons: dict[torch.fx.Node, str | None] = {}
 
         def fusible(node: torch.fx.Node) -> bool:
-            reasons[node] = codegen.fusible(node)
-            return reasons[node] is None
+            return codegen.fusible(node) is None
 
         worklist = [g for g in map(_trim_views, partition(gm.graph, fusible, _rows)) if not _only_views(g, stats)]
         lowering = ctx.config.lowering
