@@ -89,7 +89,7 @@ def report_model(path: str | Path, *, batch: int = 1, seq: int | None = None, kv
 
     A prefill of `batch` sequences of `seq` tokens (default 128), or with `kv_len` one decode step of `batch`
     tokens over a static cache of `kv_len` slots. The model is built on the meta device: no weights are read.
-    Unless `full_trace`, a model whose decoder layers are alike is traced with two of them and the second one's
+    Unless `full_trace`, a model whose decoder layers are alike is traced with three of them and the last one's
     costs are repeated up to its depth (`layer_repeat`; a 70B config then reports in seconds, not minutes).
     Raises `ValueError` for bad sizes, `OptionError` for unknown hardware or recipe, `ModelLoadError` for a path.
     """
