@@ -12,6 +12,8 @@ opaque to tracing (as in transformers' fallback).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..analysis.roofline import io_bytes, numel, register_cost, sym
@@ -29,6 +31,12 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, offs: torch.Tensor) -> None:
                          f"{offs.dtype} {tuple(offs.shape)}")
 
 
+def _check_act_scale(qweight: torch.Tensor, k: int, act_scale: Optional[torch.Tensor]) -> None:
+    if act_scale is not None and (act_scale.dtype != torch.float32 or tuple(act_scale.shape) != (qweight.shape[0], k)):
+        raise ValueError(f"grouped linear: act_scale must be float32 ({qweight.shape[0]}, {k}), got "
+                         f"{act_scale.dtype} {tuple(act_scale.shape)}")
+
+
 def _by_expert(x: torch.Tensor, n: int, offs: torch.Tensor, fn) -> torch.Tensor:
     out = torch.zeros(x.shape[0], n, dtype=x.dtype, device=x.device)
     start = 0
@@ -41,23 +49,29 @@ def _by_expert(x: torch.Tensor, n: int, offs: torch.Tensor, fn) -> torch.Tensor:
 
 @torch.library.custom_op("llmcompress::grouped_linear_w4a16", mutates_args=())
 def grouped_linear_w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                         group_size: int, offs: torch.Tensor) -> torch.Tensor:
-    """x: (T, K) sorted by expert; qweight (E, N, K // 2); scales, zeros (E, N, K // group_size); offs (E,)."""
+                         group_size: int, offs: torch.Tensor, act_scale: Optional[torch.Tensor] = None
+                         ) -> torch.Tensor:
+    """x: (T, K) sorted by expert; qweight (E, N, K // 2); scales, zeros (E, N, K // group_size); offs (E,);
+    act_scale: optional float32 (E, K), each expert's AWQ 1/s."""
     _check(x, qweight, offs)
+    _check_act_scale(qweight, x.shape[1], act_scale)
     op = torch.ops.llmcompress.linear_w4a16
-    return _by_expert(x, qweight.shape[1], offs,
-                      lambda e, xe: op(xe, qweight[e], scales[e], zeros[e], group_size, None, None))
+    return _by_expert(x, qweight.shape[1], offs, lambda e, xe: op(
+        xe, qweight[e], scales[e], zeros[e], group_size, None, None if act_scale is None else act_scale[e]))
 
 
 @grouped_linear_w4a16.register_fake
-def _(x, qweight, scales, zeros, group_size, offs):
+def _(x, qweight, scales, zeros, group_size, offs, act_scale=None):
     return x.new_empty(x.shape[0], qweight.shape[1])
 
 
-def grouped_linear_w4a16_reference(x, qweight, scales, zeros, group_size, offs) -> torch.Tensor:
-    """Plain torch: each expert's dequantized weight (float32) times its rows, rounded once to x.dtype."""
-    return _by_expert(x, qweight.shape[1], offs, lambda e, xe: (xe.float() @ formats.dequantize_int4(
-        qweight[e], scales[e], zeros[e], group_size).T).to(x.dtype))
+def grouped_linear_w4a16_reference(x, qweight, scales, zeros, group_size, offs, act_scale=None) -> torch.Tensor:
+    """Plain torch: each expert's dequantized weight (float32) times its rows (times act_scale[e]), rounded once
+    to x.dtype."""
+    def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
+        h = xe.float() if act_scale is None else xe.float() * act_scale[e].float()
+        return (h @ formats.dequantize_int4(qweight[e], scales[e], zeros[e], group_size).T).to(x.dtype)
+    return _by_expert(x, qweight.shape[1], offs, expert)
 
 
 @torch.library.custom_op("llmcompress::grouped_linear_w8a16", mutates_args=())

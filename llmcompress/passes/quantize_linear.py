@@ -63,6 +63,10 @@ class QuantizeLinearOptions:
     """GPTQ: columns per lazy batch."""
     mse: bool = False
     """GPTQ: search each group's range for the lowest error instead of taking its min and max."""
+    awq_float_target: bool = True
+    """AWQ: fit each layer's output to the float model's output, on inputs that carry the errors of the layers
+    quantized before it (the float graph runs beside the calibration run); False fits it to the layer's own float
+    weights on those inputs."""
     skip: list[str] = dataclasses.field(default_factory=lambda: list(_DEFAULT_SKIP))
     """Layer name patterns left dense: fnmatch on the module path or its tail (`lm_head`, `*.mlp.gate`)."""
     overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
@@ -245,11 +249,6 @@ class QuantizeLinearPass(Pass):
             if layer.scheme == "w4a16" and k % layer.group_size:
                 skip(node, name, f"group size: group_size {layer.group_size} does not divide K={k}", warn=True)
                 continue
-            if grouped and layer.method != "rtn":
-                # Calibrating experts one by one needs their routed tokens; not implemented: say so.
-                skip_reason = "experts are quantized by round to nearest (per-expert calibration not implemented)"
-                decisions.append({"node": node.name, "layer": name, "note": skip_reason})
-                layer = dataclasses.replace(layer, method="rtn")
             targets.append(_Target(node, name, weight, layer, grouped))
         user_skip = [] if self.options.skip == _DEFAULT_SKIP else self.options.skip
         for pattern in [*user_skip, *self.options.overrides]:
@@ -263,7 +262,7 @@ class QuantizeLinearPass(Pass):
     def _key(self, layer: _Layer, method: str | None = None, calibration: str | None = None) -> tuple:
         o = self.options
         return ("quantize-linear", 1, layer.scheme, method or layer.method, layer.group_size, layer.alpha,
-                o.act_order, o.damp, o.block_size, o.mse, calibration)
+                o.act_order, o.damp, o.block_size, o.mse, o.awq_float_target, calibration)
 
     def _calibrate(self, gm: torch.fx.GraphModule, ctx: PassContext, targets: list[_Target], stats: dict
                    ) -> dict[torch.fx.Node, tuple[tuple[torch.Tensor, ...], str]]:
@@ -300,18 +299,23 @@ class QuantizeLinearPass(Pass):
         by_node = {t.node: t for t in pending}
         bar = _progress(len(pending), f"calibrating graph {ctx.graph_id}")
 
-        def quantize(node: torch.fx.Node, inputs: list[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def quantize(node: torch.fx.Node, calls: list[tuple[tuple, dict]],
+                     float_inputs: list[torch.Tensor] | None = None) -> Callable[..., torch.Tensor]:
             t = by_node[node]
+            inputs = [args[0] for args, _ in calls]
+            offs = [_offs(args, kwargs) for args, kwargs in calls] if t.grouped else None
+            if t.grouped:
+                float_inputs = None  # expert-sorted rows: the float model may route them elsewhere
             tensors = ctx.weights.derive(node.args[1], self._key(t.layer, calibration=fp),
-                                         lambda _w: _calibrated(t, inputs, self.options))
+                                         lambda _w: _calibrated(t, inputs, self.options, float_inputs, offs))
             out[node] = (tensors, t.layer.method)
-            bias = node.args[2] if len(node.args) > 2 else None
-            bias_value = ctx.weights.value(bias) if isinstance(bias, torch.fx.Node) and \
-                ctx.weights.is_constant(bias) else None
-            return lambda x: _apply(t.layer, tensors, x, bias_value)
+            return lambda *args, **kwargs: _apply(t, tensors, args, kwargs)
 
         try:
-            run_sequential(gm, feeds, list(by_node), quantize, progress=lambda i: bar.update(1))
+            float_inputs = self.options.awq_float_target and any(t.layer.method == "awq" and not t.grouped
+                                                                 for t in pending)
+            run_sequential(gm, feeds, list(by_node), quantize, progress=lambda i: bar.update(1),
+                           float_inputs=float_inputs)
         finally:
             bar.close()
         return out
@@ -330,10 +334,12 @@ class QuantizeLinearPass(Pass):
             consts = [ctx.weights.add(gm, c, f"{t.name}.{suffix}") for c, suffix in
                       zip(tensors, _SUFFIXES[layer.scheme])]
             if t.grouped:
-                offs = node.kwargs.get("offs", node.args[2] if len(node.args) > 2 else None)
+                offs = _offs(node.args, node.kwargs)
                 op = torch.ops.llmcompress.grouped_linear_w4a16.default if layer.scheme == "w4a16" else \
                     torch.ops.llmcompress.grouped_linear_w8a16.default
-                args = (x, *consts[:3], layer.group_size, offs) if layer.scheme == "w4a16" else (x, *consts[:2], offs)
+                act_scale = consts[3] if layer.scheme == "w4a16" and len(consts) > 3 else None
+                args = (x, *consts[:3], layer.group_size, offs, act_scale) if layer.scheme == "w4a16" else \
+                    (x, *consts[:2], offs)
                 decision["kernel"] = f"grouped {layer.scheme} (per-expert GEMV/GEMM)"
             elif layer.scheme in ("w4a16", "w8a16"):
                 n, k = t.weight.shape
@@ -403,8 +409,14 @@ def _rtn(t: _Target) -> tuple[torch.Tensor, ...]:
     return formats.quantize_fp8_per_channel(w)
 
 
-def _calibrated(t: _Target, inputs: list[torch.Tensor], o: QuantizeLinearOptions) -> tuple[torch.Tensor, ...]:
-    """AWQ, GPTQ or SmoothQuant of one layer on its input activations (one tensor per calibration chunk)."""
+def _calibrated(t: _Target, inputs: list[torch.Tensor], o: QuantizeLinearOptions,
+                float_inputs: list[torch.Tensor] | None = None, offs: list[Any] | None = None
+                ) -> tuple[torch.Tensor, ...]:
+    """AWQ, GPTQ or SmoothQuant of one layer on its input activations (one tensor per calibration chunk);
+    float_inputs: the same activations in the float model (AWQ's target), None where they are equal. MoE experts
+    (3-D weights; offs: each chunk's expert offsets) are calibrated one by one on the rows routed to each."""
+    if t.grouped:
+        return _calibrated_experts(t, inputs, o, offs)
     k = t.weight.shape[-1]
     method = t.layer.method
     if method == "gptq":
@@ -419,7 +431,8 @@ def _calibrated(t: _Target, inputs: list[torch.Tensor], o: QuantizeLinearOptions
         from ..quantization.awq import awq_search
 
         x = torch.cat([x.reshape(-1, k) for x in inputs])
-        r = awq_search(t.weight.float(), x, group_size=t.layer.group_size)
+        xf = None if float_inputs is None else torch.cat([x.reshape(-1, k) for x in float_inputs])
+        r = awq_search(t.weight.float(), x, group_size=t.layer.group_size, x_float=xf)
         return r.qweight, r.scales, r.zeros, r.act_scale
     if method == "smoothquant":
         from ..quantization.smoothquant import ActivationAbsMax, smoothquant_quantize
@@ -431,10 +444,55 @@ def _calibrated(t: _Target, inputs: list[torch.Tensor], o: QuantizeLinearOptions
     raise AssertionError(method)
 
 
-def _apply(layer: _Layer, tensors: tuple[torch.Tensor, ...], x: torch.Tensor, bias: torch.Tensor | None
-           ) -> torch.Tensor:
-    """The quantized layer's output during calibration: the op the graph will call."""
+# An expert routed fewer calibration rows than this is quantized by round to nearest: GPTQ's Hessian and AWQ's
+# statistics from a handful of tokens fit those tokens, not the expert.
+_MIN_EXPERT_ROWS = 16
+
+
+def _calibrated_experts(t: _Target, inputs: list[torch.Tensor], o: QuantizeLinearOptions, offs: list[Any]
+                        ) -> tuple[torch.Tensor, ...]:
+    """Each expert of a 3-D weight (E, N, K) calibrated on the rows routed to it in every chunk (rows
+    offs[e - 1]:offs[e] of the expert-sorted activations); rarely routed experts fall back to round to nearest,
+    with a warning. AWQ's act_scale comes back as (E, K)."""
+    n_experts, _, k = t.weight.shape
+    bounds = [[0, *(int(v) for v in o_.tolist())] for o_ in offs]
+    parts, fallback = [], []
+    for e in range(n_experts):
+        rows = [x.reshape(-1, k)[b[e]:b[e + 1]] for x, b in zip(inputs, bounds)]
+        count = sum(r.shape[0] for r in rows)
+        one = dataclasses.replace(t, weight=t.weight[e], grouped=False)
+        if count < _MIN_EXPERT_ROWS:
+            fallback.append(f"{e} ({count} rows)")
+            part = _rtn(one)
+            if t.layer.method == "awq":
+                part = (*part, torch.ones(k, dtype=torch.float32, device=t.weight.device))
+        else:
+            part = _calibrated(one, rows, o)
+        parts.append(part)
+    if fallback:
+        warnings.warn(f"llmcompress: quantize-linear: {t.name}: experts {', '.join(fallback)} got fewer than "
+                      f"{_MIN_EXPERT_ROWS} calibration rows and are quantized by round to nearest; give more "
+                      "calibration samples to calibrate them", CalibrationWarning, stacklevel=2)
+    return tuple(torch.stack(p) for p in zip(*parts))
+
+
+def _offs(args: tuple, kwargs: dict) -> Any:
+    """The expert offsets of a grouped matmul's call (`_grouped_mm(x, w, offs)`, transformers' fallback)."""
+    return kwargs.get("offs", args[2] if len(args) > 2 else None)
+
+
+def _apply(t: _Target, tensors: tuple[torch.Tensor, ...], args: tuple, kwargs: dict) -> torch.Tensor:
+    """The quantized layer's output during calibration, from the dense node's evaluated arguments: the op the
+    graph will call."""
     ops = torch.ops.llmcompress
+    layer, x = t.layer, args[0]
+    if t.grouped:
+        offs = _offs(args, kwargs)
+        if layer.scheme == "w4a16":
+            return ops.grouped_linear_w4a16(x, *tensors[:3], layer.group_size, offs,
+                                            tensors[3] if len(tensors) > 3 else None)
+        return ops.grouped_linear_w8a16(x, *tensors[:2], offs)
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
     if layer.scheme == "w4a16":
         act_scale = tensors[3] if len(tensors) > 3 else None
         return ops.linear_w4a16(x, tensors[0], tensors[1], tensors[2], layer.group_size, bias, act_scale)

@@ -126,12 +126,19 @@ def _derive_input(name: str, v: Any, bind: dict, chunk_shape: torch.Size) -> Any
 
 
 def run_sequential(gm: torch.fx.GraphModule, feeds: list[list[Any]], targets: Sequence[torch.fx.Node],
-                   quantize: Callable[[torch.fx.Node, list[torch.Tensor]], Callable[[torch.Tensor], torch.Tensor]],
-                   progress: Callable[[int], None] | None = None) -> None:
+                   quantize: Callable[..., Callable[..., torch.Tensor]],
+                   progress: Callable[[int], None] | None = None, float_inputs: bool = False) -> None:
     """Run `gm` on every chunk in `feeds`, node by node; at each node of `targets` call `quantize`.
 
-    `quantize(node, inputs)` gets the node's first argument (the activation) for every chunk and returns the
-    quantized layer (activation -> output), which then replaces the node's output for the rest of the run.
+    `quantize(node, calls)` gets the node's evaluated (args, kwargs) for every chunk (args[0]: the activation;
+    MoE grouped matmuls also need their expert offsets) and returns the quantized layer, called as
+    layer(*args, **kwargs), whose outputs replace the node's for the rest of the run.
+
+    With `float_inputs`, the unquantized graph runs beside it (only the values that differ are kept twice), and
+    `quantize(node, calls, float_inputs)` also gets what the activation is in the float model, per chunk (None
+    where it is the same everywhere): a layer can then be fitted to the float model's outputs rather than to its
+    own on inputs that already carry the earlier layers' errors. Rows match the float model's only where the
+    graph keeps token order (not for expert-sorted rows, whose routing may differ).
     """
     nodes = list(gm.graph.nodes)
     target_set = set(targets)
@@ -143,8 +150,18 @@ def run_sequential(gm: torch.fx.GraphModule, feeds: list[list[Any]], targets: Se
         for a in n.all_input_nodes:
             last_use[a] = i
     envs: list[dict[torch.fx.Node, Any]] = [{} for _ in feeds]
+    # Float-model values of the nodes whose value differs from envs' (downstream of a quantized layer).
+    shadows: list[dict[torch.fx.Node, Any]] = [{} for _ in feeds]
     placeholders = iter(range(len(feeds[0]) if feeds else 0))
     done = 0
+
+    def float_call(node: torch.fx.Node, env: dict, shadow: dict) -> None:
+        if any(a in shadow for a in node.all_input_nodes):
+            def look(a: torch.fx.Node) -> Any:
+                return shadow[a] if a in shadow else env[a]
+            shadow[node] = node.target(*torch.fx.node.map_arg(node.args, look),
+                                       **torch.fx.node.map_arg(node.kwargs, look))
+
     with torch.no_grad():
         for i, node in enumerate(nodes[: stop + 1]):
             if node.op == "placeholder":
@@ -157,21 +174,35 @@ def run_sequential(gm: torch.fx.GraphModule, feeds: list[list[Any]], targets: Se
                     env[node] = value
             elif node.op == "call_function":
                 if node in target_set:
-                    inputs = [env[node.args[0]] for env in envs]
-                    layer = quantize(node, inputs)
-                    del inputs
-                    for env in envs:
-                        env[node] = layer(env[node.args[0]])
+                    calls = [(torch.fx.node.map_arg(node.args, env.__getitem__),
+                              torch.fx.node.map_arg(node.kwargs, env.__getitem__)) for env in envs]
+                    if float_inputs:
+                        act = node.args[0]
+                        floats = [sh.get(act) for sh in shadows]
+                        layer = quantize(node, calls, None if all(f is None for f in floats) else
+                                         [c[0][0] if f is None else f for c, f in zip(calls, floats)])
+                        del floats
+                    else:
+                        layer = quantize(node, calls)
+                    for env, shadow, (args, kwargs) in zip(envs, shadows, calls):
+                        if float_inputs:
+                            fargs = torch.fx.node.map_arg(node.args, lambda a: shadow.get(a, env[a]))
+                            fkwargs = torch.fx.node.map_arg(node.kwargs, lambda a: shadow.get(a, env[a]))
+                            shadow[node] = node.target(*fargs, **fkwargs)
+                        env[node] = layer(*args, **kwargs)
+                    del calls
                     done += 1
                     if progress is not None:
                         progress(done)
                 else:
-                    for env in envs:
+                    for env, shadow in zip(envs, shadows):
                         args = torch.fx.node.map_arg(node.args, env.__getitem__)
                         kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
                         env[node] = node.target(*args, **kwargs)
+                        if float_inputs:
+                            float_call(node, env, shadow)
             for a in node.all_input_nodes:
                 if last_use.get(a) == i:
-                    for env in envs:
+                    for env, shadow in zip(envs, shadows):
                         env.pop(a, None)
-
+                        shadow.pop(a, None)

@@ -327,3 +327,34 @@ def test_non_floating_model_is_left_dense():
         out = _compile(module, {"lowering": "eager", "passes": {
             "canonicalize": {}, "quantize-linear": {"scheme": "w8a16"}}})(x)
     assert torch.equal(out, torch.nn.functional.linear(x, module.weight))
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_mixtral_experts_are_calibrated_one_by_one(tmp_path, method):
+    ids = example_ids()
+    calibration = torch.randint(2, VOCAB, (16, 32), generator=torch.Generator().manual_seed(5))
+    outs = {}
+    for m in ("rtn", method):
+        model = tiny_model("mixtral")
+        with torch.no_grad():
+            dense = main_output(model(calibration[:4]))
+        passes = {"canonicalize": {}, "quantize-linear": {"scheme": "w4a16", "group_size": 32, "method": m}}
+        options = {"passes": passes, "lowering": "eager", "report": str(tmp_path / f"{m}.json")}
+        if m != "rtn":
+            options["calibration"] = calibration
+        with torch.no_grad():
+            outs[m] = main_output(_compile(model, options)(calibration[:4]))
+        rec = _pass_record(json.loads((tmp_path / f"{m}.json").read_text()))
+        grouped = [d for d in rec["decisions"] if str(d.get("kernel", "")).startswith("grouped")]
+        assert len(grouped) == 4 and all(d["method"] == m for d in grouped)
+    # Calibrated experts fit the calibration tokens better than round to nearest (measured SQNR: 20.7 dB RTN,
+    # 23.7 GPTQ, 23.8 AWQ).
+    assert sqnr_db(dense, outs[method]) > sqnr_db(dense, outs["rtn"]) + 1.0
+
+
+def test_rarely_routed_experts_fall_back_to_rtn_with_a_warning():
+    calibration = torch.randint(2, VOCAB, (1, 8), generator=torch.Generator().manual_seed(6))  # 16 routings, 4 experts
+    passes = {"canonicalize": {}, "quantize-linear": {"scheme": "w4a16", "group_size": 32, "method": "gptq"}}
+    with torch.no_grad(), pytest.warns(CalibrationWarning, match="fewer than 16 calibration rows"):
+        _compile(tiny_model("mixtral"), {"passes": passes, "lowering": "eager", "calibration": calibration,
+                                         "calibration_seq_len": 8})(calibration)

@@ -115,7 +115,7 @@ def _errors(ws: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.
 @pytest.mark.parametrize("group_size", [32, 128])
 def test_asymmetric_grid_and_sweeps_never_increase_the_error(group_size):
     w, x = outlier_layer(n=96, k=384, t=512, seed=7)
-    _, h = _stats(x)
+    _, h, _ = _stats(x)
     sym = _search_ranges(w, h, group_size, 20, 0.5, asym=False, sweeps=0, ls_steps=0)
     asym = _search_ranges(w, h, group_size, 20, 0.5, asym=True, sweeps=0, ls_steps=0)
     swept = _search_ranges(w, h, group_size, 20, 0.5, asym=True, sweeps=2, ls_steps=3)
@@ -133,3 +133,40 @@ def test_asymmetric_grid_and_sweeps_never_increase_the_error(group_size):
         assert bool((scale > 0).all()) and bool((zero == zero.round()).all())
         assert bool((scale == scale.half().float()).all())  # as stored
         assert 0 <= zero.min() and zero.max() <= 15
+
+
+def _perturbed(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w, the float model's inputs x_float, and inputs x carrying an upstream error correlated with them (as the
+    errors of earlier quantized layers are)."""
+    w, x_float = outlier_layer(n=96, k=256, t=768, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    x = x_float * (1 + 0.05 * torch.randn(1, 256, generator=g)) + 0.05 * torch.randn(768, 256, generator=g)
+    return w, x, x_float
+
+
+def test_awq_float_target_loss_is_the_error_against_the_float_outputs():
+    w, x, x_float = _perturbed(seed=8)
+    r = awq_search(w, x, group_size=64, x_float=x_float)
+    _check_format(r, 96, 256, 64)
+    wq = formats.dequantize_int4(r.qweight, r.scales, r.zeros, 64)
+    # The reported loss drops the constant (the upstream error's own share), so add it back and compare in float64.
+    to_float = ((x.double() * r.act_scale.double()) @ wq.double().T - x_float.double() @ w.double().T).pow(2).mean()
+    upstream = ((x.double() - x_float.double()) @ w.double().T).pow(2).mean()
+    assert (to_float - upstream).item() == pytest.approx(r.loss_awq, rel=1e-3, abs=1e-9)
+
+
+def test_awq_float_target_fits_the_float_outputs_better():
+    w, x, x_float = _perturbed(seed=9)
+
+    def to_float(r: AWQResult) -> float:
+        wq = formats.dequantize_int4(r.qweight, r.scales, r.zeros, 64)
+        return ((x * r.act_scale) @ wq.T - x_float @ w.T).pow(2).mean().item()
+
+    own = awq_search(w, x, group_size=64)
+    fitted = awq_search(w, x, group_size=64, x_float=x_float)
+    assert to_float(fitted) < to_float(own)
+    # x_float == x is the plain objective: the same search, the same result.
+    same = awq_search(w, x, group_size=64, x_float=x.clone())
+    assert torch.equal(same.qweight, own.qweight) and torch.equal(same.act_scale, own.act_scale)
+    with pytest.raises(ValueError, match="x_float"):
+        awq_search(w, x, group_size=64, x_float=x_float[:100])
