@@ -36,7 +36,8 @@ DEFAULT_FIXTURES = Path(os.environ.get("LLMCOMPRESS_FIXTURES", ROOT.parent / "sh
 WINDOW = 512
 TARGETS = {"w8a16": 0.1, "w4a16-awq": 1.0, "w4a16-gptq": 1.0, "w8a8-smoothquant": 1.0}
 DEFAULT_RUNS = ["tiny-llama:dense", "tiny-llama:w8a16", "tiny-llama:w4a16", "tiny-llama:w4a16-awq",
-                "tiny-llama:w4a16-gptq", "tiny-llama:w8a8-smoothquant", "tiny-mixtral:dense", "tiny-mixtral:w4a16"]
+                "tiny-llama:w4a16-gptq", "tiny-llama:w8a8-smoothquant", "tiny-mixtral:dense", "tiny-mixtral:w4a16",
+                "tiny-mixtral:w4a16-gptq", "tiny-mixtral:w4a16-awq"]
 
 
 def windows_of(path: Path, tokenizer, limit: int | None = None) -> torch.Tensor:

@@ -68,7 +68,8 @@ class QuantizeLinearOptions:
     quantized before it (the float graph runs beside the calibration run); False fits it to the layer's own float
     weights on those inputs."""
     skip: list[str] = dataclasses.field(default_factory=lambda: list(_DEFAULT_SKIP))
-    """Layer name patterns left dense: fnmatch on the module path or its tail (`lm_head`, `*.mlp.gate`)."""
+    """Layer name patterns left dense: fnmatch on the module path or its tail. Default: `lm_head` and MoE routers
+    (`*.gate`)."""
     overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     """Per-layer options: {pattern: {scheme / method / group_size / alpha / skip: ...}}; the first match applies."""
     version: ClassVar[int] = 1
@@ -137,7 +138,9 @@ def _grouped_ops() -> set[Any]:
     return ops
 
 
-_DEFAULT_SKIP = ["lm_head"]
+# lm_head: the logits are the most sensitive output. `*.gate`: MoE routers (`mlp.gate`, `block_sparse_moe.gate`),
+# tiny matrices whose rounding would change which experts run.
+_DEFAULT_SKIP = ["lm_head", "*.gate"]
 
 
 def _matches(name: str, pattern: str) -> bool:
