@@ -155,8 +155,9 @@ def run_sequential(gm: torch.fx.GraphModule, feeds: list[list[Any]], targets: Se
     placeholders = iter(range(len(feeds[0]) if feeds else 0))
     done = 0
 
-    def float_call(node: torch.fx.Node, env: dict, shadow: dict) -> None:
-        if any(a in shadow for a in node.all_input_nodes):
+    def float_call(node: torch.fx.Node, env: dict, shadow: dict, always: bool = False) -> None:
+        """The node's float-model value, kept when it differs (a target's always does)."""
+        if always or any(a in shadow for a in node.all_input_nodes):
             def look(a: torch.fx.Node) -> Any:
                 return shadow[a] if a in shadow else env[a]
             shadow[node] = node.target(*torch.fx.node.map_arg(node.args, look),
@@ -186,9 +187,7 @@ def run_sequential(gm: torch.fx.GraphModule, feeds: list[list[Any]], targets: Se
                         layer = quantize(node, calls)
                     for env, shadow, (args, kwargs) in zip(envs, shadows, calls):
                         if float_inputs:
-                            fargs = torch.fx.node.map_arg(node.args, lambda a: shadow.get(a, env[a]))
-                            fkwargs = torch.fx.node.map_arg(node.kwargs, lambda a: shadow.get(a, env[a]))
-                            shadow[node] = node.target(*fargs, **fkwargs)
+                            float_call(node, env, shadow, always=True)
                         env[node] = layer(*args, **kwargs)
                     del calls
                     done += 1
