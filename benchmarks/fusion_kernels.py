@@ -86,12 +86,12 @@ def _cpu_run(argv: list[str]) -> bool:
 if __name__ == "__main__" and _cpu_run(sys.argv[1:]):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import quantized_linear as ql  # noqa: E402  (benchmarks/ is the script's directory, so on sys.path)
+import run_backend as rb  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb  # noqa: E402
 
-import quantized_linear as ql  # noqa: E402  (benchmarks/ is the script's directory, so on sys.path)
-import run_backend as rb  # noqa: E402
-from llmcompress.analysis.calibration import device_name  # noqa: E402
+from llmcompress.cost.device_profile import device_name  # noqa: E402
 
 KERNELS = ("rms_norm", "swiglu", "rotary")
 CONFIGS: dict[str, dict[str, Any] | None] = {

@@ -57,7 +57,7 @@ run_part() {
         | tee "$out/gpu_tests_models.log" | tail -8 ;;
     costmodel)
       timeout 240 llmcompress calibrate 2>&1 | tail -20
-      cp llmcompress/analysis/profiles/*.json "$out/" 2>/dev/null
+      cp llmcompress/cost/profiles/*.json "$out/" 2>/dev/null
       timeout 300 python benchmarks/validate_cost_model.py --workloads decode --out "$out/cost_model_decode.json" 2>&1 \
         | tail -20 ;;
     backend-forward)

@@ -23,7 +23,7 @@ One process, one weight per shape (N x K, random bf16, std 0.02, seeded), bf16 a
                                  unpacks our int4 format, dequantizes in fp32, rounds to bf16 and matmuls: what
                                  Inductor makes of weight-only int4 without a custom kernel
 
-Weights are quantized by round to nearest (`llmcompress.quantization.formats`): int4 asymmetric g128 (w4a16,
+Weights are quantized by round to nearest (`llmcompress.formats.quantized`): int4 asymmetric g128 (w4a16,
 tinygemm, Inductor), int8 per channel (w8a16, w8a8), e4m3 per channel (fp8). The forced kernel paths are Triton
 kernels: on a CPU they are skipped (the op runs its plain-torch reference whatever the thresholds) unless
 TRITON_INTERPRET=1, where the launcher `linear_w4a16_triton` runs them in the interpreter (numerics only). On a CPU
@@ -90,12 +90,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import run_backend as rb  # benchmarks/ is the script's directory, so on sys.path
 import torch
 import torch.nn.functional as F
 
-import run_backend as rb  # benchmarks/ is the script's directory, so on sys.path
-from llmcompress.analysis.calibration import device_name
-from llmcompress.quantization import formats
+from llmcompress.cost.device_profile import device_name
+from llmcompress.formats import quantized as formats
 
 GROUP_SIZE = 128
 INNER_K_TILES = 8  # tinygemm's packing; torchao's default for int4 weight-only
@@ -272,10 +272,10 @@ def int4_dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 
 def planned_thresholds(n: int, k: int, tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[int, int]:
     """(gemv_max_m, dense_min_m) that quantize-linear's cost model picks for a w4a16 (N, K) bf16 layer here."""
-    from llmcompress.analysis.calibration import load_profile
-    from llmcompress.analysis.hardware import resolve
-    from llmcompress.analysis.roofline import CostModel
-    from llmcompress.passes.quantize_linear import _choose_kernels
+    from llmcompress.cost.device_profile import load_profile
+    from llmcompress.cost.hardware import resolve
+    from llmcompress.cost.roofline import CostModel
+    from llmcompress.passes.quantize.quantize_linear import _choose_kernels
 
     hw = resolve("auto", device)
     ctx = types.SimpleNamespace(cost_model=CostModel(hw, load_profile(hw)))

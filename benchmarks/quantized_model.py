@@ -88,11 +88,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import run_backend as rb  # benchmarks/ is the script's directory, so on sys.path
+import torch
 from quantized_linear import load_ops
-from llmcompress.analysis.calibration import device_name
+
+from llmcompress.cost.device_profile import device_name
 
 # run_backend's tiny, widened so that int4 groups of 128 divide every K (128 and 384).
 TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
@@ -200,7 +200,7 @@ def release_memory(args: argparse.Namespace) -> None:
     """Drop compiled code (CUDA-graph trees included), reports and cached allocator blocks."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    from llmcompress.backend.report import reset_reports
+    from llmcompress.backend.compile_report import reset_reports
 
     reset_reports()
     gc.collect()

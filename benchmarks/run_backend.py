@@ -125,7 +125,7 @@ if __name__ == "__main__" and _cpu_run(sys.argv[1:]):
 import transformers  # noqa: E402
 
 import llmcompress  # noqa: E402
-from llmcompress.analysis.calibration import device_name  # noqa: E402
+from llmcompress.cost.device_profile import device_name  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -446,7 +446,7 @@ def cleanup(model) -> None:
             delattr(model, attr)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    from llmcompress.backend.report import reset_reports
+    from llmcompress.backend.compile_report import reset_reports
 
     reset_reports()
     gc.collect()

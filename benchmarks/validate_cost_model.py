@@ -5,7 +5,7 @@ vocab 32000; random bf16 weights built on the device, sdpa attention), or `tiny`
 smoke run.
 
 Workloads (`--workloads`): `decode`, one token (batch `--batch`) over a static KV cache of `--kv-len` slots; `prefill`,
-`--prefill-len` tokens, no cache. Each is captured with `llmcompress.analysis.trace.trace_model` on the device itself
+`--prefill-len` tokens, no cache. Each is captured with `llmcompress.report.trace.trace_model` on the device itself
 (so attention is the SDPA kernel that device runs) and the graph before any pass (`TracedGraph.before`: the model as
 it is, weights as get_attr constants) is what is measured and priced.
 
@@ -26,7 +26,7 @@ Measured, per graph:
   7B decode is bound by the host's dispatch of ~1,530 kernels, which the roofline does not model) and `graph_eager`
   on a CPU.
 
-Predicted (`llmcompress.analysis.roofline.CostModel`, hardware resolved from the device), per node, on the concrete
+Predicted (`llmcompress.cost.roofline.CostModel`, hardware resolved from the device), per node, on the concrete
 shapes the node ran with (each node's `meta["val"]` replaced by a meta tensor of what it produced, so a prefill's
 symbolic M is a number and the profile's M correction applies), by variant:
 * `roofline`: datasheet peaks and bandwidth, table launch overhead (no profile);
@@ -89,11 +89,20 @@ import torch.fx
 import transformers
 
 import llmcompress
-from llmcompress.analysis.calibration import (DEFAULT_GRID, Grid, bandwidth_at, calibrate, device_name,
-                                              load_profile, matmul_correction, measure, versions)
-from llmcompress.analysis.hardware import resolve
-from llmcompress.analysis.roofline import MATMUL_OPS, CostModel, _matmul_flops, sym
-from llmcompress.analysis.trace import trace_model
+from llmcompress.cost.device_profile import (
+    DEFAULT_GRID,
+    Grid,
+    bandwidth_at,
+    calibrate,
+    device_name,
+    load_profile,
+    matmul_correction,
+    measure,
+    versions,
+)
+from llmcompress.cost.hardware import resolve
+from llmcompress.cost.roofline import MATMUL_OPS, CostModel, _matmul_flops, sym
+from llmcompress.report.trace import trace_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODELS: dict[str, dict[str, int]] = {

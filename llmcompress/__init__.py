@@ -6,22 +6,37 @@ Write passes with `Pass` and `register_pass` (see README, "Writing a pass plugin
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from . import kernels as _kernels  # noqa: F401 - registers the llmcompress:: custom ops
-from ._logging import configure_from_env as _configure_logging
-from .backend.entry import llmcompress_backend, register as _register_backend
-from .config import CompileConfig
-from .errors import (LLMCompressError, OptionError, PassFailedError, PassOrderError, RecipeError, VerificationError,
-                     WeightReleasedError)
-from .passes import Pass, PassContext, PassManager, PassResult, get_pass, register_pass, registered_passes
-from .recipes import builtin_recipes, load_recipe
+from llmcompress import kernels as _kernels  # noqa: F401 - registers the llmcompress:: custom ops
+from llmcompress._logging import configure_from_env as _configure_logging
+from llmcompress.backend.entry import llmcompress_backend
+from llmcompress.backend.entry import register as _register_backend
+from llmcompress.config import CompileConfig
+from llmcompress.errors import (
+                     LLMCompressError,
+                     OptionError,
+                     PassFailedError,
+                     PassOrderError,
+                     RecipeError,
+                     VerificationError,
+                     WeightReleasedError,
+)
+from llmcompress.passes import (
+                     Pass,
+                     PassContext,
+                     PassManager,
+                     PassResult,
+                     get_pass,
+                     register_pass,
+                     registered_passes,
+)
+from llmcompress.recipes import builtin_recipes, load_recipe
+from llmcompress.version import __version__
 
 _configure_logging()
 _register_backend()
 
 __all__ = [
-    "CompileConfig", "LLMCompressError", "OptionError", "Pass", "PassContext", "PassFailedError", "PassManager",
+    "__version__", "CompileConfig", "LLMCompressError", "OptionError", "Pass", "PassContext", "PassFailedError", "PassManager",
     "PassOrderError", "PassResult", "RecipeError", "VerificationError", "WeightReleasedError", "builtin_recipes",
     "get_pass", "llmcompress_backend", "load_recipe", "register_pass", "registered_passes",
 ]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _passes(args: argparse.Namespace) -> int:
-    from .passes.registry import plugin_errors, registered_passes
+    from llmcompress.passes.registry import plugin_errors, registered_passes
 
     for name, cls in registered_passes().items():
         origin = cls.__module__.split(".")[0]
@@ -21,7 +21,7 @@ def _passes(args: argparse.Namespace) -> int:
 
 
 def _recipes(args: argparse.Namespace) -> int:
-    from .recipes import builtin_recipes, load_recipe
+    from llmcompress.recipes import builtin_recipes, load_recipe
 
     for name in builtin_recipes():
         recipe = load_recipe(name)
@@ -41,7 +41,7 @@ def _positive_int(text: str) -> int:
 
 
 def _hardware_name(text: str) -> str:
-    from .analysis.hardware import HARDWARE
+    from llmcompress.cost.hardware import HARDWARE
 
     if text != "auto" and text not in HARDWARE:
         raise argparse.ArgumentTypeError(f"unknown hardware {text!r}; expected auto or one of {', '.join(HARDWARE)}")
@@ -49,9 +49,9 @@ def _hardware_name(text: str) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .analysis.model_loading import ModelLoadError
-    from .analysis.report import render, report_model
-    from .errors import OptionError
+    from llmcompress.errors import OptionError
+    from llmcompress.report.cost_report import render, report_model
+    from llmcompress.report.model_loading import ModelLoadError
 
     if args.kv_len is not None and args.seq not in (None, 1):
         args.parser.error(f"argument --seq: must be 1 with --kv-len (a report of one decode step), got {args.seq}")
@@ -74,9 +74,9 @@ def _report(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .analysis.calibration import calibrate, default_grid, format_table
-    from .analysis.hardware import resolve
-    from .errors import OptionError
+    from llmcompress.cost.device_profile import calibrate, default_grid, format_table
+    from llmcompress.cost.hardware import resolve
+    from llmcompress.errors import OptionError
 
     try:
         grid = None
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                            help="matmul M values instead of the grid's (default 1 16 64 256 4096 on a GPU)")
     calibrate.add_argument("--quick", action="store_true", help="a small grid and short measurements (seconds)")
     calibrate.add_argument("-o", "--output", default=None, metavar="PATH",
-                           help="write here (default llmcompress/analysis/profiles/<device>.json, or under "
+                           help="write here (default llmcompress/cost/profiles/<device>.json, or under "
                                 "$LLMCOMPRESS_PROFILE_DIR)")
     calibrate.set_defaults(func=_calibrate, parser=calibrate)
     args = parser.parse_args(argv)

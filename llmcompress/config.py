@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 import torch
 
-from . import options as _options
-from .errors import OptionError
+from llmcompress import options as _options
+from llmcompress.errors import OptionError
+from llmcompress.recipes import RECIPE_SETTINGS, load_recipe  # noqa: F401  (RECIPE_SETTINGS: re-exported)
 
 Lowering = Literal["inductor", "eager", "triton"]
 LOWERINGS: tuple[str, ...] = ("inductor", "eager", "triton")
@@ -31,8 +32,6 @@ MODES: dict[str | None, tuple[bool, bool]] = {
 # Float tolerance of `verify=True`, per output dtype: (atol, rtol).
 VERIFY_TOLERANCE = {"float32": (1e-4, 1e-4), "float64": (1e-7, 1e-7), "float16": (1e-2, 1e-2), "bfloat16": (2e-2, 2e-2)}
 
-# Keys a recipe's `settings` may set (everything a recipe can sensibly fix; `report` and `recipe` cannot).
-RECIPE_SETTINGS = ("lowering", "hardware", "verify", "strict", "release_weights", "mode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +76,7 @@ class CompileConfig:
                 raise OptionError(f"options: key 'verify' got {self.verify!r}; a dict may only hold 'atol' and 'rtol'")
             if any(v < 0 for v in self.verify.values()):
                 raise OptionError(f"options: key 'verify' got {self.verify!r}; tolerances must be >= 0")
-        from .quantization.calibration_data import describe_calibration
+        from llmcompress.calibration.data import describe_calibration
 
         problem = describe_calibration(self.calibration)
         if problem is not None:
@@ -93,7 +92,7 @@ class CompileConfig:
             raise OptionError("options: key 'report' got ''; expected a file path")
         if not self.recipe:
             raise OptionError("options: key 'recipe' got ''; expected a recipe name or file path")
-        from .analysis.hardware import HARDWARE
+        from llmcompress.cost.hardware import HARDWARE
 
         if self.hardware != "auto" and self.hardware not in HARDWARE:
             raise OptionError(
@@ -118,8 +117,6 @@ class CompileConfig:
             if user.get("mode", mode) != mode:
                 raise OptionError(f"options: key 'mode' got {user['mode']!r} but torch.compile's mode is {mode!r}")
             user["mode"] = mode
-        from .recipes import load_recipe
-
         recipe_name = user.get("recipe", "default")
         # Validate the key's type before using it to load a file.
         _options.build(CompileConfig, {"recipe": recipe_name}, "options")

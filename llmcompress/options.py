@@ -12,7 +12,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
-from .errors import OptionError
+from llmcompress.errors import OptionError
 
 
 def describe(tp: Any) -> str:

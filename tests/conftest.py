@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*")
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test compiles from scratch, and compile reports do not leak between tests."""
-    from llmcompress.backend.report import reset_reports
+    from llmcompress.backend.compile_report import reset_reports
 
     torch._dynamo.reset()
     reset_reports()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from .weights import FrozenWeight, FrozenWeights, fqn_from_source
+from llmcompress.passes.weights import FrozenWeight, FrozenWeights, fqn_from_source
 
 _WEIGHT_SOURCES = ("._parameters[", "._buffers[")
 

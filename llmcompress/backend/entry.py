@@ -7,18 +7,34 @@ from typing import Any
 
 import torch
 
-from ..config import CompileConfig
-from ..errors import OptionError
-from .pipeline import compile_graph
+from llmcompress.backend.pipeline import GraphHook, compile_graph
+from llmcompress.config import CompileConfig
+from llmcompress.errors import OptionError
 
 
 def llmcompress_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], mode: str | None = None,
                         options: Mapping[str, Any] | None = None, **kwargs: Any) -> Callable[..., Any]:
     """Dynamo backend: validate the options, then compile one graph (`backend/pipeline.py`)."""
+    return _backend(gm, example_inputs, mode, options, kwargs, None)
+
+
+def make_backend(on_graph: GraphHook | None = None) -> Callable[..., Callable[..., Any]]:
+    """The llmcompress backend with a hook: ``torch.compile(model, backend=make_backend(on_graph=f), options=...)``
+    calls ``f(before, after, ctx)`` for each graph with the captured aten graph before and after the passes and the
+    `PassContext` they ran with. Cost reports read the graphs this way; the hook changes nothing it is shown."""
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any], mode: str | None = None,
+                options: Mapping[str, Any] | None = None, **kwargs: Any) -> Callable[..., Any]:
+        return _backend(gm, example_inputs, mode, options, kwargs, on_graph)
+
+    return backend
+
+
+def _backend(gm, example_inputs, mode, options, kwargs, on_graph):
     if kwargs:
         raise OptionError(f"llmcompress backend: unexpected argument {next(iter(kwargs))!r}; it takes mode= and options=")
     config = CompileConfig.from_options(options, mode)
-    return compile_graph(gm, list(example_inputs), config)
+    return compile_graph(gm, list(example_inputs), config, on_graph)
 
 
 def register() -> None:

@@ -20,12 +20,11 @@ from unittest import mock
 
 import torch
 import torch.fx
-
-from .._logging import logger
-from ..config import CompileConfig
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..passes.graph_utils import fake_mode_of
+from llmcompress._logging import logger
+from llmcompress.config import CompileConfig
+from llmcompress.fx_utils import fake_mode_of
 
 aten = torch.ops.aten
 
@@ -118,7 +117,10 @@ def _boxed_graph(gm: torch.fx.GraphModule) -> Callable[[list], Any]:
 
 
 def _cudagraph_skip_reason(gm: torch.fx.GraphModule, static_input_idxs: Sequence[int]) -> str | None:
-    from torch._dynamo.backends.cudagraphs import find_input_mutations, get_device_node_mapping
+    from torch._dynamo.backends.cudagraphs import (
+        find_input_mutations,
+        get_device_node_mapping,
+    )
 
     devices = set(get_device_node_mapping(gm))
     if any(d.type != "cuda" for d in devices) or len(devices) != 1:

@@ -11,33 +11,38 @@ from typing import Any
 import torch
 import torch.fx
 
-from .._logging import logger
-from ..analysis.calibration import load_profile
-from ..analysis.hardware import resolve as resolve_hardware
-from ..analysis.roofline import CostModel, example_sizes
-from ..config import CompileConfig
-from ..errors import LLMCompressError
-from ..passes.base import PassContext
-from ..passes.manager import PassManager
-from ..recipes import PassSpec, load_recipe, parse_pass_specs
-from . import verify as _verify
-from .capture import capture_dynamo_graph, freeze_aten_graph, needs_grad
-from .lowering import TRITON_LOWERING_PASSES, lower
-from .report import dynamo_graph_info, report_for
-from .weights import DERIVED
+from llmcompress._logging import logger
+from llmcompress.backend import verify as _verify
+from llmcompress.backend.capture import (
+    capture_dynamo_graph,
+    freeze_aten_graph,
+    needs_grad,
+)
+from llmcompress.backend.compile_report import dynamo_graph_info, report_for
+from llmcompress.backend.lowering import TRITON_LOWERING_PASSES, lower
+from llmcompress.config import CompileConfig
+from llmcompress.cost.device_profile import load_profile
+from llmcompress.cost.hardware import resolve as resolve_hardware
+from llmcompress.cost.roofline import CostModel, example_sizes
+from llmcompress.errors import LLMCompressError
+from llmcompress.passes.base import PassContext
+from llmcompress.passes.manager import PassManager
+from llmcompress.passes.weights import DERIVED
+from llmcompress.recipes import PassSpec, load_recipe, parse_pass_specs
 
 _graph_ids = itertools.count()
 
-GraphObserver = Callable[[torch.fx.GraphModule, torch.fx.GraphModule, PassContext], None]
-graph_observers: list[GraphObserver] = []
-"""Called with (graph before passes, graph after passes, context) for each graph; used by `analysis.trace`."""
+GraphHook = Callable[[torch.fx.GraphModule, torch.fx.GraphModule, PassContext], None]
+"""`on_graph(before, after, ctx)`: the captured aten graph before the passes, after them, and their context.
+Given to `backend.make_backend(on_graph=...)` by whoever needs the graphs (cost reports, tests)."""
 
 
 class FallbackWarning(UserWarning):
     """A graph runs uncompressed (no passes), with the reason in the message and the compile report."""
 
 
-def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: CompileConfig) -> Callable[..., Any]:
+def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: CompileConfig,
+                  on_graph: GraphHook | None = None) -> Callable[..., Any]:
     """Dynamo graph + real example inputs -> compiled callable taking the same inputs."""
     start = time.perf_counter()
     entry: dict[str, Any] = {**dynamo_graph_info(gm), "graph_id": next(_graph_ids), "lowering": config.lowering,
@@ -52,7 +57,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: C
                                  "llmcompress compiles for inference: use torch.no_grad()/inference_mode() or "
                                  "model.requires_grad_(False)")
         else:
-            compiled, state = _compile(gm, example_inputs, config, entry)
+            compiled, state = _compile(gm, example_inputs, config, entry, on_graph)
             # 5. Verify against the uncompiled graph on the example inputs (raises beyond tolerance).
             if config.verify is not False:
                 entry["verify"] = _verify.compare(original, compiled, example_inputs, config)
@@ -74,7 +79,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: C
     return compiled
 
 
-def _compile(gm, example_inputs, config: CompileConfig, entry: dict) -> tuple[Callable[..., Any], dict]:
+def _compile(gm, example_inputs, config: CompileConfig, entry: dict, on_graph: GraphHook | None
+             ) -> tuple[Callable[..., Any], dict]:
     from torch._dynamo.backends.common import aot_autograd
 
     # 1. Capture: module parameters and buffers become buffers of the graph (constants after AOT).
@@ -101,7 +107,7 @@ def _compile(gm, example_inputs, config: CompileConfig, entry: dict) -> tuple[Ca
         # Pricing a whole graph costs ~0.3 s per 32-layer decode graph (2,379 nodes, this CPU): only for a report.
         if config.report is not None:
             entry["predicted_before"] = _predict(cost_model, aten_gm, sizes)
-        before = _copy_graph_module(aten_gm) if graph_observers else None
+        before = _copy_graph_module(aten_gm) if on_graph is not None else None
         # 3. Passes, in constraint order; a failing pass is undone (or raises under strict).
         names = [w.fqn for w in capture.frozen] + [n.name for n in capture.gm.graph.find_nodes(op="placeholder")]
         ctx = PassContext(fake_inputs, weights, hardware, config, fake_mode, graph_id=str(entry["graph_id"]),
@@ -110,8 +116,8 @@ def _compile(gm, example_inputs, config: CompileConfig, entry: dict) -> tuple[Ca
         records = manager.run(aten_gm, ctx)
         if config.report is not None:
             entry["predicted_after"] = _predict(cost_model, aten_gm, sizes)
-        for observer in graph_observers:
-            observer(before, aten_gm, ctx)
+        if on_graph is not None:
+            on_graph(before, aten_gm, ctx)
         entry["passes"] = [r.to_json() for r in records]
         entry["derived_weights"] = {"hits": DERIVED.hits - hits, "misses": DERIVED.misses - misses}
         entry["nodes_out"] = sum(1 for _ in aten_gm.graph.nodes)

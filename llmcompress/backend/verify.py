@@ -8,8 +8,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from ..config import CompileConfig
-from ..errors import VerificationError
+from llmcompress.config import CompileConfig
+from llmcompress.errors import VerificationError
 
 
 def _fresh(inputs: list[Any]) -> list[Any]:

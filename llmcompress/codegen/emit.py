@@ -25,8 +25,16 @@ from typing import Any
 import torch
 import torch.fx
 
-from .group import Group, static_one
-from .ops import RULES, TL_DTYPE, bind, compute_dtype, op_name, tl_compute, val
+from llmcompress.codegen.group import Group, static_one
+from llmcompress.codegen.ops import (
+    RULES,
+    TL_DTYPE,
+    bind,
+    compute_dtype,
+    op_name,
+    tl_compute,
+    val,
+)
 
 GENERATOR_VERSION = 1
 

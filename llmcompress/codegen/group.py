@@ -15,7 +15,7 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .ops import RULES, fusible, is_reduction, op_name, val
+from llmcompress.codegen.ops import RULES, fusible, is_reduction, op_name, val
 
 aten = torch.ops.aten
 

@@ -16,13 +16,14 @@ import dataclasses
 import math
 import operator
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx
 
-if TYPE_CHECKING:
-    from .emit import ColVar, Emitter
+# The emitter and column expressions of `emit.py`, which sits above this table (it imports it): named, not imported.
+Emitter = Any
+ColVar = Any
 
 aten = torch.ops.aten
 

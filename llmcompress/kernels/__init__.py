@@ -22,11 +22,19 @@ Every kernel file `kernels/<name>.py` follows `rms_norm.py`:
 
 What the quantized linears (`int4_linear`, `int8_linear`, `w8a8_linear`, `fp8_linear`)
 share — Triton helpers, the launch helper, M buckets, input checks, the backward and
-cost formulas — lives in `_linear_common.py`; each kernel file keeps its kernels,
+cost formulas — lives in `linear_common.py`; each kernel file keeps its kernels,
 launchers, reference and op.
 """
 
-from llmcompress.kernels import fp8_linear, fused_linear, grouped_linear, int4_linear, int8_linear, rms_norm, w8a8_linear
+from llmcompress.kernels import (
+           fp8_linear,
+           fused_linear,
+           grouped_linear,
+           int4_linear,
+           int8_linear,
+           rms_norm,
+           w8a8_linear,
+)
 from llmcompress.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 
 __all__ = ["fp8_linear", "fused_linear", "grouped_linear", "int4_linear", "int8_linear", "rms_norm", "rms_norm_reference",

@@ -9,7 +9,7 @@ Entry points:
 - `fp8_supported(device)`: whether the compiled kernels can run there.
 - `linear_fp8_reference(...)`, `quantize_per_token_fp8_reference(...)`: plain torch, the definition.
 
-The math, with the stored formats of `llmcompress/quantization/formats.py`:
+The math, with the stored formats of `llmcompress/formats/quantized.py`:
 
     q, s = quantize_fp8_per_token(x)                          # (M, K) float8_e4m3fn, (M, 1) float32
     acc[m, n] = sum_k q[m, k] * qweight[n, k]                 # float64 here (exact); fp32 in the kernel
@@ -33,11 +33,11 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ..analysis.roofline import register_cost
-from ..errors import LLMCompressError
-from ..quantization.formats import dequantize_fp8, quantize_fp8_per_token
-from . import _linear_common as common
-from .w8a8_linear import (
+from llmcompress.cost.roofline import register_cost
+from llmcompress.errors import LLMCompressError
+from llmcompress.formats.quantized import dequantize_fp8, quantize_fp8_per_token
+from llmcompress.kernels import linear_common as common
+from llmcompress.kernels.w8a8_linear import (
     _check_activation,
     _check_linear,
     _per_token_outputs,

@@ -16,9 +16,9 @@ from typing import Optional
 
 import torch
 
-from ..analysis.roofline import io_bytes, numel, register_cost, sym
-from ..quantization import formats
-from . import int4_linear, int8_linear  # noqa: F401  (registers the single-matrix ops)
+from llmcompress.cost.roofline import io_bytes, numel, register_cost, sym
+from llmcompress.formats import quantized as formats
+from llmcompress.kernels import int4_linear, int8_linear  # noqa: F401  (registers the single-matrix ops)
 
 
 def _check(x: torch.Tensor, qweight: torch.Tensor, offs: torch.Tensor) -> None:

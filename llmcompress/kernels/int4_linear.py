@@ -11,7 +11,7 @@ Entry points:
   A compiler pass picks the two thresholds from the cost model; the defaults never take the dense path.
 - `linear_w4a16_reference(...)`: plain torch, the numerics every path is tested against.
 
-Layout (`llmcompress/quantization/formats.py`, read exactly): qweight uint8 (N, K // 2), the even k in the low
+Layout (`llmcompress/formats/quantized.py`, read exactly): qweight uint8 (N, K // 2), the even k in the low
 nibble and the odd k in the high one; scales, zeros float16 (N, K // group_size); w = (q - zero) * scale.
 The kernels never interleave: they load x's even and odd columns separately and multiply them by the low and
 high nibbles, so the packed bytes are used as stored.
@@ -30,10 +30,16 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ..analysis.roofline import register_cost
-from ..quantization.formats import INT4_GROUP_SIZES, dequantize_int4
-from . import _linear_common as common
-from ._linear_common import DENSE_OFF, GEMV_MAX_M, dot_fp32, grouped_pid, store_output
+from llmcompress.cost.roofline import register_cost
+from llmcompress.formats.quantized import INT4_GROUP_SIZES, dequantize_int4
+from llmcompress.kernels import linear_common as common
+from llmcompress.kernels.linear_common import (
+    DENSE_OFF,
+    GEMV_MAX_M,
+    dot_fp32,
+    grouped_pid,
+    store_output,
+)
 
 __all__ = ["dequantize_w4_triton", "linear_w4a16_reference", "linear_w4a16_triton"]
 

@@ -11,7 +11,7 @@ Entry points:
   A compiler pass picks the two thresholds from the cost model; the defaults never take the dense path.
 - `linear_w8a16_reference(...)`: plain torch, the numerics every path is tested against.
 
-Layout (`llmcompress/quantization/formats.py`, read exactly): qweight int8 (N, K) in [-127, 127], scale float32
+Layout (`llmcompress/formats/quantized.py`, read exactly): qweight int8 (N, K) in [-127, 127], scale float32
 (N,); w = q * scale. Being per output channel, the scale factors out of the K sum: the GEMV and GEMM multiply the
 raw codes (exact in fp16 and bf16) and apply the scale once per output in the epilogue.
 
@@ -29,10 +29,16 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ..analysis.roofline import register_cost
-from ..quantization.formats import dequantize_int8
-from . import _linear_common as common
-from ._linear_common import DENSE_OFF, GEMV_MAX_M, dot_fp32, grouped_pid, store_output
+from llmcompress.cost.roofline import register_cost
+from llmcompress.formats.quantized import dequantize_int8
+from llmcompress.kernels import linear_common as common
+from llmcompress.kernels.linear_common import (
+    DENSE_OFF,
+    GEMV_MAX_M,
+    dot_fp32,
+    grouped_pid,
+    store_output,
+)
 
 __all__ = ["dequantize_w8_triton", "linear_w8a16_reference", "linear_w8a16_triton"]
 

@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
-
-from ..analysis.roofline import io_bytes, numel, register_cost
 from triton.runtime.jit import JITFunction
+
+from llmcompress.cost.roofline import io_bytes, numel, register_cost
 
 __all__ = ["rms_norm_reference", "rms_norm_triton"]
 

@@ -8,7 +8,7 @@ Entry points:
 - `quantize_per_token_int8_triton(x, smooth=None)`: the activation-quantization kernel alone.
 - `linear_w8a8_reference(...)`, `quantize_per_token_int8_reference(...)`: plain torch, the definition.
 
-The math, with the stored formats of `llmcompress/quantization/formats.py`:
+The math, with the stored formats of `llmcompress/formats/quantized.py`:
 
     q, s = quantize_int8_per_token(x.float() * smooth)      # (M, K) int8 in [-127, 127], (M, 1) float32
     acc[m, n] = sum_k q[m, k] * qweight[n, k]                # exact: int32 in the kernel, float64 here
@@ -29,10 +29,14 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ..analysis.roofline import io_bytes, numel, register_cost, sym
-from ..quantization.formats import INT8_MAX, dequantize_int8, quantize_int8_per_token
-from . import _linear_common as common
-from ._linear_common import grouped_pid
+from llmcompress.cost.roofline import io_bytes, numel, register_cost, sym
+from llmcompress.formats.quantized import (
+    INT8_MAX,
+    dequantize_int8,
+    quantize_int8_per_token,
+)
+from llmcompress.kernels import linear_common as common
+from llmcompress.kernels.linear_common import grouped_pid
 
 __all__ = [
     "linear_w8a8_reference",

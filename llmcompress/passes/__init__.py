@@ -1,8 +1,14 @@
 """Graph passes: the `Pass` API, the registry, the manager, and the built-in passes (one module per family)."""
 
-from .base import NoOptions, Pass, PassContext, PassResult
-from .manager import PassManager, PassRecord
-from .registry import ENTRY_POINT_GROUP, get_pass, load_plugins, register_pass, registered_passes
+from llmcompress.passes.base import NoOptions, Pass, PassContext, PassResult
+from llmcompress.passes.manager import PassManager, PassRecord
+from llmcompress.passes.registry import (
+    ENTRY_POINT_GROUP,
+    get_pass,
+    load_plugins,
+    register_pass,
+    registered_passes,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP", "NoOptions", "Pass", "PassContext", "PassManager", "PassRecord", "PassResult",

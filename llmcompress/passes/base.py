@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from .. import options as _options
+from llmcompress import options as _options
 
 if TYPE_CHECKING:
-    from ..analysis.hardware import Hardware
-    from ..backend.weights import FrozenWeights
-    from ..config import CompileConfig
+    from llmcompress.config import CompileConfig
+    from llmcompress.cost.hardware import Hardware
+    from llmcompress.passes.weights import FrozenWeights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ class PassContext:
     """The FakeTensorMode the graph's `node.meta["val"]` live in; run shape logic under it."""
     graph_id: str = "0"
     cost_model: Any = None
-    """The roofline `analysis.roofline.CostModel` for `hardware` (with the device's calibration profile if stored)."""
+    """The roofline `cost.roofline.CostModel` for `hardware` (with the device's calibration profile if stored)."""
     sizes: dict[Any, Any] = dataclasses.field(default_factory=dict)
     """Symbol -> value in the example inputs: `ctx.cost_model.estimate(node, ctx.sizes)` costs a node there."""
     input_names: list[str] = dataclasses.field(default_factory=list)

@@ -23,9 +23,8 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .base import Pass, PassContext, PassResult
-from .graph_utils import call, fake_mode_of, only_user
-from .registry import register_pass
+from llmcompress.fx_utils import call, fake_mode_of, only_user
+from llmcompress.passes.base import Pass, PassContext, PassResult
 
 aten = torch.ops.aten
 _FLATTEN_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
@@ -55,7 +54,6 @@ def _is_2d_transpose(node: torch.fx.Node) -> bool:
     return True
 
 
-@register_pass
 class CanonicalizePass(Pass):
     """See the module docstring."""
 

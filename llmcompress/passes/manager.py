@@ -12,11 +12,11 @@ from typing import Any
 import networkx as nx
 import torch
 
-from .._logging import logger
-from ..errors import LLMCompressError, PassFailedError, PassOrderError
-from ..recipes import PassSpec
-from .base import Pass, PassContext, PassResult
-from .registry import get_pass, registered_passes
+from llmcompress._logging import logger
+from llmcompress.errors import LLMCompressError, PassFailedError, PassOrderError
+from llmcompress.passes.base import Pass, PassContext, PassResult
+from llmcompress.passes.registry import get_pass, registered_passes
+from llmcompress.recipes import PassSpec
 
 
 class PassFallbackWarning(UserWarning):

@@ -12,8 +12,8 @@ import re
 import warnings
 from typing import TypeVar
 
-from ..errors import LLMCompressError, OptionError
-from .base import Pass
+from llmcompress.errors import LLMCompressError, OptionError
+from llmcompress.passes.base import Pass
 
 ENTRY_POINT_GROUP = "llmcompress.passes"
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
@@ -82,11 +82,23 @@ def load_plugins(force: bool = False) -> None:
             )
 
 
+def builtin_passes() -> tuple[type[Pass], ...]:
+    """The passes that ship with llmcompress, one family per sub-package (the registry sits above them)."""
+    from llmcompress.passes.canonicalize import CanonicalizePass
+    from llmcompress.passes.fusion.epilogue import FuseLinearEpiloguePass
+    from llmcompress.passes.fusion.fold import FoldIntoWeightsPass
+    from llmcompress.passes.fusion.pointwise import FusePointwisePass
+    from llmcompress.passes.fusion.siblings import FuseSiblingLinearsPass
+    from llmcompress.passes.quantize.quantize_linear import QuantizeLinearPass
+
+    return (CanonicalizePass, FoldIntoWeightsPass, FuseSiblingLinearsPass, FuseLinearEpiloguePass,
+            FusePointwisePass, QuantizeLinearPass)
+
+
 def _load_builtins() -> None:
-    importlib.import_module("llmcompress.passes.canonicalize")
-    importlib.import_module("llmcompress.passes.quantize_linear")
-    for module in ("fold", "siblings", "epilogue", "pointwise"):
-        importlib.import_module(f"llmcompress.passes.fusion.{module}")
+    for cls in builtin_passes():
+        if cls.name not in _PASSES:  # a plugin may have replaced it (override=True)
+            register_pass(cls)
 
 
 def registered_passes() -> dict[str, type[Pass]]:

@@ -21,10 +21,12 @@ from typing import Any
 
 import yaml
 
-from ..errors import RecipeError
+from llmcompress.errors import RecipeError
 
 _HERE = Path(__file__).parent
 _TOP_KEYS = ("name", "description", "passes", "settings")
+# Keys a recipe's `settings` may set (everything a recipe can sensibly fix; `report` and `recipe` cannot).
+RECIPE_SETTINGS = ("lowering", "hardware", "verify", "strict", "release_weights", "mode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +71,6 @@ def parse_pass_specs(entries: Any, where: str) -> tuple[PassSpec, ...]:
 
 
 def _from_mapping(data: Any, source: str) -> Recipe:
-    from ..config import RECIPE_SETTINGS
-
     where = f"recipe {source}"
     if not isinstance(data, Mapping):
         raise RecipeError(f"{where}: expected a mapping with keys {', '.join(_TOP_KEYS)}, got {type(data).__name__}")

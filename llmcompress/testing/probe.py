@@ -10,8 +10,8 @@ from typing import ClassVar
 
 import torch
 
-from ..passes.base import Pass, PassContext, PassResult
-from ..passes.registry import register_pass
+from llmcompress.passes.base import Pass, PassContext, PassResult
+from llmcompress.passes.registry import register_pass
 
 
 @register_pass

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from llmcompress import Pass, PassResult, register_pass
 from llmcompress.backend.pipeline import FallbackWarning
-from llmcompress.backend.weights import DERIVED, fqn_from_source, is_released
 from llmcompress.errors import VerificationError
-from llmcompress.passes.graph_utils import add_constant, call, fake_mode_of
+from llmcompress.fx_utils import add_constant, call, fake_mode_of
 from llmcompress.passes.registry import unregister_pass
+from llmcompress.passes.weights import DERIVED, fqn_from_source, is_released
 
 aten = torch.ops.aten
 

@@ -30,8 +30,9 @@ def test_found_by_name_without_import():
 
 
 def test_registered_on_import():
-    import llmcompress  # noqa: F401
     from torch._dynamo.backends.registry import lookup_backend
+
+    import llmcompress  # noqa: F401
 
     assert lookup_backend("llmcompress") is llmcompress.llmcompress_backend
 

@@ -10,9 +10,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from llmcompress.analysis.hardware import HARDWARE
-from llmcompress.analysis.roofline import CostModel
-from llmcompress.codegen import CodegenError, compile_group, get_kernel, insert_call
+from llmcompress.codegen import CodegenError, compile_group, get_kernel
+from llmcompress.cost.hardware import HARDWARE
+from llmcompress.cost.roofline import CostModel
+from llmcompress.passes.fusion.fused_call import insert_call
 from llmcompress.testing.devices import DEVICE, needs_triton
 
 aten = torch.ops.aten

@@ -11,9 +11,13 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from llmcompress.analysis.hardware import HARDWARE
-from llmcompress.analysis.roofline import CostModel
+from llmcompress.cost.hardware import HARDWARE
+from llmcompress.cost.roofline import CostModel
 from llmcompress.errors import LLMCompressError
+from llmcompress.formats.quantized import (
+    quantize_fp8_per_channel,
+    quantize_fp8_per_token,
+)
 from llmcompress.kernels.fp8_linear import (
     FP8UnsupportedError,
     check_fp8_device,
@@ -23,10 +27,13 @@ from llmcompress.kernels.fp8_linear import (
     quantize_per_token_fp8_reference,
     quantize_per_token_fp8_triton,
 )
-from llmcompress.quantization.formats import quantize_fp8_per_channel, quantize_fp8_per_token
 from llmcompress.testing.devices import DEVICE, HAS_CUDA, INTERPRET
 from llmcompress.testing.graphs import single_node_graph
-from llmcompress.testing.numerics import per_token_linear_float64, random_quantized_linear, sqnr_db
+from llmcompress.testing.numerics import (
+    per_token_linear_float64,
+    random_quantized_linear,
+    sqnr_db,
+)
 
 FP8_GPU = HAS_CUDA and fp8_supported("cuda")
 

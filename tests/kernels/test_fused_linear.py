@@ -10,11 +10,17 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import llmcompress.kernels.fused_linear as fl  # registers torch.ops.llmcompress.fused_linear
-from llmcompress.analysis.hardware import HARDWARE
-from llmcompress.analysis.roofline import CostModel
+from llmcompress.cost.hardware import HARDWARE
+from llmcompress.cost.roofline import CostModel
 from llmcompress.kernels.fused_linear import fused_linear_reference, fused_linear_triton
 from llmcompress.kernels.rms_norm import rms_norm_reference
-from llmcompress.testing.devices import DEVICE, HAS_CUDA, INTERPRET, needs_compiled_cuda, needs_triton
+from llmcompress.testing.devices import (
+    DEVICE,
+    HAS_CUDA,
+    INTERPRET,
+    needs_compiled_cuda,
+    needs_triton,
+)
 
 OP = torch.ops.llmcompress.fused_linear.default
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import llmcompress.kernels.grouped_linear as grouped  # registers the grouped ops
-from llmcompress.quantization import formats
+from llmcompress.formats import quantized as formats
 from llmcompress.testing.devices import DEVICE
 
 W4 = torch.ops.llmcompress.grouped_linear_w4a16.default

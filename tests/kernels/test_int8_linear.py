@@ -9,11 +9,21 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import llmcompress.kernels.int8_linear as w8  # registers torch.ops.llmcompress.linear_w8a16
-from llmcompress.analysis.hardware import HARDWARE
-from llmcompress.analysis.roofline import CostModel
-from llmcompress.kernels.int8_linear import dequantize_w8_triton, linear_w8a16_reference, linear_w8a16_triton
-from llmcompress.quantization import formats
-from llmcompress.testing.devices import DEVICE, HAS_CUDA, INTERPRET, needs_compiled_cuda, needs_triton
+from llmcompress.cost.hardware import HARDWARE
+from llmcompress.cost.roofline import CostModel
+from llmcompress.formats import quantized as formats
+from llmcompress.kernels.int8_linear import (
+    dequantize_w8_triton,
+    linear_w8a16_reference,
+    linear_w8a16_triton,
+)
+from llmcompress.testing.devices import (
+    DEVICE,
+    HAS_CUDA,
+    INTERPRET,
+    needs_compiled_cuda,
+    needs_triton,
+)
 from llmcompress.testing.numerics import random_activations
 
 OP = torch.ops.llmcompress.linear_w8a16.default

@@ -7,8 +7,12 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from llmcompress.analysis.hardware import HARDWARE
-from llmcompress.analysis.roofline import CostModel
+from llmcompress.cost.hardware import HARDWARE
+from llmcompress.cost.roofline import CostModel
+from llmcompress.formats.quantized import (
+    quantize_int8_per_channel,
+    quantize_int8_per_token,
+)
 from llmcompress.kernels.w8a8_linear import (
     MAX_K,
     linear_w8a8_reference,
@@ -16,10 +20,13 @@ from llmcompress.kernels.w8a8_linear import (
     quantize_per_token_int8_reference,
     quantize_per_token_int8_triton,
 )
-from llmcompress.quantization.formats import quantize_int8_per_channel, quantize_int8_per_token
 from llmcompress.testing.devices import DEVICE, needs_compiled_cuda, needs_triton
 from llmcompress.testing.graphs import single_node_graph
-from llmcompress.testing.numerics import per_token_linear_float64, random_quantized_linear, sqnr_db
+from llmcompress.testing.numerics import (
+    per_token_linear_float64,
+    random_quantized_linear,
+    sqnr_db,
+)
 
 op = torch.ops.llmcompress.linear_w8a8.default
 

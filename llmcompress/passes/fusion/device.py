@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..base import PassContext
+from llmcompress.passes.base import PassContext
 
 
 def _device(ctx: PassContext) -> torch.device | None:
@@ -19,7 +19,7 @@ def _device(ctx: PassContext) -> torch.device | None:
 def no_triton_reason(ctx: PassContext) -> str | None:
     """None when our Triton kernels run on the graph's device (CUDA; the CPU under TRITON_INTERPRET=1; the meta
     device of a cost report, which prices the target hardware), else why not."""
-    from ...kernels._linear_common import INTERPRETED
+    from llmcompress.kernels.linear_common import INTERPRETED
 
     device: Any = _device(ctx)
     if device is None or device.type in ("cuda", "meta") or (device.type == "cpu" and INTERPRETED):

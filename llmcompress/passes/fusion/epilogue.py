@@ -38,12 +38,11 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ...kernels import fused_linear as _fused_linear  # noqa: F401 - registers torch.ops.llmcompress.fused_linear
-from ...kernels._linear_common import GEMV_MAX_M, SUPPORTED_DTYPES
-from ..base import Pass, PassContext, PassResult
-from ..graph_utils import call, fake_mode_of
-from ..registry import register_pass
-from .device import no_triton_reason
+from llmcompress.fx_utils import call, fake_mode_of
+from llmcompress.kernels import fused_linear as _fused_linear  # noqa: F401 - registers torch.ops.llmcompress.fused_linear
+from llmcompress.kernels.linear_common import GEMV_MAX_M, SUPPORTED_DTYPES
+from llmcompress.passes.base import Pass, PassContext, PassResult
+from llmcompress.passes.fusion.device import no_triton_reason
 
 aten = torch.ops.aten
 OP = torch.ops.llmcompress.fused_linear.default
@@ -274,7 +273,6 @@ def choose_gemv_max_m(cost_model: Any, n_w: int, k: int, dtype: torch.dtype) -> 
     return gemv_max, priced
 
 
-@register_pass
 class FuseLinearEpiloguePass(Pass):
     """See the module docstring."""
 

@@ -32,9 +32,8 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..base import Pass, PassContext, PassResult
-from ..graph_utils import call, fake_mode_of, fake_value
-from ..registry import register_pass
+from llmcompress.fx_utils import call, fake_mode_of, fake_value
+from llmcompress.passes.base import Pass, PassContext, PassResult
 
 aten = torch.ops.aten
 _MULS = (aten.mul.Tensor, aten.mul.Scalar)
@@ -183,7 +182,6 @@ def _bias_through(w: torch.Tensor, b: torch.Tensor | None, beta: torch.Tensor) -
     return out if out.is_meta or bool(torch.isfinite(out).all()) else None
 
 
-@register_pass
 class FoldIntoWeightsPass(Pass):
     """See the module docstring."""
 
@@ -476,7 +474,5 @@ class FoldIntoWeightsPass(Pass):
         plain_ln.meta.update({k: v for k, v in node.meta.items() if k != "val"})
         return self._replace(node, plain_ln)
 
-
-from . import siblings as _siblings  # noqa: E402,F401  (its ordering constraints name this pass, and this one it)
 
 __all__ = ["FoldIntoWeightsPass", "price_candidate", "price_nodes", "reaches_output", "refresh_meta"]

@@ -19,11 +19,11 @@ from typing import Any, ClassVar
 import torch
 import torch.fx
 
-from ... import codegen
-from ...codegen.partition import partition
-from ..base import Pass, PassContext, PassResult
-from ..registry import register_pass
-from .device import no_triton_reason
+from llmcompress import codegen
+from llmcompress.passes.base import Pass, PassContext, PassResult
+from llmcompress.passes.fusion.device import no_triton_reason
+from llmcompress.passes.fusion.fused_call import insert_call
+from llmcompress.passes.fusion.partition import partition
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,6 @@ def _kernels(costs: Any) -> int:
     return sum(1 for c in costs.nodes if c.kind != "free")
 
 
-@register_pass
 class FusePointwisePass(Pass):
     name = "fuse-pointwise"
     description = "Chains of pointwise ops with last-dim reductions -> one generated Triton kernel each"
@@ -128,7 +127,7 @@ class FusePointwisePass(Pass):
                 stats["kept: generator refused"] = stats.get("kept: generator refused", 0) + 1
                 decisions.append({**decision, "fused": False, "reason": str(e)})
                 continue
-            codegen.insert_call(gm, kernel)
+            insert_call(gm, kernel)
             decisions.append({**decision, "fused": True, "kernel": kernel.key, "source": str(kernel.source_path),
                               "inputs": len(kernel.inputs), "outputs": len(kernel.outputs)})
             stats["groups fused"] = stats.get("groups fused", 0) + 1

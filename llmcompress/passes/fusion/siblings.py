@@ -25,40 +25,18 @@ from typing import Any, ClassVar
 import torch
 import torch.fx
 
-from ..base import Pass, PassContext, PassResult
-from ..graph_utils import call, fake_mode_of
-from ..registry import register_pass
-from .fold import price_candidate, price_nodes, reaches_output, refresh_meta
+from llmcompress.fx_utils import call, fake_mode_of, fused_name
+from llmcompress.passes.base import Pass, PassContext, PassResult
+from llmcompress.passes.fusion.fold import (
+    price_candidate,
+    price_nodes,
+    reaches_output,
+    refresh_meta,
+)
 
 aten = torch.ops.aten
 
 
-def fused_name(weight_names: list[str]) -> str:
-    """`[a.q_proj.weight, a.k_proj.weight]` -> `a.q_proj+k_proj.weight`: a member after the first is written
-    relative to the one before it when they share a parent module, else in full (see `member_names`)."""
-    suffix = ".weight" if all(n.endswith(".weight") for n in weight_names) else ""
-    modules = [n.removesuffix(".weight") if suffix else n for n in weight_names]
-    # A top-level name (no dot) written after a nested one would read as relative: put top-level names first.
-    modules = sorted(modules, key=lambda m: "." in m)
-    parts = [modules[0]]
-    for prev, m in zip(modules, modules[1:]):
-        parts.append(m.rpartition(".")[2] if m.rpartition(".")[0] == prev.rpartition(".")[0] else m)
-    return "+".join(parts) + suffix
-
-
-def member_names(module_name: str) -> list[str]:
-    """The members of a fused module name (`fused_name` without `.weight`): `a.q_proj+k_proj` -> `[a.q_proj,
-    a.k_proj]`; a plain name -> `[name]`."""
-    out: list[str] = []
-    for part in module_name.split("+"):
-        if out and "." not in part:
-            parent = out[-1].rpartition(".")[0]
-            part = f"{parent}.{part}" if parent else part
-        out.append(part)
-    return out
-
-
-@register_pass
 class FuseSiblingLinearsPass(Pass):
     """See the module docstring."""
 
@@ -204,4 +182,4 @@ class FuseSiblingLinearsPass(Pass):
         return readers
 
 
-__all__ = ["FuseSiblingLinearsPass", "fused_name", "member_names"]
+__all__ = ["FuseSiblingLinearsPass"]

@@ -15,11 +15,15 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 import llmcompress.kernels.fused_linear as fl
 import llmcompress.testing.probe  # noqa: F401 - registers probe-graph
-from llmcompress.analysis.hardware import HARDWARE
-from llmcompress.analysis.roofline import CostModel
+from llmcompress.cost.hardware import HARDWARE
+from llmcompress.cost.roofline import CostModel
 from llmcompress.passes.base import Pass, PassResult
 from llmcompress.passes.fusion.epilogue import choose_gemv_max_m
-from llmcompress.passes.registry import register_pass, registered_passes, unregister_pass
+from llmcompress.passes.registry import (
+    register_pass,
+    registered_passes,
+    unregister_pass,
+)
 from llmcompress.testing.models import example_ids, main_output, tiny_model
 from llmcompress.testing.probe import ops_of_last_graph
 

@@ -157,7 +157,7 @@ def test_fusion_keeps_working_around_quantized_linears(lowering, tmp_path):
 def test_fusions_stand_aside_where_triton_does_not_run(monkeypatch, tmp_path):
     """A CPU without the Triton interpreter: our ops would run their references op by op and hide the graph from
     the lowering, so the cost model's fused price does not hold; `force` (lowering="triton") still fuses."""
-    import llmcompress.kernels._linear_common as common
+    import llmcompress.kernels.linear_common as common
 
     monkeypatch.setattr(common, "INTERPRETED", False)
     model, (x, r) = NormGate().eval(), _inputs(3, 5, 37)

@@ -12,10 +12,12 @@ import transformers
 
 import llmcompress.passes.fusion.siblings  # noqa: F401  (registers the passes)
 import llmcompress.testing.probe  # noqa: F401
-from llmcompress.passes.fusion.siblings import fused_name, member_names
-from llmcompress.passes.quantize_linear import _matches
+from llmcompress.backend import make_backend
+from llmcompress.fx_utils import fused_name, member_names
+from llmcompress.passes.quantize.quantize_linear import _matches
 from llmcompress.testing.models import example_ids, main_output, tiny_model
 from llmcompress.testing.probe import ops_of_last_graph
+
 
 def randomize_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Norm scales around 1, shifts around 0 (fresh ones are exactly 1 and 0, which would hide a wrong fold)."""
@@ -35,12 +37,13 @@ BOTH = ["canonicalize", "fold-into-weights", "fuse-sibling-linears", "probe-grap
 LINEAR, SLICE = "aten.linear.default", "aten.slice.Tensor"
 
 
-def _run(model, inputs, passes=FUSE, lowering="eager", report=None):
+def _run(model, inputs, passes=FUSE, lowering="eager", report=None, on_graph=None):
     options = {"passes": passes, "lowering": lowering, "strict": True}
     if report is not None:
         options["report"] = str(report)
     with torch.no_grad():
-        return torch.compile(model, backend="llmcompress", options=options)(*inputs)
+        return torch.compile(model, backend="llmcompress" if on_graph is None else make_backend(on_graph=on_graph),
+                             options=options)(*inputs)
 
 
 def _pass(report, name="fuse-sibling-linears"):
@@ -133,16 +136,10 @@ def test_fused_linear_matches_eager(bias, dtype, tmp_path):
 
 
 def test_fused_weight_is_the_concatenation_and_named_after_its_members():
-    from llmcompress.backend import pipeline
-
     torch.manual_seed(0)
     model = Siblings(bias=(True, False, True)).eval()
     seen = []
-    pipeline.graph_observers.append(lambda b, a, ctx: seen.append((a, ctx)))
-    try:
-        _run(model, [torch.randn(2, 24)])
-    finally:
-        pipeline.graph_observers.pop()
+    _run(model, [torch.randn(2, 24)], on_graph=lambda b, a, ctx: seen.append((a, ctx)))
     gm, ctx = seen[0]
     (lin,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default]
     assert ctx.weights.name(lin.args[1]) == "linears.0+1+2.weight"
@@ -267,7 +264,7 @@ def test_skip_pattern_matching_a_member_skips_its_group(tmp_path):
 
 
 def test_fused_weights_are_cached_across_recompiles_and_invalidated_by_any_member():
-    from llmcompress.backend.weights import DERIVED
+    from llmcompress.passes.weights import DERIVED
 
     torch.manual_seed(0)
     model = Siblings(bias=(True, False, True)).eval()

@@ -1,0 +1,249 @@
+"""What the quantized-linear kernels (`int4_linear.py`, `int8_linear.py`, `w8a8_linear.py`, `fp8_linear.py`) share.
+
+Each kernel file still holds its own kernels, launchers, reference and op; this module has only the pieces that are
+the same logic in several of them:
+- Triton helpers called from their kernels: `dot_fp32`, `grouped_pid`, `store_output`;
+- launching: `INTERPRETED`, `autotuned`, `launch`, `wrap`, and the tutorial GEMM configs `GEMM_CONFIGS`;
+- the weight-only linears' choice of kernel by M: `DENSE_OFF`, `GEMV_MAX_M`, `gemv_bucket`, `gemm_bucket`,
+  `run_by_rows`; their references' shared fp32 math, `weight_only_linear_reference`;
+- input checks: `check_activation`, `check_bias_act_scale`, `check_act_scale`, `check_dtype`, `check_devices`,
+  `check_launchable`;
+- the op plumbing: `linear_backward` (straight-through gradients), `weight_only_linear_cost`.
+
+Kernels import the @triton.jit helpers by name (`from .linear_common import dot_fp32`), never as an attribute
+(`common.dot_fp32`) or under an alias: Inductor copies the helpers a user kernel calls into its generated code by
+looking up the kernel's global names and pasting each helper's source under its own name
+(`user_defined_triton_kernel_transitive_closure_source_code` in torch/_inductor/codegen/wrapper.py).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+from triton.runtime.jit import JITFunction
+
+from llmcompress.cost.roofline import io_bytes, numel, sym
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES_TEXT = "float16, bfloat16 or float32"
+# Default dense_min_m: larger than any M, so the dense path is off unless a pass asks for it.
+DENSE_OFF = 2**62
+# Rows one GEMV program holds (its largest BLOCK_M): gemv_max_m may not exceed it.
+GEMV_MAX_M = 16
+
+
+@triton.jit
+def dot_fp32(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32; fp32 operands in full precision (the reference's numerics), not TF32."""
+    # The Triton 3.9 interpreter multiplies bfloat16 operands as their raw uint16 storage; fp16/bf16 values
+    # are exact in fp32, so upcasting there gives the tensor core's result (exact products, fp32 sums).
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order (Triton matmul tutorial): GROUP_M row blocks in a row share
+    their weight tiles while those are in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_rows
+    pid_n = (pid % num_pid_in_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def store_output(acc, bias_ptr, out_ptr, rm, rn, m_mask, n_mask, stride_om, HAS_BIAS: tl.constexpr):
+    """Epilogue of the weight-only kernels: out[rm, rn] = acc (+ bias[rn]) in fp32, rounded once to out's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# Under TRITON_INTERPRET=1 @triton.jit returns an InterpretedFunction, which runs on CPU tensors; torch 2.11's
+# wrap_triton rejects it (2.13 passes it through), and autotuning there would run every config in Python.
+INTERPRETED = not isinstance(dot_fp32, JITFunction)
+
+# The Triton matmul tutorial's fp16 tiles, the weight-only GEMMs' untuned guesses pending H100 measurement.
+GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
+    for bm, bn, bk, w, st in [
+        (32, 64, 128, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 128, 128, 8, 3),
+        (128, 64, 64, 4, 4),
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+    ]
+]
+
+
+def autotuned(kernel, configs, key):
+    """`triton.autotune(configs, key=key)(kernel)`, or None under the interpreter (where `launch` runs `kernel`
+    with one fixed config instead)."""
+    return None if INTERPRETED else triton.autotune(configs, key=key)(kernel)
+
+
+def launch(kernel, tuned, grid, args, interp_config, **constexprs) -> None:
+    """Launch `tuned` (autotuned, through wrap_triton so Inductor sees it) or, under the interpreter, `kernel`
+    with `interp_config`; `grid(meta)` sees the config's block sizes either way."""
+    if tuned is None:
+        meta = {**interp_config, **constexprs}
+        kernel[grid(meta)](*args, **meta)
+    else:
+        wrap_triton(tuned)[grid](*args, **constexprs)
+
+
+def wrap(kernel):
+    """`kernel` ready to launch without autotuning: through wrap_triton, or as it is under the interpreter."""
+    return kernel if INTERPRETED else wrap_triton(kernel)
+
+
+def gemv_bucket(m) -> int:
+    # The rows the GEMV pads M to: 1, 2, 4 (fp32 FMAs) or 16 (tensor cores). Comparisons rather than
+    # next_power_of_2, so a symbolic M under torch.compile only gets range guards.
+    if m <= 1:
+        return 1
+    if m <= 2:
+        return 2
+    if m <= 4:
+        return 4
+    return 16
+
+
+def gemm_bucket(m) -> int:
+    # The GEMM autotuner's M key: powers of two from 32 to 8192, one tuning per bucket rather than per M.
+    b = 32
+    while b < 8192 and m > b:
+        b *= 2
+    return b
+
+
+def run_by_rows(name, x, n, gemv_max_m, dense_min_m, gemv, gemm, dense, *args) -> torch.Tensor:
+    """x (..., K) as M = x.numel() // K rows through the path M picks: `gemv` for M <= gemv_max_m (it wins ties
+    with dense), `dense` for M >= dense_min_m, `gemm` in between, each called as path(x2d, *args) -> (M, n).
+
+    Returns:
+        (..., n), x.dtype.
+    """
+    if not 0 <= gemv_max_m <= GEMV_MAX_M:
+        raise ValueError(f"{name}: gemv_max_m must be in [0, {GEMV_MAX_M}], got {gemv_max_m}")
+    x2d = x.reshape(-1, x.shape[-1])
+    m = x2d.shape[0]
+    if m == 0 or n == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    if m <= gemv_max_m:
+        path = gemv
+    elif m >= dense_min_m:
+        path = dense
+    else:
+        path = gemm
+    return path(x2d, *args).view(*x.shape[:-1], n)
+
+
+def weight_only_linear_reference(x, w, bias, act_scale) -> torch.Tensor:
+    """((x.float() * act_scale) @ w.T + bias.float()).to(x.dtype) for a dequantized float32 weight w (N, K):
+    everything in fp32, rounded once to x.dtype (the weight-only references' numerics)."""
+    h = x.float()
+    if act_scale is not None:
+        h = h * act_scale.float()
+    y = h @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def check_dtype(name, what, dtype) -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}: {what} must be {SUPPORTED_DTYPES_TEXT}, got {dtype}")
+
+
+def check_activation(name, x) -> None:
+    """ValueError unless x is (..., K) in a supported float dtype (the weight-only linears' x)."""
+    check_dtype(name, "x", x.dtype)
+    if x.dim() == 0:
+        raise ValueError(f"{name}: x must be (..., K), got a 0-d tensor")
+
+
+def check_act_scale(name, act_scale, k) -> None:
+    if act_scale is not None and (act_scale.dtype != torch.float32 or tuple(act_scale.shape) != (k,)):
+        raise ValueError(f"{name}: act_scale must be float32 ({k},), got {act_scale.dtype} {tuple(act_scale.shape)}")
+
+
+def check_bias_act_scale(name, x, n, bias, act_scale) -> None:
+    """ValueError unless bias is None or (n,) in x's dtype, and act_scale None or (K,) float32."""
+    if bias is not None and (bias.dtype != x.dtype or tuple(bias.shape) != (n,)):
+        raise ValueError(f"{name}: bias must be ({n},) in x's dtype {x.dtype}, got {bias.dtype} {tuple(bias.shape)}")
+    check_act_scale(name, act_scale, x.shape[-1])
+
+
+def check_devices(name, *tensors) -> None:
+    """ValueError unless every tensor that is not None is on one device."""
+    tensors = [t for t in tensors if t is not None]
+    if any(t.device != tensors[0].device for t in tensors):
+        raise ValueError(f"{name}: all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
+
+
+def check_launchable(name, x, reference="the reference") -> None:
+    """ValueError if x is a CPU tensor and the kernels are compiled (not interpreted)."""
+    if not INTERPRETED and x.device.type == "cpu":
+        raise ValueError(
+            f"{name}: x is on cpu; the Triton kernels need a GPU tensor (or TRITON_INTERPRET=1); "
+            f"use {reference} on CPU"
+        )
+
+
+def linear_backward(ctx, grad_out, dequantize: Callable[[], torch.Tensor], in_scale: Optional[torch.Tensor],
+                    bias_dtype: Optional[torch.dtype], bias_index: int):
+    """(grad_x, grad_bias) of y = (x * in_scale) @ W.T + bias with W = dequantize() frozen, in plain torch.
+
+    Straight-through for the ops that quantize x: its rounding counts as identity. For activations that require
+    grad: without a formula torch.compile fails while tracing the joint graph of such a model (kernels/__init__.py).
+    ctx holds x_dtype and needs_input_grad (x at 0, bias at `bias_index`); bias_dtype is None without a bias.
+    """
+    g = grad_out.float()
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = g @ dequantize()
+        if in_scale is not None:
+            grad_x = grad_x * in_scale
+        grad_x = grad_x.to(ctx.x_dtype)
+    if bias_dtype is not None and ctx.needs_input_grad[bias_index]:
+        grad_bias = g.reshape(-1, g.shape[-1]).sum(0).to(bias_dtype)
+    return grad_x, grad_bias
+
+
+def node_arg(node, index: int, name: str):
+    """A call's argument, positional or keyword (its fake value for a node); None when left to its default."""
+    a = node.args[index] if len(node.args) > index else node.kwargs.get(name)
+    return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+
+
+def weight_only_linear_cost(node, bias_index: int, act_scale_index: int):
+    """(flops, bytes) of a weight-only linear op: 2·M·N·K (+M·N bias, +M·K act_scale); bytes at the stored
+    dtypes (`io_bytes`)."""
+    x, qweight = node_arg(node, 0, "x"), node_arg(node, 1, "qweight")
+    k, n = sym(x.shape[-1]), sym(qweight.shape[0])
+    m = numel(x) / k
+    flops = 2 * m * n * k
+    if node_arg(node, bias_index, "bias") is not None:
+        flops += m * n
+    if node_arg(node, act_scale_index, "act_scale") is not None:
+        flops += m * k
+    return flops, io_bytes(node)

@@ -1,0 +1,567 @@
+"""`quantize-linear`: replace linears on frozen weights by quantized linears backed by our Triton kernels.
+
+Schemes (option `scheme`) and the op each linear becomes:
+* `w8a16`: int8 per-channel weights -> `llmcompress::linear_w8a16` (kernels/int8_linear.py).
+* `w4a16`: int4 asymmetric groups (`group_size` 32/64/128) -> `llmcompress::linear_w4a16` (kernels/int4_linear.py),
+  by round to nearest (`method: rtn`), AWQ (`awq`) or GPTQ (`gptq`).
+* `w8a8`: int8 weights, dynamic per-token int8 activations -> `llmcompress::linear_w8a8`; `method: smoothquant`
+  migrates activation outliers into the weights first (`alpha`).
+* `fp8`: e4m3 weights and activations, per-row scales -> `llmcompress::linear_fp8` (compute capability >= 8.9).
+MoE experts stored as 3-D weights (transformers' grouped matmuls) become `llmcompress::grouped_linear_w4a16` /
+`grouped_linear_w8a16`, one quantized matrix per expert.
+
+Calibrated methods run the graph on the calibration tokens (`options["calibration"]`, see
+`calibration/data.py`) node by node, quantizing each layer on the activations that reach it
+(`calibration/runner.py`). Results are cached per weight, so a later graph that cannot be fed from
+token ids (a decode step, a graph after a graph break) reuses them; when there are none it quantizes by round to
+nearest and warns. For the weight-only kernels the cost model picks, per layer, the row counts M at which the
+GEMV, the GEMM and dequantize + cuBLAS run (`gemv_max_m`, `dense_min_m` op arguments).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import warnings
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from llmcompress.calibration.data import (
+    CalibrationWarning,
+    calibration_windows,
+    fingerprint,
+)
+from llmcompress.errors import OptionError
+from llmcompress.formats import quantized as formats
+from llmcompress.fx_utils import call, member_names
+from llmcompress.kernels.linear_common import (
+    DENSE_OFF as _NEVER,  # dense_min_m when dequantize + cuBLAS never wins
+)
+from llmcompress.kernels.linear_common import (
+    GEMV_MAX_M as _GEMV_MAX_ROWS,  # activation rows one GEMV program holds
+)
+from llmcompress.passes.base import Pass, PassContext, PassResult
+
+aten = torch.ops.aten
+
+SCHEMES = ("w8a16", "w4a16", "w8a8", "fp8")
+METHODS = {"w8a16": ("rtn",), "w4a16": ("rtn", "awq", "gptq"), "w8a8": ("rtn", "smoothquant"), "fp8": ("rtn",)}
+# Row counts the kernel choice is priced at (decode batches up to prefill chunks).
+_M_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeLinearOptions:
+    scheme: Literal["w8a16", "w4a16", "w8a8", "fp8"] = "w4a16"
+    method: Literal["rtn", "awq", "gptq", "smoothquant"] = "rtn"
+    group_size: int = 128
+    """int4 group along K: 32, 64 or 128."""
+    alpha: float = 0.5
+    """SmoothQuant migration strength in [0, 1]."""
+    act_order: bool = False
+    """GPTQ: quantize columns in decreasing Hessian diagonal order (static groups)."""
+    damp: float = 0.01
+    """GPTQ: damping, as a fraction of the Hessian's mean diagonal."""
+    block_size: int = 128
+    """GPTQ: columns per lazy batch."""
+    mse: bool = False
+    """GPTQ: search each group's range for the lowest error instead of taking its min and max."""
+    awq_float_target: bool = True
+    """AWQ: fit each layer's output to the float model's output, on inputs that carry the errors of the layers
+    quantized before it (the float graph runs beside the calibration run); False fits it to the layer's own float
+    weights on those inputs."""
+    skip: list[str] = dataclasses.field(default_factory=lambda: list(_DEFAULT_SKIP))
+    """Layer name patterns left dense: fnmatch on the module path or its tail. Default: `lm_head` and MoE routers
+    (`*.gate`)."""
+    overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Per-layer options: {pattern: {scheme / method / group_size / alpha / skip: ...}}; the first match applies."""
+    version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        _check_combo(self.scheme, self.method, self.group_size, self.alpha, "pass 'quantize-linear'")
+        if not 0 < self.damp < 1:
+            raise OptionError(f"pass 'quantize-linear': key 'damp' got {self.damp!r}; expected 0 < damp < 1")
+        if self.block_size < 1:
+            raise OptionError(f"pass 'quantize-linear': key 'block_size' got {self.block_size!r}; expected >= 1")
+        for pattern, opts in self.overrides.items():
+            bad = sorted(set(opts) - {"scheme", "method", "group_size", "alpha", "skip"})
+            if bad:
+                raise OptionError(f"pass 'quantize-linear': override {pattern!r} has unknown key {bad[0]!r}; "
+                                  "allowed: scheme, method, group_size, alpha, skip")
+            merged = {**dataclasses.asdict(self), **opts}
+            _check_combo(merged["scheme"], merged["method"], merged["group_size"], merged["alpha"],
+                         f"pass 'quantize-linear': override {pattern!r}")
+
+
+def _check_combo(scheme: Any, method: Any, group_size: Any, alpha: Any, where: str) -> None:
+    if scheme not in SCHEMES:
+        raise OptionError(f"{where}: scheme {scheme!r} unknown; expected one of {', '.join(SCHEMES)}")
+    if method not in METHODS[scheme]:
+        raise OptionError(f"{where}: method {method!r} does not apply to scheme {scheme!r}; "
+                          f"allowed: {', '.join(METHODS[scheme])}")
+    if scheme == "w4a16" and group_size not in formats.INT4_GROUP_SIZES:
+        raise OptionError(f"{where}: group_size {group_size!r}; expected one of {formats.INT4_GROUP_SIZES}")
+    if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise OptionError(f"{where}: alpha {alpha!r}; expected a number in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    """One layer's effective options."""
+
+    scheme: str
+    method: str
+    group_size: int
+    alpha: float
+
+
+@dataclasses.dataclass
+class _Target:
+    node: torch.fx.Node
+    name: str
+    """Module path of the layer (`model.layers.0.mlp.up_proj`)."""
+    weight: torch.Tensor
+    """(N, K), or (E, N, K) for experts: the dense weight in the orientation y = x @ W.T."""
+    layer: _Layer
+    grouped: bool
+
+
+_GROUPED_OPS: set[Any] = set()
+for _name in ("_grouped_mm",):
+    _op = getattr(aten, _name, None)
+    if _op is not None:
+        _GROUPED_OPS.add(_op.default)
+
+
+def _grouped_ops() -> set[Any]:
+    ops = set(_GROUPED_OPS)
+    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    if fallback is not None:
+        ops.add(fallback.default)
+    return ops
+
+
+# lm_head: the logits are the most sensitive output. `*.gate`: MoE routers (`mlp.gate`, `block_sparse_moe.gate`),
+# tiny matrices whose rounding would change which experts run.
+_DEFAULT_SKIP = ["lm_head", "*.gate"]
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """fnmatch on the module path, or on its tail: `lm_head` matches `lm_head` and `model.lm_head`.
+
+    A layer fused by `fuse-sibling-linears` (`a.q_proj+k_proj+v_proj`) matches when any of its members does.
+    """
+    return any(fnmatch.fnmatchcase(m, pattern) or fnmatch.fnmatchcase(m, f"*.{pattern}") for m in member_names(name))
+
+
+def _module_name(weight_name: str) -> str:
+    """`model.layers.0.mlp.up_proj.weight` -> `model.layers.0.mlp.up_proj`; expert tensors keep their own name."""
+    return weight_name.removesuffix(".weight")
+
+
+class QuantizeLinearPass(Pass):
+    name = "quantize-linear"
+    description = "Linears on frozen weights -> int8 / int4 / fp8 quantized linears on our Triton kernels (RTN, AWQ, " \
+                  "GPTQ, SmoothQuant)"
+    Options = QuantizeLinearOptions
+    after = ("canonicalize",)
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        import llmcompress.kernels  # noqa: F401  (registers the quantized ops)
+
+        stats: dict[str, int] = {}
+        decisions: list[dict[str, Any]] = []
+        targets = self._targets(gm, ctx, stats, decisions)
+        if any(t.layer.scheme == "fp8" for t in targets):
+            _check_fp8(gm, targets)
+        calibrated = [t for t in targets if t.layer.method != "rtn"]
+        results: dict[torch.fx.Node, tuple[tuple[torch.Tensor, ...], str]] = {}
+        if calibrated:
+            with unset_fake_temporarily():  # passes run inside AOT's fake mode; calibration computes for real
+                results.update(self._calibrate(gm, ctx, calibrated, stats))
+        for t in targets:
+            if t.node not in results:
+                key = self._key(t.layer, "rtn")
+                results[t.node] = (ctx.weights.derive(t.node.args[1], key, lambda _w, t=t: _rtn(t)), "rtn")
+        changed = False
+        for t in targets:
+            tensors, method = results[t.node]
+            decision = self._rewrite(gm, ctx, t, tensors)
+            decision.update(method=method)
+            decisions.append(decision)
+            stats[f"{t.layer.scheme} {method}"] = stats.get(f"{t.layer.scheme} {method}", 0) + 1
+            changed = True
+        if changed:
+            gm.graph.eliminate_dead_code()
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(changed, stats, decisions)
+
+    # --- which layers -------------------------------------------------------------------------------------------
+
+    def _layer_options(self, name: str) -> _Layer | None:
+        o = self.options
+        merged = {"scheme": o.scheme, "method": o.method, "group_size": o.group_size, "alpha": o.alpha,
+                  "skip": any(_matches(name, p) for p in o.skip)}
+        for pattern, opts in o.overrides.items():
+            if _matches(name, pattern):
+                merged.update(opts)
+                break
+        if merged["skip"]:
+            return None
+        return _Layer(merged["scheme"], merged["method"], merged["group_size"], float(merged["alpha"]))
+
+    def _targets(self, gm: torch.fx.GraphModule, ctx: PassContext, stats: dict, decisions: list) -> list[_Target]:
+        grouped_ops = _grouped_ops()
+        targets: list[_Target] = []
+        names: list[str] = []
+
+        def skip(node: torch.fx.Node, name: str, reason: str, warn: bool = False) -> None:
+            stats[f"skipped: {reason.split(':')[0]}"] = stats.get(f"skipped: {reason.split(':')[0]}", 0) + 1
+            decisions.append({"node": node.name, "layer": name, "skipped": reason})
+            if warn:
+                warnings.warn(f"llmcompress: quantize-linear left {name} dense: {reason}", UserWarning, stacklevel=4)
+
+        for node in gm.graph.nodes:
+            grouped = node.op == "call_function" and node.target in grouped_ops
+            if not (node.op == "call_function" and (node.target is aten.linear.default or grouped)):
+                continue
+            w_node = node.args[1]
+            if not ctx.weights.is_constant(w_node):
+                stats["skipped: dynamic weight"] = stats.get("skipped: dynamic weight", 0) + 1
+                continue
+            name = _module_name(ctx.weights.name(w_node) or w_node.name)
+            names.append(name)
+            layer = self._layer_options(name)
+            if layer is None:
+                skip(node, name, "skip pattern")
+                continue
+            x = node.args[0].meta["val"]
+            if not x.is_floating_point() or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                skip(node, name, f"activation dtype {x.dtype}: quantized linears take float16/bfloat16/float32",
+                     warn=True)
+                continue
+            with unset_fake_temporarily():
+                value = ctx.weights.value(w_node)
+                weight = value.transpose(-2, -1) if grouped else value  # grouped ops take (E, K, N)
+            k = weight.shape[-1]
+            if grouped and layer.scheme not in ("w4a16", "w8a16"):
+                skip(node, name, f"3-D expert weights: scheme {layer.scheme} has no grouped kernel (w4a16 and "
+                     "w8a16 do)", warn=True)
+                continue
+            if layer.scheme == "w4a16" and k % layer.group_size:
+                skip(node, name, f"group size: group_size {layer.group_size} does not divide K={k}", warn=True)
+                continue
+            targets.append(_Target(node, name, weight, layer, grouped))
+        user_skip = [] if self.options.skip == _DEFAULT_SKIP else self.options.skip
+        for pattern in [*user_skip, *self.options.overrides]:
+            if names and not any(_matches(n, pattern) for n in names):
+                warnings.warn(f"llmcompress: quantize-linear pattern {pattern!r} matches no layer of graph "
+                              f"{ctx.graph_id} (layers: {names[0]} ... {names[-1]})", UserWarning, stacklevel=3)
+        return targets
+
+    # --- calibration --------------------------------------------------------------------------------------------
+
+    def _key(self, layer: _Layer, method: str | None = None, calibration: str | None = None) -> tuple:
+        o = self.options
+        return ("quantize-linear", 1, layer.scheme, method or layer.method, layer.group_size, layer.alpha,
+                o.act_order, o.damp, o.block_size, o.mse, o.awq_float_target, calibration)
+
+    def _calibrate(self, gm: torch.fx.GraphModule, ctx: PassContext, targets: list[_Target], stats: dict
+                   ) -> dict[torch.fx.Node, tuple[tuple[torch.Tensor, ...], str]]:
+        from llmcompress.calibration.runner import calibration_feeds, run_sequential
+
+        cfg = ctx.config
+        if cfg.calibration is None:
+            raise OptionError(f"recipe asks for {sorted({t.layer.method for t in targets})[0]} calibration: give "
+                              "options['calibration'] (token ids, a datasets.Dataset or a text file path, with "
+                              "options['tokenizer'] for text)")
+        windows = calibration_windows(cfg.calibration, cfg.tokenizer, cfg.calibration_samples,
+                                      cfg.calibration_seq_len)
+        fp = fingerprint(windows)
+        out: dict[torch.fx.Node, tuple[tuple[torch.Tensor, ...], str]] = {}
+        pending = []
+        for t in targets:
+            hit = ctx.weights.cached(t.node.args[1], self._key(t.layer, calibration=fp))
+            if hit is not None:
+                out[t.node] = (hit, t.layer.method)
+            else:
+                pending.append(t)
+        if not pending:
+            return out
+        fed = calibration_feeds(gm, ctx, windows)
+        if isinstance(fed, str):
+            warnings.warn(f"llmcompress: quantize-linear cannot calibrate graph {ctx.graph_id} ({fed}) and no "
+                          f"calibrated weights are cached for its {len(pending)} layers: they are quantized by round "
+                          "to nearest. Run the model once on a plain forward (model(input_ids)) first, so that "
+                          "graph calibrates them.", CalibrationWarning, stacklevel=3)
+            stats["calibration: rtn instead"] = len(pending)
+            return out
+        feeds, tokens = fed
+        stats["calibration tokens"] = tokens
+        by_node = {t.node: t for t in pending}
+        bar = _progress(len(pending), f"calibrating graph {ctx.graph_id}")
+
+        def quantize(node: torch.fx.Node, calls: list[tuple[tuple, dict]],
+                     float_inputs: list[torch.Tensor] | None = None) -> Callable[..., torch.Tensor]:
+            t = by_node[node]
+            inputs = [args[0] for args, _ in calls]
+            offs = [_offs(args, kwargs) for args, kwargs in calls] if t.grouped else None
+            if t.grouped:
+                float_inputs = None  # expert-sorted rows: the float model may route them elsewhere
+            tensors = ctx.weights.derive(node.args[1], self._key(t.layer, calibration=fp),
+                                         lambda _w: _calibrated(t, inputs, self.options, float_inputs, offs))
+            out[node] = (tensors, t.layer.method)
+            return lambda *args, **kwargs: _apply(t, tensors, args, kwargs)
+
+        try:
+            float_inputs = self.options.awq_float_target and any(t.layer.method == "awq" and not t.grouped
+                                                                 for t in pending)
+            run_sequential(gm, feeds, list(by_node), quantize, progress=lambda i: bar.update(1),
+                           float_inputs=float_inputs)
+        finally:
+            bar.close()
+        return out
+
+    # --- rewrite -------------------------------------------------------------------------------------------------
+
+    def _rewrite(self, gm: torch.fx.GraphModule, ctx: PassContext, t: _Target, tensors: tuple[torch.Tensor, ...]
+                 ) -> dict[str, Any]:
+        node, layer = t.node, t.layer
+        x = node.args[0]
+        dtype = x.meta["val"].dtype
+        bias = node.args[2] if len(node.args) > 2 and not t.grouped else None
+        decision: dict[str, Any] = {"node": node.name, "layer": t.name, "scheme": layer.scheme,
+                                    "shape": list(t.weight.shape)}
+        with gm.graph.inserting_before(node):
+            consts = [ctx.weights.add(gm, c, f"{t.name}.{suffix}") for c, suffix in
+                      zip(tensors, _SUFFIXES[layer.scheme])]
+            if t.grouped:
+                offs = _offs(node.args, node.kwargs)
+                op = torch.ops.llmcompress.grouped_linear_w4a16.default if layer.scheme == "w4a16" else \
+                    torch.ops.llmcompress.grouped_linear_w8a16.default
+                act_scale = consts[3] if layer.scheme == "w4a16" and len(consts) > 3 else None
+                args = (x, *consts[:3], layer.group_size, offs, act_scale) if layer.scheme == "w4a16" else \
+                    (x, *consts[:2], offs)
+                decision["kernel"] = f"grouped {layer.scheme} (per-expert GEMV/GEMM)"
+            elif layer.scheme in ("w4a16", "w8a16"):
+                n, k = t.weight.shape
+                gemv_max, dense_min, priced = _choose_kernels(ctx, n, k, dtype, tensors)
+                act_scale = consts[3] if layer.scheme == "w4a16" and len(consts) > 3 else None
+                if layer.scheme == "w4a16":
+                    op = torch.ops.llmcompress.linear_w4a16.default
+                    args = (x, *consts[:3], layer.group_size, bias, act_scale, gemv_max, dense_min)
+                else:
+                    op = torch.ops.llmcompress.linear_w8a16.default
+                    args = (x, *consts[:2], bias, None, gemv_max, dense_min)
+                decision.update(kernel={"gemv_max_m": gemv_max, "dense_min_m": None if dense_min == _NEVER
+                                        else dense_min}, predicted_s=priced)
+            elif layer.scheme == "w8a8":
+                op = torch.ops.llmcompress.linear_w8a8.default
+                smooth = consts[2] if len(consts) > 2 else None
+                args = (x, consts[0], consts[1], bias, smooth)
+                decision["kernel"] = "per-token int8 quant + int8 GEMM"
+            else:
+                op = torch.ops.llmcompress.linear_fp8.default
+                args = (x, consts[0], consts[1], bias)
+                decision["kernel"] = "per-token e4m3 quant + fp8 GEMM"
+            new = call(gm.graph, ctx.fake_mode, op, args)
+        new.meta.update({k: v for k, v in node.meta.items() if k not in ("val",)})
+        new.meta["llmcompress.linear"] = f"{t.name}.weight"
+        decision["predicted"] = _predicted(ctx, node, new)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        decision["quantized_bytes"] = int(sum(c.numel() * c.element_size() for c in tensors))
+        decision["dense_bytes"] = int(t.weight.numel() * t.weight.element_size())
+        return decision
+
+
+def _predicted(ctx: PassContext, dense: torch.fx.Node, quantized: torch.fx.Node) -> dict[str, Any] | None:
+    """Predicted seconds of the layer before and after, at the graph's example sizes (the report's numbers)."""
+    if ctx.cost_model is None:
+        return None
+    try:
+        before = ctx.cost_model.estimate(dense, ctx.sizes)
+        after = ctx.cost_model.estimate(quantized, ctx.sizes)
+        return {"dense_s": float(before.time_s), "quantized_s": float(after.time_s),
+                "dense_bytes": float(before.bytes), "quantized_bytes": float(after.bytes)}
+    except Exception as e:  # noqa: BLE001 - a pricing gap must not fail the rewrite
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+_SUFFIXES = {"w8a16": ("qweight", "scale"), "w4a16": ("qweight", "scales", "zeros", "act_scale"),
+             "w8a8": ("qweight", "wscale", "smooth"), "fp8": ("qweight", "wscale")}
+
+
+def _progress(total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"llmcompress: {desc}", unit="layer", leave=False)
+
+
+def _rtn(t: _Target) -> tuple[torch.Tensor, ...]:
+    """Round-to-nearest quantization of a target's weight (2-D, or per expert for 3-D)."""
+    w, layer = t.weight, t.layer
+    if w.dim() == 3:
+        parts = [_rtn(dataclasses.replace(t, weight=w[e], grouped=False)) for e in range(w.shape[0])]
+        return tuple(torch.stack(p) for p in zip(*parts))
+    if layer.scheme == "w8a16" or layer.scheme == "w8a8":
+        return formats.quantize_int8_per_channel(w)
+    if layer.scheme == "w4a16":
+        return formats.quantize_int4_rtn(w, layer.group_size)
+    return formats.quantize_fp8_per_channel(w)
+
+
+def _calibrated(t: _Target, inputs: list[torch.Tensor], o: QuantizeLinearOptions,
+                float_inputs: list[torch.Tensor] | None = None, offs: list[Any] | None = None
+                ) -> tuple[torch.Tensor, ...]:
+    """AWQ, GPTQ or SmoothQuant of one layer on its input activations (one tensor per calibration chunk);
+    float_inputs: the same activations in the float model (AWQ's target), None where they are equal. MoE experts
+    (3-D weights; offs: each chunk's expert offsets) are calibrated one by one on the rows routed to each."""
+    if t.grouped:
+        return _calibrated_experts(t, inputs, o, offs)
+    k = t.weight.shape[-1]
+    method = t.layer.method
+    if method == "gptq":
+        from llmcompress.passes.quantize.gptq import (
+            HessianAccumulator,
+            gptq_quantize_int4,
+        )
+
+        acc = HessianAccumulator(k, t.weight.device)
+        for x in inputs:
+            acc.add(x.reshape(-1, k))
+        return gptq_quantize_int4(t.weight.float(), acc.hessian, group_size=t.layer.group_size, damp=o.damp,
+                                  block_size=o.block_size, act_order=o.act_order, mse=o.mse)
+    if method == "awq":
+        from llmcompress.passes.quantize.awq import awq_search
+
+        x = torch.cat([x.reshape(-1, k) for x in inputs])
+        xf = None if float_inputs is None else torch.cat([x.reshape(-1, k) for x in float_inputs])
+        r = awq_search(t.weight.float(), x, group_size=t.layer.group_size, x_float=xf)
+        return r.qweight, r.scales, r.zeros, r.act_scale
+    if method == "smoothquant":
+        from llmcompress.passes.quantize.smoothquant import (
+            ActivationAbsMax,
+            smoothquant_quantize,
+        )
+
+        acc = ActivationAbsMax(k, t.weight.device)
+        for x in inputs:
+            acc.add(x.reshape(-1, k))
+        return smoothquant_quantize(t.weight.float(), acc.absmax, alpha=t.layer.alpha)
+    raise AssertionError(method)
+
+
+# An expert routed fewer calibration rows than this is quantized by round to nearest: GPTQ's Hessian and AWQ's
+# statistics from a handful of tokens fit those tokens, not the expert.
+_MIN_EXPERT_ROWS = 16
+
+
+def _calibrated_experts(t: _Target, inputs: list[torch.Tensor], o: QuantizeLinearOptions, offs: list[Any]
+                        ) -> tuple[torch.Tensor, ...]:
+    """Each expert of a 3-D weight (E, N, K) calibrated on the rows routed to it in every chunk (rows
+    offs[e - 1]:offs[e] of the expert-sorted activations); rarely routed experts fall back to round to nearest,
+    with a warning. AWQ's act_scale comes back as (E, K)."""
+    n_experts, _, k = t.weight.shape
+    bounds = [[0, *(int(v) for v in o_.tolist())] for o_ in offs]
+    parts, fallback = [], []
+    for e in range(n_experts):
+        rows = [x.reshape(-1, k)[b[e]:b[e + 1]] for x, b in zip(inputs, bounds)]
+        count = sum(r.shape[0] for r in rows)
+        one = dataclasses.replace(t, weight=t.weight[e], grouped=False)
+        if count < _MIN_EXPERT_ROWS:
+            fallback.append(f"{e} ({count} rows)")
+            part = _rtn(one)
+            if t.layer.method == "awq":
+                part = (*part, torch.ones(k, dtype=torch.float32, device=t.weight.device))
+        else:
+            part = _calibrated(one, rows, o)
+        parts.append(part)
+    if fallback:
+        warnings.warn(f"llmcompress: quantize-linear: {t.name}: experts {', '.join(fallback)} got fewer than "
+                      f"{_MIN_EXPERT_ROWS} calibration rows and are quantized by round to nearest; give more "
+                      "calibration samples to calibrate them", CalibrationWarning, stacklevel=2)
+    return tuple(torch.stack(p) for p in zip(*parts))
+
+
+def _offs(args: tuple, kwargs: dict) -> Any:
+    """The expert offsets of a grouped matmul's call (`_grouped_mm(x, w, offs)`, transformers' fallback)."""
+    return kwargs.get("offs", args[2] if len(args) > 2 else None)
+
+
+def _apply(t: _Target, tensors: tuple[torch.Tensor, ...], args: tuple, kwargs: dict) -> torch.Tensor:
+    """The quantized layer's output during calibration, from the dense node's evaluated arguments: the op the
+    graph will call."""
+    ops = torch.ops.llmcompress
+    layer, x = t.layer, args[0]
+    if t.grouped:
+        offs = _offs(args, kwargs)
+        if layer.scheme == "w4a16":
+            return ops.grouped_linear_w4a16(x, *tensors[:3], layer.group_size, offs,
+                                            tensors[3] if len(tensors) > 3 else None)
+        return ops.grouped_linear_w8a16(x, *tensors[:2], offs)
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if layer.scheme == "w4a16":
+        act_scale = tensors[3] if len(tensors) > 3 else None
+        return ops.linear_w4a16(x, tensors[0], tensors[1], tensors[2], layer.group_size, bias, act_scale)
+    if layer.scheme == "w8a16":
+        return ops.linear_w8a16(x, tensors[0], tensors[1], bias, None)
+    if layer.scheme == "w8a8":
+        return ops.linear_w8a8(x, tensors[0], tensors[1], bias, tensors[2] if len(tensors) > 2 else None)
+    return ops.linear_fp8(x, tensors[0], tensors[1], bias)
+
+
+def _choose_kernels(ctx: PassContext, n: int, k: int, dtype: torch.dtype,
+                    tensors: tuple[torch.Tensor, ...]) -> tuple[int, int, dict[str, Any]]:
+    """(gemv_max_m, dense_min_m, priced) from the cost model: the cheapest kernel at each M of `_M_GRID`.
+
+    The GEMV and the GEMM both stream the packed weight once (the GEMV on CUDA cores up to 4 rows), dequantize +
+    cuBLAS writes and reads a dense copy of the weight (two launches). Ties go to the GEMV, then to the GEMM.
+    """
+    cm = ctx.cost_model
+    if cm is None:
+        return _GEMV_MAX_ROWS, _NEVER, {}
+    packed = float(sum(c.numel() * c.element_size() for c in tensors))
+    e = torch.empty((), dtype=dtype).element_size()
+    dense = n * k * e
+    gemv_max, gemv_wins, dense_min, priced = 1, True, _NEVER, {}
+    for m in _M_GRID:
+        flops = 2.0 * m * n * k
+        act = m * k * e + m * n * e
+        # The GEMV multiplies on CUDA cores up to 4 rows and pads to 16 rows on tensor cores above that.
+        t_gemv = cm.kernel_time(flops, packed + act, dtype, tensor_cores=m > 4) if m <= _GEMV_MAX_ROWS else None
+        t_gemm = cm.kernel_time(flops, packed + act, dtype, rows=m)
+        t_dense = cm.kernel_time(0, packed + dense, dtype, tensor_cores=False) + \
+            cm.kernel_time(flops, dense + act, dtype, rows=m)
+        gemv_wins = gemv_wins and t_gemv is not None and t_gemv <= t_gemm
+        if gemv_wins:
+            gemv_max = m
+        if dense_min == _NEVER and t_dense < min(t_gemm, t_gemv if t_gemv is not None else float("inf")):
+            dense_min = m
+        if m in (1, 16, 256, 4096):
+            priced[f"m={m}"] = {"gemv_s": t_gemv, "gemm_s": t_gemm, "dequant_cublas_s": t_dense}
+    return gemv_max, dense_min, priced
+
+
+def _check_fp8(gm: torch.fx.GraphModule, targets: list[_Target]) -> None:
+    """Raises `FP8UnsupportedError` (naming the device and what fp8 needs) before anything is rewritten."""
+    from llmcompress.kernels.fp8_linear import (
+        FP8UnsupportedError,
+        check_fp8_device,
+        fp8_supported,
+    )
+
+    device = targets[0].weight.device
+    name = "quantize-linear scheme fp8 (recipe fp8)"
+    check_fp8_device(device, name=name)  # a GPU without fp8: names the GPU and its capability
+    if not fp8_supported(device):
+        raise FP8UnsupportedError(f"{name}: the model is on {device}; fp8 e4m3 matmuls need a CUDA GPU of compute "
+                                  "capability >= 8.9 (Ada, Hopper or later). Use w8a8-smoothquant or w8a16 here.")
+
+
+__all__ = ["QuantizeLinearPass", "QuantizeLinearOptions", "SCHEMES", "METHODS"]

@@ -1,0 +1,262 @@
+"""Frozen weights: the constants of a captured graph, the cache of weights derived from them, and their release.
+
+* `FrozenWeights` is what a pass sees as `ctx.weights`: `value(node)` gives the real tensor behind a constant node,
+  `derive(node, key, fn)` computes something from it (a quantized copy, SVD factors ...) once per weight and key,
+  process-wide, so recompiles for a new batch or sequence length reuse it.
+* With `release_weights=True`, after a graph is lowered, the storage of each frozen original that no compiled graph
+  uses any more is freed (`untyped_storage().resize_(0)`: the module's parameter keeps its shape, so Dynamo's guards
+  still hold, but its memory is gone). A later graph that needs such a weight dense raises `WeightReleasedError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from llmcompress.errors import WeightReleasedError
+
+aten = torch.ops.aten
+
+# View ops through which a constant stays a constant without a copy: value() applies them to the real tensor.
+_VIEW_OPS = {
+    aten.t.default, aten.permute.default, aten.transpose.int, aten.view.default, aten._unsafe_view.default,
+    aten.reshape.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default, aten.slice.Tensor,
+    aten.select.int, aten.alias.default,
+}
+
+
+def fqn_from_source(source_name: str) -> str:
+    """`L['self']._modules['model']._parameters['weight']` -> `model.weight` (readable names for reports)."""
+    keys = re.findall(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)", source_name)
+    parts = [a or b for a, b in keys]
+    return ".".join(parts) or source_name
+
+
+@dataclasses.dataclass
+class FrozenWeight:
+    attr: str
+    """Attribute name on the aten GraphModule."""
+    fqn: str
+    """Readable name from Dynamo's source (`model.layers.0.mlp.up_proj.weight`)."""
+    tensor: torch.Tensor
+    """The module's own parameter or buffer (never copied): the identity derived weights are cached on."""
+    derived: bool = False
+    """Added by a pass (`FrozenWeights.add`), not a module's tensor: never released."""
+    constant: torch.Tensor = dataclasses.field(init=False)
+    """A detached alias of `tensor` (same storage): what the graph holds."""
+
+    def __post_init__(self) -> None:
+        self.constant = self.tensor.detach()
+
+
+def _version(t: torch.Tensor) -> int:
+    """The tensor's version counter; inference tensors (made under inference_mode) have none and cannot be
+    modified in place outside it, so they count as never modified."""
+    return -1 if t.is_inference() else t._version
+
+
+class _DerivedCache:
+    """Process-wide cache of derived weights keyed by (base tensor identity, view, key); entries die with the base.
+
+    A base may be a tuple of tensors (a weight derived from several, e.g. concatenated siblings): the entry is
+    stale when any of them changed and dies with the first of them.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[Any, Any]] = {}
+        self._watched: set[int] = set()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, base: torch.Tensor | tuple[torch.Tensor, ...], view_key: Hashable, key: Hashable,
+            fn: Callable[[], Any]) -> Any:
+        k = (_ids(base), view_key, key)
+        entry = self._entries.get(k)
+        if entry is not None and entry[0] == _versions(base):
+            self.hits += 1
+            return entry[1]
+        self.misses += 1
+        value = fn()
+        self._entries[k] = (_versions(base), value)
+        for b in base if isinstance(base, tuple) else (base,):
+            if id(b) not in self._watched:
+                self._watched.add(id(b))
+                weakref.finalize(b, self._drop, id(b))
+        return value
+
+    def peek(self, base: torch.Tensor | tuple[torch.Tensor, ...], view_key: Hashable, key: Hashable) -> Any:
+        """The cached value, or None (no computation, no hit counted)."""
+        entry = self._entries.get((_ids(base), view_key, key))
+        return entry[1] if entry is not None and entry[0] == _versions(base) else None
+
+    def _drop(self, base_id: int) -> None:
+        self._watched.discard(base_id)
+        for k in [k for k in self._entries if k[0] == base_id or (isinstance(k[0], tuple) and base_id in k[0])]:
+            del self._entries[k]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _ids(base: torch.Tensor | tuple[torch.Tensor, ...]) -> int | tuple[int, ...]:
+    return tuple(id(b) for b in base) if isinstance(base, tuple) else id(base)
+
+
+def _versions(base: torch.Tensor | tuple[torch.Tensor, ...]) -> int | tuple[int, ...]:
+    return tuple(_version(b) for b in base) if isinstance(base, tuple) else _version(base)
+
+
+DERIVED = _DerivedCache()
+
+# ids of frozen originals that some lowered graph still reads dense, with a weakref to drop them when they die.
+_DENSE_IN_USE: dict[int, weakref.ref] = {}
+
+
+def is_released(t: torch.Tensor) -> bool:
+    return t.numel() > 0 and t.untyped_storage().nbytes() == 0
+
+
+class FrozenWeights:
+    """The frozen constants of one graph; see the module docstring."""
+
+    def __init__(self, gm: torch.fx.GraphModule, weights: list[FrozenWeight]) -> None:
+        self.gm = gm
+        self.by_attr = {w.attr: w for w in weights}
+
+    def __iter__(self):
+        return iter(self.by_attr.values())
+
+    def __len__(self) -> int:
+        return len(self.by_attr)
+
+    def _root(self, node: torch.fx.Node) -> tuple[FrozenWeight, tuple] | None:
+        chain: list[tuple] = []
+        while node.op == "call_function" and node.target in _VIEW_OPS:
+            chain.append((str(node.target), tuple(_plain(a) for a in node.args[1:])))
+            node = node.args[0]
+            if not isinstance(node, torch.fx.Node):
+                return None
+        if node.op == "get_attr" and node.target in self.by_attr:
+            return self.by_attr[node.target], tuple(reversed(chain))
+        return None
+
+    def is_constant(self, node: Any) -> bool:
+        """Whether `node` is a frozen weight or a view of one."""
+        return isinstance(node, torch.fx.Node) and self._root(node) is not None
+
+    def name(self, node: torch.fx.Node) -> str | None:
+        root = self._root(node)
+        return root[0].fqn if root else None
+
+    def value(self, node: torch.fx.Node) -> torch.Tensor:
+        """The real tensor behind a constant node (a view of the module's weight: do not modify it)."""
+        root = self._root(node)
+        if root is None:
+            raise KeyError(f"node {node.name} is not a frozen weight or a view of one")
+        weight, _ = root
+        if is_released(weight.tensor):
+            raise WeightReleasedError(
+                f"weight {weight.fqn} was released after an earlier compile (release_weights=True) and this graph "
+                "needs it dense; compile without release_weights, or keep every shape the model runs at in one compile"
+            )
+        with unset_fake_temporarily():
+            return self._apply_chain(node)
+
+    def _apply_chain(self, node: torch.fx.Node) -> torch.Tensor:
+        if node.op == "get_attr":
+            return self.by_attr[node.target].constant
+        base = self._apply_chain(node.args[0])
+        return node.target(base, *[_plain(a) for a in node.args[1:]])
+
+    def derive(self, node: torch.fx.Node | Sequence[torch.fx.Node], key: Hashable,
+               fn: Callable[[Any], Any]) -> Any:
+        """`fn(value(node))`, computed once per (weight, view, key) across all graphs and recompiles.
+
+        `key` must cover everything that changes the result; passes use `(self.uuid(), ...)`. `node` may be a
+        sequence of constant nodes (a weight derived from several: concatenated siblings, a weight times a norm's
+        scale): `fn` then gets the list of their values, and the entry is recomputed when any of them changes.
+        """
+        bases, chains = self._roots(node)
+        multi = not isinstance(node, torch.fx.Node)
+
+        def compute() -> Any:
+            values = [self.value(n) for n in node] if multi else self.value(node)
+            with unset_fake_temporarily():
+                return fn(values)
+
+        return DERIVED.get(bases, chains, key, compute)
+
+    def cached(self, node: torch.fx.Node | Sequence[torch.fx.Node], key: Hashable) -> Any:
+        """What `derive(node, key, ...)` computed earlier in this process (another graph), else None."""
+        try:
+            bases, chains = self._roots(node)
+        except KeyError:
+            return None
+        return DERIVED.peek(bases, chains, key)
+
+    def _roots(self, node: torch.fx.Node | Sequence[torch.fx.Node]) -> tuple[Any, Any]:
+        """(base tensor, view chain) of a constant node, or tuples of them for a sequence of nodes."""
+        nodes = [node] if isinstance(node, torch.fx.Node) else list(node)
+        roots = []
+        for n in nodes:
+            root = self._root(n) if isinstance(n, torch.fx.Node) else None
+            if root is None:
+                raise KeyError(f"node {getattr(n, 'name', n)} is not a frozen weight or a view of one")
+            roots.append(root)
+        if isinstance(node, torch.fx.Node):
+            return roots[0][0].tensor, roots[0][1]
+        return tuple(w.tensor for w, _ in roots), tuple(c for _, c in roots)
+
+    def add(self, gm: torch.fx.GraphModule, tensor: torch.Tensor, name: str) -> torch.fx.Node:
+        """Add a tensor a pass derived (usually from `derive`) as a constant that later passes see as frozen.
+
+        Returns its get_attr node (inserted at the graph's insertion point); `name` reads well in reports.
+        """
+        from llmcompress.fx_utils import add_constant, fake_mode_of
+
+        with unset_fake_temporarily():
+            node = add_constant(gm, fake_mode_of(gm), tensor, name)
+            self.by_attr[node.target] = FrozenWeight(node.target, name, tensor, derived=True)
+        return node
+
+    def used_attrs(self, gm: torch.fx.GraphModule) -> set[str]:
+        return {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target in self.by_attr}
+
+    def check_not_released(self, gm: torch.fx.GraphModule) -> None:
+        for attr in self.used_attrs(gm):
+            if is_released(self.by_attr[attr].tensor):
+                self.value(next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == attr))
+
+    def mark_in_use(self, gm: torch.fx.GraphModule) -> None:
+        for attr in self.used_attrs(gm):
+            t = self.by_attr[attr].tensor
+            _DENSE_IN_USE[id(t)] = weakref.ref(t, lambda _, i=id(t): _DENSE_IN_USE.pop(i, None))
+
+    def release_unused(self, gm: torch.fx.GraphModule) -> dict[str, int]:
+        """Free the storage of this graph's frozen originals that no lowered graph reads; returns {fqn: bytes}."""
+        used = self.used_attrs(gm)
+        freed = {}
+        for attr, w in self.by_attr.items():
+            if w.derived or attr in used or id(w.tensor) in _DENSE_IN_USE or is_released(w.tensor):
+                continue
+            nbytes = w.tensor.untyped_storage().nbytes()
+            w.tensor.untyped_storage().resize_(0)
+            if hasattr(gm, attr):
+                delattr(gm, attr)
+            freed[w.fqn] = nbytes
+        return freed
+
+
+def _plain(a: Any) -> Any:
+    if isinstance(a, (list, tuple)):
+        return tuple(_plain(x) for x in a)
+    if isinstance(a, torch.SymInt):
+        return int(a)
+    return a
