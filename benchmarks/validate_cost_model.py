@@ -93,11 +93,11 @@ from llmcompress.cost.device_profile import (
     DEFAULT_GRID,
     Grid,
     bandwidth_at,
-    calibrate,
     device_name,
     load_profile,
     matmul_correction,
     measure,
+    profile_device,
     versions,
 )
 from llmcompress.cost.hardware import resolve
@@ -178,7 +178,7 @@ def get_profile(args: argparse.Namespace, hardware) -> tuple[dict[str, Any], str
         h, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
         grid, quick = Grid((1, 16, 64, 256, args.batch * args.prefill_len), ((h, h), (i, h), (h, i), (v, h))), True
     with tempfile.TemporaryDirectory() as tmp:
-        profile = calibrate(hardware.name, dtypes=(args.dtype,), grid=grid, quick=quick, out=Path(tmp) / "p.json")
+        profile = profile_device(hardware.name, dtypes=(args.dtype,), grid=grid, quick=quick, out=Path(tmp) / "p.json")
     profile.pop("path", None)
     return profile, "calibrated in this process"
 

@@ -74,7 +74,7 @@ def _report(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from llmcompress.cost.device_profile import calibrate, default_grid, format_table
+    from llmcompress.cost.device_profile import default_grid, format_table, profile_device
     from llmcompress.cost.hardware import resolve
     from llmcompress.errors import OptionError
 
@@ -82,7 +82,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         grid = None
         if args.m:
             grid = dataclasses.replace(default_grid(resolve(args.hardware).kind, args.quick), m=tuple(args.m))
-        profile = calibrate(args.hardware, dtypes=tuple(args.dtype or ("bfloat16",)), grid=grid, quick=args.quick,
+        profile = profile_device(args.hardware, dtypes=tuple(args.dtype or ("bfloat16",)), grid=grid, quick=args.quick,
                             out=args.output)
     except OptionError as e:
         args.parser.error(str(e))
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="built-in recipe name or recipe file: adds before/after columns")
     report.add_argument("--format", choices=("text", "json", "html"), default="text", help="default text")
     report.add_argument("--full-trace", action="store_true",
-                        help="trace every decoder layer (default: trace two and repeat the second when the config's "
+                        help="trace every decoder layer (default: trace three and repeat the last when the config's "
                              "layers are alike; same numbers, seconds instead of minutes for deep models)")
     report.add_argument("-o", "--output", default=None, metavar="PATH", help="write here (default stdout)")
     report.set_defaults(func=_report, parser=report)

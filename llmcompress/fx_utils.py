@@ -6,22 +6,62 @@ Every node a pass adds must carry `meta["val"]`: later passes, the cost model an
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
+
+# The one table of view ops: aten ops whose result is a view of their first argument, so no data moves and no kernel
+# runs. The frozen-weight store applies them to real weights, the cost model prices them free, the folds look
+# through them, the code generator folds them into loads. `reshape` is a view wherever the strides allow one (a copy
+# elsewhere); `detach` and `alias` return the same data.
+VIEW_OPS = frozenset({
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unflatten.int, aten.t.default,
+    aten.permute.default, aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.squeeze.default, aten.expand.default, aten.slice.Tensor, aten.select.int, aten.as_strided.default,
+    aten.alias.default, aten.detach.default, aten.view_as_real.default, aten.view_as_complex.default,
+})
+# Ops returning a tuple of views of their first argument, read by getitem.
+MULTI_VIEW_OPS = frozenset({aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default})
+# The views that keep elements in row-major order (reshapes, alias): a row stays whole when the last dim does.
+RESHAPE_OPS = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default})
+
+
+def val(x: Any) -> Any:
+    """The value of an FX argument: a node's fake value (`meta["val"]`, None if it has none), anything else as is."""
+    return x.meta.get("val") if isinstance(x, torch.fx.Node) else x
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors of a (fake) value, in order: itself, or those in its nested lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensors_in(v)]
+    return []
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """Whether two sizes are equal; for SymInts, provably so under the guards so far (no new guard is added)."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return bool(statically_known_true(a == b))
+    return a == b
+
+
+def same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
 
 
 def fake_mode_of(gm: torch.fx.GraphModule) -> FakeTensorMode | None:
     for node in gm.graph.nodes:
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and hasattr(val, "fake_mode"):
-            return val.fake_mode
+        v = node.meta.get("val")
+        if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"):
+            return v.fake_mode
     return None
 
 
@@ -53,54 +93,76 @@ def add_constant(gm: torch.fx.GraphModule, fake_mode: FakeTensorMode, tensor: to
     return node
 
 
-def replace_with_traced(gm: torch.fx.GraphModule, node: torch.fx.Node, fn: Callable[..., Any],
-                        args: Sequence[torch.fx.Node | Any]) -> torch.fx.Node:
-    """Replace `node` by the aten graph of `fn(*args)`, traced on the args' fake values and inlined before it.
-
-    Non-node args are baked into the trace as constants. Returns the node holding the (single) result.
-    """
-    fake_mode = fake_mode_of(gm)
-    node_positions = [i for i, a in enumerate(args) if isinstance(a, torch.fx.Node)]
-    fakes = [args[i].meta["val"] for i in node_positions]
-
-    def traced_fn(*xs):
-        full = list(args)
-        for i, x in zip(node_positions, xs):
-            full[i] = x
-        return fn(*full)
-
-    with fake_mode:
-        sub = make_fx(traced_fn, tracing_mode="real")(*fakes)
-    env: dict[torch.fx.Node, Any] = {}
-    placeholders = iter(args[i] for i in node_positions)
-    result = None
-    with gm.graph.inserting_before(node):
-        for sub_node in sub.graph.nodes:
-            if sub_node.op == "placeholder":
-                env[sub_node] = next(placeholders)
-            elif sub_node.op == "output":
-                result = torch.fx.node.map_arg(sub_node.args[0], env.__getitem__)
-            elif sub_node.op == "get_attr":
-                env[sub_node] = add_constant(gm, fake_mode, getattr(sub, sub_node.target), sub_node.target)
-            else:
-                new = gm.graph.node_copy(sub_node, env.__getitem__)
-                new.meta["val"] = sub_node.meta.get("val")
-                new.meta.setdefault("stack_trace", node.meta.get("stack_trace"))
-                env[sub_node] = new
-    if not isinstance(result, torch.fx.Node):
-        raise TypeError(f"replace_with_traced: {fn} must return one tensor, got {result!r}")
-    node.replace_all_uses_with(result)
-    gm.graph.erase_node(node)
-    return result
-
-
-def only_user(node: torch.fx.Node) -> torch.fx.Node | None:
-    users = list(node.users)
+def only_user(node: Any) -> torch.fx.Node | None:
+    """The one node that reads `node`, or None (several users, none, or `node` is not a node)."""
+    users = list(node.users) if isinstance(node, torch.fx.Node) else []
     return users[0] if len(users) == 1 else None
 
 
-def is_getitem(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target is operator.getitem
+def finish_rewrite(gm: torch.fx.GraphModule) -> None:
+    """Drop what a rewrite left dead, check the graph and regenerate its code: the end of a pass that changed it.
+
+    The pass manager lints and recompiles after every pass too; this keeps a pass run on its own runnable.
+    """
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+
+
+def reaches_output(node: torch.fx.Node) -> bool:
+    """Whether `node` reaches the graph output through views only (replacing it would alias what it is replaced
+    by to an output)."""
+    views = VIEW_OPS | MULTI_VIEW_OPS | {operator.getitem}
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u.op == "output":
+                return True
+            if u.op == "call_function" and u.target in views and u.args[0] is n:
+                stack.append(u)
+    return False
+
+
+def _same_layout(old: Any, new: Any) -> bool:
+    olds, news = torch.utils._pytree.tree_leaves(old), torch.utils._pytree.tree_leaves(new)
+    if len(olds) != len(news):
+        return False
+    for o, n in zip(olds, news):
+        if isinstance(o, torch.Tensor) != isinstance(n, torch.Tensor):
+            return False
+        if isinstance(o, torch.Tensor) and (o.dtype != n.dtype or not same_shape(o.shape, n.shape)
+                                            or not same_shape(o.stride(), n.stride())):
+            return False
+    return True
+
+
+def refresh_meta(gm: torch.fx.GraphModule, fake_mode: Any, start: Iterable[torch.fx.Node]) -> int:
+    """Recompute `meta["val"]` of `start` and of every node downstream whose input's layout changed.
+
+    A pass that replaces a node by another of the same shape but other strides (a slice of a fused output, the
+    input of a removed mul) leaves stale strides behind; a `view` that the new strides do not allow becomes a
+    `reshape` (a copy only where a view is impossible). Returns how many views became reshapes.
+    """
+    todo, dirty, reshaped = set(start), set(), 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not (node in todo or any(a in dirty for a in node.all_input_nodes)):
+            continue
+        old = node.meta.get("val")
+        try:
+            with fake_mode:
+                new = node.target(*fake_value(node.args), **fake_value(node.kwargs))
+        except (RuntimeError, ValueError):  # fake tensors raise ValueError for an impossible view
+            if node.target not in (aten.view.default, aten._unsafe_view.default):
+                raise
+            node.target = aten.reshape.default
+            with fake_mode:
+                new = node.target(*fake_value(node.args), **fake_value(node.kwargs))
+            reshaped += 1
+        node.meta["val"] = new
+        if not _same_layout(old, new):
+            dirty.add(node)
+    return reshaped
 
 
 # Names of layers fused from several (`fuse-sibling-linears` writes them, `quantize-linear` matches them).

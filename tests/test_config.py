@@ -100,14 +100,17 @@ def _root_cause(exc):
     return exc
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("options, message", [
     ({"lowering": "tvm"}, "key 'lowering' got 'tvm'"),
     ({"passes": ["canonicalize", "no-such-pass"]}, "unknown pass 'no-such-pass'; registered passes:"),
     ({"passes": {"canonicalize": {"bogus": 1}}}, "pass 'canonicalize': unknown key 'bogus'"),
+    ({"lowering": "eager", "passes": {"fuse-pointwise": {"force": "yes"}}}, "pass 'fuse-pointwise': key 'force' got"),
 ])
-def test_errors_surface_through_torch_compile(options, message):
+def test_errors_surface_through_torch_compile(options, message, grad):
+    """Whatever the grad mode: with gradients required the graph would fall back to eager, after the check."""
     compiled = torch.compile(torch.nn.Linear(4, 4), backend="llmcompress", options=options)
-    with pytest.raises(Exception) as info, torch.no_grad():
+    with pytest.raises(Exception) as info, torch.set_grad_enabled(grad):
         compiled(torch.randn(2, 4))
     cause = _root_cause(info.value)
     assert isinstance(cause, OptionError), repr(cause)

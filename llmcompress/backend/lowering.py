@@ -4,8 +4,10 @@ our own kernels (`"triton"`).
 `"triton"` runs the graph as it is too: by then the pipeline has run the lowering's own passes
 (`TRITON_LOWERING_PASSES`: every dense linear on our Triton linear kernel, every group of pointwise ops and
 reductions on a kernel our code generator wrote), so what is left in aten is what we do not generate (attention
-through SDPA, embedding, indexing, views). With `mode="reduce-overhead"` it is replayed through CUDA graphs (torch's
-CUDA-graph trees, as Dynamo's `cudagraphs` backend uses them).
+through SDPA, embedding, indexing, views). It needs a CUDA device, or the CPU under the Triton interpreter; elsewhere
+our ops would only run their PyTorch references, so `check_lowering_device` refuses it. With
+`mode="reduce-overhead"` it is replayed through CUDA graphs (torch's CUDA-graph trees, as Dynamo's `cudagraphs`
+backend uses them).
 
 Each returns a boxed callable (takes a list of inputs) over the graph's remaining placeholders.
 """
@@ -24,6 +26,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from llmcompress._logging import logger
 from llmcompress.config import CompileConfig
+from llmcompress.errors import OptionError
 from llmcompress.fx_utils import fake_mode_of
 
 aten = torch.ops.aten
@@ -150,6 +153,27 @@ def lower_triton(gm: torch.fx.GraphModule, fake_inputs: Sequence[Any], config: C
                             mutated_input_idxs=find_input_mutations(gm.graph))
     out._boxed_call = True  # type: ignore[attr-defined]
     return out
+
+
+def check_lowering_device(config: CompileConfig, example_inputs: Sequence[Any]) -> None:
+    """`OptionError` when `lowering="triton"` cannot run our Triton kernels where the graph's tensors are.
+
+    On a CPU without the interpreter our ops would run their PyTorch references while the report said the Triton
+    lowering ran. A graph with a tensor on a CUDA device runs there (a CPU index among them does not count); the
+    meta device (cost reports) runs nothing, so it passes.
+    """
+    from llmcompress.kernels import linear_common  # read at call time: tests switch the interpreter off
+
+    devices = {x.device.type for x in example_inputs if isinstance(x, torch.Tensor)}
+    if config.lowering != "triton" or not devices or devices & {"cuda", "meta"}:
+        return
+    if devices == {"cpu"} and linear_common.INTERPRETED:
+        return
+    raise OptionError(
+        f"options: key 'lowering' got 'triton', but our Triton kernels cannot run on {', '.join(sorted(devices))} "
+        "here: they need a CUDA device, or on the CPU the Triton interpreter (TRITON_INTERPRET=1 in the environment "
+        "before triton is imported; slow, for tests); use lowering='inductor' or 'eager' on this device"
+    )
 
 
 def lower(gm: torch.fx.GraphModule, fake_inputs: Sequence[Any], config: CompileConfig,

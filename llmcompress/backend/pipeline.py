@@ -19,7 +19,8 @@ from llmcompress.backend.capture import (
     needs_grad,
 )
 from llmcompress.backend.compile_report import dynamo_graph_info, report_for
-from llmcompress.backend.lowering import TRITON_LOWERING_PASSES, lower
+from llmcompress.backend.lowering import TRITON_LOWERING_PASSES, check_lowering_device, lower
+from llmcompress.calibration.service import Calibration
 from llmcompress.config import CompileConfig
 from llmcompress.cost.device_profile import load_profile
 from llmcompress.cost.hardware import resolve as resolve_hardware
@@ -44,6 +45,10 @@ class FallbackWarning(UserWarning):
 def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: CompileConfig,
                   on_graph: GraphHook | None = None) -> Callable[..., Any]:
     """Dynamo graph + real example inputs -> compiled callable taking the same inputs."""
+    # Every option is checked before anything may fall back (gradients required, a bug of ours): an unknown pass,
+    # a bad pass option or a lowering that cannot run here raises, whatever the grad mode.
+    pass_manager(config)
+    check_lowering_device(config, example_inputs)
     start = time.perf_counter()
     entry: dict[str, Any] = {**dynamo_graph_info(gm), "graph_id": next(_graph_ids), "lowering": config.lowering,
                              "mode": config.mode, "nodes_in": sum(1 for _ in gm.graph.nodes)}
@@ -87,10 +92,7 @@ def _compile(gm, example_inputs, config: CompileConfig, entry: dict, on_graph: G
     capture = capture_dynamo_graph(gm, example_inputs)
     entry["frozen_weights"] = {"count": len(capture.frozen),
                                "bytes": sum(w.tensor.numel() * w.tensor.element_size() for w in capture.frozen)}
-    specs = parse_pass_specs(config.passes, "options") if config.passes is not None else load_recipe(config.recipe).passes
-    if config.lowering == "triton":
-        specs = with_lowering_passes(specs, TRITON_LOWERING_PASSES)
-    manager = PassManager.from_specs(specs, strict=config.strict)
+    manager = pass_manager(config)
     state: dict[str, Any] = {}
 
     def compile_aten(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]) -> Callable[[list], Any]:
@@ -110,9 +112,12 @@ def _compile(gm, example_inputs, config: CompileConfig, entry: dict, on_graph: G
         before = _copy_graph_module(aten_gm) if on_graph is not None else None
         # 3. Passes, in constraint order; a failing pass is undone (or raises under strict).
         names = [w.fqn for w in capture.frozen] + [n.name for n in capture.gm.graph.find_nodes(op="placeholder")]
+        input_names = [names[i] if i < len(names) else f"input {i}" for i in kept]
+        # Loaded (tokenized) only when a pass asks for it; shared by the graph's passes.
+        calibration = Calibration(config.calibration, config.tokenizer, config.calibration_samples,
+                                  config.calibration_seq_len, example_inputs=fake_inputs, input_names=input_names)
         ctx = PassContext(fake_inputs, weights, hardware, config, fake_mode, graph_id=str(entry["graph_id"]),
-                          cost_model=cost_model, sizes=sizes,
-                          input_names=[names[i] if i < len(names) else f"input {i}" for i in kept])
+                          cost_model=cost_model, sizes=sizes, input_names=input_names, calibration=calibration)
         records = manager.run(aten_gm, ctx)
         if config.report is not None:
             entry["predicted_after"] = _predict(cost_model, aten_gm, sizes)
@@ -148,6 +153,18 @@ def _compile(gm, example_inputs, config: CompileConfig, entry: dict, on_graph: G
     return compiled, state
 
 
+def pass_manager(config: CompileConfig) -> PassManager:
+    """The passes the config asks for (options["passes"], else the recipe's; plus the lowering's own), built: an
+    unknown pass name or a bad pass option raises `OptionError` here."""
+    if config.passes is not None:
+        specs = parse_pass_specs(config.passes, "options")
+    else:
+        specs = load_recipe(config.recipe).passes
+    if config.lowering == "triton":
+        specs = with_lowering_passes(specs, TRITON_LOWERING_PASSES)
+    return PassManager.from_specs(specs, strict=config.strict)
+
+
 def with_lowering_passes(specs: tuple[PassSpec, ...], required: dict[str, dict[str, Any]]) -> tuple[PassSpec, ...]:
     """The recipe's passes plus the lowering's own: a pass already there gets the lowering's options on top of its
     own, a missing one is appended (the manager orders them by their after/before constraints)."""
@@ -175,7 +192,9 @@ def _fallback(original: torch.fx.GraphModule, example_inputs, config: CompileCon
         from torch._inductor.compile_fx import compile_fx
 
         return compile_fx(original, example_inputs)
-    return original.forward  # eager, and triton (whose kernels come from passes that did not run)
+    # Eager, and for triton too: its kernels come from passes that did not run. The report says what ran.
+    entry["lowering"] = "eager"
+    return original.forward
 
 
 def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -33,8 +33,8 @@ from llmcompress.codegen.ops import (
     compute_dtype,
     op_name,
     tl_compute,
-    val,
 )
+from llmcompress.fx_utils import val
 
 GENERATOR_VERSION = 1
 

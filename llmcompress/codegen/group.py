@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from llmcompress.codegen.ops import RULES, fusible, is_reduction, op_name, val
+from llmcompress.codegen.ops import RULES, fusible, is_reduction, op_name
+from llmcompress.fx_utils import same_size, val
 
 aten = torch.ops.aten
 
@@ -79,10 +79,6 @@ def static_one(x: Any) -> bool:
     return v.dim() == 0 or (isinstance(v.shape[-1], int) and v.shape[-1] == 1)
 
 
-def _known_equal(a: Any, b: Any) -> bool:
-    return a == b if isinstance(a, int) and isinstance(b, int) else bool(statically_known_true(a == b))
-
-
 def _is_one(a: Any) -> bool:
     return isinstance(a, int) and a == 1
 
@@ -91,7 +87,7 @@ def rows_unchanged(src: Any, dst: Any) -> bool:
     """Whether viewing src as dst keeps every row and column where the right-aligned row model has it: same last
     dim (or src broadcast along it), leading dims equal or broadcast from size 1, extra leading dims of size 1."""
     s, d = list(val(src).shape) or [1], list(val(dst).shape) or [1]
-    if not (_known_equal(s[-1], d[-1]) or _is_one(s[-1])):
+    if not (same_size(s[-1], d[-1]) or _is_one(s[-1])):
         return False
     s_lead, d_lead = s[:-1], d[:-1]
     for i in range(1, max(len(s_lead), len(d_lead)) + 1):
@@ -99,7 +95,7 @@ def rows_unchanged(src: Any, dst: Any) -> bool:
         b = d_lead[-i] if i <= len(d_lead) else None
         if a is None or _is_one(a):
             continue
-        if b is None or not _known_equal(a, b):
+        if b is None or not same_size(a, b):
             return False
     return True
 
@@ -192,7 +188,7 @@ def _check_rows(group: Group) -> None:
                 continue
             if _is_one(seen):
                 lead[d] = (size, x)
-            elif not _known_equal(seen, size):
+            elif not same_size(seen, size):
                 raise CodegenError(f"rows of {x.name} {tuple(val(x).shape)} and {owner.name} "
                                    f"{tuple(val(owner).shape)} do not broadcast (right-aligned) into one row space")
 

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from llmcompress.fx_utils import VIEW_OPS, tensors_in, val
+
 # The emitter and column expressions of `emit.py`, which sits above this table (it imports it): named, not imported.
 Emitter = Any
 ColVar = Any
@@ -34,7 +36,6 @@ TL_DTYPE = {
     torch.int16: "tl.int16", torch.int32: "tl.int32", torch.int64: "tl.int64",
 }
 COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,22 +63,6 @@ def bind(node: torch.fx.Node) -> dict[str, Any]:
         else:
             out[arg.name] = arg.default_value if arg.has_default_value() else None
     return out
-
-
-def val(x: Any) -> Any:
-    return x.meta.get("val") if isinstance(x, torch.fx.Node) else x
-
-
-def dtype_of(x: Any) -> torch.dtype:
-    """The dtype of a node's value or of a python scalar as aten sees it (a wrapped number)."""
-    v = val(x)
-    if isinstance(v, torch.Tensor):
-        return v.dtype
-    if isinstance(v, bool):
-        return torch.bool
-    if isinstance(v, int):
-        return torch.int64
-    return torch.float64 if isinstance(v, float) else torch.float32
 
 
 def result_type(x: Any, y: Any) -> torch.dtype:
@@ -542,19 +527,15 @@ def _check_view(node: torch.fx.Node, a: dict[str, Any]) -> str | None:
     return None
 
 
-VIEW_OPS = (aten.view.default, aten._unsafe_view.default, aten.unsqueeze.default, aten.squeeze.dim,
-            aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.permute.default, aten.transpose.int,
-            aten.t.default, aten.select.int, aten.alias.default, aten.detach.default)
-for _t in VIEW_OPS:
+# The view table's ops (`fx_utils.VIEW_OPS`) but: reshape (a copy where the strides allow no view, so its layout is
+# not its input's), slice (column arithmetic, above), and as_strided, unflatten, view_as_real / view_as_complex,
+# which the generator has no tests for (the last two change dtype to or from complex, which it does not generate).
+_NOT_GENERATED_VIEWS = {aten.reshape.default, aten.slice.Tensor, aten.as_strided.default, aten.unflatten.int,
+                        aten.view_as_real.default, aten.view_as_complex.default}
+for _t in VIEW_OPS - _NOT_GENERATED_VIEWS:
     RULES[_t] = Rule("view", None, _check_view)
 
 SUPPORTED_DTYPES = tuple(TL_DTYPE)
-
-
-def _tensors_in(x: Any) -> list[Any]:
-    if isinstance(x, (list, tuple)):
-        return [t for y in x for t in _tensors_in(y)]
-    return [x] if isinstance(x, torch.Tensor) else []
 
 
 def fusible(node: torch.fx.Node) -> str | None:
@@ -575,10 +556,10 @@ def fusible(node: torch.fx.Node) -> str | None:
     if rule is None:
         return f"unsupported op {op_name(node.target)}"
     out = node.meta.get("val")
-    outs = _tensors_in(out)
+    outs = tensors_in(out)
     if not outs or (not isinstance(out, torch.Tensor) and rule.kind != "multi"):
         return f"{op_name(node.target)} without a tensor value"
-    for t in outs + [t for a in node.all_input_nodes for t in _tensors_in(a.meta.get("val"))]:
+    for t in outs + [t for a in node.all_input_nodes for t in tensors_in(a.meta.get("val"))]:
         if t.dtype not in SUPPORTED_DTYPES:
             return f"dtype {t.dtype} (supported: float16, bfloat16, float32, float64, bool, int8-64, uint8)"
         if t.layout is not torch.strided:

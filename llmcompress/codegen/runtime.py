@@ -1,6 +1,6 @@
 """Compiled fusion groups: the source cache, the launcher, the `llmcompress::fused` custom op and the registry.
 
-Entry points: `compile_group(nodes) -> FusedKernel`, `insert_call(gm, kernel)`, `get_kernel(key)`, and the op
+Entry points: `compile_group(nodes) -> FusedKernel`, `get_kernel(key)`, and the op
 `torch.ops.llmcompress.fused(key, inputs) -> list[Tensor]` that rewritten graphs call.
 
 Sources are cached on disk (`$LLMCOMPRESS_CACHE_DIR/kernels`, default `~/.cache/llmcompress/kernels`) under the
@@ -155,26 +155,34 @@ class FusedKernel:
     def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         return self.run(list(tensors))
 
-    def _check(self, tensors: list[torch.Tensor]) -> None:
+    def _check_types(self, tensors: list[torch.Tensor]) -> None:
+        """ValueError unless the inputs are what the kernel was generated for: count, dtype, rank, one device."""
         if len(tensors) != len(self.inputs):
             raise ValueError(f"fused kernel {self.key}: takes {len(self.inputs)} tensors, got {len(tensors)}")
-        device = tensors[0].device if tensors else None
+        device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
         for i, (t, x) in enumerate(zip(tensors, self.inputs)):
             v = val(x)
             if not isinstance(t, torch.Tensor) or t.dtype != v.dtype or t.dim() != v.dim() or t.device != device:
                 raise ValueError(f"fused kernel {self.key}: input {i} must be a {v.dim()}-d {v.dtype} tensor on "
                                  f"{device} (as {x.name} it was compiled for), got "
-                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-            for j, s in enumerate(v.shape):
+                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+                                 f"{' on ' + str(t.device) if isinstance(t, torch.Tensor) else ''}")
+
+    def _check(self, tensors: list[torch.Tensor]) -> None:
+        self._check_types(tensors)
+        for i, (t, x) in enumerate(zip(tensors, self.inputs)):
+            for j, s in enumerate(val(x).shape):
                 if isinstance(s, int) and s == 1 and t.shape[j] != 1:
                     raise ValueError(f"fused kernel {self.key}: input {i} was compiled with size 1 at dim {j} "
                                      f"(broadcast), got shape {tuple(t.shape)}")
 
     def plan(self, tensors: list[torch.Tensor]) -> Plan:
-        sig = tuple((tuple(t.shape), t.stride()) for t in tensors)
+        # Checked on every call (a cached plan must not let another dtype through: the generated source is typed),
+        # and keyed by all that changes the launch.
+        self._check(tensors)
+        sig = tuple((t.dtype, t.device, tuple(t.shape), t.stride()) for t in tensors)
         plan = self._plans.get(sig)
         if plan is None:
-            self._check(tensors)
             plan = self._plans[sig] = Plan(self, tensors)
         return plan
 
@@ -196,7 +204,9 @@ class FusedKernel:
         return outs
 
     def fake(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """What the op returns, on fake (or meta) tensors: fresh tensors in the layout of aten's results."""
+        """What the op returns, on fake (or meta) tensors: fresh tensors in the layout of aten's results. Inputs the
+        kernel would refuse are refused here too, while tracing (sizes are not compared: they may be symbolic)."""
+        self._check_types(tensors)
         return [torch.empty_like(o) for o in self.reference(*tensors)]
 
 

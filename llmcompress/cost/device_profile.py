@@ -1,6 +1,7 @@
-"""Calibration profiles: measured bandwidth, launch overhead and matmul efficiency of the current device.
+"""Device profiles: measured bandwidth, launch overhead and matmul efficiency of the current device.
 
-Entry points: `calibrate(...)` measures the current device and writes a profile (`llmcompress calibrate` calls it);
+Entry points: `profile_device(...)` measures the current device and writes a profile (the CLI verb `llmcompress
+calibrate` calls it; not to be confused with calibration *data*, `calibration/`, which compressing passes run on);
 `load_profile(hardware)` returns the stored profile for the current device (or None), which the backend hands to
 `CostModel` so that it predicts with measured numbers instead of datasheet peaks.
 
@@ -71,7 +72,7 @@ def profile_path(key: str | None = None) -> Path:
 
 
 def load_profile(hardware: Hardware) -> dict[str, Any] | None:
-    """The calibration profile of the current device if one is stored and calibrates `hardware` (its `hardware`
+    """The device profile of the current device if one is stored and calibrates `hardware` (its `hardware`
     field is `hardware.name`). A CPU row reads `cpu.json` also on a machine with a GPU."""
     if hardware.kind == "cuda" and not torch.cuda.is_available():
         return None
@@ -84,7 +85,7 @@ def load_profile(hardware: Hardware) -> dict[str, Any] | None:
     stored, now = profile.get("versions", {}), versions()
     changed = [k for k in ("torch", "triton", "cuda") if k in stored and stored[k] != now.get(k)]
     if changed:
-        logger.info("calibration profile %s was measured with %s; now %s: still used, recalibrate with "
+        logger.info("device profile %s was measured with %s; now %s: still used, recalibrate with "
                     "`llmcompress calibrate`", path, {k: stored[k] for k in changed}, {k: now.get(k) for k in changed})
     return profile
 
@@ -117,7 +118,7 @@ QUICK_GRID = Grid((1, 16, 64, 256), ((512, 512), (1024, 512)))
 
 
 def default_grid(kind: str, quick: bool = False) -> Grid:
-    """The grid `calibrate` measures by default on a device of `kind` ('cuda' or 'cpu')."""
+    """The grid `profile_device` measures by default on a device of `kind` ('cuda' or 'cpu')."""
     return QUICK_GRID if quick else DEFAULT_GRID if kind == "cuda" else CPU_GRID
 
 
@@ -184,7 +185,7 @@ def _peak(hardware: Hardware, dtype: torch.dtype) -> float:
     return CostModel(hardware)._peak(dtype, True)
 
 
-def calibrate(hardware: str = "auto", dtypes: Sequence[str] = ("bfloat16",), grid: Grid | None = None,
+def profile_device(hardware: str = "auto", dtypes: Sequence[str] = ("bfloat16",), grid: Grid | None = None,
               quick: bool = False, out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Measure the current device, write its profile (to `out`, else `profile_path()`) and return it.
 
@@ -203,7 +204,7 @@ def calibrate(hardware: str = "auto", dtypes: Sequence[str] = ("bfloat16",), gri
     for name in dtypes:
         dt = getattr(torch, name, None)
         if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-            raise OptionError(f"calibrate: dtype {name!r} is not a floating torch dtype name (e.g. 'bfloat16')")
+            raise OptionError(f"llmcompress calibrate: dtype {name!r} is not a floating torch dtype name (e.g. 'bfloat16')")
         torch_dtypes.append(dt)
     grid = grid or default_grid(device.type, quick)
     timing = {"warmup_ms": 5, "rep_ms": 20} if quick else {"warmup_ms": 25, "rep_ms": 100}

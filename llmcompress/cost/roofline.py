@@ -1,7 +1,9 @@
 """The roofline cost model: FLOPs, bytes, intensity, bound and predicted time per FX node, symbolic in sizes.
 
 Entry points: `CostModel(hardware, profile=None)` with `.node_cost(node)`, `.estimate(node_or_graph, sizes=None)`,
-`.compare(before, after, sizes=None)`; `register_cost(op)` declares the cost of a custom op next to the op.
+`.lowered_cost(nodes, lowering, sizes)` (nodes as a lowering runs them), `.candidate_cost(target, args, fake_mode)`
+(a kernel not in the graph yet), `.kernel_time(...)`, `.compare(before, after, sizes=None)`; `register_cost(op)`
+declares the cost of a custom op next to the op.
 
 Counting rules (docs/architecture.md, "The cost model"):
 * bytes: every tensor input read once at its stored dtype (a broadcast input counts its stored elements only),
@@ -18,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import sympy
@@ -26,18 +28,15 @@ import torch
 import torch.fx
 
 from llmcompress.cost.hardware import Hardware
+from llmcompress.fx_utils import MULTI_VIEW_OPS, VIEW_OPS, fake_value, tensors_in, val
 
 aten = torch.ops.aten
 Expr = sympy.Expr
 
-# Ops that move no data and launch no kernel.
-FREE_OPS = {
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default, aten.permute.default,
-    aten.transpose.int, aten.expand.default, aten.slice.Tensor, aten.select.int, aten.unsqueeze.default,
-    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.alias.default, aten.detach.default,
+# Ops that move no data and launch no kernel: views (`fx_utils.VIEW_OPS`), getitem, size queries and SymInt
+# arithmetic, and the copy AOT lifts a constant with.
+FREE_OPS = VIEW_OPS | MULTI_VIEW_OPS | {
     aten.lift_fresh_copy.default, aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default,
-    aten.as_strided.default, aten.unflatten.int, aten.split.Tensor, aten.split_with_sizes.default,
-    aten.unbind.int, aten.chunk.default, aten.view_as_real.default, aten.view_as_complex.default,
     operator.getitem, operator.mul, operator.add, operator.sub, operator.floordiv, operator.truediv,
 }
 MATMUL_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.linear.default,
@@ -71,6 +70,11 @@ MOVE_OPS = {aten.clone.default, aten._to_copy.default, aten.copy.default, aten.c
 # so they move the updated values, not the whole base. The copy_ that writes such a result back is then free.
 SCATTER_OPS = {aten.index_copy.default, aten.index_put.default, aten.slice_scatter.default,
                aten.select_scatter.default, aten.scatter.src}
+
+# Lowerings that fuse pointwise ops, reductions and data movement around the kernels of `EXTERN_KINDS` (Inductor, and
+# our Triton lowering, whose fuse-pointwise generates a kernel per such group), and those kernels' kinds.
+FUSING_LOWERINGS = ("inductor", "triton")
+EXTERN_KINDS = frozenset({"matmul", "attention", "custom"})
 
 CostFn = Callable[[torch.fx.Node], tuple[Any, Any]]
 _CUSTOM_COSTS: dict[Any, CostFn] = {}
@@ -112,20 +116,6 @@ def nbytes(t: torch.Tensor, stored: bool = True) -> Expr:
     return (stored_numel(t) if stored else numel(t)) * t.element_size()
 
 
-def _tensors(x: Any) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    if isinstance(x, torch.Tensor):
-        out.append(x)
-    elif isinstance(x, (list, tuple)):
-        for y in x:
-            out.extend(_tensors(y))
-    return out
-
-
-def _val(a: Any) -> Any:
-    return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
-
-
 def io_bytes(node: torch.fx.Node) -> Expr:
     """Bytes of every distinct tensor input read once plus every output written once."""
     seen: set[int] = set()
@@ -134,17 +124,17 @@ def io_bytes(node: torch.fx.Node) -> Expr:
         if id(arg) in seen:
             continue
         seen.add(id(arg))
-        for t in _tensors(arg.meta.get("val")):
+        for t in tensors_in(arg.meta.get("val")):
             total += nbytes(t)
-    for t in _tensors(node.meta.get("val")):
+    for t in tensors_in(node.meta.get("val")):
         total += nbytes(t, stored=False)
     return total
 
 
 def _matmul_flops(node: torch.fx.Node) -> tuple[Expr, Expr, Expr]:
     """(flops, M, N) of a matmul-family node."""
-    t, args = node.target, [_val(a) for a in node.args]
-    out = _val(node)
+    t, args = node.target, [val(a) for a in node.args]
+    out = val(node)
     if t is aten.linear.default:
         x, w = args[0], args[1]
         k, n = sym(w.shape[1]), sym(w.shape[0])
@@ -166,7 +156,7 @@ def _matmul_flops(node: torch.fx.Node) -> tuple[Expr, Expr, Expr]:
 
 
 def _attention_flops(node: torch.fx.Node) -> Expr:
-    q, k, v = (_val(a) for a in node.args[:3])
+    q, k, v = (val(a) for a in node.args[:3])
     b_h_l = numel(q) / sym(q.shape[-1])
     s, e, ev = sym(k.shape[-2]), sym(q.shape[-1]), sym(v.shape[-1])
     flops = 2 * b_h_l * s * e + 2 * b_h_l * s * ev
@@ -297,7 +287,7 @@ class CostModel:
         if node.op != "call_function":
             return None
         out = node.meta.get("val")
-        outs = _tensors(out)
+        outs = tensors_in(out)
         shape = "x".join(str(s) for s in outs[0].shape) if outs else ""
         dtype = str(outs[0].dtype).removeprefix("torch.") if outs else ""
         target = node.target
@@ -318,13 +308,13 @@ class CostModel:
             flops, nbytes_, kind = _attention_flops(node), io_bytes(node), "attention"
             peak = self._peak(_first_dtype(node), True)
         elif target in REDUCTION_OPS:
-            ins = [t for a in node.all_input_nodes for t in _tensors(a.meta.get("val"))]
+            ins = [t for a in node.all_input_nodes for t in tensors_in(a.meta.get("val"))]
             flops, nbytes_, kind = (numel(ins[0]) if ins else 0), io_bytes(node), "reduction"
             peak = self._peak(torch.float32, False)
         elif target is aten.embedding.default:
             # A gather: the rows it reads (not the whole table), the indices, the rows it writes.
             flops, kind = 0, "data"
-            nbytes_ = nbytes(_val(node.args[1])) + 2 * nbytes(outs[0], stored=False)
+            nbytes_ = nbytes(val(node.args[1])) + 2 * nbytes(outs[0], stored=False)
             peak = self._peak(torch.float32, False)
         elif target in SCATTER_OPS:
             flops, nbytes_, kind = 0, _scatter_bytes(node), "data"
@@ -390,23 +380,98 @@ class CostModel:
                 if a not in members:
                     inputs[a] = None
             if any(u not in members for u in n.users):
-                nbytes_ += sum((nbytes(t, stored=False) for t in _tensors(n.meta.get("val"))), sympy.Integer(0))
+                nbytes_ += sum((nbytes(t, stored=False) for t in tensors_in(n.meta.get("val"))), sympy.Integer(0))
         for a in inputs:
-            nbytes_ += sum((nbytes(t) for t in _tensors(a.meta.get("val"))), sympy.Integer(0))
+            nbytes_ += sum((nbytes(t) for t in tensors_in(a.meta.get("val"))), sympy.Integer(0))
         memory = nbytes_ / self.bandwidth
         launches = 1 if group else 0
         time = sympy.Max(compute, memory) + launches * self.launch_s
-        out = next((t for n in reversed(group) for t in _tensors(n.meta.get("val"))), None)
+        out = next((t for n in reversed(group) for t in tensors_in(n.meta.get("val"))), None)
         cost = NodeCost(name, "fused", "fused", flops, nbytes_, time, compute, memory,
                         "x".join(str(s) for s in out.shape) if out is not None else "",
                         str(out.dtype).removeprefix("torch.") if out is not None else "")
         return cost.evaluate(sizes) if sizes is not None else cost
+
+    def lowered_cost(self, items: Iterable[torch.fx.Node | NodeCost], lowering: str,
+                     sizes: Mapping[Any, int] | None = None) -> GraphCost:
+        """What `items` cost as `lowering` runs them: the one answer to "how would this lowering run these nodes",
+        which every pass pricing a rewrite against the graph as it stands asks.
+
+        items: graph nodes, or `NodeCost`s of kernels not in the graph (`candidate_cost`), each its own kernel.
+        `lowering="eager"`: one kernel per node (`estimate`). A fusing lowering (`FUSING_LOWERINGS`: Inductor, our
+        Triton lowering): matmuls, attention and custom ops (`EXTERN_KINDS`) as kernels of their own; the other
+        nodes fused, each run of them connected through each other one kernel (`group_cost`).
+        """
+        items = list(items)
+        nodes = [n for n in items if isinstance(n, torch.fx.Node)]
+        out = [c if sizes is None else c.evaluate(sizes) for c in items if isinstance(c, NodeCost)]
+        if lowering not in FUSING_LOWERINGS:
+            return GraphCost(self.estimate(nodes, sizes).nodes + out)
+        fused: list[torch.fx.Node] = []
+        for n in nodes:
+            cost = self.node_cost(n)
+            if cost is None:
+                continue
+            if cost.kind in EXTERN_KINDS:
+                out.append(self._evaluate(cost, sizes) if sizes is not None else cost)
+            else:
+                fused.append(n)
+        for run in _connected_runs(fused):
+            if any(self.node_cost(n).kind != "free" for n in run):  # views alone launch nothing
+                out.append(self.group_cost(run, sizes, name=run[0].name))
+        return GraphCost(out)
+
+    def candidate_cost(self, target: Any, args: Sequence[Any], fake_mode: Any,
+                       sizes: Mapping[Any, int] | None = None) -> NodeCost:
+        """The cost of `target(*args)`, a kernel not (yet) in the graph: a pass prices the node it would add.
+
+        args: graph nodes (their fake values are used), fake tensors (a weight not derived yet), or plain values.
+        The node lives in a scratch graph, so the graph being rewritten is untouched.
+        """
+        scratch = torch.fx.Graph()
+        lifted: dict[int, torch.fx.Node] = {}
+
+        def lift(a: Any) -> Any:
+            if not isinstance(a, (torch.fx.Node, torch.Tensor)):
+                return a
+            if id(a) not in lifted:
+                p = scratch.placeholder(f"in{len(lifted)}")
+                p.meta["val"] = val(a) if isinstance(a, torch.fx.Node) else a
+                lifted[id(a)] = p
+            return lifted[id(a)]
+
+        fx_args = tuple(torch.fx.node.map_aggregate(a, lift) for a in args)
+        node = scratch.call_function(target, fx_args)
+        with fake_mode:
+            node.meta["val"] = target(*fake_value(fx_args))
+        return self.estimate(node, sizes)
 
     def compare(self, before: Any, after: Any, sizes: Mapping[Any, int] | None = None) -> dict[str, Any]:
         """Predicted time of a subgraph before and after a proposed rewrite (each a node list or graph)."""
         b, a = self.estimate(before, sizes), self.estimate(after, sizes)
         tb, ta = b.total("time_s", sizes), a.total("time_s", sizes)
         return {"before_s": tb, "after_s": ta, "speedup": tb / ta if ta else math.inf, "faster": ta < tb}
+
+
+def _connected_runs(nodes: list[torch.fx.Node]) -> list[list[torch.fx.Node]]:
+    """`nodes` split into the runs connected through each other (producer -> consumer edges among them), each in
+    the order of `nodes`, runs ordered by their first node."""
+    parent = {n: n for n in nodes}
+
+    def root(n: torch.fx.Node) -> torch.fx.Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a in parent:
+                parent[root(a)] = root(n)
+    runs: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for n in nodes:
+        runs.setdefault(root(n), []).append(n)
+    return list(runs.values())
 
 
 def _is_writeback(node: torch.fx.Node) -> bool:
@@ -424,9 +489,9 @@ def _scatter_bytes(node: torch.fx.Node) -> Expr:
     for arg in node.all_input_nodes:
         if arg is node.args[0]:
             continue
-        for t in _tensors(arg.meta.get("val")):
+        for t in tensors_in(arg.meta.get("val")):
             total += nbytes(t)
-    src = [t for a in node.all_input_nodes if a is not node.args[0] for t in _tensors(a.meta.get("val"))
+    src = [t for a in node.all_input_nodes if a is not node.args[0] for t in tensors_in(a.meta.get("val"))
            if t.is_floating_point()]
     return total + sum((nbytes(t) for t in src), sympy.Integer(0))
 
@@ -443,7 +508,7 @@ def example_sizes(fake_mode: Any) -> dict[Any, int]:
 
 def _first_dtype(node: torch.fx.Node) -> torch.dtype:
     for a in node.all_input_nodes:
-        for t in _tensors(a.meta.get("val")):
+        for t in tensors_in(a.meta.get("val")):
             if t.is_floating_point():
                 return t.dtype
     return torch.float32

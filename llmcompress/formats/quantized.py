@@ -20,13 +20,13 @@ import torch
 INT4_GROUP_SIZES = (32, 64, 128)
 INT8_MAX = 127
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-_TINY = 1e-8  # all-zero rows/groups get this scale instead of 0, so dequantization never divides by zero
+MIN_SCALE = 1e-8  # all-zero rows/groups get this scale instead of 0, so dequantization never divides by zero
 
 
 def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w: (N, K) float -> (qweight int8 (N, K), scale float32 (N,)), symmetric, round to nearest."""
     w = w.float()
-    scale = (w.abs().amax(dim=1) / INT8_MAX).clamp_min(_TINY)
+    scale = (w.abs().amax(dim=1) / INT8_MAX).clamp_min(MIN_SCALE)
     q = torch.round(w / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
@@ -51,7 +51,7 @@ def int4_scales_zeros(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, t
     g = w.float().reshape(n, k // group_size, group_size)
     lo = g.amin(dim=2).clamp(max=0.0)  # the range always holds 0, so a 0 weight stays exactly 0
     hi = g.amax(dim=2).clamp(min=0.0)
-    scale = ((hi - lo) / 15.0).clamp_min(_TINY)
+    scale = ((hi - lo) / 15.0).clamp_min(MIN_SCALE)
     zero = torch.round(-lo / scale).clamp_(0, 15)
     return scale, zero
 
@@ -71,7 +71,7 @@ def int4_scales_zeros_mse(w: torch.Tensor, group_size: int, grid: int = 40, max_
     for i in range(int(max_shrink * grid) + 1):
         p = 1.0 - i / grid
         lo, hi = p * lo0, p * hi0
-        scale = ((hi - lo) / 15.0).clamp_min(_TINY)
+        scale = ((hi - lo) / 15.0).clamp_min(MIN_SCALE)
         scale = scale.to(torch.float16).float().clamp_min(torch.finfo(torch.float16).tiny)
         zero = torch.round(-lo / scale).clamp_(0, 15)
         q = torch.round(g / scale[..., None] + zero[..., None]).clamp_(0, 15)
@@ -127,7 +127,7 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 def quantize_fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w: (N, K) -> (qweight float8_e4m3fn (N, K), scale float32 (N,)); per-row absmax maps to 448."""
     w = w.float()
-    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(_TINY)
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(MIN_SCALE)
     q = (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
@@ -139,7 +139,7 @@ def dequantize_fp8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
 def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (M, K) float -> (q int8 (M, K), scale float32 (M, 1)); dynamic symmetric per-row quantization."""
     x = x.float()
-    scale = (x.abs().amax(dim=1, keepdim=True) / INT8_MAX).clamp_min(_TINY)
+    scale = (x.abs().amax(dim=1, keepdim=True) / INT8_MAX).clamp_min(MIN_SCALE)
     q = torch.round(x / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
@@ -147,5 +147,5 @@ def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (M, K) float -> (q float8_e4m3fn (M, K), scale float32 (M, 1)); dynamic per-row scaling to 448."""
     x = x.float()
-    scale = (x.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(_TINY)
+    scale = (x.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(MIN_SCALE)
     return (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale

@@ -23,7 +23,9 @@ Every kernel file `kernels/<name>.py` follows `rms_norm.py`:
 What the quantized linears (`int4_linear`, `int8_linear`, `w8a8_linear`, `fp8_linear`)
 share — Triton helpers, the launch helper, M buckets, input checks, the backward and
 cost formulas — lives in `linear_common.py`; each kernel file keeps its kernels,
-launchers, reference and op.
+launchers, reference and op. Which of a linear's kernels runs at each row count M
+(GEMV, GEMM, dequantize + cuBLAS), priced by the cost model, is `kernel_path.py`'s
+`choose_kernel_path`: the passes pass its crossovers to the ops.
 """
 
 from llmcompress.kernels import (

@@ -38,15 +38,15 @@ from llmcompress.errors import LLMCompressError
 from llmcompress.formats.quantized import dequantize_fp8, quantize_fp8_per_token
 from llmcompress.kernels import linear_common as common
 from llmcompress.kernels.w8a8_linear import (
-    _check_activation,
-    _check_linear,
-    _per_token_outputs,
-    _quant_launch_params,
-    _quantized_linear,
-    _quantized_linear_cost,
-    _round_half_even,
-    _row_absmax,
-    _scaled_mm_reference,
+    check_per_token_activation,
+    check_per_token_linear,
+    per_token_launch_params,
+    per_token_linear_cost,
+    per_token_outputs,
+    per_token_quantized_linear,
+    round_half_even,
+    row_absmax,
+    scaled_mm_reference,
 )
 
 __all__ = [
@@ -103,13 +103,13 @@ def _to_e4m3_grid(v):
     """Round float32 v (|v| <= 448) to the nearest float8_e4m3fn value, ties to even, still as float32.
 
     The e4m3 spacing is 2**(e - 3) for exponent e >= -6 and 2**-9 below (subnormals); v times the reciprocal
-    spacing (both powers of two, built from exponent bits) is exact, so the only rounding is `_round_half_even`.
+    spacing (both powers of two, built from exponent bits) is exact, so the only rounding is `round_half_even`.
     The result is representable, so the cast that follows is exact on every backend.
     """
     biased = tl.maximum((v.to(tl.int32, bitcast=True) >> 23) & 0xFF, 127 - 6)
     spacing = ((biased - 3) << 23).to(tl.float32, bitcast=True)
     inv_spacing = ((254 - (biased - 3)) << 23).to(tl.float32, bitcast=True)
-    return _round_half_even(v * inv_spacing) * spacing
+    return round_half_even(v * inv_spacing) * spacing
 
 
 @triton.jit
@@ -127,7 +127,7 @@ def _quantize_per_token_fp8_kernel(
     x_row = x_ptr + row * x_row_stride
     q_row = q_ptr + row * q_row_stride
 
-    amax = _row_absmax(x_row, x_row, n_cols, False, BLOCK_K)
+    amax = row_absmax(x_row, x_row, n_cols, False, BLOCK_K)
     # div_rn: Triton's fp32 `/` is an approximate division on GPU; torch's is correctly rounded.
     scale = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-8)
     tl.store(scale_ptr + row, scale)
@@ -170,13 +170,13 @@ def quantize_per_token_fp8_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.
         q: (..., K) float8_e4m3fn contiguous; scale: (..., 1) float32 contiguous.
     """
     name = "quantize_per_token_fp8_triton"
-    _check_activation(name, x)
+    check_per_token_activation(name, x)
     _check_fp8_launch(name, x)
     k = x.shape[-1]
-    x2d, q, q2d, scale = _per_token_outputs(x, torch.float8_e4m3fn)
+    x2d, q, q2d, scale = per_token_outputs(x, torch.float8_e4m3fn)
     if q.numel() == 0:
         return q, scale
-    block_k, num_warps = _quant_launch_params(k)
+    block_k, num_warps = per_token_launch_params(k)
     common.wrap(_quantize_per_token_fp8_kernel)[(x2d.shape[0],)](
         x2d, q2d, scale, k, x2d.stride(0), q2d.stride(0), BLOCK_K=block_k, num_warps=num_warps
     )
@@ -204,7 +204,7 @@ def linear_fp8_reference(
         (..., N) in x.dtype.
     """
     q, s = quantize_per_token_fp8_reference(x)
-    return _scaled_mm_reference(q, s, qweight, wscale, bias, x)
+    return scaled_mm_reference(q, s, qweight, wscale, bias, x)
 
 
 def linear_fp8_triton(
@@ -222,13 +222,13 @@ def linear_fp8_triton(
         (..., N) contiguous, x.dtype.
     """
     name = "linear_fp8_triton"
-    _check_linear(name, x, qweight, torch.float8_e4m3fn, wscale, bias)
+    check_per_token_linear(name, x, qweight, torch.float8_e4m3fn, wscale, bias)
     _check_fp8_launch(name, x)
     return _linear_impl(x, qweight, wscale, bias)
 
 
 def _linear_impl(x, qweight, wscale, bias) -> torch.Tensor:
-    return _quantized_linear(x, qweight, wscale, bias, quantize_per_token_fp8_triton)
+    return per_token_quantized_linear(x, qweight, wscale, bias, quantize_per_token_fp8_triton)
 
 
 @triton_op("llmcompress::linear_fp8", mutates_args=())
@@ -240,7 +240,7 @@ def _linear_fp8_op(
 ) -> torch.Tensor:
     # triton_op reuses this body as the fake impl and inlines it under torch.compile, so it routes CPU tensors
     # to the reference itself (rms_norm.py). On a GPU below sm_89 this raises while tracing.
-    _check_linear("linear_fp8", x, qweight, torch.float8_e4m3fn, wscale, bias)
+    check_per_token_linear("linear_fp8", x, qweight, torch.float8_e4m3fn, wscale, bias)
     if x.device.type != "cuda":  # the CPU, and the meta device of a cost report's trace
         return linear_fp8_reference(x, qweight, wscale, bias)
     check_fp8_device(x.device)
@@ -249,7 +249,7 @@ def _linear_fp8_op(
 
 @_linear_fp8_op.register_kernel("cpu")
 def _linear_fp8_cpu(x, qweight, wscale, bias=None):
-    _check_linear("linear_fp8", x, qweight, torch.float8_e4m3fn, wscale, bias)
+    check_per_token_linear("linear_fp8", x, qweight, torch.float8_e4m3fn, wscale, bias)
     return linear_fp8_reference(x, qweight, wscale, bias)
 
 
@@ -270,4 +270,4 @@ def _backward(ctx, grad_out: torch.Tensor):
 
 _linear_fp8_op.register_autograd(_backward, setup_context=_setup_context)
 
-register_cost(torch.ops.llmcompress.linear_fp8.default)(_quantized_linear_cost)
+register_cost(torch.ops.llmcompress.linear_fp8.default)(per_token_linear_cost)

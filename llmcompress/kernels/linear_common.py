@@ -4,8 +4,9 @@ Each kernel file still holds its own kernels, launchers, reference and op; this 
 the same logic in several of them:
 - Triton helpers called from their kernels: `dot_fp32`, `grouped_pid`, `store_output`;
 - launching: `INTERPRETED`, `autotuned`, `launch`, `wrap`, and the tutorial GEMM configs `GEMM_CONFIGS`;
-- the weight-only linears' choice of kernel by M: `DENSE_OFF`, `GEMV_MAX_M`, `gemv_bucket`, `gemm_bucket`,
-  `run_by_rows`; their references' shared fp32 math, `weight_only_linear_reference`;
+- the weight-only linears' kernel by M: `DENSE_OFF`, `GEMV_MAX_M`, `gemv_bucket`, `gemv_on_tensor_cores`,
+  `gemm_bucket`, `run_by_rows` (which M goes where is priced in `kernel_path.py`); their references' shared fp32
+  math, `weight_only_linear_reference`;
 - input checks: `check_activation`, `check_bias_act_scale`, `check_act_scale`, `check_dtype`, `check_devices`,
   `check_launchable`;
 - the op plumbing: `linear_backward` (straight-through gradients), `weight_only_linear_cost`.
@@ -27,6 +28,7 @@ from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
 from llmcompress.cost.roofline import io_bytes, numel, sym
+from llmcompress.fx_utils import val
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_DTYPES_TEXT = "float16, bfloat16 or float32"
@@ -115,6 +117,11 @@ def wrap(kernel):
     return kernel if INTERPRETED else wrap_triton(kernel)
 
 
+# The GEMVs multiply on tensor cores (tl.dot) from this many padded rows on (their `if BLOCK_M >= 16`), with fp32
+# FMAs on CUDA cores below.
+GEMV_TENSOR_CORE_ROWS = 16
+
+
 def gemv_bucket(m) -> int:
     # The rows the GEMV pads M to: 1, 2, 4 (fp32 FMAs) or 16 (tensor cores). Comparisons rather than
     # next_power_of_2, so a symbolic M under torch.compile only gets range guards.
@@ -124,7 +131,12 @@ def gemv_bucket(m) -> int:
         return 2
     if m <= 4:
         return 4
-    return 16
+    return GEMV_TENSOR_CORE_ROWS
+
+
+def gemv_on_tensor_cores(m) -> bool:
+    """Whether the GEMV multiplies M rows on tensor cores (padded to 16) rather than with FMAs on CUDA cores."""
+    return gemv_bucket(m) >= GEMV_TENSOR_CORE_ROWS
 
 
 def gemm_bucket(m) -> int:
@@ -231,8 +243,7 @@ def linear_backward(ctx, grad_out, dequantize: Callable[[], torch.Tensor], in_sc
 
 def node_arg(node, index: int, name: str):
     """A call's argument, positional or keyword (its fake value for a node); None when left to its default."""
-    a = node.args[index] if len(node.args) > index else node.kwargs.get(name)
-    return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+    return val(node.args[index] if len(node.args) > index else node.kwargs.get(name))
 
 
 def weight_only_linear_cost(node, bias_index: int, act_scale_index: int):

@@ -7,6 +7,10 @@ Entry points:
   GEMM `_scaled_mm_kernel` (shared with `fp8_linear.py`).
 - `quantize_per_token_int8_triton(x, smooth=None)`: the activation-quantization kernel alone.
 - `linear_w8a8_reference(...)`, `quantize_per_token_int8_reference(...)`: plain torch, the definition.
+- shared with `fp8_linear.py`, which runs the same per-token scheme on e4m3: the Triton helpers `round_half_even` and
+  `row_absmax`, `check_per_token_activation`, `check_per_token_linear`, `per_token_outputs`,
+  `per_token_launch_params`, `per_token_quantized_linear` (quantize, then `_scaled_mm`), `scaled_mm_reference` and
+  the cost `per_token_linear_cost`.
 
 The math, with the stored formats of `llmcompress/formats/quantized.py`:
 
@@ -47,12 +51,10 @@ __all__ = [
 
 # int32 accumulation cannot overflow while K * 127 * 127 < 2**31.
 MAX_K = (2**31 - 1) // (INT8_MAX * INT8_MAX)
-# formats._TINY: an all-zero row gets this scale instead of 0.
-_TINY = 1e-8
 
 
 @triton.jit
-def _round_half_even(v):
+def round_half_even(v):
     """torch.round of float32 v (|v| < 2**23): nearest integer, ties to even, the sign of v kept (-0.4 -> -0.0).
 
     libdevice.rint would do on GPU, but the Triton interpreter has no libdevice, and floor(v + 0.5) is wrong at
@@ -67,7 +69,7 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _row_absmax(x_row, smooth_ptr, n_cols, HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr):
+def row_absmax(x_row, smooth_ptr, n_cols, HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr):
     """max_k |x_row[k] * smooth[k]| in fp32, BLOCK_K columns at a time (smooth only if HAS_SMOOTH): the first pass
     of the per-token quantization kernels (shared with fp8_linear)."""
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -99,8 +101,9 @@ def _quantize_per_token_int8_kernel(
     x_row = x_ptr + row * x_row_stride
     q_row = q_ptr + row * q_row_stride
 
-    amax = _row_absmax(x_row, smooth_ptr, n_cols, HAS_SMOOTH, BLOCK_K)
-    # div_rn: Triton's fp32 `/` is an approximate division on GPU; torch's is correctly rounded.
+    amax = row_absmax(x_row, smooth_ptr, n_cols, HAS_SMOOTH, BLOCK_K)
+    # div_rn: Triton's fp32 `/` is an approximate division on GPU; torch's is correctly rounded. 1e-8 is
+    # formats.MIN_SCALE: an all-zero row gets it instead of 0.
     scale = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-8)
     tl.store(scale_ptr + row, scale)
 
@@ -110,7 +113,7 @@ def _quantize_per_token_int8_kernel(
         v = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             v = v * tl.load(smooth_ptr + cols, mask=mask, other=0.0)
-        q = _round_half_even(tl.math.div_rn(v, scale))
+        q = round_half_even(tl.math.div_rn(v, scale))
         q = tl.minimum(tl.maximum(q, -127.0), 127.0)
         tl.store(q_row + cols, q.to(tl.int8), mask=mask)
 
@@ -215,14 +218,14 @@ def _m_bucket(m) -> int:
     return 1024
 
 
-def _quant_launch_params(k: int) -> tuple[int, int]:
+def per_token_launch_params(k: int) -> tuple[int, int]:
     # Rows up to 4096 values are one block (a single trip through each loop); longer rows loop. Warps follow
     # rms_norm's (Liger-Kernel's) thresholds, not tuned for this kernel.
     block_k = min(triton.next_power_of_2(k), 4096)
     return block_k, 8 if block_k >= 2048 else 4
 
 
-def _per_token_outputs(x: torch.Tensor, qdtype: torch.dtype):
+def per_token_outputs(x: torch.Tensor, qdtype: torch.dtype):
     """For a per-token quantization kernel: x (..., K) as (M, K) with unit column stride, the uninitialized outputs
     q (..., K) qdtype and scale (..., 1) float32, and q as (M, K). Returns (x2d, q, q2d, scale)."""
     k = x.shape[-1]
@@ -233,7 +236,7 @@ def _per_token_outputs(x: torch.Tensor, qdtype: torch.dtype):
     return x.reshape(-1, k), q, q.view(-1, k), scale
 
 
-def _check_activation(name: str, x: torch.Tensor, smooth: Optional[torch.Tensor] = None) -> None:
+def check_per_token_activation(name: str, x: torch.Tensor, smooth: Optional[torch.Tensor] = None) -> None:
     if x.dtype not in common.SUPPORTED_DTYPES:
         raise ValueError(f"{name}: x must be {common.SUPPORTED_DTYPES_TEXT}, got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] == 0:
@@ -248,7 +251,7 @@ def _check_activation(name: str, x: torch.Tensor, smooth: Optional[torch.Tensor]
             raise ValueError(f"{name}: smooth must be on x's device {x.device}, got {smooth.device}")
 
 
-def _check_linear(
+def check_per_token_linear(
     name: str,
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -258,7 +261,7 @@ def _check_linear(
     smooth: Optional[torch.Tensor] = None,
 ) -> None:
     """One ValueError per bad input; shared with fp8_linear (qdtype float8_e4m3fn, no smooth)."""
-    _check_activation(name, x, smooth)
+    check_per_token_activation(name, x, smooth)
     k = x.shape[-1]
     if qweight.dtype != qdtype or qweight.dim() != 2 or qweight.shape[1] != k:
         raise ValueError(
@@ -311,7 +314,7 @@ def _scaled_mm(
     )
 
 
-def _scaled_mm_reference(
+def scaled_mm_reference(
     q: torch.Tensor,
     q_scale: torch.Tensor,
     qweight: torch.Tensor,
@@ -370,13 +373,13 @@ def quantize_per_token_int8_triton(
         q: (..., K) int8 contiguous; scale: (..., 1) float32 contiguous.
     """
     name = "quantize_per_token_int8_triton"
-    _check_activation(name, x, smooth)
+    check_per_token_activation(name, x, smooth)
     common.check_launchable(name, x)
     k = x.shape[-1]
-    x2d, q, q2d, scale = _per_token_outputs(x, torch.int8)
+    x2d, q, q2d, scale = per_token_outputs(x, torch.int8)
     if q.numel() == 0:
         return q, scale
-    block_k, num_warps = _quant_launch_params(k)
+    block_k, num_warps = per_token_launch_params(k)
     common.wrap(_quantize_per_token_int8_kernel)[(x2d.shape[0],)](
         x2d,
         smooth.contiguous() if smooth is not None else x2d,  # a valid pointer, never read without HAS_SMOOTH
@@ -415,7 +418,7 @@ def linear_w8a8_reference(
         (..., N) in x.dtype.
     """
     q, s = quantize_per_token_int8_reference(x, smooth)
-    return _scaled_mm_reference(q, s, qweight, wscale, bias, x)
+    return scaled_mm_reference(q, s, qweight, wscale, bias, x)
 
 
 def linear_w8a8_triton(
@@ -434,16 +437,16 @@ def linear_w8a8_triton(
         (..., N) contiguous, x.dtype.
     """
     name = "linear_w8a8_triton"
-    _check_linear(name, x, qweight, torch.int8, wscale, bias, smooth)
+    check_per_token_linear(name, x, qweight, torch.int8, wscale, bias, smooth)
     common.check_launchable(name, x)
     return _linear_impl(x, qweight, wscale, bias, smooth)
 
 
 def _linear_impl(x, qweight, wscale, bias, smooth) -> torch.Tensor:
-    return _quantized_linear(x, qweight, wscale, bias, lambda x: quantize_per_token_int8_triton(x, smooth))
+    return per_token_quantized_linear(x, qweight, wscale, bias, lambda x: quantize_per_token_int8_triton(x, smooth))
 
 
-def _quantized_linear(x, qweight, wscale, bias, quantize) -> torch.Tensor:
+def per_token_quantized_linear(x, qweight, wscale, bias, quantize) -> torch.Tensor:
     """(q, s) = quantize(x), then `_scaled_mm` into a new (..., N) x.dtype output; shared with fp8_linear."""
     k, n = x.shape[-1], qweight.shape[0]
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
@@ -464,7 +467,7 @@ def _linear_w8a8_op(
 ) -> torch.Tensor:
     # triton_op reuses this body as the fake impl and inlines it under torch.compile, so it routes CPU tensors
     # to the reference itself (rms_norm.py).
-    _check_linear("linear_w8a8", x, qweight, torch.int8, wscale, bias, smooth)
+    check_per_token_linear("linear_w8a8", x, qweight, torch.int8, wscale, bias, smooth)
     if x.device.type != "cuda":  # the CPU, and the meta device of a cost report's trace
         return linear_w8a8_reference(x, qweight, wscale, bias, smooth)
     return _linear_impl(x, qweight, wscale, bias, smooth)
@@ -472,7 +475,7 @@ def _linear_w8a8_op(
 
 @_linear_w8a8_op.register_kernel("cpu")
 def _linear_w8a8_cpu(x, qweight, wscale, bias=None, smooth=None):
-    _check_linear("linear_w8a8", x, qweight, torch.int8, wscale, bias, smooth)
+    check_per_token_linear("linear_w8a8", x, qweight, torch.int8, wscale, bias, smooth)
     return linear_w8a8_reference(x, qweight, wscale, bias, smooth)
 
 
@@ -494,14 +497,7 @@ def _backward(ctx, grad_out: torch.Tensor):
 _linear_w8a8_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _arg(node, index: int, name: str):
-    """A call's argument, positional or keyword; None when left to its default."""
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name)
-
-
-def _quantized_linear_cost(node):
+def per_token_linear_cost(node):
     """(flops, bytes) of linear_w8a8 / linear_fp8: 2*M*N*K (+ M*N for a bias); every input read and the output
     written once (`io_bytes`), plus the activation round trip between the two kernels: the 8-bit codes written
     and read back (2*M*K bytes) and the float32 per-token scales (8*M). Reading x is in io_bytes once.
@@ -514,8 +510,8 @@ def _quantized_linear_cost(node):
     qweight = node.args[1].meta["val"]
     k, n = sym(x.shape[-1]), sym(qweight.shape[0])
     m = numel(x) / k
-    flops = 2 * m * n * k + (m * n if _arg(node, 3, "bias") is not None else 0)
+    flops = 2 * m * n * k + (m * n if common.node_arg(node, 3, "bias") is not None else 0)
     return flops, io_bytes(node) + 2 * m * k + 8 * m
 
 
-register_cost(torch.ops.llmcompress.linear_w8a8.default)(_quantized_linear_cost)
+register_cost(torch.ops.llmcompress.linear_w8a8.default)(per_token_linear_cost)

@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
+import importlib.util
 import json
 import logging
-from collections.abc import Sequence
+import os
+import re
+import sys
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from llmcompress import options as _options
+from llmcompress.passes.weights import DerivedKey
+from llmcompress.version import __version__
 
 if TYPE_CHECKING:
+    from llmcompress.calibration.service import Calibration
     from llmcompress.config import CompileConfig
     from llmcompress.cost.hardware import Hardware
     from llmcompress.passes.weights import FrozenWeights
@@ -59,6 +65,9 @@ class PassContext:
     """Symbol -> value in the example inputs: `ctx.cost_model.estimate(node, ctx.sizes)` costs a node there."""
     input_names: list[str] = dataclasses.field(default_factory=list)
     """A name per placeholder: Dynamo's (`L_input_ids_`, `s0`) or, for a buffer the graph writes, its module path."""
+    calibration: Calibration | None = None
+    """This graph's calibration data and the runs on it (`calibration/service.py`): feeds, the sequential run with
+    the float shadow, activation statistics, hidden states, MoE routing. None only where no backend built one."""
     logger: logging.Logger = dataclasses.field(default_factory=lambda: logging.getLogger("llmcompress.passes"))
 
 
@@ -89,17 +98,126 @@ class Pass:
         raise NotImplementedError(f"pass {self.name!r} does not implement run()")
 
     def uuid(self) -> str:
-        """Hash of this pass's source and options: the key for anything cached from its output."""
-        try:
-            source = inspect.getsource(inspect.getmodule(type(self)) or type(self))
-        except (OSError, TypeError):
-            source = type(self).__qualname__
+        """Hash of this pass's name, options and the source of its module and of every llmcompress module that one
+        imports, transitively (`source_digest`): what the pass computes can change with any of them (a quantizing
+        pass calls its helpers and formats). The root of every key of what is cached from its output."""
+        module = type(self).__module__
+        sources = source_digest(module) if module_file(module) else type(self).__qualname__
         payload = json.dumps(
-            {"name": self.name, "options": _options.as_dict(self.options), "version": getattr(self.Options, "version", 1)},
+            {"name": self.name, "options": _options.as_dict(self.options), "version": getattr(self.Options, "version", 1),
+             "sources": sources, "llmcompress": __version__},
             sort_keys=True,
             default=repr,
         )
-        return hashlib.sha256((source + payload).encode()).hexdigest()[:16]
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def cache_key(self, *parts: Hashable) -> DerivedKey:
+        """The key of a weight this pass derives (`ctx.weights.derive(node, self.cache_key(...), fn)`): its
+        `uuid()` and `parts`, plain values (numbers, strings, dtypes, tuples of them) telling one derived weight of
+        the pass from another. The only key `FrozenWeights.derive` and `cached` take."""
+        return DerivedKey(self.uuid(), tuple(parts))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"
+
+
+# --- the sources a pass's result depends on ---------------------------------------------------------------------
+
+_ROOT = "llmcompress"
+# module name -> (file, is package) or None when it is not a module with a Python source; fixed within a process.
+_FILES: dict[str, tuple[str, bool] | None] = {}
+# file -> ((mtime_ns, size), digest of its source, the llmcompress modules it imports): re-read when the file changes.
+_PARSED: dict[str, tuple[tuple[int, int], str, frozenset[str]]] = {}
+
+
+def module_file(name: str) -> tuple[str, bool] | None:
+    """(source file, is a package) of module `name`, or None when it has no Python source (or is no module)."""
+    if name not in _FILES:
+        module = sys.modules.get(name)
+        spec = getattr(module, "__spec__", None) if module is not None else None
+        if spec is None:
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError, AttributeError):  # `pkg.module.attr`, or a parent that fails to import
+                spec = None
+        origin = getattr(spec, "origin", None)
+        _FILES[name] = (origin, spec.submodule_search_locations is not None) \
+            if origin and origin.endswith(".py") else None
+    return _FILES[name]
+
+
+def _ours(name: str | None) -> bool:
+    return bool(name) and (name == _ROOT or name.startswith(_ROOT + "."))
+
+
+# An import statement at the start of a line: `from <base> import <names>` (names maybe in parentheses over several
+# lines) or `import <modules>`. A regex rather than `ast.parse`, which costs tens of ms a file; an import spelled in
+# a docstring counts too, which only makes the key cover more.
+_IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^\n#;]*)|import[ \t]+([^\n#;]*))",
+                     re.MULTILINE)
+
+
+def _imported(name: str, source: str, is_package: bool) -> frozenset[str]:
+    """The llmcompress modules `source` (module `name`) imports anywhere: at the top, in functions (lazy imports),
+    under TYPE_CHECKING. `from a import b` names module `a.b` when that is a module, else `a`."""
+    out: set[str] = set()
+    for base, names, modules in _IMPORT.findall(source.replace("\\\n", " ")):
+        if modules:
+            out.update(m for m in (part.split()[0] for part in modules.split(",") if part.strip()) if _ours(m))
+            continue
+        level = len(base) - len(base.lstrip("."))
+        if level:  # relative: from the module's package, one level up per extra dot
+            package = name if is_package else name.rpartition(".")[0]
+            for _ in range(level - 1):
+                package = package.rpartition(".")[0]
+            base = f"{package}.{base[level:]}" if base[level:] else package
+        if not _ours(base):
+            continue
+        for part in names.strip("()").split(","):
+            a = part.split()[0] if part.strip() else ""
+            if a:
+                sub = f"{base}.{a}"
+                out.add(sub if a != "*" and module_file(sub) is not None else base)
+    return frozenset(out)
+
+
+def _parsed(name: str) -> tuple[str, frozenset[str]] | None:
+    """(digest of module `name`'s source, the llmcompress modules it imports), read again when its file changed."""
+    found = module_file(name)
+    if found is None:
+        return None
+    path, is_package = found
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    stamp = (st.st_mtime_ns, st.st_size)
+    entry = _PARSED.get(path)
+    if entry is None or entry[0] != stamp:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        entry = (stamp, hashlib.sha256(source.encode()).hexdigest(), _imported(name, source, is_package))
+        _PARSED[path] = entry
+    return entry[1], entry[2]
+
+
+def module_dependencies(name: str) -> dict[str, str]:
+    """{module: digest of its source} for module `name` and every llmcompress module it imports, transitively."""
+    out: dict[str, str] = {}
+    todo = [name]
+    while todo:
+        m = todo.pop()
+        if m in out:
+            continue
+        parsed = _parsed(m)
+        if parsed is None:
+            continue
+        out[m] = parsed[0]
+        todo.extend(i for i in parsed[1] if i not in out)
+    return out
+
+
+def source_digest(name: str) -> str:
+    """One hash of the sources of module `name` and of every llmcompress module it imports, transitively."""
+    deps = module_dependencies(name)
+    return hashlib.sha256(json.dumps(sorted(deps.items())).encode()).hexdigest()

@@ -21,27 +21,22 @@ from typing import ClassVar
 
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from llmcompress.fx_utils import call, fake_mode_of, only_user
+from llmcompress.fx_utils import (
+    RESHAPE_OPS,
+    call,
+    fake_mode_of,
+    finish_rewrite,
+    only_user,
+    same_shape,
+    same_size,
+    val,
+)
 from llmcompress.passes.base import Pass, PassContext, PassResult
 
 aten = torch.ops.aten
-_FLATTEN_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 _TRANSPOSES = (aten.t.default, aten.permute.default, aten.transpose.int)
 LINEAR_META = "llmcompress.linear"
-
-
-def _same(a, b) -> bool:
-    return statically_known_true(a == b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else a == b
-
-
-def _same_shape(a, b) -> bool:
-    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
 def _is_2d_transpose(node: torch.fx.Node) -> bool:
@@ -50,7 +45,7 @@ def _is_2d_transpose(node: torch.fx.Node) -> bool:
     if node.target is aten.permute.default:
         return list(node.args[1]) == [1, 0]
     if node.target is aten.transpose.int:
-        return sorted(d % 2 for d in node.args[1:3]) == [0, 1] and _val(node).dim() == 2
+        return sorted(d % 2 for d in node.args[1:3]) == [0, 1] and val(node).dim() == 2
     return True
 
 
@@ -86,7 +81,7 @@ class CanonicalizePass(Pass):
             for node in list(gm.graph.nodes):
                 if node.op == "call_function" and node.target is aten.mul.Tensor and self._silu(gm, node, fake_mode):
                     stats["silu"] += 1
-        gm.graph.eliminate_dead_code()
+        finish_rewrite(gm)
         changed = sum(v for k, v in stats.items() if not k.startswith("skipped")) > 0
         return PassResult(changed, dict(stats), decisions)
 
@@ -100,10 +95,10 @@ class CanonicalizePass(Pass):
             bias, (a, b) = None, node.args[:2]
         if not ctx.weights.is_constant(b):
             return None  # an activation-by-activation product (attention), not a layer
-        if bias is not None and (_val(bias) is None or _val(bias).dim() != 1):
+        if bias is not None and (val(bias) is None or val(bias).dim() != 1):
             stats["skipped: addmm bias not 1-D"] += 1
             return None
-        n_out = _val(b).shape[1]
+        n_out = val(b).shape[1]
         graph = gm.graph
         with graph.inserting_before(node):
             if _is_2d_transpose(b) and ctx.weights.is_constant(b.args[0]):
@@ -115,11 +110,11 @@ class CanonicalizePass(Pass):
         x, out_view = a, None
         user = only_user(node)
         if (
-            a.op == "call_function" and a.target in _FLATTEN_VIEWS and isinstance(a.args[0], torch.fx.Node)
-            and user is not None and user.op == "call_function" and user.target in _FLATTEN_VIEWS
+            a.op == "call_function" and a.target in RESHAPE_OPS and isinstance(a.args[0], torch.fx.Node)
+            and user is not None and user.op == "call_function" and user.target in RESHAPE_OPS
         ):
-            src = _val(a.args[0])
-            if src is not None and src.dim() > 2 and _same_shape(_val(user).shape, (*src.shape[:-1], n_out)):
+            src = val(a.args[0])
+            if src is not None and src.dim() > 2 and same_shape(val(user).shape, (*src.shape[:-1], n_out)):
                 x, out_view = a.args[0], user
         replaced = out_view or node
         with graph.inserting_before(replaced):
@@ -144,10 +139,10 @@ class CanonicalizePass(Pass):
             lin, bias = bias, lin
         if lin.target is not aten.linear.default or len(lin.users) != 1 or (len(lin.args) > 2 and lin.args[2] is not None):
             return False
-        b = _val(bias)
-        if not ctx.weights.is_constant(bias) or b.dim() != 1 or not _same(b.shape[0], _val(lin).shape[-1]):
+        b = val(bias)
+        if not ctx.weights.is_constant(bias) or b.dim() != 1 or not same_size(b.shape[0], val(lin).shape[-1]):
             return False
-        if b.dtype != _val(lin).dtype or _val(node).dtype != _val(lin).dtype:
+        if b.dtype != val(lin).dtype or val(node).dtype != val(lin).dtype:
             return False  # the add would promote: keep it as written
         with gm.graph.inserting_before(node):
             folded = call(gm.graph, fake_mode, aten.linear.default, (lin.args[0], lin.args[1], bias))

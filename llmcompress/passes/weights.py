@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 import weakref
 from collections.abc import Callable, Hashable, Sequence
@@ -21,15 +22,50 @@ import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from llmcompress.errors import WeightReleasedError
+from llmcompress.fx_utils import VIEW_OPS, add_constant, fake_mode_of
 
 aten = torch.ops.aten
 
-# View ops through which a constant stays a constant without a copy: value() applies them to the real tensor.
-_VIEW_OPS = {
-    aten.t.default, aten.permute.default, aten.transpose.int, aten.view.default, aten._unsafe_view.default,
-    aten.reshape.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default, aten.slice.Tensor,
-    aten.select.int, aten.alias.default,
-}
+# Plain values a derived key may hold: they compare by value, never by identity or address.
+_PLAIN_PARTS = (type(None), bool, int, float, str, bytes, torch.dtype, enum.Enum)
+
+
+@dataclasses.dataclass(frozen=True)
+class DerivedKey:
+    """What a derived weight depends on besides the weights it is derived from; built by `Pass.cache_key`.
+
+    `uuid` is the pass's `Pass.uuid()` (its name, options and the source of every module its result depends on);
+    `parts` are plain values (numbers, strings, dtypes, tuples of them) telling one derived weight of the pass from
+    another. Never an address (`data_ptr()` is reused once a storage is freed) nor a tensor (hashed by identity):
+    the weights' identities and versions are the cache's own part of the key, so a weight derived from several is
+    derived over all their nodes (`FrozenWeights.derive([a, b], ...)`).
+    """
+
+    uuid: str
+    parts: tuple[Hashable, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.uuid, str) and re.fullmatch(r"[0-9a-f]{16}", self.uuid)):
+            raise TypeError(f"DerivedKey: uuid must be a pass's uuid() (16 hex digits), got {self.uuid!r}")
+        if not isinstance(self.parts, tuple):
+            raise TypeError(f"DerivedKey: parts must be a tuple, got {type(self.parts).__name__}")
+        bad = _non_plain(self.parts)
+        if bad is not None:
+            raise TypeError(f"DerivedKey: part {bad!r} ({type(bad).__name__}) is not a plain value; allowed: None, "
+                            "bool, int, float, str, bytes, torch.dtype, enums and tuples / frozensets of them")
+
+
+def _non_plain(part: Any) -> Any:
+    """The first value in `part` that a key may not hold, or None."""
+    if isinstance(part, (tuple, frozenset)):
+        return next((b for b in (_non_plain(p) for p in part) if b is not None), None)
+    return None if isinstance(part, _PLAIN_PARTS) else part
+
+
+def _check_key(key: Any, where: str) -> None:
+    if not isinstance(key, DerivedKey):
+        raise TypeError(f"FrozenWeights.{where}: key must be a DerivedKey made by the pass's cache_key(*parts) (its "
+                        f"uuid() and plain values), got {type(key).__name__} {key!r}")
 
 
 def fqn_from_source(source_name: str) -> str:
@@ -138,7 +174,7 @@ class FrozenWeights:
 
     def _root(self, node: torch.fx.Node) -> tuple[FrozenWeight, tuple] | None:
         chain: list[tuple] = []
-        while node.op == "call_function" and node.target in _VIEW_OPS:
+        while node.op == "call_function" and node.target in VIEW_OPS:
             chain.append((str(node.target), tuple(_plain(a) for a in node.args[1:])))
             node = node.args[0]
             if not isinstance(node, torch.fx.Node):
@@ -175,14 +211,16 @@ class FrozenWeights:
         base = self._apply_chain(node.args[0])
         return node.target(base, *[_plain(a) for a in node.args[1:]])
 
-    def derive(self, node: torch.fx.Node | Sequence[torch.fx.Node], key: Hashable,
+    def derive(self, node: torch.fx.Node | Sequence[torch.fx.Node], key: DerivedKey,
                fn: Callable[[Any], Any]) -> Any:
         """`fn(value(node))`, computed once per (weight, view, key) across all graphs and recompiles.
 
-        `key` must cover everything that changes the result; passes use `(self.uuid(), ...)`. `node` may be a
-        sequence of constant nodes (a weight derived from several: concatenated siblings, a weight times a norm's
-        scale): `fn` then gets the list of their values, and the entry is recomputed when any of them changes.
+        `key` is the pass's `cache_key(...)` (anything else raises TypeError): it covers everything but the
+        weights that changes the result. `node` may be a sequence of constant nodes (a weight derived from several:
+        concatenated siblings, a weight times a norm's scale): `fn` then gets the list of their values, and the
+        entry is recomputed when any of them changes.
         """
+        _check_key(key, "derive")
         bases, chains = self._roots(node)
         multi = not isinstance(node, torch.fx.Node)
 
@@ -193,8 +231,9 @@ class FrozenWeights:
 
         return DERIVED.get(bases, chains, key, compute)
 
-    def cached(self, node: torch.fx.Node | Sequence[torch.fx.Node], key: Hashable) -> Any:
+    def cached(self, node: torch.fx.Node | Sequence[torch.fx.Node], key: DerivedKey) -> Any:
         """What `derive(node, key, ...)` computed earlier in this process (another graph), else None."""
+        _check_key(key, "cached")
         try:
             bases, chains = self._roots(node)
         except KeyError:
@@ -219,8 +258,6 @@ class FrozenWeights:
 
         Returns its get_attr node (inserted at the graph's insertion point); `name` reads well in reports.
         """
-        from llmcompress.fx_utils import add_constant, fake_mode_of
-
         with unset_fake_temporarily():
             node = add_constant(gm, fake_mode_of(gm), tensor, name)
             self.by_attr[node.target] = FrozenWeight(node.target, name, tensor, derived=True)

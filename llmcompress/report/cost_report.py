@@ -39,7 +39,8 @@ FLOPs and seconds, at the concrete sizes of `workload`:
   replicated_from (null, or the traced layer whose row this repeats: node names then repeat too)}.
 
 Layers come from each node's `nn_module_stack` (kept by Dynamo and AOT autograd), from the weight a canonical linear
-names (`meta["llmcompress.linear"]`), or else from the node before it.
+names (`meta["llmcompress.linear"]`), or else from the node before it; `module_paths.module_path` reads Dynamo's
+names as the model's module paths, whatever frame Dynamo reached the model through.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import html
 import io
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,9 @@ import torch
 
 from llmcompress._logging import logger as log
 from llmcompress.cost.hardware import Hardware
-from llmcompress.cost.roofline import CostModel, _tensors, sym
+from llmcompress.cost.roofline import CostModel, sym
+from llmcompress.fx_utils import tensors_in as _tensors
+from llmcompress.report.module_paths import module_path
 
 REPORT_VERSION = 1
 FORMATS = ("text", "json", "html")
@@ -177,26 +180,18 @@ class _Evaluator:
         return value
 
 
-def _clean_module_path(path: str) -> str:
-    """Dynamo's source names ("L['self'].model.layers.0", "getattr(L['self'].layers, '0')") as module paths."""
-    prev = None
-    while prev != path:
-        prev = path
-        path = re.sub(r"getattr\((.*?), '([^']*)'\)", r"\1.\2", path)
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
-    path = re.sub(r"^L\['self'\]\.?", "", path)
-    path = re.sub(r"\['([^']*)'\]", r".\1", path)
-    return path.strip(".")
-
-
-def _module_of(node: torch.fx.Node) -> str | None:
+def _module_of(node: torch.fx.Node, modules: Collection[str] | None) -> str | None:
+    """The deepest module of the model in the node's `nn_module_stack` (entries that are not the model's, such as
+    functions transformers wraps as modules, are skipped), else the module of the weight a canonical linear names."""
     stack = node.meta.get("nn_module_stack")
-    if stack:
-        entry = list(stack.values())[-1]
-        return _clean_module_path(entry[0] if isinstance(entry, tuple) else str(entry))
+    for entry in reversed(list(stack.values()) if stack else []):
+        path = module_path(entry[0] if isinstance(entry, tuple) else str(entry), modules)
+        if path is not None:
+            return path
     weight = node.meta.get("llmcompress.linear")
     if isinstance(weight, str):
-        return weight.rsplit(".", 1)[0] if weight.endswith((".weight", ".bias")) else weight
+        weight = weight.rsplit(".", 1)[0] if weight.endswith((".weight", ".bias")) else weight
+        return module_path(weight, modules) or weight
     return None
 
 
@@ -224,22 +219,24 @@ def _shape(node: torch.fx.Node, ev: _Evaluator, names: Mapping[str, str]) -> tup
 
 
 def _price(cm: CostModel, gm: torch.fx.GraphModule, sizes: Mapping[Any, int], names: Mapping[str, str],
-           index: int) -> tuple[list[dict[str, Any]], dict[str, int], list[tuple[Any, Any, Any]]]:
+           index: int, modules: Collection[str] | None = None
+           ) -> tuple[list[dict[str, Any]], dict[str, int], list[tuple[Any, Any, Any]]]:
     """(priced rows, free node count per layer, each row's symbolic (flops, bytes, time)) of one graph."""
     ev = _Evaluator(sizes)
     rows: list[dict[str, Any]] = []
     free: dict[str, int] = {}
     exprs: list[tuple[Any, Any, Any]] = []
     module = None
-    modules: dict[torch.fx.Node, str] = {}
+    node_modules: dict[torch.fx.Node, str] = {}
     for node in gm.graph.nodes:
         cost = cm.node_cost(node)
         if cost is None:
             continue
         # A node with no module of its own (a pass made it, or AOT's input mutations): its latest input's, else
         # the module of the node before it.
-        own = _module_of(node) or next((modules[a] for a in reversed(node.all_input_nodes) if a in modules), None)
-        module = modules[node] = own or module
+        own = _module_of(node, modules) or next(
+            (node_modules[a] for a in reversed(node.all_input_nodes) if a in node_modules), None)
+        module = node_modules[node] = own or module
         if cost.kind == "free":
             layer = layer_of(module or "")
             free[layer] = free.get(layer, 0) + 1
@@ -354,8 +351,8 @@ def graph_weight_bytes(gm: torch.fx.GraphModule) -> int:
     for node in gm.graph.find_nodes(op="get_attr"):
         value = getattr(gm, node.target, None) if "." not in node.target else None
         if value is None:
-            module_path, _, attr = node.target.rpartition(".")
-            value = getattr(gm.get_submodule(module_path), attr, None)
+            owner, _, attr = node.target.rpartition(".")
+            value = getattr(gm.get_submodule(owner), attr, None)
         if isinstance(value, torch.Tensor) and node.target not in seen:
             seen.add(node.target)
             total += value.numel() * value.element_size()
@@ -394,7 +391,7 @@ def build_report(traced: Sequence[Any], hardware: Hardware, *, profile: Mapping[
         raise NotRepeatable(f"the shallow trace gave {len(traced)} graphs; layers are repeated within one graph")
     weight_bytes = weight_bytes_before = 0
     for i, g in enumerate(traced):
-        r, free_by_layer, e = _price(cm, g.after, g.sizes, g.names, i)
+        r, free_by_layer, e = _price(cm, g.after, g.sizes, g.names, i, g.modules)
         wb, wb_before = int(g.weight_bytes), graph_weight_bytes(g.before)
         if depth is not None:
             template = _template_layer(r)
@@ -409,7 +406,7 @@ def build_report(traced: Sequence[Any], hardware: Hardware, *, profile: Mapping[
         exprs_after += e
         free += f
         if recipe is not None:
-            rb, free_by_layer, eb = _price(cm, g.before, g.sizes, g.names, i)
+            rb, free_by_layer, eb = _price(cm, g.before, g.sizes, g.names, i, g.modules)
             fb = _free_total(free_by_layer, template, depth)
             if template is not None:
                 repeated = repeat_layers(rb, eb, template, depth)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from typing import Any
 
 import sympy
@@ -19,6 +20,7 @@ import torch
 from llmcompress.backend import make_backend
 from llmcompress.cost.roofline import ATTENTION_OPS
 from llmcompress.passes.base import PassContext
+from llmcompress.report.module_paths import module_path
 
 
 @dataclasses.dataclass
@@ -37,6 +39,8 @@ class TracedGraph:
     """Weight name (`model.layers.0.mlp.up_proj.weight`, or a pass's derived name) -> bytes, graph after passes."""
     weight_bytes_by_name_before: dict[str, int] = dataclasses.field(default_factory=dict)
     """The same for the graph as captured."""
+    modules: frozenset[str] | None = None
+    """The model's module paths (`named_modules`): what Dynamo's module names are read as (`module_paths`)."""
 
 
 @torch.library.custom_op("llmcompress::analysis_attention", mutates_args=())
@@ -109,10 +113,15 @@ def trace_model(model: torch.nn.Module, input_ids: torch.Tensor, *, passes: list
         from transformers import StaticCache
 
         cache = StaticCache(config=model.config, max_cache_len=kv_len)
-        kwargs = {"use_cache": True, "past_key_values": cache,
+        # transformers renames `past_key_values` to `cache` model by model (the old name warns, then goes).
+        cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        kwargs = {"use_cache": True, cache_key: cache,
                   "cache_position": torch.tensor([kv_len - 1], device=input_ids.device)}
 
     traced: list[TracedGraph] = []
+    modules = frozenset(name for name, _ in model.named_modules())
+    tensors = frozenset(name for name, _ in model.named_parameters(remove_duplicate=False)) | \
+        frozenset(name for name, _ in model.named_buffers(remove_duplicate=False))
 
     def observe(before: torch.fx.GraphModule, after: torch.fx.GraphModule, ctx: PassContext) -> None:
         sizes = dict(_example_sizes(ctx))
@@ -125,9 +134,9 @@ def trace_model(model: torch.nn.Module, input_ids: torch.Tensor, *, passes: list
                 if s is not None:
                     names[str(s)] = name
                     sizes[s] = want[name]
-        by_name = _weight_bytes(ctx, after)
+        by_name = _weight_bytes(ctx, after, tensors)
         traced.append(TracedGraph(before, after, sizes, names, sum(by_name.values()), by_name,
-                                  _weight_bytes(ctx, before)))
+                                  _weight_bytes(ctx, before, tensors), modules))
 
     torch._dynamo.reset()
     try:
@@ -142,12 +151,14 @@ def trace_model(model: torch.nn.Module, input_ids: torch.Tensor, *, passes: list
     return traced
 
 
-def _weight_bytes(ctx: PassContext, gm: torch.fx.GraphModule) -> dict[str, int]:
+def _weight_bytes(ctx: PassContext, gm: torch.fx.GraphModule, tensors: frozenset[str]) -> dict[str, int]:
+    """Bytes per weight name: the model's parameter or buffer name, or the name a pass gave a weight it derived."""
     used = ctx.weights.used_attrs(gm)
     out: dict[str, int] = {}
     for attr, w in ctx.weights.by_attr.items():
         if attr in used:
-            out[w.fqn] = out.get(w.fqn, 0) + w.tensor.numel() * w.tensor.element_size()
+            name = module_path(w.fqn, tensors) or w.fqn
+            out[name] = out.get(name, 0) + w.tensor.numel() * w.tensor.element_size()
     return out
 
 

@@ -44,9 +44,59 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0) -
     return model
 
 
+def randomize_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Norm scales around 1 and shifts around 0, in place: freshly initialised ones are exactly 1 and 0, which
+    would hide a wrong fold of them into the next linear."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and ("norm" in name or ".ln_" in name or "layer_norm" in name or "LayerNorm" in name):
+                noise = torch.randn(p.shape, generator=g)
+                p.copy_((1 + 0.5 * noise if name.endswith("weight") else 0.1 * noise).to(p.dtype))
+    return model
+
+
 def example_ids(batch: int = 2, seq: int = 11, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, VOCAB, (batch, seq), generator=g)
+
+
+class MeanPoolingEncoder(torch.nn.Module):
+    """A sentence-transformers-style embedder: an encoder's last hidden states mean-pooled over the real tokens (the
+    attention mask) and L2-normalised, one vector per sequence (sentence-transformers' Transformer + Pooling +
+    Normalize modules, without the dependency)."""
+
+    def __init__(self, body: torch.nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask,
+                           token_type_ids=token_type_ids).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def tiny_sentence_encoder(dtype: torch.dtype = torch.float32, seed: int = 0) -> MeanPoolingEncoder:
+    """The tiny BERT (`FAMILIES["bert"]`) as a mean-pooling sentence embedder, in eval mode, gradients off."""
+    return MeanPoolingEncoder(tiny_model("bert", dtype, seed)).eval().requires_grad_(False)
+
+
+def encoder_batch(batch: int = 4, seq: int = 13, seed: int = 1) -> dict[str, torch.Tensor]:
+    """An encoder's inputs as a tokenizer gives them for sentence pairs: token ids, a padding mask (row i holds
+    seq - 3 * i real tokens, at least 2) and token types 0 then 1 from the middle of each row's real tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
+    lengths = [max(2, seq - 3 * i) for i in range(batch)]
+    mask = torch.zeros(batch, seq, dtype=torch.int64)
+    types = torch.zeros(batch, seq, dtype=torch.int64)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        types[i, n // 2:n] = 1
+        ids[i, n:] = 0  # the pad token
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
 def main_output(out) -> torch.Tensor:

@@ -52,7 +52,7 @@ class RelayoutWeights(Pass):
                     type(self).calls += 1
                     return (w * type(self).scale).t().contiguous()
 
-                copy_kn = ctx.weights.derive(node.args[1], (self.uuid(), self.scale), derive)
+                copy_kn = ctx.weights.derive(node.args[1], self.cache_key(self.scale), derive)
                 with gm.graph.inserting_before(node):
                     const = add_constant(gm, fake_mode, copy_kn, "derived")
                     new_w = call(gm.graph, fake_mode, aten.t.default, (const,))

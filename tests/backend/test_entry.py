@@ -12,21 +12,27 @@ import pytest
 import torch
 
 
-def test_found_by_name_without_import():
-    code = textwrap.dedent("""
+def test_found_by_name_without_import(tmp_path):
+    # Random x and a random (N, K) = (3, 4) frozen weight: a transposed, permuted or misplaced operand changes the
+    # result (with all-ones inputs every such error gives the same numbers), checked against float64.
+    report = tmp_path / "r.json"
+    code = textwrap.dedent(f"""
         import sys, torch
         assert "llmcompress" not in sys.modules
-        f = torch.compile(lambda x: torch.nn.functional.linear(x, torch.ones(3, 4)), backend="llmcompress",
-                          options={"lowering": "eager"})
+        torch.manual_seed(0)
+        linear, x = torch.nn.Linear(4, 3, bias=False).eval(), torch.randn(2, 4)
+        f = torch.compile(linear, backend="llmcompress", options={{"lowering": "eager", "report": {str(report)!r}}})
         with torch.no_grad():
-            out = f(torch.ones(2, 4))
-        assert torch.equal(out, torch.full((2, 3), 4.0)), out
+            out = f(x)
+        torch.testing.assert_close(out.double(), x.double() @ linear.weight.double().T, atol=1e-6, rtol=1e-6)
         assert "llmcompress" in sys.modules
         assert "llmcompress" in torch._dynamo.list_backends()
         print("ok")
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    (graph,) = json.loads(report.read_text())["graphs"]
+    assert graph["passes"][0]["name"] == "canonicalize" and graph["passes"][0]["stats"]["linear"] == 1
 
 
 def test_registered_on_import():

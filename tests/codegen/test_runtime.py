@@ -195,3 +195,60 @@ def test_wrong_inputs_raise_one_clear_error():
         kernel(x)
     with pytest.raises(ValueError, match="input 0 must be a 3-d torch.float32 tensor"):
         kernel(x.double(), w)
+    with pytest.raises(ValueError, match="input 1 must be a 1-d torch.float32 tensor"):
+        kernel(x, w.unsqueeze(0))
+
+
+def _rms_norm_float64(x, w):
+    h = x.double()
+    return w.double() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.int32])
+def test_another_dtype_of_a_shape_already_run_is_refused(dtype):
+    """The launch plan is cached per shape: a later call of that shape in another dtype must still be checked (the
+    kernel's source is typed for float32; it returned float32, or for int32 wrong values), by the op's fake too."""
+    kernel, x, w = _rms_kernel()
+    (out,) = torch.ops.llmcompress.fused(kernel.key, [x, w])
+    torch.testing.assert_close(out, _rms_norm_float64(x, w).float(), atol=2e-6, rtol=2e-6)
+    other = [(x * 4).to(dtype), (w * 4).to(dtype)]  # same shapes and strides
+    message = f"input 0 must be a 3-d torch.float32 tensor on {x.device} .* got {dtype}"
+    with pytest.raises(ValueError, match=message):
+        torch.ops.llmcompress.fused(kernel.key, other)
+    with pytest.raises(ValueError, match="input 1 must be a 1-d torch.float32 tensor"):
+        kernel(x, other[1])
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match=message):
+        torch.ops.llmcompress.fused(kernel.key, [mode.from_tensor(t) for t in other])
+    (again,) = kernel(x, w)  # the float32 plan still serves
+    torch.testing.assert_close(again, out, atol=0, rtol=0)
+
+
+@needs_triton
+def test_each_dtype_runs_its_own_kernel_on_one_shape():
+    """Kernels of one group for float32, then bfloat16, float16, float64 inputs of the same shape: each returns its
+    input dtype, within that dtype's rounding (two roundings: h, then the product) of a float64 oracle."""
+    # float64 as float32: `rms_norm` normalises in float32 whatever the input dtype.
+    tolerance = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float64: 2e-6}
+    for dtype, tol in tolerance.items():
+        kernel, x, w = _rms_kernel(dtype=dtype)
+        (out,) = torch.ops.llmcompress.fused(kernel.key, [x, w])
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), _rms_norm_float64(x, w), atol=tol, rtol=tol)
+
+
+@needs_triton
+def test_int32_kernel_after_a_float32_one_of_the_same_shape():
+    def fn(x, y):
+        return x * 3 + y * y - 7
+
+    shapes = (5, 37)
+    for dtype in (torch.float32, torch.int32):
+        g = torch.Generator().manual_seed(2)
+        x = torch.randint(-1000, 1000, shapes, generator=g).to(DEVICE, dtype)
+        y = torch.randint(-1000, 1000, shapes, generator=g).to(DEVICE, dtype)
+        gm = make_fx(fn, tracing_mode="fake")(x, y)
+        kernel = compile_group([n for n in gm.graph.nodes if n.op == "call_function"])
+        (out,) = kernel(x, y)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), fn(x.double(), y.double()), atol=0, rtol=0)  # exact in both

@@ -17,9 +17,9 @@ from llmcompress.cost.device_profile import (
     QUICK_GRID,
     Grid,
     bandwidth_at,
-    calibrate,
     load_profile,
     matmul_correction,
+    profile_device,
     profile_path,
 )
 from llmcompress.cost.hardware import HARDWARE
@@ -36,7 +36,7 @@ POINT_KEYS = {"m", "n", "k", "time_s", "roofline_time_s", "measured_s", "datashe
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory):
     torch.manual_seed(0)
-    return calibrate("cpu", quick=True, out=tmp_path_factory.mktemp("profiles") / "cpu.json")
+    return profile_device("cpu", quick=True, out=tmp_path_factory.mktemp("profiles") / "cpu.json")
 
 
 def _positive(x) -> bool:
@@ -73,7 +73,7 @@ def test_load_profile_finds_it_through_env(profile, monkeypatch):
 
 def test_calibrate_writes_to_profile_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMCOMPRESS_PROFILE_DIR", str(tmp_path))
-    written = calibrate("cpu", grid=Grid((1,), ((64, 64),)), quick=True)
+    written = profile_device("cpu", grid=Grid((1,), ((64, 64),)), quick=True)
     assert written["path"] == str(tmp_path / "cpu.json") == str(profile_path("cpu"))
     assert load_profile(CPU)["matmul"]["bfloat16"][0]["m"] == 1
 
@@ -135,10 +135,10 @@ def test_bad_arguments():
     with pytest.raises(OptionError):
         Grid((0,), ((64, 64),))
     with pytest.raises(OptionError, match="int8"):
-        calibrate("cpu", dtypes=("int8",), quick=True, out="unused.json")
+        profile_device("cpu", dtypes=("int8",), quick=True, out="unused.json")
     if not torch.cuda.is_available():
         with pytest.raises(OptionError, match="CUDA"):
-            calibrate("h100-sxm", quick=True, out="unused.json")
+            profile_device("h100-sxm", quick=True, out="unused.json")
 
 
 def test_cli_calibrate(tmp_path, capsys):

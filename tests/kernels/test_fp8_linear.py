@@ -51,6 +51,8 @@ op = torch.ops.llmcompress.linear_fp8.default
 # K * 2**-24 of the row's magnitude on the interpreter; on sm_90 the fp8 tensor core accumulates each BLOCK_K tile
 # with fewer mantissa bits, so GPU runs allow 2e-3 of the output's range on top. Then the cast to the output
 # dtype (the interpreter truncates fp32 -> bf16: one bf16 ulp = 2**-7 relative).
+# The GEMM's tl.dot takes the e4m3 codes as a GPU does (the interpreter widens them to fp16 exactly, and does not
+# upcast to fp32 as for the weight-only kernels' fp16/bf16 dots): the GPU path's operand dtypes.
 DTYPE_TOLS = [
     (torch.float32, 1e-5, 1e-5),
     (torch.float16, 1e-3, 1e-3),

@@ -1,8 +1,12 @@
 """Tests for llmcompress/kernels/fused_linear.py: the GEMV and GEMM paths with every prologue/epilogue option
-against a float64 evaluation of the reference, the launcher's choice of path, the reference's numerics, the custom
-op (eager CPU, torch.compile with Inductor, make_fx with fake tensors), its cost, and the errors for bad input."""
+against an independent float64 oracle (F.linear in double, the activations written out, gate rows first), the
+launcher's choice of path, the tensor-core paths on fp16 operands (not upcast) under the interpreter, the
+reference's numerics, the custom op (eager CPU, torch.compile with Inductor, make_fx with fake tensors), its cost,
+and the errors for bad input."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from llmcompress.testing.devices import (
     DEVICE,
     HAS_CUDA,
     INTERPRET,
+    dots_on_stored_dtype,
     needs_compiled_cuda,
     needs_triton,
 )
@@ -26,7 +31,10 @@ OP = torch.ops.llmcompress.fused_linear.default
 
 # Outputs are O(1)..O(5) (weights ~ N(0, 1/K), unit bias and residual). fp16/bf16 outputs round once (the
 # interpreter truncates fp32 -> bf16 where a GPU rounds to nearest: up to one whole bf16 ulp); fp32 differs from
-# float64 only by fp32 sums over K = 72.
+# float64 only by fp32 sums over K = 72. Under TRITON_INTERPRET=1 the kernels upcast tl.dot's fp16/bf16 operands to
+# fp32 (linear_common.dot_fp32: the interpreter multiplies bf16 as raw bits), where a GPU runs fp16/bf16 tensor
+# cores: exact products and fp32 sums either way, so these tolerances hold for both;
+# test_tensor_core_paths_on_fp16_operands runs the GPU's fp16 operands under the interpreter.
 DTYPE_TOLS = [
     (torch.float32, 2e-5, 2e-5),
     (torch.float16, 3e-3, 3e-3),
@@ -71,10 +79,32 @@ def _problem(lead, activation, gated, has_bias, has_res, rms_eps, dtype, device=
                 rms_eps=rms_eps)
 
 
-def _oracle(args, out_dtype=torch.float64):
-    """The reference's math in float64 on CPU, without any rounding."""
-    d = {k: (v.cpu().double() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-    return fused_linear_reference(**d, out_dtype=out_dtype)
+# The activations as their definitions, in float64 (not the reference's torch.nn.functional calls).
+_ORACLE_ACTIVATIONS = {
+    "none": lambda v: v,
+    "silu": lambda v: v / (1.0 + torch.exp(-v)),
+    "gelu": lambda v: 0.5 * v * (1.0 + torch.erf(v / math.sqrt(2.0))),
+    "gelu_tanh": lambda v: 0.5 * v * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3))),
+    "relu": lambda v: torch.where(v > 0, v, torch.zeros_like(v)),
+}
+
+
+def _oracle(args):
+    """The op's semantics in float64 on CPU, written independently of fused_linear_reference: x RMS-normalized
+    over K, F.linear, then act(gate) * up with the gate in w's first N rows, then the residual; no rounding."""
+    x, w = args["x"].cpu().double(), args["w"].cpu().double()
+    if args["rms_eps"] is not None:
+        x = x / torch.sqrt((x * x).sum(-1, keepdim=True) / x.shape[-1] + args["rms_eps"])
+    bias = None if args["bias"] is None else args["bias"].cpu().double()
+    act = _ORACLE_ACTIVATIONS[args["activation"]]
+    if args["gated"]:
+        n = w.shape[0] // 2
+        gate = torch.nn.functional.linear(x, w[:n], None if bias is None else bias[:n])
+        up = torch.nn.functional.linear(x, w[n:], None if bias is None else bias[n:])
+        y = act(gate) * up
+    else:
+        y = act(torch.nn.functional.linear(x, w, bias))
+    return y if args["residual"] is None else y + args["residual"].cpu().double()
 
 
 def _check(out, args, dtype, atol, rtol, out_dtype=None):
@@ -99,6 +129,18 @@ def test_gemm_path_at_few_rows(case, dtype, atol, rtol):
     # gemv_max_m=0 sends 1 and 3 rows to the GEMM: most of its BLOCK_M=16 tile masked.
     args = _problem(*case, dtype)
     _check(fused_linear_triton(**args, gemv_max_m=0), args, dtype, atol, rtol)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ((2, 7), (17,))], ids=str)
+def test_tensor_core_paths_on_fp16_operands(monkeypatch, case):
+    # The GPU's numerics under the interpreter: tl.dot on fp16 operands as loaded (UPCAST off), for the GEMV padded
+    # to 16 rows and the GEMM. bf16 cannot run this way: the Triton 3.9 interpreter multiplies bf16 as raw bits.
+    launched = dots_on_stored_dtype(monkeypatch)
+    dtype, atol, rtol = DTYPE_TOLS[1]
+    args = _problem(*case, dtype)
+    _check(fused_linear_triton(**args), args, dtype, atol, rtol)
+    assert launched == ["_fused_gemv_kernel" if args["x"].numel() // K <= 16 else "_fused_gemm_kernel"]
 
 
 @needs_triton

@@ -21,6 +21,7 @@ from llmcompress.testing.devices import (
     DEVICE,
     HAS_CUDA,
     INTERPRET,
+    dots_on_stored_dtype,
     needs_compiled_cuda,
     needs_triton,
 )
@@ -32,6 +33,10 @@ OP = torch.ops.llmcompress.linear_w4a16.default
 # largest |y| ~ 6. fp16/bf16 outputs round once; the tensor-core paths also round x * act_scale and the
 # dequantized weight to x.dtype; the interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest), up to
 # one whole bf16 ulp. fp32 differs from float64 only by fp32 sums over K <= 384.
+# Under TRITON_INTERPRET=1 the kernels upcast tl.dot's fp16/bf16 operands to fp32 (linear_common.dot_fp32: the
+# interpreter multiplies bf16 as raw bits) where a GPU runs fp16/bf16 tensor cores; both give exact products summed
+# in fp32 (in another order), so these tolerances hold for both. test_tensor_core_paths_on_fp16_operands runs the
+# GPU's fp16 operands under the interpreter.
 DTYPE_TOLS = [
     (torch.float32, 1e-5, 1e-5),
     (torch.float16, 3e-3, 3e-3),
@@ -101,6 +106,19 @@ def test_gemv_matches_float64(case, group_size, dtype, atol, rtol):
 @pytest.mark.parametrize("case", GEMM_CASES, ids=str)
 def test_gemm_matches_float64(case, group_size, dtype, atol, rtol):
     _check_path(w4._gemm, case, group_size, dtype, atol, rtol)
+
+
+@needs_triton
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("path,case", [("_gemv", GEMV_CASES[3]), ("_gemv", GEMV_CASES[4]),
+                                       ("_gemm", GEMM_CASES[1])], ids=str)
+def test_tensor_core_paths_on_fp16_operands(monkeypatch, path, case, group_size):
+    # The GPU's numerics under the interpreter: tl.dot on fp16 operands as rounded (UPCAST off), for the GEMV padded
+    # to 16 rows and the GEMM. bf16 cannot run this way: the Triton 3.9 interpreter multiplies bf16 as raw bits.
+    launched = dots_on_stored_dtype(monkeypatch)
+    dtype, atol, rtol = DTYPE_TOLS[1]
+    _check_path(getattr(w4, path), case, group_size, dtype, atol, rtol)
+    assert launched == [f"_w4{path}_kernel"]
 
 
 @needs_triton

@@ -32,6 +32,8 @@ op = torch.ops.llmcompress.linear_w8a8.default
 
 # Codes and int32 sums are exact, so kernel and reference differ only in the fp32 epilogue (an FMA on GPU) and
 # the final cast: the interpreter truncates fp32 -> bf16 (GPU rounds to nearest), one bf16 ulp = 2**-7 relative.
+# The GEMM's tl.dot takes the int8 codes as a GPU does (no upcast under the interpreter, unlike the fp16/bf16
+# dots of the weight-only kernels), so these tests run the GPU path's operand dtypes.
 DTYPE_TOLS = [
     (torch.float32, 1e-5, 1e-5),
     (torch.float16, 1e-3, 1e-3),

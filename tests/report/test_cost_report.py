@@ -16,12 +16,12 @@ import transformers
 from llmcompress.cli import main
 from llmcompress.cost.hardware import HARDWARE, resolve
 from llmcompress.report.cost_report import (
-    _clean_module_path,
     layer_of,
     render_html,
     render_text,
 )
 from llmcompress.report.model_loading import ModelLoadError, load_model
+from llmcompress.report.module_paths import module_path
 
 FIXTURES = Path(os.environ.get("LLMCOMPRESS_FIXTURES", Path(__file__).parents[3] / "shared" / "fixtures"))
 SCRIPT = Path(__file__).parents[2] / "scripts" / "check_report_html.py"
@@ -243,13 +243,33 @@ def test_load_model_on_meta_from_a_config_file(tiny):
     assert load_model(tiny, dtype="fp32").lm_head.weight.dtype == weight.new_empty(0).float().dtype
 
 
+_KNOWN = {"", "model", "model.layers", "model.layers.3", "model.layers.3.mlp", "transformer.h.1", "lm_head"}
+
+
 @pytest.mark.parametrize("source, module", [
-    ("L['self'].model.layers.0.self_attn", "model.layers.0.self_attn"),
+    ("L['self'].model.layers.3.mlp", "model.layers.3.mlp"),
+    ("L['args'][0].model.layers.3.mlp", "model.layers.3.mlp"),  # forward behind a decorator (transformers 5.25)
+    ("L['kwargs']['model'].model.layers.3", "model.layers.3"),
+    ("G['model'].model.layers.3", "model.layers.3"),
     ("getattr(L['self'].model.layers, '3').mlp", "model.layers.3.mlp"),
+    ("getattr(getattr(L['args'][0].model, 'layers'), '3')", "model.layers.3"),
     ("L['self']._modules['transformer']._modules['h']._modules['1']", "transformer.h.1"),
+    ("L['args'][0].lm_head", "lm_head"),
+    ("L['self']", ""),
+    ("model.layers.3", "model.layers.3"),
 ])
-def test_module_paths(source, module):
-    assert _clean_module_path(source) == module
+def test_module_paths_whatever_the_frame(source, module):
+    assert module_path(source) == module
+    assert module_path(source, _KNOWN) == module
+
+
+def test_module_paths_through_the_model_structure():
+    # A prefix no rule knows: the longest tail that is a module of the model.
+    assert module_path("L['fn'].__wrapped__.__self__.model.layers.3.mlp", _KNOWN) == "model.layers.3.mlp"
+    # Not a module of the model (transformers wraps functions such as apply_rotary_pos_emb as modules).
+    assert module_path("G['__import_transformers_dot_modeling_llama'].apply_rotary_pos_emb", _KNOWN) is None
+    assert module_path("L['self'].model.layers.3.mlp.up_proj.weight.q4", _KNOWN | {"model.layers.3.mlp.up_proj"}) \
+        is None
 
 
 @pytest.mark.parametrize("module, layer", [

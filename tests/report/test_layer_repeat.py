@@ -1,7 +1,9 @@
-"""Reports from a three-layer trace equal reports from a full trace, for prefill and decode with a recipe; configs
-whose layers differ are traced in full."""
+"""Reports from a three-layer trace equal reports from a full trace, for prefill and decode with a recipe, whatever
+frame Dynamo reaches the model through; configs whose layers differ are traced in full."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import transformers
@@ -54,6 +56,33 @@ def test_repeated_layers_equal_a_full_trace(deep, kwargs):
     assert fast["model"]["num_hidden_layers"] == 5
     replicated = {r["layer"] for r in fast["nodes"] if r["replicated_from"]}
     assert replicated == {"model.layers.3", "model.layers.4"}
+
+
+def _behind_args(forward):
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):  # Dynamo names the model L['args'][0] (as under transformers 5.25's wrapper)
+        return forward(*args, **kwargs)
+    return wrapper
+
+
+def _behind_named_local(forward):
+    @functools.wraps(forward)
+    def wrapper(this, *args, **kwargs):  # ... or L['this']
+        return forward(this, *args, **kwargs)
+    return wrapper
+
+
+@pytest.mark.parametrize("wrap", [_behind_args, _behind_named_local], ids=["args", "named-local"])
+def test_layer_names_do_not_depend_on_the_frame(deep, wrap, monkeypatch):
+    """The model's forward behind a decorator: layers keep their module paths, the repeated layers their weights."""
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "forward", wrap(transformers.LlamaForCausalLM.forward))
+    report = report_model(deep, hardware="h100-sxm", batch=1, seq=4)
+    assert report["trace"]["repeated_from"] == "model.layers.2"
+    # Every weight counted, the untraced layers' too (the decode ceiling is bandwidth / these bytes).
+    assert report["totals"]["weight_bytes"] == report["model"]["parameter_bytes"] + 16 // 2 * 4  # + rotary inv_freq
+    layers = [x["layer"] for x in report["layers"]]  # "model": LlamaModel's own work (the causal mask)
+    assert layers == ["model.embed_tokens", "model", "model.rotary_emb"] + [f"model.layers.{i}" for i in range(5)] \
+        + ["model.norm", "lm_head"]
 
 
 def test_which_configs_repeat():

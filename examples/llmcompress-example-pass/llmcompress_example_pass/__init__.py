@@ -71,9 +71,8 @@ class FoldScalarMulPass(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: collections.Counter[str] = collections.Counter()
         decisions: list[dict[str, Any]] = []
-        # The key of the derived-weight cache must cover everything the scaled weight depends on: this pass's
-        # source and options (uuid) and the scale itself.
-        uuid = self.uuid()
+        # The key of the derived-weight cache must cover everything the scaled weight depends on: cache_key holds
+        # this pass's source and options (its uuid), and we add the scale itself.
         for mul in list(gm.graph.nodes):
             if mul.op != "call_function" or mul.target not in _MULS:
                 continue
@@ -96,8 +95,9 @@ class FoldScalarMulPass(Pass):
             elif abs(c) > self.options.max_abs_scale:
                 reason = "scale above max_abs_scale"
             else:
-                new_w = ctx.weights.derive(w, (uuid, "scaled", c), lambda t: scaled(t, c))
-                new_b = None if b is None else ctx.weights.derive(b, (uuid, "scaled", c), lambda t: scaled(t, c))
+                key = self.cache_key("scaled", float(c))
+                new_w = ctx.weights.derive(w, key, lambda t: scaled(t, c))
+                new_b = None if b is None else ctx.weights.derive(b, key, lambda t: scaled(t, c))
                 if new_w is None or (b is not None and new_b is None):
                     reason = "scaled weight overflows or underflows"
             if reason is not None:

@@ -1,7 +1,7 @@
 """Whether our fused kernels run as Triton where this graph runs: the cost model prices them as fused kernels, which
 they are only there. Elsewhere (a CPU without the Triton interpreter) the ops run their PyTorch references, op by op,
 and hide the graph from the lowering: `fuse-linear-epilogue` and `fuse-pointwise` then leave it alone (unless
-`force`d, as `lowering="triton"` does to run its reference path on any device)."""
+`force`d, as `lowering="triton"` does; that lowering itself refuses a CPU without the interpreter)."""
 
 from __future__ import annotations
 

@@ -19,8 +19,8 @@ does not).
 
 The cost model decides each match: the replaced nodes priced as the lowering would run them (`lowering="eager"`:
 one kernel per node; Inductor and our Triton lowering: the matmul alone, and the pointwise / reduction nodes before
-and after it fused into one kernel each, `CostModel.group_cost`) against the fused op's own cost; `force` fuses
-every match. The op's `gemv_max_m` is where the cost model stops preferring the GEMV (`choose_gemv_max_m`).
+and after it fused into one kernel each: `CostModel.lowered_cost`) against the fused op's own cost; `force` fuses
+every match. The op's `gemv_max_m` is where the cost model stops preferring the GEMV (`kernels/kernel_path.py`).
 
 Quantized linears (`llmcompress::linear_w4a16` and the other quantize-linear ops) are left alone in this version:
 only dense `aten.linear` nodes are matched.
@@ -38,8 +38,9 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from llmcompress.fx_utils import call, fake_mode_of
+from llmcompress.fx_utils import call, fake_mode_of, only_user, same_shape, val
 from llmcompress.kernels import fused_linear as _fused_linear  # noqa: F401 - registers torch.ops.llmcompress.fused_linear
+from llmcompress.kernels.kernel_path import choose_gemv_max_m
 from llmcompress.kernels.linear_common import GEMV_MAX_M, SUPPORTED_DTYPES
 from llmcompress.passes.base import Pass, PassContext, PassResult
 from llmcompress.passes.fusion.device import no_triton_reason
@@ -78,26 +79,13 @@ class _Match:
     pattern: list[str] = dataclasses.field(default_factory=list)
 
 
-def _val(n: Any) -> Any:
-    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
-
-
-def _same_shape(a, b) -> bool:
-    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
-
-
 def _is_call(n: Any, *targets) -> bool:
     return isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target in targets
 
 
-def _sole_user(n: torch.fx.Node) -> Optional[torch.fx.Node]:
-    users = list(n.users)
-    return users[0] if len(users) == 1 else None
-
-
 def _through_clones(n: torch.fx.Node, chain: list[torch.fx.Node]) -> torch.fx.Node:
     """n, or the last of the clones that are n's only user in a row (appended to chain): dropout in eval."""
-    while (u := _sole_user(n)) is not None and _is_call(u, *_CLONES) and \
+    while (u := only_user(n)) is not None and _is_call(u, *_CLONES) and \
             u.kwargs.get("memory_format", torch.contiguous_format) in (torch.contiguous_format, torch.preserve_format):
         chain.append(u)
         n = u
@@ -128,7 +116,7 @@ def _other(n: torch.fx.Node, one: torch.fx.Node) -> Any:
 
 def _activation(y: torch.fx.Node, chain: list[torch.fx.Node]) -> Optional[tuple[str, torch.fx.Node]]:
     """(name, output) of an activation applied to y alone, with its nodes appended to chain; None if none is."""
-    u = _sole_user(y)
+    u = only_user(y)
     if _is_call(u, aten.silu.default):
         chain.append(u)
         return "silu", u
@@ -156,10 +144,10 @@ def _new_gelu(y: torch.fx.Node, chain: list[torch.fx.Node]) -> Optional[tuple[st
     if half is None or cube is None or inner is None:
         return None
     scaled_cube = _other(inner, y)
-    scaled = _sole_user(inner)
-    th = _sole_user(scaled) if scaled is not None else None
-    one_plus = _sole_user(th) if th is not None else None
-    out = _sole_user(half)
+    scaled = only_user(inner)
+    th = only_user(scaled) if scaled is not None else None
+    one_plus = only_user(th) if th is not None else None
+    out = only_user(half)
     if not (_is_scalar_op(scaled_cube, aten.mul.Tensor, cube, 0.044715)
             and _is_scalar_op(scaled, aten.mul.Tensor, inner, _SQRT_2_OVER_PI) and _is_call(th, aten.tanh.default)
             and _is_scalar_op(one_plus, aten.add.Tensor, th, 1.0) and _is_call(out, aten.mul.Tensor)
@@ -174,10 +162,10 @@ def _is_identity_view(n: Any) -> bool:
     """alias, or a slice over a whole dimension with step 1 (how `hidden[:, slice(None)]` traces)."""
     if _is_call(n, aten.alias.default):
         return True
-    if not _is_call(n, aten.slice.Tensor) or _val(n) is None or _val(n.args[0]) is None:
+    if not _is_call(n, aten.slice.Tensor) or val(n) is None or val(n.args[0]) is None:
         return False
     dim, start, end, step = (list(n.args[1:]) + [0, None, None, 1][len(n.args) - 1:])[:4]
-    size = _val(n.args[0]).shape[dim]
+    size = val(n.args[0]).shape[dim]
     return (start or 0) == 0 and step == 1 and (end is None or statically_known_true(end >= size))
 
 
@@ -207,7 +195,7 @@ def _rms_prologue(x: torch.fx.Node, consumers: set[torch.fx.Node]) -> Optional[t
         pw = mean.args[0]
         dims = list(mean.args[1]) if len(mean.args) > 1 else []
         keep = mean.kwargs.get("keepdim", mean.args[2] if len(mean.args) > 2 else False)
-        ndim = _val(pw).dim() if _val(pw) is not None else -1
+        ndim = val(pw).dim() if val(pw) is not None else -1
         if not (_is_call(pw, aten.pow.Tensor_Scalar) and pw.args[0] is xf and pw.args[1] == 2 and keep
                 and dims in ([-1], [ndim - 1]) and mean.kwargs.get("dtype") is None):
             continue
@@ -217,10 +205,10 @@ def _rms_prologue(x: torch.fx.Node, consumers: set[torch.fx.Node]) -> Optional[t
                 xf.kwargs.get("dtype") == torch.float32:
             inner.append(xf)
             x0 = xf.args[0]
-        x0v, xv = _val(x0), _val(x)
+        x0v, xv = val(x0), val(x)
         if x0v is None or xv is None or x0v.dtype != xv.dtype or x0v.dtype not in SUPPORTED_DTYPES:
             return None
-        if _val(mul).dtype != torch.float32 and x0 is not xf:
+        if val(mul).dtype != torch.float32 and x0 is not xf:
             return None
         nodes = nodes + inner
         members = set(nodes) | consumers
@@ -236,41 +224,19 @@ def _starts_rms_prologue(cast: torch.fx.Node) -> bool:
     pw = next((u for u in cast.users if _is_call(u, aten.pow.Tensor_Scalar)), None)
     n = pw
     for _ in range(3):  # pow -> mean -> add -> rsqrt
-        n = _sole_user(n) if n is not None else None
-    mul = _sole_user(n) if _is_call(n, aten.rsqrt.default) else None
+        n = only_user(n) if n is not None else None
+    mul = only_user(n) if _is_call(n, aten.rsqrt.default) else None
     if not _is_call(mul, aten.mul.Tensor):
         return False
-    out = _sole_user(mul)
+    out = only_user(mul)
     x = out if _is_call(out, aten._to_copy.default) else mul
-    while _is_identity_view(_sole_user(x)):
-        x = _sole_user(x)
+    while _is_identity_view(only_user(x)):
+        x = only_user(x)
     consumers = set(x.users)
     if not consumers or not all(_is_call(u, aten.linear.default) for u in consumers):
         return False
     rms = _rms_prologue(x, consumers)
     return rms is not None and cast in rms[2]
-
-
-def choose_gemv_max_m(cost_model: Any, n_w: int, k: int, dtype: torch.dtype) -> tuple[int, dict[str, Any]]:
-    """(gemv_max_m, priced): the largest M up to which the cost model prefers the GEMV to the GEMM at every M.
-
-    Both stream W once; the GEMV multiplies on CUDA cores up to 4 rows and pads to 16 rows on tensor cores above.
-    Ties go to the GEMV (`quantize-linear`'s `_choose_kernels` for the dense weight).
-    """
-    if cost_model is None:
-        return GEMV_MAX_M, {}
-    e = torch.empty((), dtype=dtype).element_size()
-    gemv_max, priced = 0, {}
-    for m in range(1, GEMV_MAX_M + 1):
-        flops, nbytes = 2.0 * m * n_w * k, float((n_w * k + m * k + m * n_w) * e)
-        t_gemv = cost_model.kernel_time(flops, nbytes, dtype, tensor_cores=m > 4)
-        t_gemm = cost_model.kernel_time(flops, nbytes, dtype, rows=m)
-        if t_gemv > t_gemm:
-            break
-        gemv_max = m
-        if m in (1, 4, 16):
-            priced[f"m={m}"] = {"gemv_s": t_gemv, "gemm_s": t_gemm}
-    return gemv_max, priced
 
 
 class FuseLinearEpiloguePass(Pass):
@@ -315,7 +281,7 @@ class FuseLinearEpiloguePass(Pass):
             if stats is not None:
                 stats["skipped: dynamic weight"] += 1
             return False
-        xv, wv, bv = _val(x), _val(w), _val(b)
+        xv, wv, bv = val(x), val(w), val(b)
         ok = xv is not None and wv is not None and wv.dim() == 2 and xv.dtype == wv.dtype and \
             xv.dtype in SUPPORTED_DTYPES and (b is None or (bv is not None and bv.dim() == 1 and bv.dtype == xv.dtype))
         if not ok and stats is not None:
@@ -339,16 +305,16 @@ class FuseLinearEpiloguePass(Pass):
                 m.activation, end = act
                 m.pattern.append(m.activation)
         end = _through_clones(end, chain)
-        add = _sole_user(end)
+        add = only_user(end)
         if _is_call(add, aten.add.Tensor) and add.kwargs.get("alpha", 1) == 1 and len(add.args) == 2:
-            r, ev = _other(add, end), _val(end)
-            rv = _val(r)
+            r, ev = _other(add, end), val(end)
+            rv = val(r)
             if isinstance(r, torch.fx.Node) and r is not end and rv is not None and rv.dtype == ev.dtype and \
-                    _same_shape(rv.shape, ev.shape) and _same_shape(_val(add).shape, ev.shape):
+                    same_shape(rv.shape, ev.shape) and same_shape(val(add).shape, ev.shape):
                 m.residual, end = r, add
                 chain.append(add)
                 m.pattern.append("residual")
-        cast = _sole_user(end)
+        cast = only_user(end)
         if _is_call(cast, aten._to_copy.default) and set(cast.kwargs) <= {"dtype"} and \
                 cast.kwargs.get("dtype") in SUPPORTED_DTYPES and not cast.args[1:] and \
                 not (self.options.prologue and _starts_rms_prologue(cast)):
@@ -371,14 +337,14 @@ class FuseLinearEpiloguePass(Pass):
 
     def _gated(self, lin, end, ctx, chain) -> Optional[tuple[list, str, torch.fx.Node]]:
         """([gate] or [gate, up], activation, the product node) when lin starts an act(gate)·up."""
-        n_w = _val(lin.args[1]).shape[0]
+        n_w = val(lin.args[1]).shape[0]
         halves = self._halves(end, n_w)
         if halves is not None:
             (gate, up), views = halves
             sub: list[torch.fx.Node] = []
             act = _activation(gate, sub)
-            prod = act and _sole_user(act[1])
-            if act and _is_call(prod, aten.mul.Tensor) and _other(prod, act[1]) is up and _sole_user(up) is prod:
+            prod = act and only_user(act[1])
+            if act and _is_call(prod, aten.mul.Tensor) and _other(prod, act[1]) is up and only_user(up) is prod:
                 chain.extend(views + sub + [prod])
                 return [lin], act[0], prod
             return None
@@ -388,11 +354,11 @@ class FuseLinearEpiloguePass(Pass):
         sub = []
         act = _activation(lin, sub)
         if act is not None:
-            prod = _sole_user(act[1])
+            prod = only_user(act[1])
             other = _other(prod, act[1]) if _is_call(prod, aten.mul.Tensor) else None
             pair = (lin, other)
         else:
-            prod = _sole_user(lin)
+            prod = only_user(lin)
             other = _other(prod, lin) if _is_call(prod, aten.mul.Tensor) else None
             if not isinstance(other, torch.fx.Node) or not (len(other.args) == 1 or other.target is aten.gelu.default):
                 return None
@@ -403,12 +369,12 @@ class FuseLinearEpiloguePass(Pass):
             pair = (src, lin)
         gate, up = pair
         if not (_is_call(gate, aten.linear.default) and _is_call(up, aten.linear.default) and gate is not up
-                and gate.args[0] is up.args[0] and _sole_user(up) is prod and _sole_user(gate) is not None):
+                and gate.args[0] is up.args[0] and only_user(up) is prod and only_user(gate) is not None):
             return None
         if not (self._linear_ok(gate, ctx) and self._linear_ok(up, ctx)):
             return None
-        gv, uv = _val(gate.args[1]), _val(up.args[1])
-        if not (_same_shape(gv.shape, uv.shape) and gv.dtype == uv.dtype):
+        gv, uv = val(gate.args[1]), val(up.args[1])
+        if not (same_shape(gv.shape, uv.shape) and gv.dtype == uv.dtype):
             return None
         bg, bu = (l.args[2] if len(l.args) > 2 else None for l in (gate, up))
         if (bg is None) != (bu is None) or (bg is not None and not (ctx.weights.is_constant(bg)
@@ -420,7 +386,7 @@ class FuseLinearEpiloguePass(Pass):
     @staticmethod
     def _halves(y: torch.fx.Node, n_w) -> Optional[tuple[tuple[torch.fx.Node, torch.fx.Node], list]]:
         """((first half, second half), view nodes) when y's only users split its last dim in two equal halves."""
-        yv = _val(y)
+        yv = val(y)
         if yv is None or not isinstance(n_w, int) or n_w % 2:
             return None
         half, last = n_w // 2, yv.dim() - 1
@@ -450,7 +416,7 @@ class FuseLinearEpiloguePass(Pass):
 
     def _decide(self, m: _Match, ctx: PassContext, fake_mode) -> dict[str, Any]:
         lin = m.linears[0]
-        w = _val(lin.args[1])
+        w = val(lin.args[1])
         n_w, k = w.shape[0] * len(m.linears), w.shape[1]
         gemv_max_m, priced = choose_gemv_max_m(ctx.cost_model, int(n_w), int(k), w.dtype)
         m.gemv_max_m = gemv_max_m
@@ -461,51 +427,30 @@ class FuseLinearEpiloguePass(Pass):
             return {**decision, "before_s": None, "after_s": None, "fused": True}
         try:
             before = self._time_before(m, ctx)
-            after = float(cm.estimate(self._candidate(m, fake_mode), ctx.sizes).time_s)
+            after = float(cm.candidate_cost(OP, self._candidate_args(m, fake_mode), fake_mode, ctx.sizes).time_s)
         except Exception as e:  # noqa: BLE001 - a pricing gap must not fail the pass: then only `force` fuses
             return {**decision, "error": f"{type(e).__name__}: {e}", "fused": self.options.force}
         return {**decision, "before_s": before, "after_s": after, "fused": self.options.force or after < before}
 
     def _time_before(self, m: _Match, ctx: PassContext) -> float:
-        """The replaced nodes as the lowering runs them: one kernel each (eager), or the matmuls alone and the
-        prologue and epilogue each fused into one kernel (Inductor, our Triton lowering)."""
-        cm, sizes = ctx.cost_model, ctx.sizes
-        if ctx.config.lowering == "eager":
-            return float(cm.estimate([*m.prologue, *m.linears, *m.epilogue], sizes).total("time_s", sizes))
-        t = sum(float(cm.estimate(lin, sizes).time_s) for lin in m.linears)
-        for group in (m.prologue, m.epilogue):
-            if any(cm.node_cost(n).kind != "free" for n in group):
-                t += float(cm.group_cost(group, sizes).time_s)
-        return t
+        """The replaced nodes as the lowering runs them (`CostModel.lowered_cost`): one kernel each (eager), or the
+        matmuls alone and the prologue and epilogue each fused into one kernel (Inductor, our Triton lowering)."""
+        nodes = [*m.prologue, *m.linears, *m.epilogue]
+        return ctx.cost_model.lowered_cost(nodes, ctx.config.lowering, ctx.sizes).total("time_s")
 
     def _args(self, m: _Match, w, bias) -> tuple:
         return (m.x, w, bias, m.residual, m.activation, m.gated, m.rms_eps, m.gemv_max_m, m.out_dtype)
 
-    def _candidate(self, m: _Match, fake_mode) -> torch.fx.Node:
-        """The fused op as a node of a scratch graph, with its fake value, for the cost model to price."""
+    def _candidate_args(self, m: _Match, fake_mode) -> tuple:
+        """The fused op's arguments for the cost model to price it: nodes, and the fake weight (and bias) it would
+        read, [W_gate; W_up] for a two-linear gated pair."""
         lin = m.linears[0]
-        w, b = lin.args[1], lin.args[2] if len(lin.args) > 2 else None
-        graph = torch.fx.Graph()
-        fakes = {}
-
-        def ph(name, val):
-            p = graph.placeholder(name)
-            p.meta["val"] = val
-            fakes[p] = val
-            return p
-
-        with fake_mode:
-            wv, bv = _val(w), _val(b)
-            if len(m.linears) == 2:
-                wv = torch.empty((2 * wv.shape[0], wv.shape[1]), dtype=wv.dtype, device=wv.device)
-                bv = None if bv is None else torch.empty((2 * bv.shape[0],), dtype=bv.dtype, device=bv.device)
-            args = list(self._args(m, None, None))
-            args[0], args[1] = ph("x", _val(m.x)), ph("w", wv)
-            args[2] = None if bv is None else ph("bias", bv)
-            args[3] = None if m.residual is None else ph("residual", _val(m.residual))
-            node = graph.call_function(OP, tuple(args))
-            node.meta["val"] = OP(*[fakes.get(a, a) if isinstance(a, torch.fx.Node) else a for a in args])
-        return node
+        w, b = val(lin.args[1]), val(lin.args[2]) if len(lin.args) > 2 else None
+        if len(m.linears) == 2:
+            with fake_mode:
+                w = torch.empty((2 * w.shape[0], w.shape[1]), dtype=w.dtype, device=w.device)
+                b = None if b is None else torch.empty((2 * b.shape[0],), dtype=b.dtype, device=b.device)
+        return self._args(m, w, b)
 
     def _rewrite(self, gm, m: _Match, ctx: PassContext, fake_mode, decision) -> None:
         graph = gm.graph
@@ -529,8 +474,8 @@ class FuseLinearEpiloguePass(Pass):
                 graph.erase_node(n)
 
     def _concat(self, gm, m: _Match, ctx: PassContext) -> tuple[torch.fx.Node, Optional[torch.fx.Node]]:
-        """[W_gate; W_up] (and [b_gate; b_up]) as derived constants, cached on the gate's weight and keyed on the
-        up weight's identity and version, so a change to either recomputes them."""
+        """[W_gate; W_up] (and [b_gate; b_up]) as derived constants, derived over both weights: the cache keys them
+        on both tensors' identities and versions, so a change to either recomputes them."""
         gate, up = m.linears
         out = []
         for idx in (1, 2):
@@ -538,9 +483,7 @@ class FuseLinearEpiloguePass(Pass):
             if g is None:
                 out.append(None)
                 continue
-            uv = ctx.weights.value(u)
-            key = (self.uuid(), "gate-up-cat", ctx.weights.name(u), uv.data_ptr(), uv._version)
-            cat = ctx.weights.derive(g, key, lambda gv, u=u: torch.cat([gv, ctx.weights.value(u)], dim=0))
+            cat = ctx.weights.derive([g, u], self.cache_key("gate-up-cat"), lambda gu: torch.cat(gu, dim=0))
             out.append(ctx.weights.add(gm, cat, _joined_name(ctx.weights.name(g), ctx.weights.name(u))))
         return out[0], out[1]
 
@@ -560,4 +503,4 @@ def _joined_name(a: Optional[str], b: Optional[str]) -> str:
     return ".".join([*pa[:i], mid, *pa[len(pa) - j:]]) if mid else a
 
 
-__all__ = ["FuseLinearEpiloguePass", "FuseLinearEpilogueOptions", "choose_gemv_max_m"]
+__all__ = ["FuseLinearEpilogueOptions", "FuseLinearEpiloguePass"]

@@ -17,7 +17,8 @@ activation on every call.
 A fold never fires when the mul would promote (``mul(γ fp32, h bf16)`` is fp32: the linear would see another
 dtype), when a user is not such a linear (the residual path, an output), or when the scaled weight would overflow or
 flush a nonzero entry to zero. Every fold is priced with the cost model (the removed kernels' predicted seconds and
-bytes) and recorded in the decisions; a fold that only removes work always wins.
+bytes as the lowering runs them, `CostModel.lowered_cost`) and recorded in the decisions; a fold that only removes
+work always wins.
 """
 
 from __future__ import annotations
@@ -25,138 +26,38 @@ from __future__ import annotations
 import collections
 import math
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from llmcompress.fx_utils import call, fake_mode_of, fake_value
+from llmcompress.fx_utils import (
+    MULTI_VIEW_OPS,
+    RESHAPE_OPS,
+    VIEW_OPS,
+    call,
+    fake_mode_of,
+    finish_rewrite,
+    reaches_output,
+    refresh_meta,
+    same_shape,
+    same_size,
+    val,
+)
 from llmcompress.passes.base import Pass, PassContext, PassResult
 
 aten = torch.ops.aten
 _MULS = (aten.mul.Tensor, aten.mul.Scalar)
-# Ops through which a linear's input may reach it: row-major reshapes keep each row (the last dim) whole.
-_RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default)
-# Views through which a node may reach the output: replacing it by its input would alias that input to an output.
-_VIEWS = (*_RESHAPES, aten.t.default, aten.permute.default, aten.transpose.int, aten.unsqueeze.default,
-          aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.slice.Tensor,
-          aten.select.int, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, operator.getitem)
+# Ops whose result may share its input's memory: replacing such a node by its input is no fresh tensor.
+_VIEWS = VIEW_OPS | MULTI_VIEW_OPS | {operator.getitem}
 # Casts that represent every value of the source dtype exactly.
 _WIDENING = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.float64),
              (torch.float16, torch.float64), (torch.float32, torch.float64)}
 
 
-def _val(a: Any) -> Any:
-    return a.meta.get("val") if isinstance(a, torch.fx.Node) else None
-
-
-def _same(a: Any, b: Any) -> bool:
-    return bool(statically_known_true(a == b)) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) \
-        else a == b
-
-
-def _same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
-    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-
-
 def _is_number(c: Any) -> bool:
     return isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
-
-
-def _same_layout(old: Any, new: Any) -> bool:
-    olds, news = torch.utils._pytree.tree_leaves(old), torch.utils._pytree.tree_leaves(new)
-    if len(olds) != len(news):
-        return False
-    for o, n in zip(olds, news):
-        if isinstance(o, torch.Tensor) != isinstance(n, torch.Tensor):
-            return False
-        if isinstance(o, torch.Tensor) and (o.dtype != n.dtype or not _same_shape(o.shape, n.shape)
-                                            or not _same_shape(o.stride(), n.stride())):
-            return False
-    return True
-
-
-def reaches_output(node: torch.fx.Node) -> bool:
-    """Whether `node` reaches the graph output through views only (replacing it would alias what it is replaced
-    by to an output)."""
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u.op == "output":
-                return True
-            if u.op == "call_function" and u.target in _VIEWS and u.args[0] is n:
-                stack.append(u)
-    return False
-
-
-def refresh_meta(gm: torch.fx.GraphModule, fake_mode: Any, start: Iterable[torch.fx.Node]) -> int:
-    """Recompute `meta["val"]` of `start` and of every node downstream whose input's layout changed.
-
-    A pass that replaces a node by another of the same shape but other strides (a slice of a fused output, the
-    input of a removed mul) leaves stale strides behind; a `view` that the new strides do not allow becomes a
-    `reshape` (a copy only where a view is impossible). Returns how many views became reshapes.
-    """
-    todo, dirty, reshaped = set(start), set(), 0
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or not (node in todo or any(a in dirty for a in node.all_input_nodes)):
-            continue
-        old = node.meta.get("val")
-        try:
-            with fake_mode:
-                new = node.target(*fake_value(node.args), **fake_value(node.kwargs))
-        except (RuntimeError, ValueError):  # fake tensors raise ValueError for an impossible view
-            if node.target not in (aten.view.default, aten._unsafe_view.default):
-                raise
-            node.target = aten.reshape.default
-            with fake_mode:
-                new = node.target(*fake_value(node.args), **fake_value(node.kwargs))
-            reshaped += 1
-        node.meta["val"] = new
-        if not _same_layout(old, new):
-            dirty.add(node)
-    return reshaped
-
-
-def price_candidate(ctx: PassContext, fake_mode: Any, target: Any, args: Sequence[Any]) -> Any:
-    """The evaluated `NodeCost` of `target(*args)`, a kernel not (yet) in the graph, or None without a cost model.
-
-    args: graph nodes (their fake values are used), fake tensors (a weight not derived yet), or plain values. The
-    node lives in a scratch graph, so the graph being rewritten is untouched.
-    """
-    if ctx.cost_model is None:
-        return None
-    scratch = torch.fx.Graph()
-    lifted: dict[int, torch.fx.Node] = {}
-
-    def lift(a: Any) -> Any:
-        if not isinstance(a, (torch.fx.Node, torch.Tensor)):
-            return a
-        if id(a) not in lifted:
-            p = scratch.placeholder(f"in{len(lifted)}")
-            p.meta["val"] = a.meta["val"] if isinstance(a, torch.fx.Node) else a
-            lifted[id(a)] = p
-        return lifted[id(a)]
-
-    fx_args = tuple(torch.fx.node.map_aggregate(a, lift) for a in args)
-    node = scratch.call_function(target, fx_args)
-    with fake_mode:
-        node.meta["val"] = target(*fake_value(fx_args))
-    return ctx.cost_model.estimate(node, ctx.sizes)
-
-
-def price_nodes(ctx: PassContext, nodes: Iterable[Any]) -> tuple[float, float] | None:
-    """(seconds, bytes) of graph nodes or `price_candidate` costs together, at the example's sizes."""
-    if ctx.cost_model is None:
-        return None
-    seconds = nbytes = 0.0
-    for n in nodes:
-        cost = ctx.cost_model.estimate(n, ctx.sizes) if isinstance(n, torch.fx.Node) else n
-        if cost is not None:
-            seconds, nbytes = seconds + float(cost.time_s), nbytes + float(cost.bytes)
-    return seconds, nbytes
 
 
 def _scaled(w: torch.Tensor, scale: Any) -> torch.Tensor | None:
@@ -194,7 +95,6 @@ class FoldIntoWeightsPass(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         self._gm, self._ctx = gm, ctx
         self._fake_mode = fake_mode_of(gm) or ctx.fake_mode
-        self._uuid = self.uuid()
         self._stats: collections.Counter[str] = collections.Counter()
         self._decisions: list[dict[str, Any]] = []
         self._refresh: set[torch.fx.Node] = set()
@@ -206,20 +106,28 @@ class FoldIntoWeightsPass(Pass):
                     erased |= rule(node)
         changed = any(v for k, v in self._stats.items() if not k.startswith("skipped"))
         if changed:
-            gm.graph.eliminate_dead_code()
+            gm.graph.eliminate_dead_code()  # before the refresh: nodes left dead need no new fake value
             reshaped = refresh_meta(gm, self._fake_mode, self._refresh)
             if reshaped:
                 self._stats["view -> reshape"] += reshaped
-            gm.graph.lint()
-            gm.recompile()
+            finish_rewrite(gm)
         return PassResult(changed, dict(self._stats), self._decisions)
+
+    def _price(self, items: Sequence[Any]) -> tuple[float, float] | None:
+        """(seconds, bytes) of graph nodes and candidate kernels as the lowering runs them; None without a cost
+        model."""
+        cm, ctx = self._ctx.cost_model, self._ctx
+        if cm is None:
+            return None
+        cost = cm.lowered_cost(items, ctx.config.lowering, ctx.sizes)
+        return cost.total("time_s"), cost.total("bytes")
 
     def _record(self, kind: str, node: torch.fx.Node, removed: Sequence[Any], added: Sequence[Any] = (),
                 **extra: Any) -> bool:
         """Price the removed kernels against the added ones; count and record the fold. Returns whether it pays."""
         decision: dict[str, Any] = {"node": node.name, "kind": kind, **extra}
         try:
-            before, after = price_nodes(self._ctx, removed), price_nodes(self._ctx, added)
+            before, after = self._price(removed), self._price(added)
         except Exception as e:  # noqa: BLE001 - a gap in the cost model must not block an exact fold
             before = after = None
             decision["cost_error"] = f"{type(e).__name__}: {e}"
@@ -257,8 +165,8 @@ class FoldIntoWeightsPass(Pass):
             x, kind = node.args[0].args[0], "round-trip cast"
         else:
             return set()
-        out, xv = _val(node), _val(x)
-        if not (isinstance(xv, torch.Tensor) and out.dtype == xv.dtype and _same_shape(out.shape, xv.shape)):
+        out, xv = val(node), val(x)
+        if not (isinstance(xv, torch.Tensor) and out.dtype == xv.dtype and same_shape(out.shape, xv.shape)):
             return set()
         # Safe to return x itself only if x is a fresh tensor that nothing else reads (else two outputs, or an
         # output and an input, would share memory).
@@ -276,7 +184,7 @@ class FoldIntoWeightsPass(Pass):
         if not (isinstance(inner, torch.fx.Node) and inner.target is aten._to_copy.default):
             return False
         x = inner.args[0]
-        xv, mid, out = _val(x), _val(inner), _val(node)
+        xv, mid, out = val(x), val(inner), val(node)
         if not all(isinstance(t, torch.Tensor) for t in (xv, mid, out)):
             return False
         for cast in (inner, node):
@@ -294,12 +202,12 @@ class FoldIntoWeightsPass(Pass):
         given, a frozen (K,) vector; else None."""
         if _is_number(c):
             return "number", c
-        v = _val(c)
+        v = val(c)
         if not (isinstance(v, torch.Tensor) and v.is_floating_point() and self._ctx.weights.is_constant(c)):
             return None
         if v.numel() == 1 and v.dim() <= 1:
             return "tensor", c
-        if k is not None and v.dim() == 1 and _same(v.shape[0], k):
+        if k is not None and v.dim() == 1 and same_size(v.shape[0], k):
             return "tensor", c
         return None
 
@@ -307,8 +215,8 @@ class FoldIntoWeightsPass(Pass):
         kind, c = scale
         weights = self._ctx.weights
         if kind == "number":
-            return weights.derive(w, (self._uuid, what, float(c)), lambda t: _scaled(t, c))
-        return weights.derive([w, c], (self._uuid, what), lambda ts: _scaled(ts[0], ts[1]))
+            return weights.derive(w, self.cache_key(what, float(c)), lambda t: _scaled(t, c))
+        return weights.derive([w, c], self.cache_key(what), lambda ts: _scaled(ts[0], ts[1]))
 
     def _scale_after_linear(self, node: torch.fx.Node) -> set:
         if node.target not in _MULS or len(node.args) != 2:
@@ -322,12 +230,12 @@ class FoldIntoWeightsPass(Pass):
         if scale is None:
             return set()  # linear * activation is a gate, not a scale
         w, bias = lin.args[1], (lin.args[2] if len(lin.args) > 2 else None)
-        out, lv = _val(node), _val(lin)
+        out, lv = val(node), val(lin)
         if not self._ctx.weights.is_constant(w) or (bias is not None and not self._ctx.weights.is_constant(bias)):
             return self._skip(kind, node, "weight not frozen")
         if len(lin.users) != 1:
             return self._skip(kind, node, "linear output used elsewhere")
-        if out.dtype != lv.dtype or not _same_shape(out.shape, lv.shape):
+        if out.dtype != lv.dtype or not same_shape(out.shape, lv.shape):
             return self._skip(kind, node, "dtype promotion")
         new_w = self._scaled_weight(w, scale, "scale")
         new_b = None if bias is None else self._scaled_weight(bias, scale, "scale")
@@ -349,16 +257,16 @@ class FoldIntoWeightsPass(Pass):
         while stack:
             n = stack.pop()
             for u in n.users:
-                if u.op == "call_function" and u.target in _RESHAPES and u.args[0] is n:
-                    if keep_last_dim and not _same(_val(u).shape[-1], k):
+                if u.op == "call_function" and u.target in RESHAPE_OPS and u.args[0] is n:
+                    if keep_last_dim and not same_size(val(u).shape[-1], k):
                         return "a reshape that splits rows"
                     stack.append(u)
                 elif u.op == "call_function" and u.target in (aten.slice.Tensor, aten.select.int) and \
-                        u.args[0] is n and (u.args[1] if len(u.args) > 1 else 0) % _val(n).dim() != _val(n).dim() - 1:
+                        u.args[0] is n and (u.args[1] if len(u.args) > 1 else 0) % val(n).dim() != val(n).dim() - 1:
                     stack.append(u)  # rows picked whole (the last token's hidden state before lm_head)
                 elif u.op == "call_function" and u.target is aten.linear.default and u.args[0] is n and \
                         n not in u.args[1:] and not u.kwargs:
-                    if not self._ctx.weights.is_constant(u.args[1]) or _val(u.args[1]).dim() != 2:
+                    if not self._ctx.weights.is_constant(u.args[1]) or val(u.args[1]).dim() != 2:
                         return "a linear on a weight that is not frozen"
                     bias = u.args[2] if len(u.args) > 2 else None
                     if bias is not None and not self._ctx.weights.is_constant(bias):
@@ -372,9 +280,9 @@ class FoldIntoWeightsPass(Pass):
         if node.target not in _MULS or len(node.args) != 2:
             return set()
         a, b = node.args
-        out = _val(node)
+        out = val(node)
         for h, c in ((b, a), (a, b)):
-            hv = _val(h)
+            hv = val(h)
             if not (isinstance(hv, torch.Tensor) and hv.dim() >= 1 and hv.is_floating_point()) or \
                     self._ctx.weights.is_constant(h):
                 continue
@@ -383,7 +291,7 @@ class FoldIntoWeightsPass(Pass):
                 break
         else:
             return set()
-        vector = scale[0] == "tensor" and _val(c).numel() > 1
+        vector = scale[0] == "tensor" and val(c).numel() > 1
         kind = "norm scale" if vector else "scale before linear"
         users = self._linear_users(node, hv.shape[-1], keep_last_dim=vector)
         if isinstance(users, str):
@@ -391,7 +299,7 @@ class FoldIntoWeightsPass(Pass):
             if vector or users.startswith("a linear"):
                 return self._skip(kind, node, users)
             return set()
-        if out.dtype != hv.dtype or not _same_shape(out.shape, hv.shape):
+        if out.dtype != hv.dtype or not same_shape(out.shape, hv.shape):
             return self._skip(kind, node, "dtype promotion")
         new_weights = [self._scaled_weight(lin.args[1], scale, "scale in") for lin in users]
         if any(w is None for w in new_weights):
@@ -436,28 +344,28 @@ class FoldIntoWeightsPass(Pass):
             new_b = None
             if beta is not None:
                 nodes = [w, beta] + ([bias] if bias is not None else [])
-                new_b = weights.derive(nodes, (self._uuid, "shift in", bias is not None),
+                new_b = weights.derive(nodes, self.cache_key("shift in", bias is not None),
                                        lambda ts: _bias_through(ts[0], ts[2] if len(ts) > 2 else None, ts[1]))
             ok = ok and (gamma is None or new_w is not None) and (beta is None or new_b is not None)
             plans.append((lin, w, bias, new_w, new_b))
         if not ok:
             return self._skip(kind, node, "scaled weight overflows or underflows")
         # Price: the layer norm with and without its affine, and the linears that gain a bias.
+        cm, sizes, note = self._ctx.cost_model, self._ctx.sizes, {}
+        added: list[Any] | None = None
         try:
-            plain = price_candidate(self._ctx, self._fake_mode, aten.native_layer_norm.default,
-                                    (x, shape, None, None, eps))
-            added: list[Any] = [plain]
-            for lin, w, bias, _, new_b in plans:
-                if bias is None and new_b is not None:
-                    b_fake = self._fake_mode.from_tensor(new_b, static_shapes=True)
-                    added.append(price_candidate(self._ctx, self._fake_mode, aten.linear.default,
-                                                 (lin.args[0], w, b_fake)))
-                else:
-                    added.append(lin)
+            if cm is not None:
+                added = [cm.candidate_cost(aten.native_layer_norm.default, (x, shape, None, None, eps),
+                                           self._fake_mode, sizes)]
+                for lin, w, bias, _, new_b in plans:
+                    if bias is None and new_b is not None:
+                        b_fake = self._fake_mode.from_tensor(new_b, static_shapes=True)
+                        added.append(cm.candidate_cost(aten.linear.default, (lin.args[0], w, b_fake),
+                                                       self._fake_mode, sizes))
+                    else:
+                        added.append(lin)
         except Exception as e:  # noqa: BLE001 - a gap in the cost model must not block an exact fold
             added, note = None, {"cost_error": f"{type(e).__name__}: {e}"}
-        else:
-            note = {}
         removed = [node, *(lin for lin, *_ in plans)] if added is not None else []
         if not self._record(kind, node, removed, added or [], layers=[weights.name(w) for _, w, *_ in plans], **note):
             return set()
@@ -475,4 +383,4 @@ class FoldIntoWeightsPass(Pass):
         return self._replace(node, plain_ln)
 
 
-__all__ = ["FoldIntoWeightsPass", "price_candidate", "price_nodes", "reaches_output", "refresh_meta"]
+__all__ = ["FoldIntoWeightsPass"]

@@ -20,6 +20,7 @@ import torch
 import torch.fx
 
 from llmcompress import codegen
+from llmcompress.fx_utils import finish_rewrite
 from llmcompress.passes.base import Pass, PassContext, PassResult
 from llmcompress.passes.fusion.device import no_triton_reason
 from llmcompress.passes.fusion.fused_call import insert_call
@@ -134,9 +135,7 @@ class FusePointwisePass(Pass):
             stats["nodes fused"] = stats.get("nodes fused", 0) + len(nodes)
             changed = True
         if changed:
-            gm.graph.eliminate_dead_code()
-            gm.graph.lint()
-            gm.recompile()
+            finish_rewrite(gm)
         return PassResult(changed, stats, decisions)
 
     def _price(self, nodes: list[torch.fx.Node], ctx: PassContext, lowering: str) -> dict[str, Any]:
@@ -149,8 +148,8 @@ class FusePointwisePass(Pass):
         try:
             separate = model.estimate(nodes, ctx.sizes)
             fused = model.group_cost(nodes, ctx.sizes)
-            # Inductor fuses such a chain on its own: our kernel costs what its kernel costs.
-            before = float(fused.time_s) if lowering == "inductor" else separate.total("time_s")
+            # A fusing lowering runs such a chain as one kernel of its own: ours then costs what that one costs.
+            before = model.lowered_cost(nodes, lowering, ctx.sizes).total("time_s")
             after = float(fused.time_s)
         except Exception as e:  # noqa: BLE001 - a pricing gap keeps the group as it is
             return {**decision, "fused": False, "reason": f"cost model: {type(e).__name__}: {e}"}

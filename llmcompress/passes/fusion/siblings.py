@@ -25,14 +25,8 @@ from typing import Any, ClassVar
 import torch
 import torch.fx
 
-from llmcompress.fx_utils import call, fake_mode_of, fused_name
+from llmcompress.fx_utils import call, fake_mode_of, finish_rewrite, fused_name, reaches_output, refresh_meta
 from llmcompress.passes.base import Pass, PassContext, PassResult
-from llmcompress.passes.fusion.fold import (
-    price_candidate,
-    price_nodes,
-    reaches_output,
-    refresh_meta,
-)
 
 aten = torch.ops.aten
 
@@ -69,12 +63,11 @@ class FuseSiblingLinearsPass(Pass):
             stats["fused linears"] += len(group)
         changed = stats["fused groups"] > 0
         if changed:
-            gm.graph.eliminate_dead_code()
+            gm.graph.eliminate_dead_code()  # before the refresh: nodes left dead need no new fake value
             reshaped = refresh_meta(gm, fake_mode, refresh)
             if reshaped:
                 stats["view -> reshape"] += reshaped
-            gm.graph.lint()
-            gm.recompile()
+            finish_rewrite(gm)
         return PassResult(changed, dict(stats), decisions)
 
     def _groups(self, gm: torch.fx.GraphModule, ctx: PassContext, stats: collections.Counter
@@ -130,21 +123,22 @@ class FuseSiblingLinearsPass(Pass):
         with fake_mode:
             w_cat = torch.empty((n, w.shape[1]), dtype=w.dtype, device=w.device)
             b_cat = torch.empty((n,), dtype=w.dtype, device=w.device) if has_bias else None
-        after = price_candidate(ctx, fake_mode, aten.linear.default, (group[0].args[0], w_cat, b_cat))
-        before_s = price_nodes(ctx, group)[0]
-        after_s = price_nodes(ctx, [after])[0]
+        cm, lowering = ctx.cost_model, ctx.config.lowering
+        after = cm.candidate_cost(aten.linear.default, (group[0].args[0], w_cat, b_cat), fake_mode, ctx.sizes)
+        before_s = cm.lowered_cost(group, lowering, ctx.sizes).total("time_s")
+        after_s = cm.lowered_cost([after], lowering, ctx.sizes).total("time_s")
         decision.update(before_s=before_s, after_s=after_s)
         return after_s < before_s
 
     def _fuse(self, gm: torch.fx.GraphModule, ctx: PassContext, fake_mode: Any, group: list[torch.fx.Node]
               ) -> set[torch.fx.Node]:
         """Rewrite the group; returns the nodes that now read a slice (their fake values need refreshing)."""
-        weights, uuid = ctx.weights, self.uuid()
+        weights = ctx.weights
         w_nodes = [m.args[1] for m in group]
         b_nodes = [m.args[2] if len(m.args) > 2 else None for m in group]
         sizes = [int(w.meta["val"].shape[0]) for w in w_nodes]
         names = [weights.name(w) or w.name for w in w_nodes]
-        w_cat = weights.derive(w_nodes, (uuid, "cat"), lambda ws: torch.cat(ws, dim=0))
+        w_cat = weights.derive(w_nodes, self.cache_key("cat"), lambda ws: torch.cat(ws, dim=0))
         b_cat = None
         if any(b is not None for b in b_nodes):
             present = [b for b in b_nodes if b is not None]
@@ -156,7 +150,7 @@ class FuseSiblingLinearsPass(Pass):
                 return torch.cat([next(it) if has else torch.zeros(n, dtype=dtype, device=bs[0].device)
                                   for has, n in zip(mask, sizes)])
 
-            b_cat = weights.derive(present, (uuid, "cat", mask, tuple(sizes)), cat_bias)
+            b_cat = weights.derive(present, self.cache_key("cat", mask, tuple(sizes)), cat_bias)
         name = fused_name(names)
         first = group[0]  # groups keep graph order: the first member comes after the input, before the others
         graph = gm.graph

@@ -10,10 +10,11 @@ Schemes (option `scheme`) and the op each linear becomes:
 MoE experts stored as 3-D weights (transformers' grouped matmuls) become `llmcompress::grouped_linear_w4a16` /
 `grouped_linear_w8a16`, one quantized matrix per expert.
 
-Calibrated methods run the graph on the calibration tokens (`options["calibration"]`, see
-`calibration/data.py`) node by node, quantizing each layer on the activations that reach it
-(`calibration/runner.py`). Results are cached per weight, so a later graph that cannot be fed from
-token ids (a decode step, a graph after a graph break) reuses them; when there are none it quantizes by round to
+Calibrated methods run the graph on the calibration data (`options["calibration"]`: token ids, text, or batches of
+the model's own inputs) through `ctx.calibration` (`calibration/service.py`), node by node, quantizing each layer from
+statistics of the activations that reach it (XᵀX for GPTQ and AWQ, shared by the layers reading the same
+activation; AWQ also against the float model run beside it). Results are cached per weight, so a later graph that
+cannot be fed (a decode step, a graph after a graph break) reuses them; when there are none it quantizes by round to
 nearest and warns. For the weight-only kernels the cost model picks, per layer, the row counts M at which the
 GEMV, the GEMM and dequantize + cuBLAS run (`gemv_max_m`, `dense_min_m` op arguments).
 """
@@ -30,28 +31,20 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from llmcompress.calibration.data import (
-    CalibrationWarning,
-    calibration_windows,
-    fingerprint,
-)
+from llmcompress.calibration.data import CalibrationWarning
+from llmcompress.calibration.service import Calibration, TargetInputs
 from llmcompress.errors import OptionError
 from llmcompress.formats import quantized as formats
-from llmcompress.fx_utils import call, member_names
-from llmcompress.kernels.linear_common import (
-    DENSE_OFF as _NEVER,  # dense_min_m when dequantize + cuBLAS never wins
-)
-from llmcompress.kernels.linear_common import (
-    GEMV_MAX_M as _GEMV_MAX_ROWS,  # activation rows one GEMV program holds
-)
+from llmcompress.fx_utils import call, finish_rewrite, member_names
+from llmcompress.kernels.kernel_path import choose_kernel_path
+from llmcompress.kernels.linear_common import DENSE_OFF
 from llmcompress.passes.base import Pass, PassContext, PassResult
+from llmcompress.passes.weights import DerivedKey
 
 aten = torch.ops.aten
 
 SCHEMES = ("w8a16", "w4a16", "w8a8", "fp8")
 METHODS = {"w8a16": ("rtn",), "w4a16": ("rtn", "awq", "gptq"), "w8a8": ("rtn", "smoothquant"), "fp8": ("rtn",)}
-# Row counts the kernel choice is priced at (decode batches up to prefill chunks).
-_M_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,9 +189,7 @@ class QuantizeLinearPass(Pass):
             stats[f"{t.layer.scheme} {method}"] = stats.get(f"{t.layer.scheme} {method}", 0) + 1
             changed = True
         if changed:
-            gm.graph.eliminate_dead_code()
-            gm.graph.lint()
-            gm.recompile()
+            finish_rewrite(gm)
         return PassResult(changed, stats, decisions)
 
     # --- which layers -------------------------------------------------------------------------------------------
@@ -266,23 +257,19 @@ class QuantizeLinearPass(Pass):
 
     # --- calibration --------------------------------------------------------------------------------------------
 
-    def _key(self, layer: _Layer, method: str | None = None, calibration: str | None = None) -> tuple:
-        o = self.options
-        return ("quantize-linear", 1, layer.scheme, method or layer.method, layer.group_size, layer.alpha,
-                o.act_order, o.damp, o.block_size, o.mse, o.awq_float_target, calibration)
+    def _key(self, layer: _Layer, method: str | None = None, calibration: str | None = None) -> DerivedKey:
+        """The derived-weight key of one layer's quantized tensors: the pass's options are in its uuid, the layer's
+        effective ones (an override's) and the calibration data's fingerprint are the parts."""
+        return self.cache_key(layer.scheme, method or layer.method, layer.group_size, layer.alpha, calibration)
 
     def _calibrate(self, gm: torch.fx.GraphModule, ctx: PassContext, targets: list[_Target], stats: dict
                    ) -> dict[torch.fx.Node, tuple[tuple[torch.Tensor, ...], str]]:
-        from llmcompress.calibration.runner import calibration_feeds, run_sequential
-
         cfg = ctx.config
-        if cfg.calibration is None:
-            raise OptionError(f"recipe asks for {sorted({t.layer.method for t in targets})[0]} calibration: give "
-                              "options['calibration'] (token ids, a datasets.Dataset or a text file path, with "
-                              "options['tokenizer'] for text)")
-        windows = calibration_windows(cfg.calibration, cfg.tokenizer, cfg.calibration_samples,
-                                      cfg.calibration_seq_len)
-        fp = fingerprint(windows)
+        cal = ctx.calibration or Calibration(cfg.calibration, cfg.tokenizer, cfg.calibration_samples,
+                                             cfg.calibration_seq_len, example_inputs=ctx.example_inputs,
+                                             input_names=ctx.input_names)
+        cal.require(f"recipe asks for {sorted({t.layer.method for t in targets})[0]} calibration")
+        fp = cal.fingerprint
         out: dict[torch.fx.Node, tuple[tuple[torch.Tensor, ...], str]] = {}
         pending = []
         for t in targets:
@@ -293,7 +280,7 @@ class QuantizeLinearPass(Pass):
                 pending.append(t)
         if not pending:
             return out
-        fed = calibration_feeds(gm, ctx, windows)
+        fed = cal.feeds()
         if isinstance(fed, str):
             warnings.warn(f"llmcompress: quantize-linear cannot calibrate graph {ctx.graph_id} ({fed}) and no "
                           f"calibrated weights are cached for its {len(pending)} layers: they are quantized by round "
@@ -301,28 +288,22 @@ class QuantizeLinearPass(Pass):
                           "graph calibrates them.", CalibrationWarning, stacklevel=3)
             stats["calibration: rtn instead"] = len(pending)
             return out
-        feeds, tokens = fed
-        stats["calibration tokens"] = tokens
+        stats["calibration tokens"] = fed.tokens
         by_node = {t.node: t for t in pending}
         bar = _progress(len(pending), f"calibrating graph {ctx.graph_id}")
 
-        def quantize(node: torch.fx.Node, calls: list[tuple[tuple, dict]],
-                     float_inputs: list[torch.Tensor] | None = None) -> Callable[..., torch.Tensor]:
-            t = by_node[node]
-            inputs = [args[0] for args, _ in calls]
-            offs = [_offs(args, kwargs) for args, kwargs in calls] if t.grouped else None
-            if t.grouped:
-                float_inputs = None  # expert-sorted rows: the float model may route them elsewhere
-            tensors = ctx.weights.derive(node.args[1], self._key(t.layer, calibration=fp),
-                                         lambda _w: _calibrated(t, inputs, self.options, float_inputs, offs))
-            out[node] = (tensors, t.layer.method)
+        def quantize(inputs: TargetInputs) -> Callable[..., torch.Tensor]:
+            t = by_node[inputs.node]
+            tensors = ctx.weights.derive(t.node.args[1], self._key(t.layer, calibration=fp),
+                                         lambda _w: _calibrated(t, inputs, self.options))
+            out[t.node] = (tensors, t.layer.method)
             return lambda *args, **kwargs: _apply(t, tensors, args, kwargs)
 
         try:
-            float_inputs = self.options.awq_float_target and any(t.layer.method == "awq" and not t.grouped
+            float_shadow = self.options.awq_float_target and any(t.layer.method == "awq" and not t.grouped
                                                                  for t in pending)
-            run_sequential(gm, feeds, list(by_node), quantize, progress=lambda i: bar.update(1),
-                           float_inputs=float_inputs)
+            cal.run_sequential(gm, list(by_node), quantize, float_shadow=float_shadow,
+                               progress=lambda i: bar.update(1))
         finally:
             bar.close()
         return out
@@ -358,7 +339,7 @@ class QuantizeLinearPass(Pass):
                 else:
                     op = torch.ops.llmcompress.linear_w8a16.default
                     args = (x, *consts[:2], bias, None, gemv_max, dense_min)
-                decision.update(kernel={"gemv_max_m": gemv_max, "dense_min_m": None if dense_min == _NEVER
+                decision.update(kernel={"gemv_max_m": gemv_max, "dense_min_m": None if dense_min == DENSE_OFF
                                         else dense_min}, predicted_s=priced)
             elif layer.scheme == "w8a8":
                 op = torch.ops.llmcompress.linear_w8a8.default
@@ -416,44 +397,44 @@ def _rtn(t: _Target) -> tuple[torch.Tensor, ...]:
     return formats.quantize_fp8_per_channel(w)
 
 
-def _calibrated(t: _Target, inputs: list[torch.Tensor], o: QuantizeLinearOptions,
-                float_inputs: list[torch.Tensor] | None = None, offs: list[Any] | None = None
-                ) -> tuple[torch.Tensor, ...]:
-    """AWQ, GPTQ or SmoothQuant of one layer on its input activations (one tensor per calibration chunk);
-    float_inputs: the same activations in the float model (AWQ's target), None where they are equal. MoE experts
-    (3-D weights; offs: each chunk's expert offsets) are calibrated one by one on the rows routed to each."""
+# The activation statistics (`calibration/stats.py`) each method quantizes from; AWQ adds `cross` when the layer's
+# inputs differ from the float model's.
+_STATISTICS = {"gptq": ("gram",), "awq": ("absmean", "gram"), "smoothquant": ("absmax",)}
+
+
+def _calibrated(t: _Target, inputs: TargetInputs, o: QuantizeLinearOptions) -> tuple[torch.Tensor, ...]:
+    """AWQ, GPTQ or SmoothQuant of one layer from the statistics of its input activations (shared with the other
+    layers reading the same activation); AWQ's also pull towards the float model's outputs where the layer's inputs
+    differ from the float model's (`inputs.float_inputs`). MoE experts (3-D weights) are calibrated one by one on
+    the rows routed to each."""
     if t.grouped:
-        return _calibrated_experts(t, inputs, o, offs)
-    k = t.weight.shape[-1]
+        k = t.weight.shape[-1]
+        return _calibrated_experts(t, [x.reshape(-1, k) for x in inputs.inputs], o, inputs.offsets())
+    kinds = _STATISTICS[t.layer.method]
+    if t.layer.method == "awq" and inputs.float_inputs is not None:
+        kinds = (*kinds, "cross")
+    return _from_statistics(t, inputs.statistics(*kinds), o)
+
+
+def _from_statistics(t: _Target, stats: dict[str, torch.Tensor], o: QuantizeLinearOptions
+                     ) -> tuple[torch.Tensor, ...]:
     method = t.layer.method
     if method == "gptq":
-        from llmcompress.passes.quantize.gptq import (
-            HessianAccumulator,
-            gptq_quantize_int4,
-        )
+        from llmcompress.passes.quantize.gptq import gptq_quantize_int4
 
-        acc = HessianAccumulator(k, t.weight.device)
-        for x in inputs:
-            acc.add(x.reshape(-1, k))
-        return gptq_quantize_int4(t.weight.float(), acc.hessian, group_size=t.layer.group_size, damp=o.damp,
+        # GPTQ's Hessian is 2 x^T x / n: `gram` doubled, bit for bit its HessianAccumulator's.
+        return gptq_quantize_int4(t.weight.float(), 2 * stats["gram"], group_size=t.layer.group_size, damp=o.damp,
                                   block_size=o.block_size, act_order=o.act_order, mse=o.mse)
     if method == "awq":
-        from llmcompress.passes.quantize.awq import awq_search
+        from llmcompress.passes.quantize.awq import awq_from_stats
 
-        x = torch.cat([x.reshape(-1, k) for x in inputs])
-        xf = None if float_inputs is None else torch.cat([x.reshape(-1, k) for x in float_inputs])
-        r = awq_search(t.weight.float(), x, group_size=t.layer.group_size, x_float=xf)
+        r = awq_from_stats(t.weight.float(), stats["absmean"], stats["gram"], stats.get("cross"),
+                           group_size=t.layer.group_size)
         return r.qweight, r.scales, r.zeros, r.act_scale
     if method == "smoothquant":
-        from llmcompress.passes.quantize.smoothquant import (
-            ActivationAbsMax,
-            smoothquant_quantize,
-        )
+        from llmcompress.passes.quantize.smoothquant import smoothquant_quantize
 
-        acc = ActivationAbsMax(k, t.weight.device)
-        for x in inputs:
-            acc.add(x.reshape(-1, k))
-        return smoothquant_quantize(t.weight.float(), acc.absmax, alpha=t.layer.alpha)
+        return smoothquant_quantize(t.weight.float(), stats["absmax"], alpha=t.layer.alpha)
     raise AssertionError(method)
 
 
@@ -465,13 +446,15 @@ _MIN_EXPERT_ROWS = 16
 def _calibrated_experts(t: _Target, inputs: list[torch.Tensor], o: QuantizeLinearOptions, offs: list[Any]
                         ) -> tuple[torch.Tensor, ...]:
     """Each expert of a 3-D weight (E, N, K) calibrated on the rows routed to it in every chunk (rows
-    offs[e - 1]:offs[e] of the expert-sorted activations); rarely routed experts fall back to round to nearest,
-    with a warning. AWQ's act_scale comes back as (E, K)."""
+    offs[e - 1]:offs[e] of the expert-sorted activations (rows, K)); rarely routed experts fall back to round to
+    nearest, with a warning. AWQ's act_scale comes back as (E, K)."""
+    from llmcompress.calibration.stats import statistics_of
+
     n_experts, _, k = t.weight.shape
     bounds = [[0, *(int(v) for v in o_.tolist())] for o_ in offs]
     parts, fallback = [], []
     for e in range(n_experts):
-        rows = [x.reshape(-1, k)[b[e]:b[e + 1]] for x, b in zip(inputs, bounds)]
+        rows = [x[b[e]:b[e + 1]] for x, b in zip(inputs, bounds)]
         count = sum(r.shape[0] for r in rows)
         one = dataclasses.replace(t, weight=t.weight[e], grouped=False)
         if count < _MIN_EXPERT_ROWS:
@@ -480,7 +463,8 @@ def _calibrated_experts(t: _Target, inputs: list[torch.Tensor], o: QuantizeLinea
             if t.layer.method == "awq":
                 part = (*part, torch.ones(k, dtype=torch.float32, device=t.weight.device))
         else:
-            part = _calibrated(one, rows, o)
+            stats = statistics_of(rows, _STATISTICS[t.layer.method], k, device=t.weight.device)
+            part = _from_statistics(one, stats.as_dict(), o)
         parts.append(part)
     if fallback:
         warnings.warn(f"llmcompress: quantize-linear: {t.name}: experts {', '.join(fallback)} got fewer than "
@@ -518,34 +502,11 @@ def _apply(t: _Target, tensors: tuple[torch.Tensor, ...], args: tuple, kwargs: d
 
 def _choose_kernels(ctx: PassContext, n: int, k: int, dtype: torch.dtype,
                     tensors: tuple[torch.Tensor, ...]) -> tuple[int, int, dict[str, Any]]:
-    """(gemv_max_m, dense_min_m, priced) from the cost model: the cheapest kernel at each M of `_M_GRID`.
-
-    The GEMV and the GEMM both stream the packed weight once (the GEMV on CUDA cores up to 4 rows), dequantize +
-    cuBLAS writes and reads a dense copy of the weight (two launches). Ties go to the GEMV, then to the GEMM.
-    """
-    cm = ctx.cost_model
-    if cm is None:
-        return _GEMV_MAX_ROWS, _NEVER, {}
+    """(gemv_max_m, dense_min_m, priced) of a weight-only layer whose quantized tensors are `tensors`: the kernels
+    layer's choice (`choose_kernel_path`), priced on the packed weight, scales and zeros as stored."""
     packed = float(sum(c.numel() * c.element_size() for c in tensors))
-    e = torch.empty((), dtype=dtype).element_size()
-    dense = n * k * e
-    gemv_max, gemv_wins, dense_min, priced = 1, True, _NEVER, {}
-    for m in _M_GRID:
-        flops = 2.0 * m * n * k
-        act = m * k * e + m * n * e
-        # The GEMV multiplies on CUDA cores up to 4 rows and pads to 16 rows on tensor cores above that.
-        t_gemv = cm.kernel_time(flops, packed + act, dtype, tensor_cores=m > 4) if m <= _GEMV_MAX_ROWS else None
-        t_gemm = cm.kernel_time(flops, packed + act, dtype, rows=m)
-        t_dense = cm.kernel_time(0, packed + dense, dtype, tensor_cores=False) + \
-            cm.kernel_time(flops, dense + act, dtype, rows=m)
-        gemv_wins = gemv_wins and t_gemv is not None and t_gemv <= t_gemm
-        if gemv_wins:
-            gemv_max = m
-        if dense_min == _NEVER and t_dense < min(t_gemm, t_gemv if t_gemv is not None else float("inf")):
-            dense_min = m
-        if m in (1, 16, 256, 4096):
-            priced[f"m={m}"] = {"gemv_s": t_gemv, "gemm_s": t_gemm, "dequant_cublas_s": t_dense}
-    return gemv_max, dense_min, priced
+    path = choose_kernel_path(ctx.cost_model, n, k, dtype, packed, dense=True)
+    return path.gemv_max_m, path.dense_min_m, path.priced
 
 
 def _check_fp8(gm: torch.fx.GraphModule, targets: list[_Target]) -> None:

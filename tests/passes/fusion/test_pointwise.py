@@ -151,12 +151,17 @@ def test_fusion_keeps_working_around_quantized_linears(lowering, tmp_path):
     ops = ops_of_last_graph()
     assert ops["llmcompress.linear_w4a16.default"] == 2 * 4  # per layer: q+k+v, o, gate+up, down
     assert ops[FUSED] >= 4
-    assert sqnr_db(eager, fused) > sqnr_db(eager, plain) - 3.0 > 10.0
+    assert sqnr_db(eager, plain) > 10.0
+    # The same codes either way: the fresh model's norm weights are 1, so folding them leaves the quantized weights
+    # as they were, and int4 groups run along K, so fusing q/k/v and gate/up does not mix rows. Then the fusions
+    # only change fp32 rounding order: equal to torch.testing's float32 tolerance (measured: 1.3e-7 apart).
+    torch.testing.assert_close(fused, plain)
 
 
 def test_fusions_stand_aside_where_triton_does_not_run(monkeypatch, tmp_path):
     """A CPU without the Triton interpreter: our ops would run their references op by op and hide the graph from
-    the lowering, so the cost model's fused price does not hold; `force` (lowering="triton") still fuses."""
+    the lowering, so the cost model's fused price does not hold; `force` still fuses (lowering="triton" is refused
+    there: tests/backend/test_lowering.py)."""
     import llmcompress.kernels.linear_common as common
 
     monkeypatch.setattr(common, "INTERPRETED", False)
@@ -171,7 +176,8 @@ def test_fusions_stand_aside_where_triton_does_not_run(monkeypatch, tmp_path):
     torch._dynamo.reset()
     forced = tmp_path / "forced.json"
     with torch.no_grad():
-        torch.testing.assert_close(_compile(model, "triton", forced)(x, r), model(x, r))
+        torch.testing.assert_close(_compile(model, "eager", forced, passes={
+            "canonicalize": {}, "fuse-pointwise": {"force": True}, "probe-graph": {}})(x, r), model(x, r))
     data = json.loads(forced.read_text())
     stats = next(p for p in data["graphs"][0]["passes"] if p["name"] == "fuse-pointwise")["stats"]
     assert stats["groups fused"] == 1

@@ -164,16 +164,24 @@ def test_gptq_beats_round_to_nearest_on_the_logits(tmp_path):
     assert sqnr_db(dense, outs["gptq"]) > sqnr_db(dense, outs["rtn"]) + 1.0
 
 
-def test_calibrated_weights_are_reused_by_graphs_that_cannot_calibrate():
+def _quantized_codes(gm, ctx) -> dict[str, torch.Tensor]:
+    """Layer name -> the packed int4 codes a graph's linear_w4a16 ops read."""
+    return {n.meta["llmcompress.linear"]: ctx.weights.value(n.args[1]) for n in gm.graph.nodes
+            if n.target is torch.ops.llmcompress.linear_w4a16.default}
+
+
+def test_calibrated_weights_are_reused_by_graphs_that_cannot_calibrate(tmp_path):
     """A decode step (static cache) cannot be fed from token windows: it reuses the prefill graph's calibration."""
     from transformers import StaticCache
 
     model = tiny_model("llama")
+    report = tmp_path / "r.json"
     options = {"lowering": "eager", "calibration": _calibration_ids(), "calibration_samples": 6,
-               "calibration_seq_len": 24,
+               "calibration_seq_len": 24, "report": str(report),
                "passes": {"canonicalize": {}, "quantize-linear": {"scheme": "w4a16", "method": "gptq",
                                                                    "group_size": 32}}}
-    compiled = _compile(model, options)
+    codes = []
+    compiled = _compile(model, options, on_graph=lambda before, after, ctx: codes.append(_quantized_codes(after, ctx)))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error", CalibrationWarning)
         compiled(example_ids())  # plain forward: calibrates and caches
@@ -182,6 +190,25 @@ def test_calibrated_weights_are_reused_by_graphs_that_cannot_calibrate():
                  cache_position=torch.arange(4))
         compiled(example_ids(batch=1, seq=1), past_key_values=cache, use_cache=True,
                  cache_position=torch.tensor([4]))
+    data = json.loads(report.read_text())
+    assert data["summary"]["fallbacks"] == 0
+    records = [next(p for p in g["passes"] if p["name"] == "quantize-linear") for g in data["graphs"]]
+    assert len(records) == len(codes) >= 2
+    assert records[0]["stats"]["calibration tokens"] > 0
+    for rec in records:
+        assert rec["stats"]["w4a16 gptq"] == 14 and "calibration: rtn instead" not in rec["stats"], rec["stats"]
+    for rec in records[1:]:
+        assert "calibration tokens" not in rec["stats"]  # nothing calibrated again
+    # Every later graph reads the prefill graph's GPTQ codes, which are not round to nearest's.
+    prefill = codes[0]
+    assert len(prefill) == 14
+    for later in codes[1:]:
+        assert later.keys() == prefill.keys()
+        for name in prefill:
+            assert torch.equal(later[name], prefill[name]), f"{name}: not the prefill graph's codes"
+    dense = dict(model.named_parameters())
+    rtn = {name: formats.quantize_int4_rtn(dense[name].detach(), 32)[0] for name in prefill}
+    assert sum(not torch.equal(rtn[name], prefill[name]) for name in prefill) == 14
 
 
 def test_uncalibratable_graph_without_cache_warns_and_uses_rtn():
@@ -227,17 +254,36 @@ def test_graph_break_second_graph_warns(tmp_path):
     assert second["stats"]["w4a16 rtn"] == 1 and second["stats"]["calibration: rtn instead"] == 1
 
 
+def _fake_quant_mixtral(model, group_size=32):
+    """The eager Mixtral with every weight quantize-linear quantizes by default replaced by its RTN
+    quantized-dequantized value: each expert of the 3-D expert tensors (E, N, K) on its own, and the attention
+    linears; the LM head and the routers (`*.gate`) stay dense."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 3:
+                p.copy_(torch.stack([formats.dequantize_int4(*formats.quantize_int4_rtn(w, group_size), group_size)
+                                     for w in p]))
+            elif p.dim() == 2 and name.endswith("_proj.weight"):
+                p.copy_(formats.dequantize_int4(*formats.quantize_int4_rtn(p, group_size), group_size))
+    return model
+
+
 def test_mixtral_experts_become_grouped_quantized_ops(tmp_path):
     ids = example_ids()
     model = tiny_model("mixtral")
     with torch.no_grad():
         dense = main_output(model(ids))
+        expected = main_output(_fake_quant_mixtral(tiny_model("mixtral"))(ids))
     passes = {"canonicalize": {}, "quantize-linear": {"scheme": "w4a16", "group_size": 32}}
     out, report = _report(tmp_path, model, ids, {"passes": passes, "lowering": "eager"})
+    # The same quantized weights in eager: only fp32 sum order differs (and routing, were a top-2 choice that close).
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    assert sqnr_db(dense, out) > 10
     rec = _pass_record(report)
     grouped = [d for d in rec["decisions"] if str(d.get("kernel", "")).startswith("grouped")]
     assert len(grouped) == 4  # 2 layers x (gate_up, down)
-    assert sqnr_db(dense, out) > 10
+    assert rec["stats"]["w4a16 rtn"] == 2 * (4 + 2)  # per layer: q, k, v, o and the two expert tensors
+    assert rec["stats"]["skipped: skip pattern"] == 3  # lm_head and the two routers
 
 
 def test_release_weights_frees_the_dense_originals():
