@@ -57,11 +57,12 @@ class CompileConfig:
     dump_kernels: str | os.PathLike | None = None
     """Folder to which every kernel the code generator writes is also copied under a readable name."""
     calibration: Any = None
-    """Calibration data for AWQ / GPTQ / SmoothQuant: token ids (tensor), a datasets.Dataset or a text file path."""
+    """Calibration data for AWQ / GPTQ / SmoothQuant: token ids (tensor), a datasets.Dataset (text, or the model's
+    inputs), a text file path, or a list of dicts of the model's inputs (`calibration/data.py`)."""
     tokenizer: Any = None
     """Tokenizer (or the path of a local tokenizer folder) for text calibration data."""
     calibration_samples: int = 128
-    """Windows of calibration_seq_len tokens to calibrate on."""
+    """Windows of calibration_seq_len tokens (or sequences of model inputs) to calibrate on."""
     calibration_seq_len: int = 512
     cudagraphs: bool = dataclasses.field(default=False, init=False)
     max_autotune: bool = dataclasses.field(default=False, init=False)
