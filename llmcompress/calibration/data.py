@@ -7,10 +7,11 @@ model's own inputs.
   into a (windows, window_len) LongTensor: the text is tokenized as one stream and cut into consecutive windows,
   `calibration_samples x calibration_seq_len` tokens in all (fewer, with a warning, when the data is shorter; an error
   when it does not fill one window);
-* batches of the model's own inputs: a list of dicts, or a `datasets.Dataset` with an `input_ids` column, holding
-  `input_ids` and whatever else the model takes (`attention_mask`, `token_type_ids`, ...), as tensors or lists.
-  `input_rows` splits them into one dict per sequence (at most `calibration_samples` of them, the padding at
-  either end removed, each cut to `calibration_seq_len` tokens); `calibration/feeds.py` matches the keys to the graph's inputs by name. This is what
+* batches of the model's own inputs: a list of dicts (or one dict, e.g. a tokenizer's output), or a
+  `datasets.Dataset` with an `input_ids` column, holding `input_ids` and whatever else the model takes
+  (`attention_mask`, `token_type_ids`, ...), as tensors or lists. `input_rows` splits them into one dict per
+  sequence (at most `calibration_samples` of them, the padding at either end removed, each cut to
+  `calibration_seq_len` tokens); `calibration/feeds.py` matches the keys to the graph's inputs by name. This is what
   an encoder (BERT-style, with token types and padding masks) calibrates on.
 `load_calibration` picks the form, `fingerprint` hashes either for the keys of the weights calibrated on it.
 """
@@ -34,7 +35,8 @@ class CalibrationWarning(UserWarning):
 
 
 _ACCEPTED = ("a tensor of token ids, a datasets.Dataset (a text column, or model inputs with an input_ids column), "
-             "a path to a text file, or a list of dicts of model inputs (input_ids, attention_mask, ...)")
+             "a path to a text file, or a list of dicts of model inputs (input_ids, attention_mask, ...) or one such "
+             "dict (a tokenizer's output)")
 
 
 def describe_calibration(value: Any) -> str | None:
@@ -47,6 +49,8 @@ def describe_calibration(value: Any) -> str | None:
         return None
     if _is_dataset(value):
         return None
+    if isinstance(value, Mapping):
+        value = [value]
     if isinstance(value, (list, tuple)):
         if not value:
             return "got an empty list; expected a list of dicts of model inputs"
@@ -62,7 +66,7 @@ def describe_calibration(value: Any) -> str | None:
 
 def is_model_inputs(value: Any) -> bool:
     """Whether `value` holds batches of the model's own inputs (rather than token ids or text)."""
-    return isinstance(value, (list, tuple)) or (_is_dataset(value) and "input_ids" in value.column_names)
+    return isinstance(value, (list, tuple, Mapping)) or (_is_dataset(value) and "input_ids" in value.column_names)
 
 
 def _is_dataset(value: Any) -> bool:
@@ -145,6 +149,8 @@ def _numeric(value: Any) -> torch.Tensor | None:
 
 
 def _batches(calibration: Any, samples: int) -> Any:
+    if isinstance(calibration, Mapping):
+        return [calibration]  # one batch: a tokenizer's output
     if isinstance(calibration, (list, tuple)):
         return calibration
     # A Dataset holds one sequence per row: each row is a batch of one.
@@ -159,7 +165,8 @@ def input_rows(calibration: Any, samples: int, seq_len: int) -> list[dict[str, t
     and key when input_ids is not (seq,) / (batch, seq) integers or a value's batch size differs from input_ids'.
     """
     if samples < 1 or seq_len < 1:
-        raise OptionError(f"options: calibration_samples and calibration_seq_len must be >= 1, got {samples}, {seq_len}")
+        raise OptionError(f"options: calibration_samples and calibration_seq_len must be >= 1, got {samples}, "
+                          f"{seq_len}")
     problem = describe_calibration(calibration)
     if problem is not None:
         raise OptionError(f"options: key 'calibration': {problem}")

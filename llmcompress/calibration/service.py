@@ -255,7 +255,6 @@ class Calibration:
                     c = torch.diff(ends, prepend=ends.new_zeros(1))
                     counts = c if counts is None else counts + c
                 self._observed[(state, "routing", node.name)] = counts
-            return None
 
         def at_value(node: torch.fx.Node, values: list) -> None:
             self._observed[(state, "hidden", node.name)] = values

@@ -107,6 +107,16 @@ def test_rows_from_a_dataset_are_capped_and_cut():
         input_rows(ds, samples=8, seq_len=4)
 
 
+def test_one_dict_is_one_batch_and_padding_at_either_end_is_stripped():
+    """A tokenizer's output passed as it is: right padding (row 0) and left padding (row 1) removed."""
+    batch = {"input_ids": torch.tensor([[7, 8, 9, 0, 0], [0, 0, 4, 5, 6]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])}
+    assert describe_calibration(batch) is None
+    rows = load_calibration(batch, None, samples=2, seq_len=8)
+    assert [r["input_ids"].tolist() for r in rows] == [[7, 8, 9], [4, 5, 6]]
+    assert all(r["attention_mask"].tolist() == [1, 1, 1] for r in rows)
+
+
 @pytest.mark.parametrize("data,match", [
     ([{"input_ids": torch.ones(2, 4, dtype=INT), "attention_mask": torch.ones(3, 4, dtype=INT)}],
      "'attention_mask' has shape \\(3, 4\\).*batch size 2"),

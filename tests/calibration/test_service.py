@@ -103,7 +103,7 @@ def test_targets_reading_one_activation_share_its_statistics(monkeypatch):
     def on_target(inputs):
         parts = linears[inputs.node].split(".")  # model.layers.0.self_attn.q_proj -> q_proj0
         seen[parts[-1] + (parts[2] if len(parts) > 2 else "")] = inputs.statistics("gram")
-        return None
+        # returns None: the node stays as it is
 
     ctx.calibration.run_sequential(gm, list(linears), on_target)
     assert seen["q_proj0"]["gram"] is seen["k_proj0"]["gram"] is seen["v_proj0"]["gram"]
@@ -171,7 +171,7 @@ def test_observe_reuses_what_it_saw_until_the_graph_changes(monkeypatch):
 def test_dynamic_shapes_take_rows_at_their_own_length():
     model = tiny_model("bert")
     rows = [encoder_batch(3, 10, seed=8)]  # 10, 7 and 4 real tokens
-    gm, ctx = _capture(model, encoder_batch(2, 8, seed=1), rows, 3, 10, dynamic=True)
+    _, ctx = _capture(model, encoder_batch(2, 8, seed=1), rows, 3, 10, dynamic=True)
     feeds = ctx.calibration.feeds()
     assert not isinstance(feeds, str), feeds
     assert feeds.tokens == 21 and len(feeds.args) == 1

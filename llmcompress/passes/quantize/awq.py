@@ -2,8 +2,10 @@
 layer. Input channels with large activations get their weights scaled up by s before round-to-nearest (so they lose
 less precision) and the input scaled down by 1/s; then each group's int4 range (scale and zero) is searched.
 
-Entry point: `awq_search(w, x, x_float=None)`, which returns the int4 group format of `formats.py` plus the
-per-input-channel `act_scale` (K,) = 1/s that the kernel multiplies x by: y ~= (x * act_scale) @ dequantize_int4(...).T.
+Entry points: `awq_search(w, x, x_float=None)`, which returns the int4 group format of `formats.py` plus the
+per-input-channel `act_scale` (K,) = 1/s that the kernel multiplies x by: y ~= (x * act_scale) @ dequantize_int4(...).T;
+and `awq_from_stats(w, act_mean, h, c)`, the same search from statistics of the rows (what quantize-linear uses: the
+calibration service accumulates them chunk by chunk and shares them between layers reading the same activation).
 """
 
 from __future__ import annotations
@@ -251,11 +253,14 @@ def awq_search(w: torch.Tensor, x: torch.Tensor, *, group_size: int = 128, n_gri
     reference's symmetric clip on 4096 rows +1.33 %; all rows +1.27 % with asym (4096 rows: +1.32 %); with sweeps 2
     and ls_steps 3 +1.19 % and +1.10 % in two runs (the layers' summed output error 0.68 of RTN's, was 0.82); with
     x_float +0.99 % (a 64-window experiment outside the pipeline: +0.86 % vs +1.19 % without). Range search cost:
-    about (C + 2 G C') dequantizations of a (N, g) group column and (N, g) @ (g, g) products per group, C = 121
-    candidates (11 with asym off), C' = C + 4, G = K / group_size, plus 2 G (N, K) @ (K, g) products for the cross
-    terms: flops of the order of 2 * 3 * 125 * N * K * g, about 1e12 for 11008 x 4096 (seconds on a GPU per layer).
+    per group, C = 121 candidates (11 with asym off) dequantized and multiplied by the (g, g) block once (the
+    quadratic terms, kept), then per sweep the same candidates' linear terms only (no matmul) plus 4 candidates in
+    full and 2 (N, K) @ (K, g) products for the cross terms: flops of the order of 2 * 121 * N * K * g, about
+    1.4e12 for 11008 x 4096 (seconds on a GPU per layer). On tiny-llama's 42 layers (CPU, one thread) the whole
+    search takes 17 s, 69 s before the kept quadratic terms and the in-place candidate batches, with the same results
+    bit for bit (benchmarks/calibration_time.py times it in the pipeline).
     """
-    n, k = _check(w, group_size, n_grid, max_rows, n_clip_grid, max_shrink, sweeps, ls_steps, "awq_search")
+    _, k = _check(w, group_size, n_grid, max_rows, n_clip_grid, max_shrink, sweeps, ls_steps, "awq_search")
     if x.shape[-1] != k:
         raise ValueError(f"awq_search: inputs (..., {k}) expected for weight {tuple(w.shape)}, got {tuple(x.shape)}")
     x = x.detach().reshape(-1, k).to(w.device)

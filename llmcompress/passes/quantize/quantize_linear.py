@@ -268,7 +268,7 @@ class QuantizeLinearPass(Pass):
         cal = ctx.calibration or Calibration(cfg.calibration, cfg.tokenizer, cfg.calibration_samples,
                                              cfg.calibration_seq_len, example_inputs=ctx.example_inputs,
                                              input_names=ctx.input_names)
-        cal.require(f"recipe asks for {sorted({t.layer.method for t in targets})[0]} calibration")
+        cal.require(f"recipe asks for {min(t.layer.method for t in targets)} calibration")
         fp = cal.fingerprint
         out: dict[torch.fx.Node, tuple[tuple[torch.Tensor, ...], str]] = {}
         pending = []
@@ -406,7 +406,7 @@ def _calibrated(t: _Target, inputs: TargetInputs, o: QuantizeLinearOptions) -> t
     """AWQ, GPTQ or SmoothQuant of one layer from the statistics of its input activations (shared with the other
     layers reading the same activation); AWQ's also pull towards the float model's outputs where the layer's inputs
     differ from the float model's (`inputs.float_inputs`). MoE experts (3-D weights) are calibrated one by one on
-    the rows routed to each."""
+    the rows routed to each (padding included: expert-sorted rows no longer say which token they hold)."""
     if t.grouped:
         k = t.weight.shape[-1]
         return _calibrated_experts(t, [x.reshape(-1, k) for x in inputs.inputs], o, inputs.offsets())
