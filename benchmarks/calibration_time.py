@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -38,40 +37,18 @@ from pathlib import Path
 import torch
 import transformers
 
+from llmcompress.testing.fixtures import corpus_windows, fixtures_dir, load_model, load_tokenizer, perplexity
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_FIXTURES = Path(os.environ.get("LLMCOMPRESS_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+DEFAULT_FIXTURES = fixtures_dir()
 RECIPES = ("w4a16", "w4a16-gptq", "w4a16-awq")
 TARGET_RATIO = 2.0
-
-
-def windows_of(path: Path, tokenizer, n: int, length: int) -> torch.Tensor:
-    text = path.read_text(encoding="utf-8")
-    # Enough text for n windows at >= 2 chars a token: tokenizing all of train.txt takes a while.
-    ids = tokenizer(text[: n * length * 8], return_tensors="pt").input_ids[0]
-    if ids.numel() < n * length:
-        raise SystemExit(f"{path}: {ids.numel()} tokens, fewer than {n} x {length}")
-    return ids[: n * length].view(n, length)
-
-
-def load(fixtures: Path) -> torch.nn.Module:
-    model = transformers.AutoModelForCausalLM.from_pretrained(fixtures / "tiny-llama", dtype=torch.float32)
-    return model.eval().requires_grad_(False)
-
-
-def perplexity(model, windows: torch.Tensor) -> float:
-    """The fixtures README's method: mean loss over the 511 predicted positions of each window."""
-    losses = []
-    with torch.no_grad():
-        for w in windows:
-            logits = model(w[None]).logits.float()
-            losses.append(torch.nn.functional.cross_entropy(logits[0, :-1], w[1:]).item())
-    return math.exp(sum(losses) / len(losses))
 
 
 def compile_once(fixtures: Path, recipe: str, calibration: torch.Tensor, prompt: torch.Tensor, report: Path
                  ) -> tuple[float, float, dict, torch.nn.Module]:
     """(seconds of compile + first call, quantize-linear's seconds, its stats, the compiled model)."""
-    model = load(fixtures)
+    model = load_model(fixtures, "tiny-llama")
     torch._dynamo.reset()
     options = {"recipe": recipe, "lowering": "eager", "report": str(report), "calibration": calibration,
                "calibration_samples": calibration.shape[0], "calibration_seq_len": calibration.shape[1]}
@@ -101,10 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "calibration_time_tiny_cpu.json")
     args = p.parse_args(argv)
 
-    corpus = args.fixtures / "pydoc-corpus"
-    tokenizer = transformers.AutoTokenizer.from_pretrained(corpus / "tokenizer")
-    calibration = windows_of(corpus / "train.txt", tokenizer, args.samples, args.seq_len)
-    validation = windows_of(corpus / "validation.txt", tokenizer, max(1, args.quality_windows), 512)
+    tokenizer = load_tokenizer(args.fixtures)
+    calibration = corpus_windows(args.fixtures, tokenizer, "train.txt", args.samples, args.seq_len)
+    validation = corpus_windows(args.fixtures, tokenizer, "validation.txt", max(1, args.quality_windows))
     prompt = validation[:1, : args.seq_len]
 
     runs: dict[str, list[float]] = {r: [] for r in args.recipes}
@@ -113,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     quantized: dict[str, dict] = {}
     ppl: dict[str, float] = {}
     if args.quality_windows:
-        ppl["dense"] = perplexity(load(args.fixtures), validation)
+        ppl["dense"] = perplexity(load_model(args.fixtures, "tiny-llama"), validation)
         print(f"dense perplexity {ppl['dense']:.4f} on {len(validation)} windows", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.repeats):
@@ -124,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs[recipe].append(round(seconds, 2))
                 pass_s[recipe].append(round(own, 2))
                 quantized[recipe] = {k: v for k, v in stats.items() if k.startswith("w4a16")}
-                line = f"round {round_}: {recipe:11s} compile + first call {seconds:7.2f} s (quantize-linear {own:.2f} s)"
+                line = (f"round {round_}: {recipe:11s} compile + first call {seconds:7.2f} s "
+                        f"(quantize-linear {own:.2f} s)")
                 if round_ == 0 and args.quality_windows:
                     ppl[recipe] = perplexity(compiled, validation)
                     line += f", perplexity {ppl[recipe]:.4f}"
@@ -143,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_awq_over_gptq": None if ratio is None else round(ratio, 3),
         "target": {"awq_over_gptq_max": TARGET_RATIO, "met": None if ratio is None else ratio <= TARGET_RATIO},
         "perplexity": {"windows": args.quality_windows, **ppl}, "quantized": quantized,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
     print(f"medians: {medians}; AWQ / GPTQ = {out['ratio_awq_over_gptq']}", file=sys.stderr)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import platform
 import sys
 import time
@@ -31,34 +29,14 @@ from pathlib import Path
 import torch
 import transformers
 
+from llmcompress.testing.fixtures import WINDOW, corpus_windows, fixtures_dir, load_model, load_tokenizer, perplexity
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_FIXTURES = Path(os.environ.get("LLMCOMPRESS_FIXTURES", ROOT.parent / "shared" / "fixtures"))
-WINDOW = 512
+DEFAULT_FIXTURES = fixtures_dir()
 TARGETS = {"w8a16": 0.1, "w4a16-awq": 1.0, "w4a16-gptq": 1.0, "w8a8-smoothquant": 1.0}
 DEFAULT_RUNS = ["tiny-llama:dense", "tiny-llama:w8a16", "tiny-llama:w4a16", "tiny-llama:w4a16-awq",
                 "tiny-llama:w4a16-gptq", "tiny-llama:w8a8-smoothquant", "tiny-mixtral:dense", "tiny-mixtral:w4a16",
                 "tiny-mixtral:w4a16-gptq", "tiny-mixtral:w4a16-awq"]
-
-
-def windows_of(path: Path, tokenizer, limit: int | None = None) -> torch.Tensor:
-    ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
-    n = ids.numel() // WINDOW if limit is None else min(limit, ids.numel() // WINDOW)
-    return ids[: n * WINDOW].view(n, WINDOW)
-
-
-def perplexity(model, windows: torch.Tensor, batch: int) -> float:
-    losses = []
-    with torch.no_grad():
-        for chunk in windows.split(batch):
-            logits = model(chunk).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), chunk[:, 1:], reduction="none")
-            losses.extend(loss.mean(dim=1).tolist())
-    return math.exp(sum(losses) / len(losses))
-
-
-def load(fixtures: Path, name: str):
-    model = transformers.AutoModelForCausalLM.from_pretrained(fixtures / name, dtype=torch.float32)
-    return model.eval().requires_grad_(False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,11 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quantized_quality.json")
     args = p.parse_args(argv)
 
-    corpus = args.fixtures / "pydoc-corpus"
-    tokenizer = transformers.AutoTokenizer.from_pretrained(corpus / "tokenizer")
-    windows = windows_of(corpus / "validation.txt", tokenizer, args.windows)
+    tokenizer = load_tokenizer(args.fixtures)
+    windows = corpus_windows(args.fixtures, tokenizer, "validation.txt")[: args.windows]
     windows = windows[: len(windows) // args.batch * args.batch]
-    calibration = windows_of(corpus / "train.txt", tokenizer, args.calib_samples)
+    calibration = corpus_windows(args.fixtures, tokenizer, "train.txt", args.calib_samples)
     print(f"{len(windows)} validation windows of {WINDOW}; calibration {tuple(calibration.shape)} from train.txt",
           file=sys.stderr)
 
@@ -84,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in args.runs:
         name, recipe = run.split(":")
         t0 = time.perf_counter()
-        model = load(args.fixtures, name)
+        model = load_model(args.fixtures, name)
         layers = None
         if recipe == "dense":
             ppl = perplexity(model, windows, args.batch)
@@ -103,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             layers = {k: v for g in rep["graphs"] for pr in g.get("passes", []) if pr["name"] == "quantize-linear"
                       for k, v in pr["stats"].items()}
         if name not in dense:
-            dense[name] = perplexity(load(args.fixtures, name), windows, args.batch)
+            dense[name] = perplexity(load_model(args.fixtures, name), windows, args.batch)
         delta = 100 * (ppl / dense[name] - 1)
         target = TARGETS.get(recipe) if name == "tiny-llama" else None
         row = {"model": name, "recipe": recipe, "perplexity": ppl, "dense_perplexity": dense[name],

@@ -20,15 +20,7 @@ from llmcompress.errors import (
                      VerificationError,
                      WeightReleasedError,
 )
-from llmcompress.passes import (
-                     Pass,
-                     PassContext,
-                     PassManager,
-                     PassResult,
-                     get_pass,
-                     register_pass,
-                     registered_passes,
-)
+from llmcompress.passes import Pass, PassContext, PassManager, PassResult, get_pass, register_pass, registered_passes
 from llmcompress.recipes import builtin_recipes, load_recipe
 from llmcompress.version import __version__
 

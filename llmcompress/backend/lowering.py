@@ -120,10 +120,7 @@ def _boxed_graph(gm: torch.fx.GraphModule) -> Callable[[list], Any]:
 
 
 def _cudagraph_skip_reason(gm: torch.fx.GraphModule, static_input_idxs: Sequence[int]) -> str | None:
-    from torch._dynamo.backends.cudagraphs import (
-        find_input_mutations,
-        get_device_node_mapping,
-    )
+    from torch._dynamo.backends.cudagraphs import find_input_mutations, get_device_node_mapping
 
     devices = set(get_device_node_mapping(gm))
     if any(d.type != "cuda" for d in devices) or len(devices) != 1:

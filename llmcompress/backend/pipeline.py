@@ -13,11 +13,7 @@ import torch.fx
 
 from llmcompress._logging import logger
 from llmcompress.backend import verify as _verify
-from llmcompress.backend.capture import (
-    capture_dynamo_graph,
-    freeze_aten_graph,
-    needs_grad,
-)
+from llmcompress.backend.capture import capture_dynamo_graph, freeze_aten_graph, needs_grad
 from llmcompress.backend.compile_report import dynamo_graph_info, report_for
 from llmcompress.backend.lowering import TRITON_LOWERING_PASSES, check_lowering_device, lower
 from llmcompress.calibration.service import Calibration
@@ -47,7 +43,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: C
     """Dynamo graph + real example inputs -> compiled callable taking the same inputs."""
     # Every option is checked before anything may fall back (gradients required, a bug of ours): an unknown pass,
     # a bad pass option or a lowering that cannot run here raises, whatever the grad mode.
-    pass_manager(config)
+    manager = pass_manager(config)
     check_lowering_device(config, example_inputs)
     start = time.perf_counter()
     entry: dict[str, Any] = {**dynamo_graph_info(gm), "graph_id": next(_graph_ids), "lowering": config.lowering,
@@ -62,7 +58,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: C
                                  "llmcompress compiles for inference: use torch.no_grad()/inference_mode() or "
                                  "model.requires_grad_(False)")
         else:
-            compiled, state = _compile(gm, example_inputs, config, entry, on_graph)
+            compiled, state = _compile(gm, example_inputs, config, entry, manager, on_graph)
             # 5. Verify against the uncompiled graph on the example inputs (raises beyond tolerance).
             if config.verify is not False:
                 entry["verify"] = _verify.compare(original, compiled, example_inputs, config)
@@ -84,15 +80,14 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: C
     return compiled
 
 
-def _compile(gm, example_inputs, config: CompileConfig, entry: dict, on_graph: GraphHook | None
-             ) -> tuple[Callable[..., Any], dict]:
+def _compile(gm, example_inputs, config: CompileConfig, entry: dict, manager: PassManager,
+             on_graph: GraphHook | None) -> tuple[Callable[..., Any], dict]:
     from torch._dynamo.backends.common import aot_autograd
 
     # 1. Capture: module parameters and buffers become buffers of the graph (constants after AOT).
     capture = capture_dynamo_graph(gm, example_inputs)
     entry["frozen_weights"] = {"count": len(capture.frozen),
                                "bytes": sum(w.tensor.numel() * w.tensor.element_size() for w in capture.frozen)}
-    manager = pass_manager(config)
     state: dict[str, Any] = {}
 
     def compile_aten(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]) -> Callable[[list], Any]:

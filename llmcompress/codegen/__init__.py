@@ -7,12 +7,7 @@ numerics are described in `emit.py` and `ops.py`; the cache and the op in `runti
 
 from llmcompress.codegen.group import CodegenError
 from llmcompress.codegen.ops import fusible, is_input_view, is_reduction
-from llmcompress.codegen.runtime import (
-           FusedKernel,
-           compile_group,
-           default_cache_dir,
-           get_kernel,
-)
+from llmcompress.codegen.runtime import FusedKernel, compile_group, default_cache_dir, get_kernel
 
 __all__ = ["CodegenError", "FusedKernel", "compile_group", "default_cache_dir", "fusible", "get_kernel",
            "is_input_view", "is_reduction"]

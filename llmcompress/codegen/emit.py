@@ -26,14 +26,7 @@ import torch
 import torch.fx
 
 from llmcompress.codegen.group import Group, static_one
-from llmcompress.codegen.ops import (
-    RULES,
-    TL_DTYPE,
-    bind,
-    compute_dtype,
-    op_name,
-    tl_compute,
-)
+from llmcompress.codegen.ops import RULES, TL_DTYPE, bind, compute_dtype, op_name, tl_compute
 from llmcompress.fx_utils import val
 
 GENERATOR_VERSION = 1

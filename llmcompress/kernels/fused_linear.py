@@ -34,13 +34,7 @@ from torch.library import triton_op
 
 from llmcompress.cost.roofline import io_bytes, numel, register_cost, sym
 from llmcompress.kernels import linear_common as common
-from llmcompress.kernels.linear_common import (
-    DENSE_OFF,
-    GEMV_MAX_M,
-    dot_fp32,
-    grouped_pid,
-    node_arg,
-)
+from llmcompress.kernels.linear_common import DENSE_OFF, GEMV_MAX_M, dot_fp32, grouped_pid, node_arg
 
 __all__ = ["ACTIVATIONS", "fused_linear_reference", "fused_linear_triton"]
 

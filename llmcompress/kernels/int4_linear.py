@@ -33,13 +33,7 @@ from torch.library import triton_op
 from llmcompress.cost.roofline import register_cost
 from llmcompress.formats.quantized import INT4_GROUP_SIZES, dequantize_int4
 from llmcompress.kernels import linear_common as common
-from llmcompress.kernels.linear_common import (
-    DENSE_OFF,
-    GEMV_MAX_M,
-    dot_fp32,
-    grouped_pid,
-    store_output,
-)
+from llmcompress.kernels.linear_common import DENSE_OFF, GEMV_MAX_M, dot_fp32, grouped_pid, store_output
 
 __all__ = ["dequantize_w4_triton", "linear_w4a16_reference", "linear_w4a16_triton"]
 

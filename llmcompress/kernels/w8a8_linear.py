@@ -34,11 +34,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from llmcompress.cost.roofline import io_bytes, numel, register_cost, sym
-from llmcompress.formats.quantized import (
-    INT8_MAX,
-    dequantize_int8,
-    quantize_int8_per_token,
-)
+from llmcompress.formats.quantized import INT8_MAX, dequantize_int8, quantize_int8_per_token
 from llmcompress.kernels import linear_common as common
 from llmcompress.kernels.linear_common import grouped_pid
 

@@ -22,16 +22,7 @@ from typing import ClassVar
 import torch
 import torch.fx
 
-from llmcompress.fx_utils import (
-    RESHAPE_OPS,
-    call,
-    fake_mode_of,
-    finish_rewrite,
-    only_user,
-    same_shape,
-    same_size,
-    val,
-)
+from llmcompress.fx_utils import RESHAPE_OPS, call, fake_mode_of, finish_rewrite, only_user, same_shape, same_size, val
 from llmcompress.passes.base import Pass, PassContext, PassResult
 
 aten = torch.ops.aten

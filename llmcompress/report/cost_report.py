@@ -99,11 +99,7 @@ def report_model(path: str | Path, *, batch: int = 1, seq: int | None = None, kv
     from llmcompress.cost.device_profile import load_profile
     from llmcompress.cost.hardware import resolve
     from llmcompress.recipes import load_recipe
-    from llmcompress.report.layer_repeat import (
-        TRACED_LAYERS,
-        repeatable_depth,
-        shallow_config,
-    )
+    from llmcompress.report.layer_repeat import TRACED_LAYERS, repeatable_depth, shallow_config
     from llmcompress.report.model_loading import load_config, load_model, model_name
     from llmcompress.report.trace import trace_model
 
@@ -371,11 +367,7 @@ def build_report(traced: Sequence[Any], hardware: Hardware, *, profile: Mapping[
     """
     import transformers
 
-    from llmcompress.report.layer_repeat import (
-        TRACED_LAYERS,
-        repeat_layers,
-        repeat_weight_bytes,
-    )
+    from llmcompress.report.layer_repeat import TRACED_LAYERS, repeat_layers, repeat_weight_bytes
     from llmcompress.version import __version__ as llmcompress_version
 
     cm = CostModel(hardware, profile)

@@ -14,10 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from llmcompress.cost.hardware import HARDWARE
 from llmcompress.cost.roofline import CostModel
 from llmcompress.errors import LLMCompressError
-from llmcompress.formats.quantized import (
-    quantize_fp8_per_channel,
-    quantize_fp8_per_token,
-)
+from llmcompress.formats.quantized import quantize_fp8_per_channel, quantize_fp8_per_token
 from llmcompress.kernels.fp8_linear import (
     FP8UnsupportedError,
     check_fp8_device,
@@ -29,11 +26,7 @@ from llmcompress.kernels.fp8_linear import (
 )
 from llmcompress.testing.devices import DEVICE, HAS_CUDA, INTERPRET
 from llmcompress.testing.graphs import single_node_graph
-from llmcompress.testing.numerics import (
-    per_token_linear_float64,
-    random_quantized_linear,
-    sqnr_db,
-)
+from llmcompress.testing.numerics import per_token_linear_float64, random_quantized_linear, sqnr_db
 
 FP8_GPU = HAS_CUDA and fp8_supported("cuda")
 

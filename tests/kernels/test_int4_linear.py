@@ -12,11 +12,7 @@ import llmcompress.kernels.int4_linear as w4  # registers torch.ops.llmcompress.
 from llmcompress.cost.hardware import HARDWARE
 from llmcompress.cost.roofline import CostModel
 from llmcompress.formats import quantized as formats
-from llmcompress.kernels.int4_linear import (
-    dequantize_w4_triton,
-    linear_w4a16_reference,
-    linear_w4a16_triton,
-)
+from llmcompress.kernels.int4_linear import dequantize_w4_triton, linear_w4a16_reference, linear_w4a16_triton
 from llmcompress.testing.devices import (
     DEVICE,
     HAS_CUDA,

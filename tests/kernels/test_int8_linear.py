@@ -12,11 +12,7 @@ import llmcompress.kernels.int8_linear as w8  # registers torch.ops.llmcompress.
 from llmcompress.cost.hardware import HARDWARE
 from llmcompress.cost.roofline import CostModel
 from llmcompress.formats import quantized as formats
-from llmcompress.kernels.int8_linear import (
-    dequantize_w8_triton,
-    linear_w8a16_reference,
-    linear_w8a16_triton,
-)
+from llmcompress.kernels.int8_linear import dequantize_w8_triton, linear_w8a16_reference, linear_w8a16_triton
 from llmcompress.testing.devices import (
     DEVICE,
     HAS_CUDA,

@@ -8,12 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import llmcompress.kernels  # noqa: F401  (registers torch.ops.llmcompress.*)
 from llmcompress.kernels.rms_norm import rms_norm_reference, rms_norm_triton
-from llmcompress.testing.devices import (
-    DEVICE,
-    INTERPRET,
-    needs_compiled_cuda,
-    needs_triton,
-)
+from llmcompress.testing.devices import DEVICE, INTERPRET, needs_compiled_cuda, needs_triton
 
 EPS = 1e-6
 

@@ -9,10 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from llmcompress.cost.hardware import HARDWARE
 from llmcompress.cost.roofline import CostModel
-from llmcompress.formats.quantized import (
-    quantize_int8_per_channel,
-    quantize_int8_per_token,
-)
+from llmcompress.formats.quantized import quantize_int8_per_channel, quantize_int8_per_token
 from llmcompress.kernels.w8a8_linear import (
     MAX_K,
     linear_w8a8_reference,
@@ -22,11 +19,7 @@ from llmcompress.kernels.w8a8_linear import (
 )
 from llmcompress.testing.devices import DEVICE, needs_compiled_cuda, needs_triton
 from llmcompress.testing.graphs import single_node_graph
-from llmcompress.testing.numerics import (
-    per_token_linear_float64,
-    random_quantized_linear,
-    sqnr_db,
-)
+from llmcompress.testing.numerics import per_token_linear_float64, random_quantized_linear, sqnr_db
 
 op = torch.ops.llmcompress.linear_w8a8.default
 

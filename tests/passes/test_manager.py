@@ -9,12 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from llmcompress import Pass, PassResult, register_pass
-from llmcompress.errors import (
-    LLMCompressError,
-    OptionError,
-    PassFailedError,
-    PassOrderError,
-)
+from llmcompress.errors import LLMCompressError, OptionError, PassFailedError, PassOrderError
 from llmcompress.passes.manager import PassFallbackWarning, PassManager, order_passes
 from llmcompress.passes.registry import get_pass, unregister_pass
 

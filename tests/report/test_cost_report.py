@@ -15,11 +15,7 @@ import transformers
 
 from llmcompress.cli import main
 from llmcompress.cost.hardware import HARDWARE, resolve
-from llmcompress.report.cost_report import (
-    layer_of,
-    render_html,
-    render_text,
-)
+from llmcompress.report.cost_report import layer_of, render_html, render_text
 from llmcompress.report.model_loading import ModelLoadError, load_model
 from llmcompress.report.module_paths import module_path
 

@@ -511,11 +511,7 @@ def _choose_kernels(ctx: PassContext, n: int, k: int, dtype: torch.dtype,
 
 def _check_fp8(gm: torch.fx.GraphModule, targets: list[_Target]) -> None:
     """Raises `FP8UnsupportedError` (naming the device and what fp8 needs) before anything is rewritten."""
-    from llmcompress.kernels.fp8_linear import (
-        FP8UnsupportedError,
-        check_fp8_device,
-        fp8_supported,
-    )
+    from llmcompress.kernels.fp8_linear import FP8UnsupportedError, check_fp8_device, fp8_supported
 
     device = targets[0].weight.device
     name = "quantize-linear scheme fp8 (recipe fp8)"

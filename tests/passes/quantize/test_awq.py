@@ -8,12 +8,7 @@ import pytest
 import torch
 
 from llmcompress.formats import quantized as formats
-from llmcompress.passes.quantize.awq import (
-    AWQResult,
-    _search_ranges,
-    _stats,
-    awq_search,
-)
+from llmcompress.passes.quantize.awq import AWQResult, _search_ranges, _stats, awq_search
 from llmcompress.testing.numerics import outlier_layer
 
 

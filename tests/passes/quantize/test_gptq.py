@@ -7,12 +7,7 @@ import pytest
 import torch
 
 from llmcompress.formats import quantized as formats
-from llmcompress.passes.quantize.gptq import (
-    GPTQError,
-    HessianAccumulator,
-    gptq_quantize_int4,
-    gptq_quantize_int8,
-)
+from llmcompress.passes.quantize.gptq import GPTQError, HessianAccumulator, gptq_quantize_int4, gptq_quantize_int8
 from llmcompress.testing.numerics import outlier_layer, sqnr_db
 
 

@@ -374,7 +374,6 @@ def test_non_floating_model_is_left_dense():
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_mixtral_experts_are_calibrated_one_by_one(tmp_path, method):
-    ids = example_ids()
     calibration = torch.randint(2, VOCAB, (16, 32), generator=torch.Generator().manual_seed(5))
     outs = {}
     for m in ("rtn", method):

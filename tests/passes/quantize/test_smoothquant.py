@@ -9,11 +9,7 @@ import pytest
 import torch
 
 from llmcompress.formats import quantized as formats
-from llmcompress.passes.quantize.smoothquant import (
-    ActivationAbsMax,
-    smoothquant_quantize,
-    smoothquant_scales,
-)
+from llmcompress.passes.quantize.smoothquant import ActivationAbsMax, smoothquant_quantize, smoothquant_scales
 from llmcompress.testing.numerics import outlier_layer, sqnr_db
 
 
