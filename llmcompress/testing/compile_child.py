@@ -4,7 +4,8 @@
 `--model llama` is the in-repo random tiny Llama (`testing.models`), calibrated on 6 x 24 random tokens; `tiny-llama`
 the trained fixture, calibrated on the first `--samples` x `--seq-len` tokens of the corpus' train split and called
 on the first validation window. Prints one JSON line: {"seconds" (compile + first call), "derived_weights",
-"quantize_stats", "calibration_runs"}; the logits go to `--logits` (safetensors).
+"quantize_stats", "calibration_runs", "disk_cache_warnings"} (the warnings themselves go to stderr); the logits go
+to `--logits` (safetensors).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from llmcompress.errors import DiskCacheWarning
 
 
 def _inputs(model_name: str, samples: int, seq_len: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -43,14 +46,19 @@ def _compile(model: torch.nn.Module, calibration: torch.Tensor, prompt: torch.Te
         report = Path(tmp) / "report.json"
         options = {"lowering": "eager", "calibration": calibration, "calibration_samples": calibration.shape[0],
                    "calibration_seq_len": calibration.shape[1], "report": str(report), **extra}
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("always", DiskCacheWarning)
             t0 = time.perf_counter()
             compiled = torch.compile(model, backend="llmcompress", options=options)
             with torch.no_grad():
                 out = compiled(prompt)
             seconds = time.perf_counter() - t0
-        return seconds, json.loads(report.read_text()), out
+        for w in caught:
+            print(f"{w.category.__name__}: {w.message}", file=sys.stderr)
+        data = json.loads(report.read_text())
+        data["disk_cache_warnings"] = sum(issubclass(w.category, DiskCacheWarning) for w in caught)
+        return seconds, data, out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in rec["stats"].items():
                     stats[k] = stats.get(k, 0) + v
     print(json.dumps({"seconds": round(seconds, 3), "derived_weights": derived, "quantize_stats": stats,
-                      "calibration_runs": runs["n"], "fallbacks": data["summary"]["fallbacks"]}))
+                      "calibration_runs": runs["n"], "fallbacks": data["summary"]["fallbacks"],
+                      "disk_cache_warnings": data["disk_cache_warnings"]}))
     return 0
 
 
