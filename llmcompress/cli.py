@@ -1,6 +1,7 @@
 """The `llmcompress` command: `llmcompress passes` lists the registered passes (plugins included),
 `llmcompress recipes` the built-in recipes, `llmcompress report MODEL` a model's roofline cost report.
-`llmcompress calibrate` measures this device for the cost model."""
+`llmcompress calibrate` measures this device for the cost model. `llmcompress cache ls|clear` shows or empties the
+cache folder."""
 
 from __future__ import annotations
 
@@ -91,6 +92,38 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""  # unreachable
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from llmcompress.passes.weight_store import WeightStore, weights_dir
+
+    store = WeightStore(weights_dir())
+    kernels = weights_dir().parent / "kernels"
+    sources = list(kernels.glob("*.py")) if kernels.is_dir() else []
+    if args.action == "ls":
+        entries = list(store.entries())
+        if entries:
+            print(f"{'key':12s}  {'pass':16s}  {'size':>9s}  {'created (UTC)':19s}  weight")
+        for e in entries:
+            print(f"{e.key[:12]:12s}  {e.pass_name:16s}  {_size(e.bytes):>9s}  {e.created[:19].replace('T', ' '):19s}"
+                  f"  {e.weights}")
+        print(f"{len(entries)} derived weights, {_size(sum(e.bytes for e in entries))} in {store.root}")
+        print(f"{len(sources)} generated kernel sources, {_size(sum(p.stat().st_size for p in sources))} in {kernels}")
+        return 0
+    count, size = store.clear()
+    for p in sources:
+        p.unlink(missing_ok=True)
+    print(f"removed {count} derived weights ({_size(size)}) from {store.root} and {len(sources)} generated kernel "
+          f"sources from {kernels}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmcompress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +165,16 @@ def main(argv: list[str] | None = None) -> int:
                            help="write here (default llmcompress/cost/profiles/<device>.json, or under "
                                 "$LLMCOMPRESS_PROFILE_DIR)")
     calibrate.set_defaults(func=_calibrate, parser=calibrate)
+    cache = sub.add_parser(
+        "cache", help="list or empty the cache folder (calibrated weights, generated kernels)",
+        description="The cache folder is $LLMCOMPRESS_CACHE_DIR (default $XDG_CACHE_HOME/llmcompress or "
+                    "~/.cache/llmcompress): derived weights under weights/ (calibrated quantization: loaded instead "
+                    "of calibrating again), generated Triton kernels under kernels/. It can be copied to another "
+                    "machine compiling the same model with the same recipe.")
+    cache.add_argument("action", choices=("ls", "clear"),
+                       help="ls: one line per derived weight (key, pass, size, date, weight) and totals; clear: "
+                            "delete them and the generated kernels")
+    cache.set_defaults(func=_cache, parser=cache)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -64,6 +64,9 @@ class CompileConfig:
     calibration_samples: int = 128
     """Windows of calibration_seq_len tokens (or sequences of model inputs) to calibrate on."""
     calibration_seq_len: int = 512
+    disk_cache: bool = True
+    """Keep calibrated derived weights (GPTQ, AWQ, SmoothQuant results) in the cache folder's `weights/` and load
+    them in later processes; `LLMCOMPRESS_DISK_CACHE=0` also turns it off (`passes/weight_store.py`)."""
     cudagraphs: bool = dataclasses.field(default=False, init=False)
     max_autotune: bool = dataclasses.field(default=False, init=False)
 

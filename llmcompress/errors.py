@@ -29,3 +29,8 @@ class VerificationError(LLMCompressError):
 
 class WeightReleasedError(LLMCompressError):
     """A graph needs a dense weight that `release_weights=True` already freed."""
+
+
+class DiskCacheWarning(UserWarning):
+    """A derived-weight cache file was missing pieces, corrupt or unwritable: it is ignored (and deleted), and the
+    weight is computed again."""

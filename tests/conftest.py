@@ -26,13 +26,12 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _kernel_cache_dir(tmp_path_factory):
-    """Generated kernels go to a temporary cache folder, never the user's ~/.cache."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("LLMCOMPRESS_CACHE_DIR", str(tmp_path_factory.mktemp("llmcompress-cache")))
-    yield
-    patch.undo()
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+    """Generated kernels and derived weights go to a temporary cache folder, never the user's ~/.cache; one per
+    test, so that a test counting calibration runs never loads what another test's same-seed model wrote."""
+    monkeypatch.setenv("LLMCOMPRESS_CACHE_DIR", str(tmp_path_factory.mktemp("llmcompress-cache")))
+    monkeypatch.delenv("LLMCOMPRESS_DISK_CACHE", raising=False)
 
 
 @pytest.fixture

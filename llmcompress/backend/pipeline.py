@@ -24,6 +24,7 @@ from llmcompress.cost.roofline import CostModel, example_sizes
 from llmcompress.errors import LLMCompressError
 from llmcompress.passes.base import PassContext
 from llmcompress.passes.manager import PassManager
+from llmcompress.passes.weight_store import open_store
 from llmcompress.passes.weights import DERIVED
 from llmcompress.recipes import PassSpec, load_recipe, parse_pass_specs
 
@@ -96,7 +97,8 @@ def _compile(gm, example_inputs, config: CompileConfig, entry: dict, manager: Pa
         # 2. Freeze: AOT's lifted weight inputs become get_attr constants.
         weights, kept = freeze_aten_graph(aten_gm, capture, fw_metadata)
         fake_inputs = [aten_inputs[i] for i in kept]
-        hits, misses = DERIVED.hits, DERIVED.misses
+        weights.store = open_store(config.disk_cache)
+        derived_before = DERIVED.counters()
         hardware = resolve_hardware(config.hardware, _device_of(fake_inputs))
         cost_model = CostModel(hardware, load_profile(hardware))
         fake_mode = _fake_mode(aten_inputs)
@@ -119,7 +121,7 @@ def _compile(gm, example_inputs, config: CompileConfig, entry: dict, manager: Pa
         if on_graph is not None:
             on_graph(before, aten_gm, ctx)
         entry["passes"] = [r.to_json() for r in records]
-        entry["derived_weights"] = {"hits": DERIVED.hits - hits, "misses": DERIVED.misses - misses}
+        entry["derived_weights"] = {k: v - derived_before[k] for k, v in DERIVED.counters().items()}
         entry["nodes_out"] = sum(1 for _ in aten_gm.graph.nodes)
         weights.check_not_released(aten_gm)
         # 4. Lower: Inductor, or the FX graph as it is.

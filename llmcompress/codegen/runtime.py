@@ -3,10 +3,11 @@
 Entry points: `compile_group(nodes) -> FusedKernel`, `get_kernel(key)`, and the op
 `torch.ops.llmcompress.fused(key, inputs) -> list[Tensor]` that rewritten graphs call.
 
-Sources are cached on disk (`$LLMCOMPRESS_CACHE_DIR/kernels`, default `~/.cache/llmcompress/kernels`) under the
-sha256 of everything that determines them, and imported from there so Triton's JIT reads a real file. The op runs
-the Triton kernel on CUDA, and on the CPU under TRITON_INTERPRET=1 (so CPU tests exercise the generated code end to
-end); elsewhere it runs the group's reference GraphModule, which is also its fake implementation.
+Sources are cached on disk (`kernels/` in the cache folder, `cache_dir.cache_root()`: `$LLMCOMPRESS_CACHE_DIR`,
+default `~/.cache/llmcompress`) under the sha256 of everything that determines them, and imported from there so
+Triton's JIT reads a real file. The op runs the Triton kernel on CUDA, and on the CPU under TRITON_INTERPRET=1 (so CPU
+tests exercise the generated code end to end); elsewhere it runs the group's reference GraphModule, which is also its
+fake implementation.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import triton
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from triton.runtime.jit import JITFunction
 
+from llmcompress.cache_dir import cache_root
 from llmcompress.codegen.emit import GENERATOR_VERSION, generate
 from llmcompress.codegen.group import MAX_REDUCTION_COLS, CodegenError, Group, analyze
 from llmcompress.codegen.ops import RULES, val
@@ -49,8 +51,7 @@ _MODULES: dict[str, types.ModuleType] = {}
 
 
 def default_cache_dir() -> pathlib.Path:
-    root = os.environ.get("LLMCOMPRESS_CACHE_DIR")
-    return pathlib.Path(root) / "kernels" if root else pathlib.Path.home() / ".cache" / "llmcompress" / "kernels"
+    return cache_root() / "kernels"
 
 
 def get_kernel(key: str) -> FusedKernel:

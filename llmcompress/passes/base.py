@@ -115,7 +115,7 @@ class Pass:
         """The key of a weight this pass derives (`ctx.weights.derive(node, self.cache_key(...), fn)`): its
         `uuid()` and `parts`, plain values (numbers, strings, dtypes, tuples of them) telling one derived weight of
         the pass from another. The only key `FrozenWeights.derive` and `cached` take."""
-        return DerivedKey(self.uuid(), tuple(parts))
+        return DerivedKey(self.uuid(), tuple(parts), name=self.name)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"

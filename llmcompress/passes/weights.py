@@ -2,7 +2,9 @@
 
 * `FrozenWeights` is what a pass sees as `ctx.weights`: `value(node)` gives the real tensor behind a constant node,
   `derive(node, key, fn)` computes something from it (a quantized copy, SVD factors ...) once per weight and key,
-  process-wide, so recompiles for a new batch or sequence length reuse it.
+  process-wide, so recompiles for a new batch or sequence length reuse it. With `persist=True` (results that are
+  costly to compute: calibrated quantization) it is also kept on disk (`weight_store.py`), keyed by the content of
+  the weights, so another process loads it.
 * With `release_weights=True`, after a graph is lowered, the storage of each frozen original that no compiled graph
   uses any more is freed (`untyped_storage().resize_(0)`: the module's parameter keeps its shape, so Dynamo's guards
   still hold, but its memory is gone). A later graph that needs such a weight dense raises `WeightReleasedError`.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import re
 import weakref
 from collections.abc import Callable, Hashable, Sequence
@@ -23,6 +26,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from llmcompress.errors import WeightReleasedError
 from llmcompress.fx_utils import VIEW_OPS, add_constant, fake_mode_of
+from llmcompress.passes.weight_store import MISSING, WeightStore, content_hash, entry_key, hashable_tensor
 
 aten = torch.ops.aten
 
@@ -43,6 +47,8 @@ class DerivedKey:
 
     uuid: str
     parts: tuple[Hashable, ...] = ()
+    name: str = dataclasses.field(default="", compare=False)
+    """The pass's name, for people reading the disk cache (`llmcompress cache ls`); the uuid already covers it."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.uuid, str) and re.fullmatch(r"[0-9a-f]{16}", self.uuid)):
@@ -102,7 +108,11 @@ class _DerivedCache:
     """Process-wide cache of derived weights keyed by (base tensor identity, view, key); entries die with the base.
 
     A base may be a tuple of tensors (a weight derived from several, e.g. concatenated siblings): the entry is
-    stale when any of them changed and dies with the first of them.
+    stale when any of them changed and dies with the first of them. Given a `WeightStore`, a miss looks on disk
+    (keyed by the bases' content) before computing, and what is computed is written there.
+
+    Counters: `hits` (from memory), `disk_hits` (loaded from disk), `misses` (computed), `disk_writes`,
+    `not_persisted` (to persist, but not tensors and plain values, or no stable key: kept in memory only).
     """
 
     def __init__(self) -> None:
@@ -110,27 +120,65 @@ class _DerivedCache:
         self._watched: set[int] = set()
         self.hits = 0
         self.misses = 0
+        self.disk_hits = 0
+        self.disk_writes = 0
+        self.not_persisted = 0
 
-    def get(self, base: torch.Tensor | tuple[torch.Tensor, ...], view_key: Hashable, key: Hashable,
-            fn: Callable[[], Any]) -> Any:
+    def counters(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "disk_hits": self.disk_hits,
+                "disk_writes": self.disk_writes, "not_persisted": self.not_persisted}
+
+    def get(self, base: torch.Tensor | tuple[torch.Tensor, ...], view_key: Hashable, key: DerivedKey,
+            fn: Callable[[], Any], store: WeightStore | None = None, model: str | None = None,
+            names: Sequence[str] = ()) -> Any:
+        """`fn()` unless cached; with a `store`, looked up on and written to disk under the content of the bases
+        and `model` (the hash of every weight of the graph, `FrozenWeights.model_hash`)."""
         k = (_ids(base), view_key, key)
         entry = self._entries.get(k)
         if entry is not None and entry[0] == _versions(base):
             self.hits += 1
             return entry[1]
+        disk_key = _disk_key(base, view_key, key, model) if store is not None else None
+        if disk_key is not None:
+            value = store.load(disk_key, _device(base))
+            if value is not MISSING:
+                self.disk_hits += 1
+                self._remember(base, k, value)
+                return value
         self.misses += 1
         value = fn()
+        self._remember(base, k, value)
+        if store is not None:
+            if disk_key is not None and store.save(disk_key, value, _device(base),
+                                                   {"pass": key.name, "weights": ", ".join(names)}):
+                self.disk_writes += 1
+            else:
+                self.not_persisted += 1
+        return value
+
+    def _remember(self, base: torch.Tensor | tuple[torch.Tensor, ...], k: tuple, value: Any) -> None:
         self._entries[k] = (_versions(base), value)
         for b in base if isinstance(base, tuple) else (base,):
             if id(b) not in self._watched:
                 self._watched.add(id(b))
                 weakref.finalize(b, self._drop, id(b))
-        return value
 
-    def peek(self, base: torch.Tensor | tuple[torch.Tensor, ...], view_key: Hashable, key: Hashable) -> Any:
-        """The cached value, or None (no computation, no hit counted)."""
-        entry = self._entries.get((_ids(base), view_key, key))
-        return entry[1] if entry is not None and entry[0] == _versions(base) else None
+    def peek(self, base: torch.Tensor | tuple[torch.Tensor, ...], view_key: Hashable, key: DerivedKey,
+             store: WeightStore | None = None, model: str | None = None) -> Any:
+        """The cached value (from memory, else from `store` when given), or None; nothing is computed."""
+        k = (_ids(base), view_key, key)
+        entry = self._entries.get(k)
+        if entry is not None and entry[0] == _versions(base):
+            return entry[1]
+        disk_key = _disk_key(base, view_key, key, model) if store is not None else None
+        if disk_key is None:
+            return None
+        value = store.load(disk_key, _device(base))
+        if value is MISSING:
+            return None
+        self.disk_hits += 1
+        self._remember(base, k, value)
+        return value
 
     def _drop(self, base_id: int) -> None:
         self._watched.discard(base_id)
@@ -139,6 +187,21 @@ class _DerivedCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _disk_key(base: torch.Tensor | tuple[torch.Tensor, ...], view_key: Hashable, key: DerivedKey,
+              model: str | None) -> str | None:
+    """The store's key (content of the bases, view chain, `key`, the model's hash), or None where the bases or the
+    model have no content to hash (meta or fake tensors, released storage): the entry then stays in memory."""
+    bases = base if isinstance(base, tuple) else (base,)
+    if model is None or not all(hashable_tensor(b) and not is_released(b) for b in bases):
+        return None
+    with unset_fake_temporarily():
+        return entry_key(key.uuid, (model, key.parts), bases, [_version(b) for b in bases], view_key)
+
+
+def _device(base: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.device:
+    return (base[0] if isinstance(base, tuple) else base).device
 
 
 def _ids(base: torch.Tensor | tuple[torch.Tensor, ...]) -> int | tuple[int, ...]:
@@ -162,9 +225,14 @@ def is_released(t: torch.Tensor) -> bool:
 class FrozenWeights:
     """The frozen constants of one graph; see the module docstring."""
 
-    def __init__(self, gm: torch.fx.GraphModule, weights: list[FrozenWeight]) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, weights: list[FrozenWeight], store: WeightStore | None = None
+                 ) -> None:
         self.gm = gm
         self.by_attr = {w.attr: w for w in weights}
+        self.store = store
+        self._model_hash: str | None = None
+        """Where `derive(..., persist=True)` keeps its results across processes; None: in memory only (the backend
+        sets it from the `disk_cache` option and `LLMCOMPRESS_DISK_CACHE`)."""
 
     def __iter__(self):
         return iter(self.by_attr.values())
@@ -212,13 +280,17 @@ class FrozenWeights:
         return node.target(base, *[_plain(a) for a in node.args[1:]])
 
     def derive(self, node: torch.fx.Node | Sequence[torch.fx.Node], key: DerivedKey,
-               fn: Callable[[Any], Any]) -> Any:
+               fn: Callable[[Any], Any], persist: bool = False) -> Any:
         """`fn(value(node))`, computed once per (weight, view, key) across all graphs and recompiles.
 
         `key` is the pass's `cache_key(...)` (anything else raises TypeError): it covers everything but the
         weights that changes the result. `node` may be a sequence of constant nodes (a weight derived from several:
         concatenated siblings, a weight times a norm's scale): `fn` then gets the list of their values, and the
-        entry is recomputed when any of them changes.
+        entry is recomputed when any of them changes. `persist=True` also keeps the result in the disk cache (when
+        on) for other processes: for results that take longer to compute than to load, i.e. anything calibrated;
+        the result must then be a tensor or tuples / lists / str-keyed dicts of tensors and plain values (others
+        stay in memory, counted as `not_persisted`). Round to nearest does not persist: quantizing tiny-llama's 42
+        linears costs about what hashing and loading them does (see `passes/README.md`).
         """
         _check_key(key, "derive")
         bases, chains = self._roots(node)
@@ -229,16 +301,39 @@ class FrozenWeights:
             with unset_fake_temporarily():
                 return fn(values)
 
-        return DERIVED.get(bases, chains, key, compute)
+        if not (persist and self.store is not None):
+            return DERIVED.get(bases, chains, key, compute)
+        return DERIVED.get(bases, chains, key, compute, self.store, self.model_hash(), self._names(node))
 
     def cached(self, node: torch.fx.Node | Sequence[torch.fx.Node], key: DerivedKey) -> Any:
-        """What `derive(node, key, ...)` computed earlier in this process (another graph), else None."""
+        """What `derive(node, key, ...)` computed earlier in this process (another graph) or, with the disk cache
+        on, in another process (`persist=True`), else None."""
         _check_key(key, "cached")
         try:
             bases, chains = self._roots(node)
         except KeyError:
             return None
-        return DERIVED.peek(bases, chains, key)
+        if self.store is None:
+            return DERIVED.peek(bases, chains, key)
+        return DERIVED.peek(bases, chains, key, self.store, self.model_hash())
+
+    def model_hash(self) -> str | None:
+        """sha256 over the content of every frozen original of this graph (None when one has no content to hash:
+        released, meta). Part of every disk key: a calibrated layer depends on all the weights before it (its inputs
+        come through them), not only on the weight it quantizes. Computed once per graph; each tensor's hash once
+        per process (`weight_store.content_hash`)."""
+        if self._model_hash is None:
+            originals = [w.tensor for w in self.by_attr.values() if not w.derived]
+            if not all(hashable_tensor(t) and not is_released(t) for t in originals):
+                return None
+            with unset_fake_temporarily():
+                digests = sorted(content_hash(t, _version(t)) for t in originals)
+            self._model_hash = hashlib.sha256(" ".join(digests).encode()).hexdigest()
+        return self._model_hash
+
+    def _names(self, node: torch.fx.Node | Sequence[torch.fx.Node]) -> list[str]:
+        nodes = [node] if isinstance(node, torch.fx.Node) else list(node)
+        return [self.name(n) or n.name for n in nodes]
 
     def _roots(self, node: torch.fx.Node | Sequence[torch.fx.Node]) -> tuple[Any, Any]:
         """(base tensor, view chain) of a constant node, or tuples of them for a sequence of nodes."""

@@ -100,8 +100,9 @@ def test_derived_weights_are_reused_across_recompiles(relayout, tmp_path, loweri
     graphs = json.loads(report.read_text())["graphs"]
     assert [g["recompile"] for g in graphs] == [False, True]
     assert relayout.calls == 2, "each weight derived once, not once per graph"
-    assert graphs[0]["derived_weights"] == {"hits": 0, "misses": 2}
-    assert graphs[1]["derived_weights"] == {"hits": 2, "misses": 0}
+    none_on_disk = {"disk_hits": 0, "disk_writes": 0, "not_persisted": 0}  # the probe does not persist
+    assert graphs[0]["derived_weights"] == {"hits": 0, "misses": 2, **none_on_disk}
+    assert graphs[1]["derived_weights"] == {"hits": 2, "misses": 0, **none_on_disk}
 
 
 def test_derived_cache_key_includes_options(relayout):

@@ -278,6 +278,8 @@ class QuantizeLinearPass(Pass):
                 out[t.node] = (hit, t.layer.method)
             else:
                 pending.append(t)
+        if out:
+            stats["calibrated: cached"] = len(out)  # in memory, or on disk from another process
         if not pending:
             return out
         fed = cal.feeds()
@@ -294,8 +296,9 @@ class QuantizeLinearPass(Pass):
 
         def quantize(inputs: TargetInputs) -> Callable[..., torch.Tensor]:
             t = by_node[inputs.node]
+            # persist: GPTQ on tiny-llama takes minutes, loading its 42 layers well under a second.
             tensors = ctx.weights.derive(t.node.args[1], self._key(t.layer, calibration=fp),
-                                         lambda _w: _calibrated(t, inputs, self.options))
+                                         lambda _w: _calibrated(t, inputs, self.options), persist=True)
             out[t.node] = (tensors, t.layer.method)
             return lambda *args, **kwargs: _apply(t, tensors, args, kwargs)
 
