@@ -242,8 +242,18 @@ _GEMV_CONFIGS = [
 _GEMV_INTERP = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4}
 _GEMM_INTERP = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4}
 
-_gemv_tuned = common.autotuned(_fused_gemv_kernel, _GEMV_CONFIGS, key=["BLOCK_M", "N", "K"])
-_gemm_tuned = common.autotuned(_fused_gemm_kernel, common.GEMM_CONFIGS, key=["m_bucket", "N", "K"])
+
+
+def _shared_bytes(config, nargs) -> int:
+    """Upper bound of shared memory: x and one weight tile per half (gate, up) per stage, or the output tile."""
+    return common.tile_shared_bytes(common.element_size("x_ptr"), common.element_size("x_ptr"), common.element_size("out_ptr"),
+                                    b_tiles=2 if nargs["GATED"] else 1)(config, nargs)
+
+
+_gemv_tuned = common.autotuned(_fused_gemv_kernel, _GEMV_CONFIGS, key=["BLOCK_M", "N", "K"],
+                               shared_bytes=_shared_bytes)
+_gemm_tuned = common.autotuned(_fused_gemm_kernel, common.GEMM_CONFIGS + common.GEMM_CONFIGS_FP32,
+                               key=["m_bucket", "N", "K"], shared_bytes=_shared_bytes, choose=common.gemm_choice())
 
 
 def fused_linear_reference(

@@ -240,8 +240,14 @@ _GEMM_INTERP = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4, "num_
 # Memory-bound elementwise: one config everywhere.
 _DEQUANT_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
 
-_gemv_tuned = common.autotuned(_w4_gemv_kernel, _GEMV_CONFIGS, key=["BLOCK_M", "N", "K", "GROUP_SIZE"])
-_gemm_tuned = common.autotuned(_w4_gemm_kernel, common.GEMM_CONFIGS, key=["m_bucket", "N", "K", "GROUP_SIZE"])
+# Shared memory: the packed weight tile (BLOCK_K / 2 bytes per output) as loaded, plus its conversion to x's
+# dtype staged for the dot.
+_SHARED = common.tile_shared_bytes(common.element_size("x_ptr"), 1, common.element_size("x_ptr"), converted_bytes=common.element_size("x_ptr"), b_k_fraction=0.5)
+_gemv_tuned = common.autotuned(_w4_gemv_kernel, _GEMV_CONFIGS, key=["BLOCK_M", "N", "K", "GROUP_SIZE"],
+                               shared_bytes=_SHARED)
+_gemm_tuned = common.autotuned(_w4_gemm_kernel, common.GEMM_CONFIGS + common.GEMM_CONFIGS_FP32,
+                               key=["m_bucket", "N", "K", "GROUP_SIZE"], shared_bytes=_SHARED,
+                               choose=common.gemm_choice())
 
 
 def linear_w4a16_reference(

@@ -199,7 +199,9 @@ _GPU_CONFIGS = [
 # largest tiles that keep the tests' few-row GEMMs to a handful of programs.
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 
-_scaled_mm_autotuned = common.autotuned(_scaled_mm_kernel, _GPU_CONFIGS, key=["m_bucket", "N", "K"])
+# Shared memory: 8-bit tiles as loaded, or the output tile in the epilogue (fp32 out at 128x256: 131,072 B).
+_scaled_mm_autotuned = common.autotuned(_scaled_mm_kernel, _GPU_CONFIGS, key=["m_bucket", "N", "K"],
+                                        shared_bytes=common.tile_shared_bytes(1, 1, common.element_size("out_ptr")))
 
 
 def _m_bucket(m) -> int:
