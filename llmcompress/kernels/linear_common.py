@@ -158,31 +158,69 @@ class Tuned:
         return self._autotuners[ids]
 
 
-# fp32 operands multiply with input_precision="ieee", which Triton runs as CUDA-core FMAs, not on tensor cores;
-# the tutorial tiles spill there (7-44 KB per thread at K = N = 4096 on sm_80 and sm_90, issue 12), so fp32 gets
-# tiles of its own.
+# fp32 operands multiply with input_precision="ieee", which Triton runs as CUDA-core FMAs, not on tensor cores:
+# the tutorial tiles above spill there (7-44 KB per thread, issue 12; 128x128x32 at 8 warps still 9.6-10 KB for the
+# weight-only GEMMs), so fp32 gets small tiles: these spill nothing in the weight-only and plain fused GEMMs on
+# sm_90 and sm_80 (M = 512, K = N = 4096, benchmarks/gpu_compile.py); the gated fused GEMM leaves out the few that
+# spill there (fused_linear._GATED_SPILLS).
 GEMM_CONFIGS_FP32 = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
     for bm, bn, bk, w, st in [
+        (16, 64, 32, 4, 3),
+        (32, 32, 32, 4, 3),
+        (32, 64, 16, 4, 3),
         (32, 64, 32, 4, 3),
-        (64, 64, 32, 4, 3),
-        (64, 64, 64, 4, 3),
-        (64, 128, 32, 4, 3),
-        (128, 64, 32, 4, 3),
-        (64, 128, 32, 8, 3),
-        (128, 128, 32, 8, 3),
+        (32, 64, 32, 8, 3),
     ]
 ]
 
 
-def gemm_choice(drop=None):
+def gemm_choice(spills=None):
     """A `Tuned` choose for the weight-only and fused GEMMs: `GEMM_CONFIGS_FP32` when x (`x_ptr`) is float32,
-    `GEMM_CONFIGS` otherwise, less those `drop(config, nargs, capability)` names."""
+    `GEMM_CONFIGS` otherwise, less the tiles that spill there (`spills`, see `spilling`)."""
     def choose(configs, nargs, capability):
         listed = GEMM_CONFIGS_FP32 if nargs["x_ptr"].dtype == torch.float32 else GEMM_CONFIGS
-        return [c for c in configs if any(c is x for x in listed) and not (drop and drop(c, nargs, capability))]
+        return [c for c in configs
+                if any(c is x for x in listed) and not (spills and spilling(spills, c, nargs, capability))]
 
     return choose
+
+
+# fp32 GEMV tiles at the tensor-core bucket (16 rows, an fp32 `tl.dot` on FMAs), where the 16-bit ones spill
+# (w4a16: all six, 112-4,468 B per thread; fused gated: 6 of 9, up to 4,768 B; sm_90, K = N = 4096): these spill
+# nothing in any GEMV on sm_90 and sm_80 (benchmarks/gpu_compile.py).
+GEMV_CONFIGS_FP32_DOT = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=3)
+    for bn, bk in [(8, 64), (8, 128), (16, 32), (16, 64), (32, 32)]
+]
+
+
+def gemv_choice(fp32_tensor_core_configs=GEMV_CONFIGS_FP32_DOT, spills=None):
+    """A `Tuned` choose for the GEMVs: for float32 x at the tensor-core row bucket (16 rows, where an fp32 `tl.dot`
+    runs on FMAs and the 16-bit tiles spill), `fp32_tensor_core_configs`; otherwise the rest; less the tiles that
+    spill there (`spills`, see `spilling`)."""
+    def choose(configs, nargs, capability):
+        fp32_dot = nargs["x_ptr"].dtype == torch.float32 and nargs["BLOCK_M"] >= GEMV_TENSOR_CORE_ROWS
+        return [c for c in configs
+                if any(c is x for x in fp32_tensor_core_configs) == fp32_dot
+                and not (spills and spilling(spills, c, nargs, capability))]
+
+    return choose
+
+
+def spill_key(nargs, capability) -> tuple:
+    """("sm_90" for Hopper and later, else "sm_80"; "fp32" or "16-bit" x): what `spills` tables are keyed by."""
+    return ("sm_90" if tuple(capability) >= (9, 0) else "sm_80",
+            "fp32" if nargs["x_ptr"].dtype == torch.float32 else "16-bit")
+
+
+def spilling(spills: dict, config, nargs, capability) -> bool:
+    """Whether the config's tile (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), BLOCK_M from the config or the launch (a
+    GEMV's row bucket), is among those `spills[spill_key(...)]` lists: tiles measured to spill registers there
+    (benchmarks/gpu_compile.py), which a launcher must not offer."""
+    kw = {**nargs, **config.kwargs}
+    tile = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps)
+    return tile in spills.get(spill_key(nargs, capability), ())
 
 
 def autotuned(kernel, configs, key, shared_bytes, choose=None) -> Tuned:

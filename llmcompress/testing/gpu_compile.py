@@ -311,10 +311,12 @@ def _run_index(i: int) -> dict:
     return _compile(_JOBS[i])
 
 
-def compile_rows(all_jobs: list[Job], jobs_in_parallel: int = 1, progress: bool = False) -> list[dict]:
+def compile_rows(all_jobs: list[Job], jobs_in_parallel: int = 1, progress: bool = False,
+                 checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Compile every job (each distinct specialization once, in `jobs_in_parallel` forked processes); one row
     per job, in order. A row is ok when it compiled, its shared memory fits the target's limit and is at most the
-    launcher's estimate (the estimate decides which configs are offered, so it must be an upper bound)."""
+    launcher's estimate (the estimate decides which configs are offered, so it must be an upper bound).
+    `checkpoint(rows)` gets the rows compiled so far every 25 compiles, so a cut run keeps them."""
     if common.INTERPRETED:
         raise RuntimeError("gpu_compile needs compiled Triton: run it without TRITON_INTERPRET=1")
     global _JOBS
@@ -323,7 +325,16 @@ def compile_rows(all_jobs: list[Job], jobs_in_parallel: int = 1, progress: bool 
     for i, key in enumerate(keys):
         first.setdefault(key, i)
     _JOBS = [all_jobs[i] for i in first.values()]
-    results = []
+    by_key: dict[str, dict] = {}
+    unique = list(first)
+
+    def done(i: int, res: dict) -> None:
+        by_key[unique[i]] = res
+        if progress:
+            _progress(i, len(_JOBS), _JOBS[i], res)
+        if checkpoint and (i + 1) % 25 == 0:
+            checkpoint(_rows(all_jobs, keys, by_key))
+
     with tempfile.TemporaryDirectory(prefix="llmcompress-gpu-compile-") as cache:
         # A fresh Triton cache: a cached kernel skips ptxas, whose log gives registers and spills.
         triton.knobs.cache.dir = cache
@@ -331,17 +342,18 @@ def compile_rows(all_jobs: list[Job], jobs_in_parallel: int = 1, progress: bool 
         if jobs_in_parallel > 1:
             with multiprocessing.get_context("fork").Pool(jobs_in_parallel) as pool:
                 for i, res in enumerate(pool.imap(_run_index, range(len(_JOBS)))):
-                    results.append(res)
-                    if progress:
-                        _progress(i, len(_JOBS), _JOBS[i], res)
+                    done(i, res)
         else:
             for i in range(len(_JOBS)):
-                results.append(_run_index(i))
-                if progress:
-                    _progress(i, len(_JOBS), _JOBS[i], results[-1])
-    by_key = dict(zip(first, results))
+                done(i, _run_index(i))
+    return _rows(all_jobs, keys, by_key)
+
+
+def _rows(all_jobs: list[Job], keys: list[str], by_key: dict[str, dict]) -> list[dict]:
     rows = []
     for job, key in zip(all_jobs, keys):
+        if key not in by_key:
+            continue
         row = {**_row_head(job.case, job.launch, job.config, job.target), "offered": job.offered}
         if job.shared_estimate is not None:
             row["shared_estimate"] = job.shared_estimate
@@ -424,20 +436,28 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown targets {unknown}; allowed: {sorted(TARGETS)}")
     start = time.perf_counter()
-    all_jobs, rows = jobs(cases(args.set == "full", tuple(args.families.split(",")), tuple(args.dtypes.split(","))),
-                          targets,
-                          pruned=args.set == "full")
+    all_jobs, skipped = jobs(cases(args.set == "full", tuple(args.families.split(",")), tuple(args.dtypes.split(","))),
+                             targets, pruned=args.set == "full")
     if args.set == "reduced":
         all_jobs = reduced_jobs(all_jobs)
-    rows += compile_rows(all_jobs, args.jobs, args.progress)
-    result = {"set": args.set, "targets": {t: {"capability": c, "shared_limit": s} for t, (c, s) in TARGETS.items()
-                                           if t in targets},
-              "environment": environment(), "compiles": len(all_jobs), "jobs": args.jobs,
-              "wall_s": round(time.perf_counter() - start, 1), "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    head = {"set": args.set, "command": " ".join(sys.argv),
+            "targets": {t: {"capability": c, "shared_limit": s} for t, (c, s) in TARGETS.items() if t in targets},
+            "environment": environment(), "jobs": args.jobs, "compiles": len({_key(j) for j in all_jobs})}
+
+    def write(rows: list[dict], complete: bool) -> None:
+        result = {**head, "complete": complete, "wall_s": round(time.perf_counter() - start, 1),
+                  "rows": skipped + rows}
+        tmp = f"{args.out}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, args.out)
+
+    rows = compile_rows(all_jobs, args.jobs, args.progress, checkpoint=lambda r: write(r, False))
+    write(rows, True)
+    rows = skipped + rows
     failed = [r for r in rows if not r["ok"]]
-    print(f"gpu_compile: {len(all_jobs)} compiles, {len(failed)} failed, {result['wall_s']} s", file=sys.stderr)
+    print(f"gpu_compile: {head['compiles']} compiles, {len(failed)} failed rows, "
+          f"{round(time.perf_counter() - start, 1)} s", file=sys.stderr)
     return 0
 
 
