@@ -384,6 +384,17 @@ def reduced_jobs(all_jobs: list[Job]) -> list[Job]:
     return list(best.values())
 
 
+def unsupported() -> str | None:
+    """Why this Triton cannot compile ahead of time here, or None: the launch binder used (`_specialize`) is
+    Triton 3.9's."""
+    from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401 - present since 3.3
+
+    if not hasattr(JITFunction, "_pack_args"):
+        return f"gpu_compile needs Triton 3.9's launch binder (JITFunction._pack_args); this is Triton " \
+               f"{triton.__version__}"
+    return None
+
+
 def run_reduced(families: str, folder: str | os.PathLike, timeout: float = 900) -> list[dict]:
     """The reduced set's rows for `families` ("kernels", "codegen"), compiled in a subprocess without
     TRITON_INTERPRET (the tests' process runs the interpreter; compiling needs no GPU). Runs this checkout's package:

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from llmcompress.testing.gpu_compile import REDUCED_GROUPS, check_row, run_reduced
+from llmcompress.testing.gpu_compile import REDUCED_GROUPS, check_row, run_reduced, unsupported
 
 pytestmark = pytest.mark.gpu_compile
 
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory) -> list[dict]:
+    if unsupported():
+        pytest.skip(unsupported())
     return run_reduced("codegen", tmp_path_factory.mktemp("gpu_compile"))
 
 
