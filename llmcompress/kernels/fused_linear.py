@@ -266,8 +266,18 @@ def _shared_bytes(config, nargs) -> int:
                                     b_tiles=2 if nargs["GATED"] else 1)(config, nargs)
 
 
+# Gated GEMV tiles (row bucket, BLOCK_N, BLOCK_K, num_warps) that spill: bf16 at one row on sm_90, 8 B each.
+_GATED_GEMV_SPILLS = {("sm_90", "16-bit"): {(1, 8, 512, 4), (1, 16, 512, 8)}}
+_gated_gemv_choice = common.gemv_choice(spills=_GATED_GEMV_SPILLS)
+_plain_gemv_choice = common.gemv_choice()
+
+
+def _gemv_choice(configs, nargs, capability):
+    return (_gated_gemv_choice if nargs["GATED"] else _plain_gemv_choice)(configs, nargs, capability)
+
+
 _gemv_tuned = common.autotuned(_fused_gemv_kernel, _GEMV_CONFIGS + common.GEMV_CONFIGS_FP32_DOT,
-                               key=["BLOCK_M", "N", "K"], shared_bytes=_shared_bytes, choose=common.gemv_choice())
+                               key=["BLOCK_M", "N", "K"], shared_bytes=_shared_bytes, choose=_gemv_choice)
 _gemm_tuned = common.autotuned(_fused_gemm_kernel, common.GEMM_CONFIGS + common.GEMM_CONFIGS_FP32,
                                key=["m_bucket", "N", "K"], shared_bytes=_shared_bytes, choose=_gemm_choice)
 

@@ -200,10 +200,11 @@ _GPU_CONFIGS = [
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 
 # Shared memory: 8-bit tiles as loaded, or the output tile in the epilogue (fp32 out at 128x256: 131,072 B).
-# 128x256 spills on sm_80 (8,064 B per thread with bf16 output, 8,668 B with fp32, M = 512, K = N = 4096), and on
-# sm_90 with an fp32 output at M = 3 (264 B): offered on Hopper for 16-bit outputs only (benchmarks/gpu_compile.py).
+# 128x256 spills on sm_80 (int8: 8,064 B per thread with a bf16 output, 8,668 B with fp32, M = 512, K = N = 4096)
+# and with fp8 operands on sm_90 (208-264 B at M = 1 ... 512): offered for int8 on Hopper only
+# (benchmarks/gpu_compile.py).
 def _scaled_mm_choice(configs, nargs, capability):
-    spills = tuple(capability) < (9, 0) or nargs["out_ptr"].dtype == torch.float32
+    spills = tuple(capability) < (9, 0) or nargs["a_ptr"].dtype != torch.int8
     return [c for c in configs if not (spills and c.kwargs["BLOCK_N"] == 256)]
 
 
