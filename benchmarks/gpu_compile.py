@@ -44,7 +44,8 @@ def summary(rows: list[dict]) -> str:
         t["failed"] += not r["ok"]
         t["spilling"] += r.get("spill_stores", 0) > 0
         t["shared"] = max(t["shared"], r.get("shared", 0))
-    lines = ["| kernel | target | compiled | failed | spilling | pruned | max shared B |", "|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | target | compiled | failed | spilling | pruned | max shared B |",
+             "|---|---|---|---|---|---|---|"]
     for (kernel, target), t in sorted(table.items()):
         lines.append(f"| {kernel} | {target} | {t['compiles']} | {t['failed']} | {t['spilling']} | {t['pruned']} | "
                      f"{t['shared']} |")

@@ -262,7 +262,8 @@ def _gemm_choice(configs, nargs, capability):
 
 def _shared_bytes(config, nargs) -> int:
     """Upper bound of shared memory: x and one weight tile per half (gate, up) per stage, or the output tile."""
-    return common.tile_shared_bytes(common.element_size("x_ptr"), common.element_size("x_ptr"), common.element_size("out_ptr"),
+    x_bytes = common.element_size("x_ptr")
+    return common.tile_shared_bytes(x_bytes, x_bytes, common.element_size("out_ptr"),
                                     b_tiles=2 if nargs["GATED"] else 1)(config, nargs)
 
 
