@@ -283,16 +283,20 @@ def _specialize(job: Job) -> tuple:
 
 
 def _key(job: Job) -> str:
-    _, src, options = _specialize(job)
+    """What identifies the compile; a launch Triton's binder refuses (bad options) keys its error instead."""
+    try:
+        _, src, options = _specialize(job)
+    except Exception as e:  # noqa: BLE001 - becomes a failing row
+        return f"error: {type(e).__name__}: {str(e)[:2000]}"
     return repr((src.hash(), job.target, sorted(options.__dict__.items())))
 
 
 def _compile(job: Job) -> dict:
     """Compile one job to cubin; registers and spills from ptxas's log, shared memory from the metadata."""
-    target, src, options = _specialize(job)
     log = io.StringIO()
     start = time.perf_counter()
     try:
+        target, src, options = _specialize(job)
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(src, target=target, options=options.__dict__)
     except Exception as e:  # noqa: BLE001 - every compile error becomes a failing row with its message
