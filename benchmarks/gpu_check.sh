@@ -10,6 +10,8 @@
 #
 #   part                  what                                                                  estimate
 #   tests                 kernel, codegen and fusion tests natively, CUDA model tests           ~3-4 min
+#   compile               ahead-of-time compiles for sm_90/sm_80 (no GPU used; the machine's cores make the full
+#                         set quick): the gpu_compile tests, then benchmarks/gpu_compile.py --jobs 14   ~3-5 min
 #   costmodel             llmcompress calibrate + validate_cost_model.py decode                 ~4-6 min
 #   backend-forward       run_backend.py decode step: inductor-cudagraphs, llmcompress-cudagraphs,
 #                         llmcompress-triton-cudagraphs (build ~15 s, 3 compiles of ~1-1.5 min)  ~4-5 min
@@ -31,7 +33,7 @@ out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
-PARTS=(tests costmodel backend-forward backend-prefill backend-generate fusion quant-kernels quant-model-forward
+PARTS=(tests compile costmodel backend-forward backend-prefill backend-generate fusion quant-kernels quant-model-forward
        quant-model-generate quant-gptq)
 BACKEND_CONFIGS=inductor-cudagraphs,llmcompress-cudagraphs,llmcompress-triton-cudagraphs
 
@@ -51,10 +53,18 @@ run_part() {
     tests)
       # Natively on the GPU: the Triton kernels and the code generator's output, the fusion passes, and the model
       # tests that need CUDA (the rest of the suite runs on the CPU CI).
-      timeout 420 python -m pytest -q tests/kernels tests/codegen tests/passes/fusion 2>&1 \
+      # (the gpu_compile tests compile for sm_90/sm_80 without running anything: part `compile` runs them)
+      timeout 420 python -m pytest -q -m "not gpu_compile" tests/kernels tests/codegen tests/passes/fusion 2>&1 \
         | tee "$out/gpu_tests_kernels.log" | tail -15
       timeout 120 python -m pytest -q tests/models tests/backend -k "cuda or triton" 2>&1 \
         | tee "$out/gpu_tests_models.log" | tail -8 ;;
+    compile)
+      # The tier CPU CI runs (one config per kernel, dtype and target), then every config and shape; a compile
+      # error, shared memory over the limit or the launcher's estimate, or a spill fails the tests.
+      timeout 240 python -m pytest -q -m gpu_compile tests/kernels/test_gpu_compile.py tests/codegen/test_gpu_compile.py \
+        2>&1 | tee "$out/gpu_compile_tests.log" | tail -8
+      timeout 300 python benchmarks/gpu_compile.py --jobs 14 --out "$out/gpu_compile.json" 2>&1 \
+        | tee "$out/gpu_compile.log" | tail -40 ;;
     costmodel)
       timeout 240 llmcompress calibrate 2>&1 | tail -20
       cp llmcompress/cost/profiles/*.json "$out/" 2>/dev/null

@@ -197,12 +197,24 @@ class FusedKernel:
                 warnings.warn(f"fused kernel {self.key} ({self.name}): {plan.fallback}; running its aten reference",
                               stacklevel=2)
             return [_fresh(o) for o in self.reference(*tensors)]
-        outs = [torch.empty_strided(s, st, dtype=val(x).dtype, device=device)
-                for s, st, x in zip(plan.out_shapes, plan.out_strides, self.outputs)]
+        outs = self._outputs(plan, device)
         if plan.fallback == "empty":
             return outs
         self.module.fused_kernel[plan.grid](*tensors, *outs, *plan.ints, **plan.blocks)
         return outs
+
+    def _outputs(self, plan: Plan, device: torch.device) -> list[torch.Tensor]:
+        return [torch.empty_strided(s, st, dtype=val(x).dtype, device=device)
+                for s, st, x in zip(plan.out_shapes, plan.out_strides, self.outputs)]
+
+    def launch_args(self, tensors: list[torch.Tensor]) -> tuple:
+        """(kernel, grid, args, meta-parameters) of the launch `run` makes on these inputs, outputs allocated on
+        their device (meta tensors too): what testing/gpu_compile.py compiles ahead of time."""
+        plan = self.plan(tensors)
+        if plan.fallback:
+            raise ValueError(f"fused kernel {self.key}: no kernel launch on these inputs ({plan.fallback})")
+        outs = self._outputs(plan, tensors[0].device)
+        return self.module.fused_kernel, plan.grid, (*tensors, *outs, *plan.ints), dict(plan.blocks)
 
     def fake(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """What the op returns, on fake (or meta) tensors: fresh tensors in the layout of aten's results. Inputs the

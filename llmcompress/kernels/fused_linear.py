@@ -242,8 +242,45 @@ _GEMV_CONFIGS = [
 _GEMV_INTERP = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4}
 _GEMM_INTERP = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4}
 
-_gemv_tuned = common.autotuned(_fused_gemv_kernel, _GEMV_CONFIGS, key=["BLOCK_M", "N", "K"])
-_gemm_tuned = common.autotuned(_fused_gemm_kernel, common.GEMM_CONFIGS, key=["m_bucket", "N", "K"])
+
+# Gated tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) that spill registers (two accumulators), in bytes per thread
+# (ptxas, M = 512, K = N = 4096, benchmarks/gpu_compile.py); 128x256 spilled ~2.5 KB in bf16 (issue 12) and its
+# shared memory (229,376 B compiled on sm_90) is over the estimate's limit anyway.
+_GATED_SPILLS = {
+    ("sm_90", "16-bit"): {(128, 64, 64, 4), (128, 256, 64, 8)},  # bf16 40 B; ~2.5 KB
+    ("sm_80", "16-bit"): {(64, 128, 64, 4), (128, 64, 64, 4), (128, 128, 64, 8), (128, 256, 64, 8)},  # 52, 88, 152 B
+    ("sm_90", "fp32"): {(32, 64, 32, 4)},  # 16 B
+    ("sm_80", "fp32"): {(16, 64, 32, 4), (32, 64, 32, 8)},  # 4, 8 B
+}
+_gated_choice = common.gemm_choice(_GATED_SPILLS)
+_plain_choice = common.gemm_choice()
+
+
+def _gemm_choice(configs, nargs, capability):
+    return (_gated_choice if nargs["GATED"] else _plain_choice)(configs, nargs, capability)
+
+
+def _shared_bytes(config, nargs) -> int:
+    """Upper bound of shared memory: x and one weight tile per half (gate, up) per stage, or the output tile."""
+    x_bytes = common.element_size("x_ptr")
+    return common.tile_shared_bytes(x_bytes, x_bytes, common.element_size("out_ptr"),
+                                    b_tiles=2 if nargs["GATED"] else 1)(config, nargs)
+
+
+# Gated GEMV tiles (row bucket, BLOCK_N, BLOCK_K, num_warps) that spill: bf16 at one row on sm_90, 8 B each.
+_GATED_GEMV_SPILLS = {("sm_90", "16-bit"): {(1, 8, 512, 4), (1, 16, 512, 8)}}
+_gated_gemv_choice = common.gemv_choice(spills=_GATED_GEMV_SPILLS)
+_plain_gemv_choice = common.gemv_choice()
+
+
+def _gemv_choice(configs, nargs, capability):
+    return (_gated_gemv_choice if nargs["GATED"] else _plain_gemv_choice)(configs, nargs, capability)
+
+
+_gemv_tuned = common.autotuned(_fused_gemv_kernel, _GEMV_CONFIGS + common.GEMV_CONFIGS_FP32_DOT,
+                               key=["BLOCK_M", "N", "K"], shared_bytes=_shared_bytes, choose=_gemv_choice)
+_gemm_tuned = common.autotuned(_fused_gemm_kernel, common.GEMM_CONFIGS + common.GEMM_CONFIGS_FP32,
+                               key=["m_bucket", "N", "K"], shared_bytes=_shared_bytes, choose=_gemm_choice)
 
 
 def fused_linear_reference(

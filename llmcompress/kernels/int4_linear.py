@@ -240,8 +240,25 @@ _GEMM_INTERP = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4, "num_
 # Memory-bound elementwise: one config everywhere.
 _DEQUANT_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
 
-_gemv_tuned = common.autotuned(_w4_gemv_kernel, _GEMV_CONFIGS, key=["BLOCK_M", "N", "K", "GROUP_SIZE"])
-_gemm_tuned = common.autotuned(_w4_gemm_kernel, common.GEMM_CONFIGS, key=["m_bucket", "N", "K", "GROUP_SIZE"])
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) that spill registers, in bytes per thread (ptxas, M = 512,
+# K = N = 4096, benchmarks/gpu_compile.py): left out where they spill.
+_SPILLS = {
+    ("sm_90", "16-bit"): {(128, 64, 64, 4)},  # bf16 20 B
+    ("sm_80", "16-bit"): {(128, 64, 64, 4), (128, 128, 64, 8), (128, 256, 64, 8)},  # bf16 16, 136, 308 B
+}
+# Shared memory: the packed weight tile (BLOCK_K / 2 bytes per output) as loaded, plus its conversion to x's
+# dtype staged for the dot (sm_90 bf16 128x256x64, 3 stages: 65,536 B compiled, 106,496 estimated).
+_X_BYTES = common.element_size("x_ptr")
+_SHARED = common.tile_shared_bytes(_X_BYTES, 1, _X_BYTES, converted_bytes=_X_BYTES, b_k_fraction=0.5)
+# GEMV tiles (row bucket, BLOCK_N, BLOCK_K, num_warps) that spill: fp32 at 3 rows (bucket 4), 32x256: 28 B on sm_90
+# (left out on sm_80 too, not measured there).
+_GEMV_SPILLS = {(arch, "fp32"): {(4, 32, 256, 4)} for arch in ("sm_90", "sm_80")}
+_gemv_tuned = common.autotuned(_w4_gemv_kernel, _GEMV_CONFIGS + common.GEMV_CONFIGS_FP32_DOT,
+                               key=["BLOCK_M", "N", "K", "GROUP_SIZE"], shared_bytes=_SHARED,
+                               choose=common.gemv_choice(spills=_GEMV_SPILLS))
+_gemm_tuned = common.autotuned(_w4_gemm_kernel, common.GEMM_CONFIGS + common.GEMM_CONFIGS_FP32,
+                               key=["m_bucket", "N", "K", "GROUP_SIZE"], shared_bytes=_SHARED,
+                               choose=common.gemm_choice(_SPILLS))
 
 
 def linear_w4a16_reference(

@@ -179,8 +179,23 @@ _GEMM_INTERP = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_
 # Memory-bound elementwise: one config everywhere.
 _DEQUANT_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
 
-_gemv_tuned = common.autotuned(_w8_gemv_kernel, _GEMV_CONFIGS, key=["BLOCK_M", "N", "K"])
-_gemm_tuned = common.autotuned(_w8_gemm_kernel, common.GEMM_CONFIGS, key=["m_bucket", "N", "K"])
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) that spill registers, in bytes per thread (ptxas, M = 512,
+# K = N = 4096, benchmarks/gpu_compile.py): left out where they spill.
+_SPILLS = {
+    ("sm_80", "16-bit"): {(64, 128, 64, 4), (128, 256, 64, 8)},  # bf16 16 B; bf16 8 B, fp16 60 B
+}
+# Shared memory: the int8 weight tile as loaded, plus its conversion to x's dtype staged for the dot (sm_90 bf16
+# 128x256x64, 3 stages: 114,688 B compiled, 131,072 estimated).
+_X_BYTES = common.element_size("x_ptr")
+_SHARED = common.tile_shared_bytes(_X_BYTES, 1, _X_BYTES, converted_bytes=_X_BYTES)
+# GEMV tiles (row bucket, BLOCK_N, BLOCK_K, num_warps) that spill at 3 rows (bucket 4): 64x128 holds 4 x 64 x 128
+# products, bf16 156 B (sm_90) and 144 B (sm_80), fp32 136 B (sm_90).
+_GEMV_SPILLS = {(arch, precision): {(4, 64, 128, 4)} for arch in ("sm_90", "sm_80") for precision in ("16-bit", "fp32")}
+_gemv_tuned = common.autotuned(_w8_gemv_kernel, _GEMV_CONFIGS + common.GEMV_CONFIGS_FP32_DOT,
+                               key=["BLOCK_M", "N", "K"], shared_bytes=_SHARED,
+                               choose=common.gemv_choice(spills=_GEMV_SPILLS))
+_gemm_tuned = common.autotuned(_w8_gemm_kernel, common.GEMM_CONFIGS + common.GEMM_CONFIGS_FP32,
+                               key=["m_bucket", "N", "K"], shared_bytes=_SHARED, choose=common.gemm_choice(_SPILLS))
 
 
 def linear_w8a16_reference(

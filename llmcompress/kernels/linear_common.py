@@ -3,7 +3,9 @@
 Each kernel file still holds its own kernels, launchers, reference and op; this module has only the pieces that are
 the same logic in several of them:
 - Triton helpers called from their kernels: `dot_fp32`, `grouped_pid`, `store_output`;
-- launching: `INTERPRETED`, `autotuned`, `launch`, `wrap`, and the tutorial GEMM configs `GEMM_CONFIGS`;
+- launching: `INTERPRETED`, `autotuned` (configs offered per device: those whose shared memory fits,
+  `Tuned`, `tile_shared_bytes`, `shared_memory_limit`), `launch`, `wrap`, `record_launches` (launches recorded
+  instead of run, for compiling ahead of time), and the tutorial GEMM configs `GEMM_CONFIGS`;
 - the weight-only linears' kernel by M: `DENSE_OFF`, `GEMV_MAX_M`, `gemv_bucket`, `gemv_on_tensor_cores`,
   `gemm_bucket`, `run_by_rows` (which M goes where is priced in `kernel_path.py`); their references' shared fp32
   math, `weight_only_linear_reference`;
@@ -19,6 +21,8 @@ looking up the kernel's global names and pasting each helper's source under its 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -96,25 +100,226 @@ GEMM_CONFIGS = [
 ]
 
 
-def autotuned(kernel, configs, key):
-    """`triton.autotune(configs, key=key)(kernel)`, or None under the interpreter (where `launch` runs `kernel`
-    with one fixed config instead)."""
-    return None if INTERPRETED else triton.autotune(configs, key=key)(kernel)
+# Shared memory one block may opt in to, by compute capability (CUDA C++ Programming Guide, "Technical
+# Specifications per Compute Capability"): a config above it cannot launch. Used where the device does not say
+# (`shared_memory_limit`) and for compiling ahead of time (testing/gpu_compile.py).
+SHARED_MEMORY_LIMITS = {(8, 0): 166_912, (8, 6): 101_376, (8, 7): 166_912, (8, 9): 101_376, (9, 0): 232_448}
+
+
+def shared_memory_limit(device) -> int:
+    """Bytes of shared memory one block of a kernel may use on `device` (a CUDA device)."""
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if limit:
+        return int(limit)
+    capability = (props.major, props.minor)
+    if capability not in SHARED_MEMORY_LIMITS:
+        raise ValueError(f"no shared-memory limit known for compute capability {capability}; known: "
+                         f"{sorted(SHARED_MEMORY_LIMITS)}")
+    return SHARED_MEMORY_LIMITS[capability]
+
+
+class Tuned:
+    """A kernel's autotuning configs, offered per device: `candidates(nargs, capability)` (all `configs` unless
+    `choose` narrows them for the arguments and GPU: tiles that spill there are left out), less those whose
+    shared memory exceeds the device's per-block limit; one `triton.autotune` per such set (the autotuner would
+    skip a config that fails to launch, but a launcher must never offer it).
+
+    shared_bytes(config, nargs) -> an upper bound of the config's shared memory in bytes, given the kernel's
+    arguments and constexprs by name; checked against compiled kernels by the `gpu_compile` tests.
+    """
+
+    def __init__(self, kernel, configs, key, shared_bytes, choose=None) -> None:
+        self.kernel = kernel
+        self.configs = list(configs)
+        self.key = key
+        self.shared_bytes = shared_bytes
+        self.choose = choose
+        self._autotuners: dict[tuple, object] = {}
+
+    def candidates(self, nargs: dict, capability: tuple) -> list:
+        return list(self.choose(self.configs, nargs, capability)) if self.choose else list(self.configs)
+
+    def configs_for(self, capability: tuple, limit: int, nargs: dict) -> list:
+        """The configs offered on a GPU of `capability` where a block may use `limit` bytes of shared memory."""
+        candidates = self.candidates(nargs, capability)
+        fits = [c for c in candidates if self.shared_bytes(c, nargs) <= limit]
+        if not fits:
+            raise ValueError(f"{self.kernel.__name__}: no config fits {limit} bytes of shared memory per block "
+                             f"(the smallest needs {min(self.shared_bytes(c, nargs) for c in candidates)})")
+        return fits
+
+    def autotuner(self, device, nargs: dict):
+        props = torch.cuda.get_device_properties(device)
+        fits = self.configs_for((props.major, props.minor), shared_memory_limit(device), nargs)
+        ids = tuple(self.configs.index(c) for c in fits)
+        if ids not in self._autotuners:
+            self._autotuners[ids] = triton.autotune(fits, key=self.key)(self.kernel)
+        return self._autotuners[ids]
+
+
+# fp32 operands multiply with input_precision="ieee", which Triton runs as CUDA-core FMAs, not on tensor cores:
+# the tutorial tiles above spill there (7-44 KB per thread, issue 12; 128x128x32 at 8 warps still 9.6-10 KB for the
+# weight-only GEMMs), so fp32 gets small tiles: these spill nothing in the weight-only and plain fused GEMMs on
+# sm_90 and sm_80 (M = 512, K = N = 4096, benchmarks/gpu_compile.py); the gated fused GEMM leaves out the few that
+# spill there (fused_linear._GATED_SPILLS).
+GEMM_CONFIGS_FP32 = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
+    for bm, bn, bk, w, st in [
+        (16, 64, 32, 4, 3),
+        (32, 32, 32, 4, 3),
+        (32, 64, 16, 4, 3),
+        (32, 64, 32, 4, 3),
+        (32, 64, 32, 8, 3),
+    ]
+]
+
+
+def gemm_choice(spills=None):
+    """A `Tuned` choose for the weight-only and fused GEMMs: `GEMM_CONFIGS_FP32` when x (`x_ptr`) is float32,
+    `GEMM_CONFIGS` otherwise, less the tiles that spill there (`spills`, see `spilling`)."""
+    def choose(configs, nargs, capability):
+        listed = GEMM_CONFIGS_FP32 if nargs["x_ptr"].dtype == torch.float32 else GEMM_CONFIGS
+        return [c for c in configs
+                if any(c is x for x in listed) and not (spills and spilling(spills, c, nargs, capability))]
+
+    return choose
+
+
+# fp32 GEMV tiles at the tensor-core bucket (16 rows, an fp32 `tl.dot` on FMAs), where the 16-bit ones spill
+# (w4a16: all six, 112-4,468 B per thread; fused gated: 6 of 9, up to 4,768 B; sm_90, K = N = 4096): these spill
+# nothing in any GEMV on sm_90 and sm_80 (benchmarks/gpu_compile.py).
+GEMV_CONFIGS_FP32_DOT = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=3)
+    for bn, bk in [(8, 64), (8, 128), (16, 32), (16, 64), (32, 32)]
+]
+
+
+def gemv_choice(fp32_tensor_core_configs=GEMV_CONFIGS_FP32_DOT, spills=None):
+    """A `Tuned` choose for the GEMVs: for float32 x at the tensor-core row bucket (16 rows, where an fp32 `tl.dot`
+    runs on FMAs and the 16-bit tiles spill), `fp32_tensor_core_configs`; otherwise the rest; less the tiles that
+    spill there (`spills`, see `spilling`)."""
+    def choose(configs, nargs, capability):
+        fp32_dot = nargs["x_ptr"].dtype == torch.float32 and nargs["BLOCK_M"] >= GEMV_TENSOR_CORE_ROWS
+        return [c for c in configs
+                if any(c is x for x in fp32_tensor_core_configs) == fp32_dot
+                and not (spills and spilling(spills, c, nargs, capability))]
+
+    return choose
+
+
+def spill_key(nargs, capability) -> tuple:
+    """("sm_90" for Hopper and later, else "sm_80"; "fp32" or "16-bit" x): what `spills` tables are keyed by."""
+    return ("sm_90" if tuple(capability) >= (9, 0) else "sm_80",
+            "fp32" if nargs["x_ptr"].dtype == torch.float32 else "16-bit")
+
+
+def spilling(spills: dict, config, nargs, capability) -> bool:
+    """Whether the config's tile (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), BLOCK_M from the config or the launch (a
+    GEMV's row bucket), is among those `spills[spill_key(...)]` lists: tiles measured to spill registers there
+    (benchmarks/gpu_compile.py), which a launcher must not offer."""
+    kw = {**nargs, **config.kwargs}
+    tile = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps)
+    return tile in spills.get(spill_key(nargs, capability), ())
+
+
+def autotuned(kernel, configs, key, shared_bytes, choose=None) -> Tuned:
+    """The kernel's configs, autotuned on `key` among those offered on the device (`Tuned`); under the
+    interpreter `launch` runs `kernel` with one fixed config instead."""
+    return Tuned(kernel, configs, key, shared_bytes, choose)
+
+
+def _size(v, nargs) -> int:
+    return v(nargs) if callable(v) else v
+
+
+def element_size(name):
+    """A callable of the named arguments: the element size of tensor argument `name`."""
+    return lambda nargs: nargs[name].element_size()
+
+
+def tile_shared_bytes(a_bytes, b_bytes, out_bytes, b_tiles=1, converted_bytes=0, b_k_fraction=1):
+    """shared_bytes (see `Tuned`) of a K loop over a (BLOCK_M, BLOCK_K) x tile and `b_tiles` (BLOCK_K, BLOCK_N)
+    weight tiles: num_stages buffers of each as loaded (a_bytes, b_bytes per element; the weight's BLOCK_K times
+    `b_k_fraction`: 1/2 for packed int4), plus a weight tile converted in registers and staged once more for the
+    dot (converted_bytes per element); or the epilogue's (BLOCK_M, BLOCK_N) output tile (out_bytes) when larger,
+    as Triton reuses the pipeline's buffers for it (fp32 `_scaled_mm` at 128x256: 131,072 B, the output tile).
+    Element sizes are numbers or callables of the named arguments; BLOCK_M comes from the config or the launch
+    (the GEMVs' row bucket)."""
+    def shared_bytes(config, nargs) -> int:
+        kw = {**nargs, **config.kwargs}
+        bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+        stages = max(config.num_stages, 1)
+        a = bm * bk * _size(a_bytes, nargs)
+        b = int(bk * b_k_fraction) * bn * _size(b_bytes, nargs) * b_tiles
+        pipeline = stages * (a + b) + bk * bn * _size(converted_bytes, nargs) * b_tiles
+        return max(pipeline, bm * bn * _size(out_bytes, nargs))
+
+    return shared_bytes
 
 
 def launch(kernel, tuned, grid, args, interp_config, **constexprs) -> None:
-    """Launch `tuned` (autotuned, through wrap_triton so Inductor sees it) or, under the interpreter, `kernel`
-    with `interp_config`; `grid(meta)` sees the config's block sizes either way."""
-    if tuned is None:
+    """Launch `kernel` autotuned over `tuned`'s configs that fit the device (through wrap_triton so Inductor
+    sees it) or, under the interpreter, with `interp_config`; `grid(meta)` sees the config's block sizes either
+    way. Inside `record_launches()` the launch is recorded instead."""
+    if _recorded is not None:
+        _recorded.append(Launch(kernel, grid, tuple(args), dict(constexprs), tuned, None))
+    elif INTERPRETED:
         meta = {**interp_config, **constexprs}
         kernel[grid(meta)](*args, **meta)
     else:
-        wrap_triton(tuned)[grid](*args, **constexprs)
+        nargs = {**dict(zip(kernel.arg_names, args)), **constexprs}
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        wrap_triton(tuned.autotuner(device, nargs))[grid](*args, **constexprs)
 
 
 def wrap(kernel):
-    """`kernel` ready to launch without autotuning: through wrap_triton, or as it is under the interpreter."""
+    """`kernel` ready to launch without autotuning: through wrap_triton, or as it is under the interpreter; inside
+    `record_launches()`, a stand-in that records the launch."""
+    if _recorded is not None:
+        return _Recorder(kernel)
     return kernel if INTERPRETED else wrap_triton(kernel)
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch as a launcher made it: the @triton.jit kernel, its grid (a tuple, or a callable of the
+    config's meta-parameters), positional args, keyword constexprs and launch options, and the autotuning configs
+    (`Tuned`) or, for a fixed launch, None."""
+
+    kernel: object
+    grid: object
+    args: tuple
+    constexprs: dict
+    tuned: Tuned | None
+    fixed: dict | None
+
+
+class _Recorder:
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            _recorded.append(Launch(self.kernel, grid, args, kwargs, None, kwargs))
+
+        return record
+
+
+_recorded: list | None = None
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Within it, the launchers record their kernel launches (into the yielded list) instead of running them:
+    with meta tensors a launcher then checks its inputs and picks its kernels and configs as on a GPU, without
+    one, and `testing/gpu_compile.py` compiles each recorded launch ahead of time."""
+    global _recorded
+    previous, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = previous
 
 
 # The GEMVs multiply on tensor cores (tl.dot) from this many padded rows on (their `if BLOCK_M >= 16`), with fp32

@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 from triton.runtime.jit import JITFunction
 
 from llmcompress.cost.roofline import io_bytes, numel, register_cost
+from llmcompress.kernels import linear_common as common
 
 __all__ = ["rms_norm_reference", "rms_norm_triton"]
 
@@ -142,8 +143,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     out2d = out.view(-1, n)
 
     block_n = triton.next_power_of_2(n)
-    kernel = wrap_triton(_rms_norm_kernel) if compiled else _rms_norm_kernel
-    kernel[(x2d.shape[0],)](
+    common.wrap(_rms_norm_kernel)[(x2d.shape[0],)](
         x2d,
         weight,
         out2d,

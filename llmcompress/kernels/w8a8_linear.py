@@ -199,7 +199,18 @@ _GPU_CONFIGS = [
 # largest tiles that keep the tests' few-row GEMMs to a handful of programs.
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 
-_scaled_mm_autotuned = common.autotuned(_scaled_mm_kernel, _GPU_CONFIGS, key=["m_bucket", "N", "K"])
+# Shared memory: 8-bit tiles as loaded, or the output tile in the epilogue (fp32 out at 128x256: 131,072 B).
+# 128x256 spills on sm_80 (int8: 8,064 B per thread with a bf16 output, 8,668 B with fp32, M = 512, K = N = 4096)
+# and with fp8 operands on sm_90 (208-264 B at M = 1 ... 512): offered for int8 on Hopper only
+# (benchmarks/gpu_compile.py).
+def _scaled_mm_choice(configs, nargs, capability):
+    spills = tuple(capability) < (9, 0) or nargs["a_ptr"].dtype != torch.int8
+    return [c for c in configs if not (spills and c.kwargs["BLOCK_N"] == 256)]
+
+
+_scaled_mm_autotuned = common.autotuned(_scaled_mm_kernel, _GPU_CONFIGS, key=["m_bucket", "N", "K"],
+                                        shared_bytes=common.tile_shared_bytes(1, 1, common.element_size("out_ptr")),
+                                        choose=_scaled_mm_choice)
 
 
 def _m_bucket(m) -> int:
