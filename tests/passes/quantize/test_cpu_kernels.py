@@ -153,3 +153,24 @@ def test_release_weights_leaves_only_the_packed_copy(scheme, monkeypatch):
     expected = sum(n * k + 4 * n for n, k in shapes) if scheme == "w8a16" else \
         sum(n * k // 2 + (k // 32) * n * 2 * 4 for n, k in shapes)
     assert packed_bytes == expected and expected < dense_bytes * (0.27 if scheme == "w8a16" else 0.19)
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "w4a16"])
+def test_a_later_graph_reuses_the_packed_weights_after_release(scheme):
+    """generate's prefill graph, then its decode graph: the originals were released by the first compile, and the
+    second quantizes from the cached packed tensors (its shapes from the graph) instead of failing."""
+    model = tiny_model("llama")
+    reference = _fake_quant(tiny_model("llama"), scheme)
+    options = {"passes": {"canonicalize": {}, "quantize-linear": {"scheme": scheme, "group_size": 32,
+                                                                    "embedding": "int8"}},
+               "lowering": "eager", "release_weights": True, "strict": True}
+    compiled, seen = _compile(model, options)
+    with torch.no_grad():
+        compiled(example_ids(seq=11))
+        assert is_released(model.model.layers[0].mlp.up_proj.weight)
+        out = main_output(compiled(example_ids(seq=3)))  # a new static shape: a second graph
+        table = reference.get_input_embeddings().weight
+        table.data = formats.dequantize_int8(*formats.quantize_int8_per_channel(table.data))
+        expected = main_output(reference(example_ids(seq=3)))
+    assert len(seen) == 2 and _count(seen[1][0], CPU_OPS[scheme]) == 14
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
