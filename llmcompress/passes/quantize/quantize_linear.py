@@ -274,15 +274,15 @@ class QuantizeLinearPass(Pass):
                 skip(node, name, f"activation dtype {x.dtype}: quantized linears take float16/bfloat16/float32",
                      warn=True)
                 continue
-            try:
-                with unset_fake_temporarily():
+            with unset_fake_temporarily():
+                try:
                     value = ctx.weights.value(w_node)
-            except WeightReleasedError:
-                # Released by an earlier graph's compile (release_weights): its shape is all this graph needs while
-                # the derived-weight cache holds the layer's quantized tensors (a prefill graph, then decode's);
-                # `derive` raises this error again on a miss.
-                value = w_node.meta["val"]
-            weight = value.transpose(-2, -1) if grouped else value  # grouped ops take (E, K, N)
+                except WeightReleasedError:
+                    # Released by an earlier graph's compile (release_weights): its shape is all this graph needs
+                    # while the derived-weight cache holds the layer's quantized tensors (a prefill graph, then
+                    # decode's); `derive` raises this error again on a miss.
+                    value = w_node.meta["val"]
+                weight = value.transpose(-2, -1) if grouped else value  # grouped ops take (E, K, N)
             k = weight.shape[-1]
             if grouped and layer.scheme not in ("w4a16", "w8a16"):
                 skip(node, name, f"3-D expert weights: scheme {layer.scheme} has no grouped kernel (w4a16 and "

@@ -165,9 +165,22 @@ def test_gptq_beats_round_to_nearest_on_the_logits(tmp_path):
 
 
 def _quantized_codes(gm, ctx) -> dict[str, torch.Tensor]:
-    """Layer name -> the packed int4 codes a graph's linear_w4a16 ops read."""
-    return {n.meta["llmcompress.linear"]: ctx.weights.value(n.args[1]) for n in gm.graph.nodes
-            if n.target is torch.ops.llmcompress.linear_w4a16.default}
+    """Layer name -> the int4 codes (packed as `formats.pack_int4`) a graph's linear_w4a16 ops read, or its
+    linear_w4a16_cpu ops (unpacked from torch's CPU layout)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from llmcompress.formats import cpu_packed
+
+    codes = {}
+    for n in gm.graph.nodes:
+        if n.target is torch.ops.llmcompress.linear_w4a16.default:
+            codes[n.meta["llmcompress.linear"]] = ctx.weights.value(n.args[1])
+        elif n.target is torch.ops.llmcompress.linear_w4a16_cpu.default:
+            packed = ctx.weights.value(n.args[1])
+            with unset_fake_temporarily():  # the hook runs in the graph's fake mode
+                unpacked = cpu_packed.unpack_int4_for_cpu(packed, packed.shape[0], packed.shape[1] * 2)
+                codes[n.meta["llmcompress.linear"]] = formats.pack_int4(unpacked)
+    return codes
 
 
 def test_calibrated_weights_are_reused_by_graphs_that_cannot_calibrate(tmp_path):
