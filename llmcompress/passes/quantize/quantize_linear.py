@@ -201,7 +201,7 @@ class QuantizeLinearPass(Pass):
             t.cpu = _cpu_plan(ctx, t)
             packed = t.cpu is not None and t.cpu["packed"]
             if t.node not in results and packed:  # only the packed form is derived (cached): the codes are temporary
-                key = self.cache_key(*self._key(t.layer, "rtn").parts, "cpu", t.cpu["dtype"])
+                key = self.cache_key(*self._key(t.layer, "rtn").parts, "cpu", t.cpu["dtype"], t.cpu["isa"])
                 results[t.node] = (ctx.weights.derive(t.node.args[1], key, lambda _w, t=t: _pack_for_cpu(t, _rtn(t))),
                                    "rtn")
             elif t.node not in results:
@@ -209,7 +209,7 @@ class QuantizeLinearPass(Pass):
                 results[t.node] = (ctx.weights.derive(t.node.args[1], key, lambda _w, t=t: _rtn(t)), "rtn")
             elif packed:
                 tensors, method = results[t.node]
-                key = self.cache_key(*self._key(t.layer, method, fingerprint).parts, "cpu", t.cpu["dtype"])
+                key = self.cache_key(*self._key(t.layer, method, fingerprint).parts, "cpu", t.cpu["dtype"], t.cpu["isa"])
                 results[t.node] = (ctx.weights.derive(t.node.args[1], key,
                                                       lambda _w, t=t, q=tensors: _pack_for_cpu(t, q)), method)
             if t.cpu is not None:
@@ -451,10 +451,12 @@ def _cpu_plan(ctx: PassContext, t: _Target) -> dict[str, Any] | None:
         fmt, reason = "int4", cpu_packed.int4_cpu_unsupported(n, k, t.layer.group_size)
         packed_bytes, stored_bytes = n * k // 2 + 2 * groups * n * e, n * k // 2 + 4 * groups * n
     if reason is not None:
-        return {"packed": False, "dtype": dtype, "reason": "shape", "detail": reason, "priced": {}}
+        return {"packed": False, "dtype": dtype, "reason": "shape", "detail": reason, "priced": {}, "isa": None}
     choice = choose_cpu_kernel(ctx.cost_model, fmt, n, k, dtype, float(packed_bytes), float(stored_bytes))
+    # torch's int4 CPU layout follows the vector ISA it was packed for: a key part, so a cache shared between
+    # machines never serves an AVX-512 packing to an AVX2 CPU.
     return {"packed": choice.packed, "dtype": dtype, "reason": None if choice.packed else "cost model",
-            "priced": choice.priced}
+            "priced": choice.priced, "isa": torch.backends.cpu.get_cpu_capability()}
 
 
 def _pack_for_cpu(t: _Target, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
