@@ -31,6 +31,12 @@ folder), e.g. `profiles/nvidia-h100-80gb-hbm3.json`:
   launch), `efficiency` (datasheet roofline without launch / measured: the fraction of the datasheet peak reached),
   `tflops` and `gbps` achieved.
 
+* `cpu_weight_only` (CPU only): `{int8, int4, bfloat16: {n, k, m, weight_bytes, measured_s,
+  bandwidth_bytes_per_s}}`, one decode row (M = 1) through an (N, K) weight with torch's CPU kernels as the packed
+  ops call them (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu` with groups of 128, bf16
+  `F.linear`): the weight-streaming bandwidth each achieves, weight bytes / (median time - launch overhead). The
+  quantize pass prices its CPU kernels with it (`kernels/cpu_path.py`).
+
 The cost model looks a correction up by M alone (the nearest M in log space, and the first point of the grid's (N, K)
 order at that M, which is (4096, 4096) in the default grid). `matmul_correction` here also does the lookup over
 (M, N, K), for the validation benchmark to compare the two.
@@ -254,6 +260,7 @@ def profile_device(hardware: str = "auto", dtypes: Sequence[str] = ("bfloat16",)
                                "gbps": nbytes / measured / 1e9})
                 del x, w
             matmul[str(dt).removeprefix("torch.")] = points
+        weight_only = _cpu_weight_only(launch, timing, quick) if device.type == "cpu" else None
 
     profile: dict[str, Any] = {
         "profile_version": PROFILE_VERSION,
@@ -276,11 +283,44 @@ def profile_device(hardware: str = "auto", dtypes: Sequence[str] = ("bfloat16",)
     }
     if launch_graph is not None:
         profile["launch_overhead_graph_s"] = launch_graph
+    if weight_only is not None:
+        profile["cpu_weight_only"] = weight_only
     path = Path(out) if out is not None else profile_path(profile["device_key"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(profile, indent=1) + "\n")
     profile["path"] = str(path)  # not stored: where this call wrote it
     return profile
+
+
+# The decode shape measured: an MLP projection of a 1-2 B model (hidden 2048, MLP 5632: 11.5 MB of int8, 23 MB of
+# bf16, past the 2-core EPYC's share of L3), 2048 x 2048 with `quick`.
+CPU_WEIGHT_ONLY_SHAPE = (5632, 2048)
+CPU_WEIGHT_ONLY_QUICK_SHAPE = (2048, 2048)
+
+
+def _cpu_weight_only(launch: float, timing: Mapping[str, Any], quick: bool) -> dict[str, dict[str, Any]]:
+    """Weight-streaming bandwidth of torch's CPU weight-only kernels at M = 1 (see the module docstring)."""
+    n, k = CPU_WEIGHT_ONLY_QUICK_SHAPE if quick else CPU_WEIGHT_ONLY_SHAPE
+    group = 128
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    q8 = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    s8 = torch.rand(n, generator=gen).to(torch.bfloat16)
+    q4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32), 2)
+    sz = torch.rand(k // group, n, 2, generator=gen).to(torch.bfloat16)
+    w16 = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    cases = {
+        "int8": (lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8), n * k + 2 * n),
+        "int4": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4, group, sz), n * k // 2 + sz.numel() * 2),
+        "bfloat16": (lambda: F.linear(x, w16), 2 * n * k),
+    }
+    out = {}
+    for name, (fn, weight_bytes) in cases.items():
+        t = measure(fn, torch.device("cpu"), **timing)
+        out[name] = {"n": n, "k": k, "m": 1, "weight_bytes": weight_bytes, "measured_s": t,
+                     "bandwidth_bytes_per_s": weight_bytes / max(t - launch, 0.05 * t)}
+    return out
 
 
 def matmul_correction(profile: Mapping[str, Any] | None, dtype: str, m: float, n: float | None = None,

@@ -272,13 +272,14 @@ class CostModel:
         return float(best["time_s"]) / float(best["roofline_time_s"])
 
     def kernel_time(self, flops: float, nbytes: float, dtype: torch.dtype, *, tensor_cores: bool = True,
-                    rows: float | None = None, launches: int = 1) -> float:
+                    rows: float | None = None, launches: int = 1, bandwidth: float | None = None) -> float:
         """Predicted seconds of a kernel that is not (yet) a graph node: passes price alternatives with it.
 
-        rows: M of a matmul (applies the calibrated matmul correction); launches: kernels the alternative runs.
+        rows: M of a matmul (applies the calibrated matmul correction); launches: kernels the alternative runs;
+        bandwidth: the kernel's own measured bytes/s (a profile's `cpu_weight_only` entry) instead of the copy's.
         """
         compute = flops / self._peak(dtype, tensor_cores)
-        memory = nbytes / self.bandwidth
+        memory = nbytes / (bandwidth or self.bandwidth)
         correction = self._matmul_correction(dtype, rows) if rows is not None and tensor_cores else 1.0
         return max(compute, memory) * correction + launches * self.launch_s
 

@@ -29,15 +29,17 @@ launchers, reference and op. Which of a linear's kernels runs at each row count 
 """
 
 from llmcompress.kernels import (
+           cpu_weight_only,
            fp8_linear,
            fused_linear,
            grouped_linear,
            int4_linear,
            int8_linear,
+           quantized_embedding,
            rms_norm,
            w8a8_linear,
 )
 from llmcompress.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 
-__all__ = ["fp8_linear", "fused_linear", "grouped_linear", "int4_linear", "int8_linear", "rms_norm", "rms_norm_reference",
-           "rms_norm_triton", "w8a8_linear"]
+__all__ = ["cpu_weight_only", "fp8_linear", "fused_linear", "grouped_linear", "int4_linear", "int8_linear",
+           "quantized_embedding", "rms_norm", "rms_norm_reference", "rms_norm_triton", "w8a8_linear"]

@@ -29,7 +29,7 @@ from llmcompress.errors import OptionError
 CPU = HARDWARE["cpu"]
 aten = torch.ops.aten
 TOP_KEYS = {"profile_version", "hardware", "device", "device_key", "versions", "created", "quick", "grid", "method",
-            "bandwidth_bytes_per_s", "launch_overhead_s", "copy", "matmul"}
+            "bandwidth_bytes_per_s", "launch_overhead_s", "copy", "matmul", "cpu_weight_only"}
 POINT_KEYS = {"m", "n", "k", "time_s", "roofline_time_s", "measured_s", "datasheet_s", "efficiency", "tflops", "gbps"}
 
 
@@ -60,6 +60,32 @@ def test_quick_profile_has_documented_keys(profile):
         assert set(p) == POINT_KEYS
         assert all(_positive(p[key]) for key in POINT_KEYS), p
         assert p["time_s"] <= p["measured_s"]
+
+
+def test_cpu_profile_measures_the_weight_only_kernels(profile):
+    """torch's packed CPU kernels at M = 1: bandwidth = weight bytes / (time - launch), and the CPU kernel choice of
+    quantize-linear prices the packed weight at that bandwidth (arithmetic, no second timing)."""
+    from llmcompress.kernels.cpu_path import choose_cpu_kernel, weight_stream_bandwidth
+
+    entries = profile["cpu_weight_only"]
+    assert set(entries) == {"int8", "int4", "bfloat16"}
+    n, k = entries["int8"]["n"], entries["int8"]["k"]
+    assert entries["int8"]["weight_bytes"] == n * k + 2 * n
+    assert entries["int4"]["weight_bytes"] == n * k // 2 + (k // 128) * n * 2 * 2
+    assert entries["bfloat16"]["weight_bytes"] == 2 * n * k
+    for e in entries.values():
+        t = e["measured_s"] - profile["launch_overhead_s"]
+        assert math.isclose(e["bandwidth_bytes_per_s"], e["weight_bytes"] / max(t, 0.05 * e["measured_s"]))
+    model = CostModel(CPU, profile)
+    assert weight_stream_bandwidth(model, "int8") == entries["int8"]["bandwidth_bytes_per_s"]
+    choice = choose_cpu_kernel(model, "int8", 4096, 4096, torch.bfloat16, 4096 * 4096 + 2 * 4096, 4096 * 4100)
+    t1 = choice.priced["m=1"]["packed_s"]
+    weight_s = (4096 * 4096 + 2 * 4096) / entries["int8"]["bandwidth_bytes_per_s"]
+    act_s = (4096 + 4096) * 2 / profile["bandwidth_bytes_per_s"]
+    assert math.isclose(t1, max(weight_s + act_s, 2 * 4096 * 4096 / CPU.peak_flops["bfloat16"]) + model.launch_s,
+                        rel_tol=1e-9)
+    # The choice follows the prices (which one wins depends on this machine's timings, not asserted here).
+    assert choice.packed == all(p["packed_s"] <= p["reference_s"] for p in choice.priced.values())
 
 
 def test_load_profile_finds_it_through_env(profile, monkeypatch):

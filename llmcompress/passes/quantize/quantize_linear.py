@@ -17,6 +17,12 @@ activation; AWQ also against the float model run beside it). Results are cached 
 cannot be fed (a decode step, a graph after a graph break) reuses them; when there are none it quantizes by round to
 nearest and warns. For the weight-only kernels the cost model picks, per layer, the row counts M at which the
 GEMV, the GEMM and dequantize + cuBLAS run (`gemv_max_m`, `dense_min_m` op arguments).
+
+On the CPU (weights on the CPU, lowering `inductor` or `eager`) a w8a16 / w4a16 layer becomes
+`llmcompress::linear_w8a16_cpu` / `linear_w4a16_cpu` (kernels/cpu_weight_only.py, torch's CPU kernels) on weights
+packed once for them (formats/cpu_packed.py) when the cost model prices it below the reference path
+(kernels/cpu_path.py); round-to-nearest layers derive only the packed form, so it is the only copy kept. Shapes
+torch's kernels refuse keep `linear_w8a16` / `linear_w4a16` (their reference), counted as `cpu: reference (shape)`.
 """
 
 from __future__ import annotations
@@ -33,12 +39,15 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from llmcompress.calibration.data import CalibrationWarning
 from llmcompress.calibration.service import Calibration, TargetInputs
-from llmcompress.errors import OptionError
+from llmcompress.errors import OptionError, WeightReleasedError
+from llmcompress.formats import cpu_packed
 from llmcompress.formats import quantized as formats
 from llmcompress.fx_utils import call, finish_rewrite, member_names
+from llmcompress.kernels.cpu_path import choose_cpu_kernel
 from llmcompress.kernels.kernel_path import choose_kernel_path
 from llmcompress.kernels.linear_common import DENSE_OFF
 from llmcompress.passes.base import Pass, PassContext, PassResult
+from llmcompress.passes.quantize.embedding import EMBEDDING_FORMATS, quantize_embeddings
 from llmcompress.passes.weights import DerivedKey
 
 aten = torch.ops.aten
@@ -72,12 +81,20 @@ class QuantizeLinearOptions:
     (`*.gate`)."""
     overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     """Per-layer options: {pattern: {scheme / method / group_size / alpha / skip: ...}}; the first match applies."""
+    embedding: Literal["dense", "int8", "int4"] = "dense"
+    """The token-embedding table: `dense` (as it is), `int8` (one scale per row) or `int4` (groups of `group_size`
+    along the row, round to nearest); see `embedding.py`. The w8a16 / w4a16 recipes set int8 / int4."""
     version: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
         _check_combo(self.scheme, self.method, self.group_size, self.alpha, "pass 'quantize-linear'")
         if not 0 < self.damp < 1:
             raise OptionError(f"pass 'quantize-linear': key 'damp' got {self.damp!r}; expected 0 < damp < 1")
+        if self.embedding not in EMBEDDING_FORMATS:
+            raise OptionError(f"pass 'quantize-linear': key 'embedding' got {self.embedding!r}; expected one of "
+                              f"{', '.join(EMBEDDING_FORMATS)}")
+        if self.embedding == "int4" and self.group_size not in formats.INT4_GROUP_SIZES:
+            raise OptionError(f"pass 'quantize-linear': embedding int4 needs group_size in {formats.INT4_GROUP_SIZES}")
         if self.block_size < 1:
             raise OptionError(f"pass 'quantize-linear': key 'block_size' got {self.block_size!r}; expected >= 1")
         for pattern, opts in self.overrides.items():
@@ -121,6 +138,8 @@ class _Target:
     """(N, K), or (E, N, K) for experts: the dense weight in the orientation y = x @ W.T."""
     layer: _Layer
     grouped: bool
+    cpu: dict[str, Any] | None = None
+    """The CPU kernel plan of a weight-only layer on the CPU: `packed` (bool), `dtype`, `reason`, `priced`."""
 
 
 _GROUPED_OPS: set[Any] = set()
@@ -173,13 +192,29 @@ class QuantizeLinearPass(Pass):
             _check_fp8(gm, targets)
         calibrated = [t for t in targets if t.layer.method != "rtn"]
         results: dict[torch.fx.Node, tuple[tuple[torch.Tensor, ...], str]] = {}
+        fingerprint = None
         if calibrated:
             with unset_fake_temporarily():  # passes run inside AOT's fake mode; calibration computes for real
-                results.update(self._calibrate(gm, ctx, calibrated, stats))
+                calibrated_results, fingerprint = self._calibrate(gm, ctx, calibrated, stats)
+                results.update(calibrated_results)
         for t in targets:
-            if t.node not in results:
+            t.cpu = _cpu_plan(ctx, t)
+            packed = t.cpu is not None and t.cpu["packed"]
+            if t.node not in results and packed:  # only the packed form is derived (cached): the codes are temporary
+                key = self.cache_key(*self._key(t.layer, "rtn").parts, "cpu", t.cpu["dtype"], t.cpu["isa"])
+                results[t.node] = (ctx.weights.derive(t.node.args[1], key, lambda _w, t=t: _pack_for_cpu(t, _rtn(t))),
+                                   "rtn")
+            elif t.node not in results:
                 key = self._key(t.layer, "rtn")
                 results[t.node] = (ctx.weights.derive(t.node.args[1], key, lambda _w, t=t: _rtn(t)), "rtn")
+            elif packed:
+                tensors, method = results[t.node]
+                key = self.cache_key(*self._key(t.layer, method, fingerprint).parts, "cpu", t.cpu["dtype"], t.cpu["isa"])
+                results[t.node] = (ctx.weights.derive(t.node.args[1], key,
+                                                      lambda _w, t=t, q=tensors: _pack_for_cpu(t, q)), method)
+            if t.cpu is not None:
+                label = "cpu: packed" if packed else f"cpu: reference ({t.cpu['reason']})"
+                stats[label] = stats.get(label, 0) + 1
         changed = False
         for t in targets:
             tensors, method = results[t.node]
@@ -188,6 +223,9 @@ class QuantizeLinearPass(Pass):
             decisions.append(decision)
             stats[f"{t.layer.scheme} {method}"] = stats.get(f"{t.layer.scheme} {method}", 0) + 1
             changed = True
+        if self.options.embedding != "dense":
+            changed |= quantize_embeddings(gm, ctx, self, self.options.embedding, self.options.group_size, stats,
+                                           decisions)
         if changed:
             finish_rewrite(gm)
         return PassResult(changed, stats, decisions)
@@ -237,7 +275,13 @@ class QuantizeLinearPass(Pass):
                      warn=True)
                 continue
             with unset_fake_temporarily():
-                value = ctx.weights.value(w_node)
+                try:
+                    value = ctx.weights.value(w_node)
+                except WeightReleasedError:
+                    # Released by an earlier graph's compile (release_weights): its shape is all this graph needs
+                    # while the derived-weight cache holds the layer's quantized tensors (a prefill graph, then
+                    # decode's); `derive` raises this error again on a miss.
+                    value = w_node.meta["val"]
                 weight = value.transpose(-2, -1) if grouped else value  # grouped ops take (E, K, N)
             k = weight.shape[-1]
             if grouped and layer.scheme not in ("w4a16", "w8a16"):
@@ -263,7 +307,8 @@ class QuantizeLinearPass(Pass):
         return self.cache_key(layer.scheme, method or layer.method, layer.group_size, layer.alpha, calibration)
 
     def _calibrate(self, gm: torch.fx.GraphModule, ctx: PassContext, targets: list[_Target], stats: dict
-                   ) -> dict[torch.fx.Node, tuple[tuple[torch.Tensor, ...], str]]:
+                   ) -> tuple[dict[torch.fx.Node, tuple[tuple[torch.Tensor, ...], str]], str]:
+        """(node -> (quantized tensors, method), the calibration data's fingerprint)."""
         cfg = ctx.config
         cal = ctx.calibration or Calibration(cfg.calibration, cfg.tokenizer, cfg.calibration_samples,
                                              cfg.calibration_seq_len, example_inputs=ctx.example_inputs,
@@ -281,7 +326,7 @@ class QuantizeLinearPass(Pass):
         if out:
             stats["calibrated: cached"] = len(out)  # in memory, or on disk from another process
         if not pending:
-            return out
+            return out, fp
         fed = cal.feeds()
         if isinstance(fed, str):
             warnings.warn(f"llmcompress: quantize-linear cannot calibrate graph {ctx.graph_id} ({fed}) and no "
@@ -289,7 +334,7 @@ class QuantizeLinearPass(Pass):
                           "to nearest. Run the model once on a plain forward (model(input_ids)) first, so that "
                           "graph calibrates them.", CalibrationWarning, stacklevel=3)
             stats["calibration: rtn instead"] = len(pending)
-            return out
+            return out, fp
         stats["calibration tokens"] = fed.tokens
         by_node = {t.node: t for t in pending}
         bar = _progress(len(pending), f"calibrating graph {ctx.graph_id}")
@@ -309,7 +354,7 @@ class QuantizeLinearPass(Pass):
                                progress=lambda i: bar.update(1))
         finally:
             bar.close()
-        return out
+        return out, fp
 
     # --- rewrite -------------------------------------------------------------------------------------------------
 
@@ -322,8 +367,8 @@ class QuantizeLinearPass(Pass):
         decision: dict[str, Any] = {"node": node.name, "layer": t.name, "scheme": layer.scheme,
                                     "shape": list(t.weight.shape)}
         with gm.graph.inserting_before(node):
-            consts = [ctx.weights.add(gm, c, f"{t.name}.{suffix}") for c, suffix in
-                      zip(tensors, _SUFFIXES[layer.scheme])]
+            suffixes = _SUFFIXES[f"{layer.scheme}_cpu" if t.cpu is not None and t.cpu["packed"] else layer.scheme]
+            consts = [ctx.weights.add(gm, c, f"{t.name}.{suffix}") for c, suffix in zip(tensors, suffixes)]
             if t.grouped:
                 offs = _offs(node.args, node.kwargs)
                 op = torch.ops.llmcompress.grouped_linear_w4a16.default if layer.scheme == "w4a16" else \
@@ -332,6 +377,15 @@ class QuantizeLinearPass(Pass):
                 args = (x, *consts[:3], layer.group_size, offs, act_scale) if layer.scheme == "w4a16" else \
                     (x, *consts[:2], offs)
                 decision["kernel"] = f"grouped {layer.scheme} (per-expert GEMV/GEMM)"
+            elif t.cpu is not None and t.cpu["packed"]:
+                act_scale = consts[2] if len(consts) > 2 else None
+                if layer.scheme == "w4a16":
+                    op = torch.ops.llmcompress.linear_w4a16_cpu.default
+                    args = (x, consts[0], consts[1], layer.group_size, bias, act_scale)
+                else:
+                    op = torch.ops.llmcompress.linear_w8a16_cpu.default
+                    args = (x, consts[0], consts[1], bias, None)
+                decision.update(kernel=f"cpu packed ({op.name()})", predicted_s=t.cpu["priced"])
             elif layer.scheme in ("w4a16", "w8a16"):
                 n, k = t.weight.shape
                 gemv_max, dense_min, priced = _choose_kernels(ctx, n, k, dtype, tensors)
@@ -378,7 +432,43 @@ def _predicted(ctx: PassContext, dense: torch.fx.Node, quantized: torch.fx.Node)
 
 
 _SUFFIXES = {"w8a16": ("qweight", "scale"), "w4a16": ("qweight", "scales", "zeros", "act_scale"),
-             "w8a8": ("qweight", "wscale", "smooth"), "fp8": ("qweight", "wscale")}
+             "w8a8": ("qweight", "wscale", "smooth"), "fp8": ("qweight", "wscale"),
+             "w8a16_cpu": ("qweight", "scale"), "w4a16_cpu": ("qweight", "scales_and_zeros", "act_scale")}
+
+
+def _cpu_plan(ctx: PassContext, t: _Target) -> dict[str, Any] | None:
+    """Where a weight-only layer on the CPU runs: torch's packed kernel or our op's reference (None: not a CPU
+    weight-only layer, or the Triton lowering, which keeps our ops)."""
+    if t.grouped or t.layer.scheme not in ("w8a16", "w4a16") or t.weight.device.type != "cpu":
+        return None
+    if getattr(ctx.config, "lowering", None) == "triton":
+        return None
+    dtype = t.node.args[0].meta["val"].dtype
+    n, k = t.weight.shape
+    e = torch.empty((), dtype=dtype).element_size()
+    if t.layer.scheme == "w8a16":
+        fmt, reason = "int8", cpu_packed.int8_cpu_unsupported(n, k)
+        packed_bytes, stored_bytes = n * k + n * e, n * k + 4 * n
+    else:
+        groups = k // t.layer.group_size
+        fmt, reason = "int4", cpu_packed.int4_cpu_unsupported(n, k, t.layer.group_size)
+        packed_bytes, stored_bytes = n * k // 2 + 2 * groups * n * e, n * k // 2 + 4 * groups * n
+    if reason is not None:
+        return {"packed": False, "dtype": dtype, "reason": "shape", "detail": reason, "priced": {}, "isa": None}
+    choice = choose_cpu_kernel(ctx.cost_model, fmt, n, k, dtype, float(packed_bytes), float(stored_bytes))
+    # torch's int4 CPU layout follows the vector ISA it was packed for: a key part, so a cache shared between
+    # machines never serves an AVX-512 packing to an AVX2 CPU.
+    return {"packed": choice.packed, "dtype": dtype, "reason": None if choice.packed else "cost model",
+            "priced": choice.priced, "isa": torch.backends.cpu.get_cpu_capability()}
+
+
+def _pack_for_cpu(t: _Target, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Our format -> torch's CPU layout for activations in the layer's dtype; AWQ's act_scale is kept as is."""
+    dtype = t.cpu["dtype"]
+    if t.layer.scheme == "w8a16":
+        return cpu_packed.pack_int8_for_cpu(tensors[0], tensors[1], dtype)
+    packed = cpu_packed.pack_int4_for_cpu(*tensors[:3], t.layer.group_size, dtype)
+    return (*packed, *tensors[3:])
 
 
 def _progress(total: int, desc: str) -> Any:
@@ -524,4 +614,4 @@ def _check_fp8(gm: torch.fx.GraphModule, targets: list[_Target]) -> None:
                                   "capability >= 8.9 (Ada, Hopper or later). Use w8a8-smoothquant or w8a16 here.")
 
 
-__all__ = ["QuantizeLinearPass", "QuantizeLinearOptions", "SCHEMES", "METHODS"]
+__all__ = ["METHODS", "SCHEMES", "QuantizeLinearOptions", "QuantizeLinearPass"]

@@ -165,9 +165,22 @@ def test_gptq_beats_round_to_nearest_on_the_logits(tmp_path):
 
 
 def _quantized_codes(gm, ctx) -> dict[str, torch.Tensor]:
-    """Layer name -> the packed int4 codes a graph's linear_w4a16 ops read."""
-    return {n.meta["llmcompress.linear"]: ctx.weights.value(n.args[1]) for n in gm.graph.nodes
-            if n.target is torch.ops.llmcompress.linear_w4a16.default}
+    """Layer name -> the int4 codes (packed as `formats.pack_int4`) a graph's linear_w4a16 ops read, or its
+    linear_w4a16_cpu ops (unpacked from torch's CPU layout)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from llmcompress.formats import cpu_packed
+
+    codes = {}
+    for n in gm.graph.nodes:
+        if n.target is torch.ops.llmcompress.linear_w4a16.default:
+            codes[n.meta["llmcompress.linear"]] = ctx.weights.value(n.args[1])
+        elif n.target is torch.ops.llmcompress.linear_w4a16_cpu.default:
+            packed = ctx.weights.value(n.args[1])
+            with unset_fake_temporarily():  # the hook runs in the graph's fake mode
+                unpacked = cpu_packed.unpack_int4_for_cpu(packed, packed.shape[0], packed.shape[1] * 2)
+                codes[n.meta["llmcompress.linear"]] = formats.pack_int4(unpacked)
+    return codes
 
 
 def test_calibrated_weights_are_reused_by_graphs_that_cannot_calibrate(tmp_path):
@@ -290,10 +303,14 @@ def test_release_weights_frees_the_dense_originals():
     model = tiny_model("llama")
     q = model.model.layers[0].self_attn.q_proj.weight
     with torch.no_grad():
-        expected = main_output(_fake_quant(tiny_model("llama"), "w8a16")(example_ids()))
+        reference = _fake_quant(tiny_model("llama"), "w8a16")
+        table = reference.get_input_embeddings().weight  # the w8a16 recipe stores the embedding as int8 rows too
+        table.data = formats.dequantize_int8(*formats.quantize_int8_per_channel(table.data))
+        expected = main_output(reference(example_ids()))
         out = main_output(_compile(model, {"recipe": "w8a16", "lowering": "eager", "release_weights": True})(
             example_ids()))
     assert q.untyped_storage().nbytes() == 0
+    assert model.get_input_embeddings().weight.untyped_storage().nbytes() == 0
     assert model.lm_head.weight.untyped_storage().nbytes() > 0  # skipped: still used dense
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
 
