@@ -1,0 +1,50 @@
+"""Smoke test of benchmarks/cpu_decode.py on its --small shape: the JSON it writes, and the numerics of each config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ("eager", "inductor", "default", "w8a16", "w4a16")
+
+
+@pytest.mark.slow
+def test_cpu_decode_small(tmp_path):
+    out = tmp_path / "cpu_decode_small.json"
+    # --keep-weights: with release_weights, generate's second graph (decode after prefill) fails today in
+    # quantize-linear (WeightReleasedError); the benchmark's default keeps release_weights for the memory column.
+    # --repeats 1: one timed call is enough to check the keys; the numbers are not judged here.
+    subprocess.run([sys.executable, "benchmarks/cpu_decode.py", "--small", "--keep-weights", "--repeats", "1",
+                    "--out", str(out)], cwd=ROOT, check=True, timeout=900, capture_output=True)
+    doc = json.loads(out.read_text())
+
+    assert doc["complete"] is True
+    assert {"cpu_model", "torch_threads"} <= doc["device"].keys() and doc["device"]["torch_threads"] >= 1
+    assert {"torch", "transformers", "llmcompress"} <= doc["versions"].keys()
+    assert doc["rss_definition"].startswith("VmRSS")
+    assert doc["model"]["name"] == "small" and doc["model"]["parameters"] > 0
+    assert tuple(doc["results"]) == CONFIGS
+    for name, r in doc["results"].items():
+        assert "error" not in r, (name, r.get("traceback"))
+        assert r["tokens_per_s"] > 0 and r["new_tokens"] == 24 and r["rss_mib"] > 0, name
+        assert r["compile_and_first_call_s"] > 0, name
+        assert doc["ratios"][name]["tokens_per_s_vs_eager"] > 0 and doc["ratios"][name]["rss_vs_eager"] > 0
+    for name in CONFIGS[1:]:  # compiled: a prefill graph and a decode graph, and no recompile per decode step
+        assert doc["results"][name]["dynamo"]["unique_graphs"] == 2, (name, doc["results"][name]["dynamo"])
+    assert doc["ratios"]["default_vs_best_of_eager_inductor"] > 0
+    assert [t["met"] for t in doc["targets"]] == [None] * 5  # judged on the 483 M shape only
+
+    # default changes numerics only by rounding: eager's greedy tokens.
+    assert doc["results"]["default"]["tokens_equal_eager"], doc["results"]["default"]
+    assert doc["checks"]["default_tokens_equal_eager"] is True
+    # Weight-only quantized: logits close to eager's wherever the contexts agree (step 0 at least).
+    for name in ("w8a16", "w4a16"):
+        r = doc["results"][name]
+        assert r["quantization"].get(f"{name} rtn", 0) > 0, r["quantization"]
+        assert r["sqnr_steps"] >= 1
+        assert doc["checks"]["quantized_sqnr_ok"][name] is True, (name, r["logits_sqnr_db"])
