@@ -60,6 +60,7 @@ import torch
 from llmcompress._logging import logger as log
 from llmcompress.cost.hardware import Hardware
 from llmcompress.cost.roofline import CostModel, sym
+from llmcompress.errors import did_you_mean
 from llmcompress.fx_utils import tensors_in as _tensors
 from llmcompress.report.module_paths import module_path
 
@@ -445,7 +446,7 @@ def build_report(traced: Sequence[Any], hardware: Hardware, *, profile: Mapping[
 
 def render(report: Mapping[str, Any], fmt: str) -> str:
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}{did_you_mean(fmt, FORMATS)}")
     return {"text": render_text, "json": render_json, "html": render_html}[fmt](report)
 
 
