@@ -43,9 +43,11 @@ def _positive_int(text: str) -> int:
 
 def _hardware_name(text: str) -> str:
     from llmcompress.cost.hardware import HARDWARE
+    from llmcompress.errors import did_you_mean
 
     if text != "auto" and text not in HARDWARE:
-        raise argparse.ArgumentTypeError(f"unknown hardware {text!r}; expected auto or one of {', '.join(HARDWARE)}")
+        raise argparse.ArgumentTypeError(f"unknown hardware {text!r}{did_you_mean(text, ['auto', *HARDWARE])}; "
+                                         f"expected auto or one of {', '.join(HARDWARE)}")
     return text
 
 
@@ -124,8 +126,30 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a did-you-mean for a misspelled choice (a sub-command, `--format`): Python 3.11's says only
+    "invalid choice" (3.14 adds `suggest_on_error`)."""
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        if action.choices is not None and value not in action.choices:
+            from llmcompress.errors import did_you_mean
+
+            choices = ", ".join(map(repr, action.choices))
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r}{did_you_mean(value, action.choices)} "
+                                                 f"(choose from {choices})")
+        super()._check_value(action, value)
+
+
+def _full_trace_help() -> str:
+    from llmcompress.report.layer_repeat import TRACED_LAYERS
+
+    return (f"trace every decoder layer (default: trace {TRACED_LAYERS} and repeat the last one's costs up to the "
+            "model's depth when the config's layers are alike; same numbers, seconds instead of minutes for deep "
+            "models)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llmcompress", description=__doc__)
+    parser = _Parser(prog="llmcompress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("passes", help="list registered passes, plugins included").set_defaults(func=_passes)
     sub.add_parser("recipes", help="list built-in recipes").set_defaults(func=_recipes)
@@ -145,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--recipe", default=None, metavar="R",
                         help="built-in recipe name or recipe file: adds before/after columns")
     report.add_argument("--format", choices=("text", "json", "html"), default="text", help="default text")
-    report.add_argument("--full-trace", action="store_true",
-                        help="trace every decoder layer (default: trace three and repeat the last when the config's "
-                             "layers are alike; same numbers, seconds instead of minutes for deep models)")
+    report.add_argument("--full-trace", action="store_true", help=_full_trace_help())
     report.add_argument("-o", "--output", default=None, metavar="PATH", help="write here (default stdout)")
     report.set_defaults(func=_report, parser=report)
     calibrate = sub.add_parser(

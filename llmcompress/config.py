@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 
 from llmcompress import options as _options
-from llmcompress.errors import OptionError
+from llmcompress.errors import OptionError, did_you_mean
 from llmcompress.recipes import RECIPE_SETTINGS, load_recipe  # noqa: F401  (RECIPE_SETTINGS: re-exported)
 
 Lowering = Literal["inductor", "eager", "triton"]
@@ -100,7 +100,8 @@ class CompileConfig:
 
         if self.hardware != "auto" and self.hardware not in HARDWARE:
             raise OptionError(
-                f"options: key 'hardware' got {self.hardware!r}; expected 'auto' or one of {', '.join(sorted(HARDWARE))}"
+                f"options: key 'hardware' got {self.hardware!r}{did_you_mean(self.hardware, ['auto', *HARDWARE])}; "
+                f"expected 'auto' or one of {', '.join(sorted(HARDWARE))}"
             )
 
     def tolerance(self, dtype_name: str) -> tuple[float, float]:
@@ -115,7 +116,8 @@ class CompileConfig:
         if options is not None and not isinstance(options, Mapping):
             raise OptionError(f"options: expected a dict, got {type(options).__name__}")
         if mode not in MODES:
-            raise OptionError(f"mode: got {mode!r}; expected one of {', '.join(repr(m) for m in MODES)}")
+            raise OptionError(f"mode: got {mode!r}{did_you_mean(mode, [m for m in MODES if m])}; expected one of "
+                              f"{', '.join(repr(m) for m in MODES)}")
         user = dict(options or {})
         if mode is not None:
             if user.get("mode", mode) != mode:

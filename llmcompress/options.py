@@ -12,7 +12,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
-from llmcompress.errors import OptionError
+from llmcompress.errors import OptionError, did_you_mean
 
 
 def describe(tp: Any) -> str:
@@ -74,11 +74,13 @@ def build(cls: type, values: Mapping[str, Any] | None, where: str) -> Any:
     unknown = sorted(k for k in values if k not in fields)
     if unknown:
         allowed = ", ".join(sorted(fields)) or "(none)"
-        raise OptionError(f"{where}: unknown key {unknown[0]!r} (value {values[unknown[0]]!r}); allowed keys: {allowed}")
+        raise OptionError(f"{where}: unknown key {unknown[0]!r} (value {values[unknown[0]]!r})"
+                          f"{did_you_mean(unknown[0], fields)}; allowed keys: {allowed}")
     for name, value in values.items():
         tp = hints[name]
         if not check_type(value, tp):
-            raise OptionError(f"{where}: key {name!r} got {value!r} ({type(value).__name__}); expected {describe(tp)}")
+            raise OptionError(f"{where}: key {name!r} got {value!r} ({type(value).__name__}){_suggest(value, tp)}; "
+                              f"expected {describe(tp)}")
         if isinstance(value, list) and _wants_tuple(tp):
             values[name] = tuple(value)
     try:
@@ -87,6 +89,15 @@ def build(cls: type, values: Mapping[str, Any] | None, where: str) -> Any:
         raise
     except (TypeError, ValueError) as e:
         raise OptionError(f"{where}: {e}") from e
+
+
+def _suggest(value: Any, tp: Any) -> str:
+    """A did-you-mean for a misspelled string among the strings a `Literal` annotation allows (lowering, mode)."""
+    if not isinstance(value, str):
+        return ""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    allowed = [a for t in args if typing.get_origin(t) is Literal for a in typing.get_args(t) if isinstance(a, str)]
+    return did_you_mean(value, allowed)
 
 
 def _wants_tuple(tp: Any) -> bool:

@@ -30,7 +30,7 @@ def test_mode_maps_onto_lowering(mode, cudagraphs, autotune):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"lowerin": "eager"}, "unknown key 'lowerin' (value 'eager'); allowed keys: calibration, calibration_samples, calibration_seq_len, disk_cache, dump_kernels, hardware, lowering, mode"),
+    ({"lowerin": "eager"}, "unknown key 'lowerin' (value 'eager') (did you mean 'lowering'?); allowed keys: calibration, calibration_samples, calibration_seq_len, disk_cache, dump_kernels, hardware, lowering, mode"),
     ({"lowering": "tvm"}, "key 'lowering' got 'tvm' (str); expected 'inductor' | 'eager' | 'triton'"),
     ({"strict": 1}, "key 'strict' got 1 (int); expected bool"),
     ({"verify": {"atol": 1, "tol": 2}}, "a dict may only hold 'atol' and 'rtol'"),

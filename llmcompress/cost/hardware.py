@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from llmcompress.errors import OptionError
+from llmcompress.errors import OptionError, did_you_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,8 @@ def resolve(name: str, device: torch.device | None = None) -> Hardware:
     """A table entry by name, or for "auto" the entry matching `device` (default: CUDA if present, else CPU)."""
     if name != "auto":
         if name not in HARDWARE:
-            raise OptionError(f"hardware: unknown {name!r}; expected 'auto' or one of {', '.join(sorted(HARDWARE))}")
+            raise OptionError(f"hardware: unknown {name!r}{did_you_mean(name, ['auto', *HARDWARE])}; expected 'auto' "
+                              f"or one of {', '.join(sorted(HARDWARE))}")
         return HARDWARE[name]
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,7 +13,7 @@ import networkx as nx
 import torch
 
 from llmcompress._logging import logger
-from llmcompress.errors import LLMCompressError, PassFailedError, PassOrderError
+from llmcompress.errors import LLMCompressError, PassFailedError, PassOrderError, did_you_mean
 from llmcompress.passes.base import Pass, PassContext, PassResult
 from llmcompress.passes.registry import get_pass, registered_passes
 from llmcompress.recipes import PassSpec
@@ -52,7 +52,8 @@ def order_passes(passes: Sequence[Pass]) -> list[Pass]:
             for other in names:
                 if other not in known:
                     raise PassOrderError(
-                        f"pass {p.name!r} declares {rel}={other!r}, which is not a registered pass; "
+                        f"pass {p.name!r} declares {rel}={other!r}, which is not a registered pass"
+                        f"{did_you_mean(other, known)}; "
                         f"registered: {', '.join(known)}"
                     )
                 if other in index:

@@ -12,7 +12,7 @@ import re
 import warnings
 from typing import TypeVar
 
-from llmcompress.errors import LLMCompressError, OptionError
+from llmcompress.errors import LLMCompressError, OptionError, did_you_mean
 from llmcompress.passes.base import Pass
 
 ENTRY_POINT_GROUP = "llmcompress.passes"
@@ -117,5 +117,6 @@ def get_pass(name: str) -> type[Pass]:
             hint = " (plugins that failed to load: " + "; ".join(f"{k}: {v}" for k, v in plugin_errors.items()) + ")"
         else:
             hint = ""
-        raise OptionError(f"unknown pass {name!r}{hint}; registered passes: {', '.join(passes) or '(none)'}")
+        raise OptionError(f"unknown pass {name!r}{did_you_mean(name, passes)}{hint}; registered passes: "
+                          f"{', '.join(passes) or '(none)'}")
     return passes[name]

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from llmcompress.errors import RecipeError
+from llmcompress.errors import RecipeError, did_you_mean
 
 _HERE = Path(__file__).parent
 _TOP_KEYS = ("name", "description", "passes", "settings")
@@ -76,7 +76,8 @@ def _from_mapping(data: Any, source: str) -> Recipe:
         raise RecipeError(f"{where}: expected a mapping with keys {', '.join(_TOP_KEYS)}, got {type(data).__name__}")
     unknown = sorted(set(data) - set(_TOP_KEYS))
     if unknown:
-        raise RecipeError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(_TOP_KEYS)}")
+        raise RecipeError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], _TOP_KEYS)}; allowed keys: "
+                          f"{', '.join(_TOP_KEYS)}")
     if "passes" not in data:
         raise RecipeError(f"{where}: missing key 'passes'")
     settings = data.get("settings") or {}
@@ -101,8 +102,8 @@ def load_recipe(name_or_path: str) -> Recipe:
         path, source = Path(name_or_path), name_or_path
         if path.suffix.lower() not in (".yaml", ".yml", ".json"):
             raise RecipeError(
-                f"options: key 'recipe' got {name_or_path!r}: not a built-in recipe ({', '.join(builtin_recipes())}) "
-                "nor a .yaml/.yml/.json file path"
+                f"options: key 'recipe' got {name_or_path!r}{did_you_mean(name_or_path, builtin_recipes())}: not a "
+                f"built-in recipe ({', '.join(builtin_recipes())}) nor a .yaml/.yml/.json file path"
             )
         if not path.is_file():
             raise RecipeError(f"options: key 'recipe' got {name_or_path!r}: no such file")

@@ -28,7 +28,10 @@ FLOPs and seconds, at the concrete sizes of `workload`:
   launch part), compute_bound_time_s, memory_bound_time_s, time_by_kind {kind: s}, tokens_per_step, tokens_per_s
   (tokens_per_step / latency_s: the ceiling this prediction allows), decode_ceiling_tokens_per_s (memory-bound
   decode ceiling at batch 1: bandwidth / weight_bytes, every weight read once per token), symbolic {flops, bytes,
-  latency_s: strings in the readable size names, e.g. "2*batch*seq*4096 + ..."}}.
+  latency_s: strings in the readable size names, e.g. "2*batch*seq*4096 + ..."}, latency_by_size (the symbolic
+  latency evaluated at batch 1, 8 x seq 1, 128, 2048: [{batch, seq, latency_s, tokens_per_s}], batch or seq null
+  when the graph does not depend on it; null when it depends on neither, as a decode step traced at its sizes)}.
+  The text and HTML reports show latency_by_size as a table instead of the latency expression.
 * `layers`: in graph order, each {layer (e.g. "model.layers.0", "model.embed_tokens", "lm_head"), kernels, flops,
   bytes, time_s, share (of totals.latency_s), time_s_before (with a recipe; else null), same_as (the first earlier
   layer whose rows are identical, else null)}.
@@ -60,12 +63,17 @@ import torch
 from llmcompress._logging import logger as log
 from llmcompress.cost.hardware import Hardware
 from llmcompress.cost.roofline import CostModel, sym
+from llmcompress.errors import did_you_mean
 from llmcompress.fx_utils import tensors_in as _tensors
-from llmcompress.report.module_paths import module_path
+from llmcompress.report.module_paths import module_path, stack_path
 
 REPORT_VERSION = 1
 FORMATS = ("text", "json", "html")
 DEFAULT_SEQ = 128
+# The sizes of the latency table (`totals.latency_by_size`): batch 1 and 8 (one user, a small serving batch) x 1
+# token (the weight reads of a decode step), 128 (a prompt) and 2048 (a long prompt).
+TABLE_BATCHES = (1, 8)
+TABLE_SEQS = (1, 128, 2048)
 
 # The repeated block of a transformer: "model.layers.3", "transformer.h.3", "model.decoder.layers.3" ...
 _LAYER_RE = re.compile(r"^((?:.*?\.)?(?:layers|layer|h|blocks|block)\.\d+)(?=\.|$)")
@@ -177,13 +185,13 @@ class _Evaluator:
 
 
 def _module_of(node: torch.fx.Node, modules: Collection[str] | None) -> str | None:
-    """The deepest module of the model in the node's `nn_module_stack` (entries that are not the model's, such as
-    functions transformers wraps as modules, are skipped), else the module of the weight a canonical linear names."""
+    """The deepest module of the model in the node's `nn_module_stack` (a function transformers wraps as a module
+    under it is named after it: `module_paths.stack_path`), else the module of the weight a canonical linear names."""
     stack = node.meta.get("nn_module_stack")
-    for entry in reversed(list(stack.values()) if stack else []):
-        path = module_path(entry[0] if isinstance(entry, tuple) else str(entry), modules)
-        if path is not None:
-            return path
+    sources = [entry[0] if isinstance(entry, tuple) else str(entry) for entry in (stack or {}).values()]
+    path = stack_path(sources, modules) if modules is not None else module_path(sources[-1]) if sources else None
+    if path is not None:
+        return path
     weight = node.meta.get("llmcompress.linear")
     if isinstance(weight, str):
         weight = weight.rsplit(".", 1)[0] if weight.endswith((".weight", ".bias")) else weight
@@ -297,7 +305,25 @@ def _totals(rows: list[dict[str, Any]], free: int, weight_bytes: int, symbolic: 
         "tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_step / latency if latency else None,
         "decode_ceiling_tokens_per_s": bandwidth / weight_bytes if weight_bytes else None,
         "symbolic": {k: _expr_str(v) for k, v in symbolic.items()},
+        "latency_by_size": _latency_by_size(symbolic["latency_s"]),
     }
+
+
+def _latency_by_size(latency: Any) -> list[dict[str, Any]] | None:
+    """The symbolic latency at `TABLE_BATCHES` x `TABLE_SEQS`: [{batch, seq, latency_s, tokens_per_s}], or None when
+    it depends on no size or on one that is not batch or seq (a decode step is traced at fixed sizes)."""
+    expr = sympy.sympify(latency)
+    names = {str(s): s for s in expr.free_symbols}
+    if not names or not set(names) <= {"batch", "seq"}:
+        return None
+    out = []
+    for batch in TABLE_BATCHES if "batch" in names else (None,):
+        for seq in TABLE_SEQS if "seq" in names else (None,):
+            subs = {names[k]: v for k, v in (("batch", batch), ("seq", seq)) if v is not None}
+            t = float(expr.xreplace({k: sympy.Integer(v) for k, v in subs.items()}))
+            out.append({"batch": batch, "seq": seq, "latency_s": t,
+                        "tokens_per_s": (batch or 1) * (seq or 1) / t if t > 0 else None})
+    return out
 
 
 def _expr_str(expr: Any) -> str:
@@ -445,7 +471,7 @@ def build_report(traced: Sequence[Any], hardware: Hardware, *, profile: Mapping[
 
 def render(report: Mapping[str, Any], fmt: str) -> str:
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}{did_you_mean(fmt, FORMATS)}")
     return {"text": render_text, "json": render_json, "html": render_html}[fmt](report)
 
 
@@ -533,6 +559,28 @@ def _tokens(n: int) -> str:
     return f"{n} token" if n == 1 else f"{n} tokens"
 
 
+def _latency_table(report: Mapping[str, Any]) -> tuple[str, list[str], list[list[str]]] | None:
+    """(heading, headers, rows) of `totals.latency_by_size`: a row per batch, a column per seq; with a recipe each
+    cell is "after (before)". None when the report has no such table."""
+    after = report["totals"].get("latency_by_size")
+    if not after:
+        return None
+    before = (report["totals_before"] or {}).get("latency_by_size")
+    old = {(r["batch"], r["seq"]): r["latency_s"] for r in before or []}
+    batches = list(dict.fromkeys(r["batch"] for r in after))
+    seqs = list(dict.fromkeys(r["seq"] for r in after))
+    cell = {(r["batch"], r["seq"]): _time(r["latency_s"]) + (f" ({_time(old[r['batch'], r['seq']])})"
+                                                              if (r["batch"], r["seq"]) in old else "")
+            for r in after}
+    heading = ("Predicted latency at other sizes" + (", after the passes (before)" if old else "")
+               + ": the same graph at batch x seq tokens (seq 1: one token with no KV cache; --kv-len reports a "
+               "decode step)")
+    headers = [""] + [f"seq {s}" if s is not None else f"seq {report['workload']['seq']}" for s in seqs]
+    rows = [[f"batch {b}" if b is not None else f"batch {report['workload']['batch']}"]
+            + [cell[b, s] for s in seqs] for b in batches]
+    return heading, headers, rows
+
+
 def _total_lines(report: Mapping[str, Any]) -> list[tuple[str, str, str | None, str]]:
     """(label, after, before or None, note) per total."""
     t, b = report["totals"], report["totals_before"]
@@ -541,7 +589,8 @@ def _total_lines(report: Mapping[str, Any]) -> list[tuple[str, str, str | None, 
         return fmt(t[key]), (fmt(b[key]) if b is not None else None)
 
     return [
-        ("predicted latency", *pick("latency_s", _time), f"= {t['symbolic']['latency_s']}"),
+        ("predicted latency", *pick("latency_s", _time), "at other sizes: the table below" if
+         t.get("latency_by_size") else f"= {t['symbolic']['latency_s']}"),
         ("tokens/s ceiling", *pick("tokens_per_s", _si),
          f"{_tokens(t['tokens_per_step'])} per step / latency"),
         ("decode ceiling (batch 1)", *pick("decode_ceiling_tokens_per_s", _si),
@@ -571,10 +620,16 @@ def render_text(report: Mapping[str, Any]) -> str:
         out += _table(["", "before", "after", "speedup", ""], rows, "lrrrl")
     else:
         out += _table(["", "value", ""], [[label, after, note] for label, after, _, note in lines], "lrl")
+    table = _latency_table(report)
+    if table is not None:
+        heading, headers, rows = table
+        out += ["", heading]
+        out += _table(headers, rows, "l" + "r" * (len(headers) - 1))
     if symbolic:
         names = sorted({n for g in report["graphs"] for n in g["symbols"].values()})
-        out += ["", f"Symbolic totals{' after the passes' if with_before else ''}, in {', '.join(names)}:"]
-        out += [f"  {key:9s} = {report['totals']['symbolic'][key]}" for key in ("latency_s", "flops", "bytes")]
+        out += ["", (f"Symbolic totals{' after the passes' if with_before else ''}, in {', '.join(names)} (the "
+                     "latency's expression is in --format json):")]
+        out += [f"  {key:9s} = {report['totals']['symbolic'][key]}" for key in ("flops", "bytes")]
 
     out += ["", "Per layer"]
     headers = ["layer", "kernels", "FLOPs", "bytes", "time", "share"] + (["before", "speedup"] if with_before else []) \
@@ -645,6 +700,36 @@ def _raw_pair(report: Mapping[str, Any], label: str) -> tuple[float | None, floa
     return None, None
 
 
+def roofs(report: Mapping[str, Any]) -> list[tuple[str, float, str]]:
+    """The roofs the roofline plot draws, each (what it is, peak FLOP/s, line style "solid" | "dashed"): the matmul
+    peak at the model's dtype, and the float32 peak of ops off the tensor cores when it is lower (on a CPU row, or
+    for a float32 model, the two are one roof and only the solid one is drawn)."""
+    hw = report["hardware"]
+    peak = hw["peak_flops"].get(hw["roof_dtype"], hw["peak_flops"]["float32"])
+    out = [(f"{hw['roof_dtype']} matmul peak", peak, "solid")]
+    if hw["peak_flops"]["float32"] < peak:
+        out.append(("float32 peak of ops that do not run on tensor cores", hw["peak_flops"]["float32"], "dashed"))
+    return out
+
+
+def roofline_caption(report: Mapping[str, Any]) -> str:
+    """The plot's caption: it names exactly the roofs `roofs` draws."""
+    drawn = roofs(report)
+    bw = _si(report["hardware"]["memory_bandwidth_bytes_per_s"], "B/s")
+    text = ("Each node with FLOPs is a point at its arithmetic intensity and attained FLOP/s (FLOPs / predicted time, "
+            "launch overhead included), its area proportional to its share of the predicted time; colour by kind. ")
+    (label, peak, _), *rest = drawn
+    text += f"The solid roof is min({_si(peak, 'FLOP/s')} ({label}), {bw} x intensity)"
+    if rest:
+        label, peak, _ = rest[0]
+        text += f"; the dashed one min({_si(peak, 'FLOP/s')} ({label}), {bw} x intensity)."
+    else:
+        text += "; it is the only roof: this hardware row's float32 peak is not below it."
+    if report["recipe"] is not None:
+        text += " Nodes are those after the recipe's passes."
+    return text
+
+
 def roofline_png(report: Mapping[str, Any], dpi: int = 110) -> bytes:
     """The roofline plot of a report as PNG bytes: the hardware's roof(s), one point per priced node with FLOPs
     (x: FLOP/byte, y: attained FLOP/s = FLOPs / predicted time), area proportional to its share of the time."""
@@ -655,9 +740,7 @@ def roofline_png(report: Mapping[str, Any], dpi: int = 110) -> bytes:
 
     hw = report["hardware"]
     bw = hw["memory_bandwidth_bytes_per_s"]
-    roof_dtype = hw["roof_dtype"]
-    peak = hw["peak_flops"].get(roof_dtype, hw["peak_flops"]["float32"])
-    peak_f32 = hw["peak_flops"]["float32"]
+    peak = roofs(report)[0][1]
     nodes = [n for n in report["nodes"] if n["flops"] > 0 and n["bytes"] > 0 and n["time_s"] > 0]
     fig = Figure(figsize=(9, 5.6), dpi=dpi)
     ax = fig.add_subplot(1, 1, 1)
@@ -665,11 +748,9 @@ def roofline_png(report: Mapping[str, Any], dpi: int = 110) -> bytes:
     lo = min(min(xs) / 3, 0.1)
     hi = max(max(xs) * 3, 10 * peak / bw)
     grid = [lo * (hi / lo) ** (i / 200) for i in range(201)]
-    ax.plot(grid, [min(peak, bw * x) for x in grid], color="black", lw=2,
-            label=f"roof: {roof_dtype} matmul peak {_si(peak, 'FLOP/s')}, {_si(bw, 'B/s')}")
-    if peak_f32 < peak:
-        ax.plot(grid, [min(peak_f32, bw * x) for x in grid], color="black", lw=1, ls="--",
-                label=f"roof: non-matmul (float32 peak {_si(peak_f32, 'FLOP/s')})")
+    for label, roof, style in roofs(report):
+        ax.plot(grid, [min(roof, bw * x) for x in grid], color="black", lw=2 if style == "solid" else 1,
+                ls="-" if style == "solid" else "--", label=f"roof: {label} {_si(roof, 'FLOP/s')}, {_si(bw, 'B/s')}")
     for kind, colour in _KIND_COLOURS.items():
         pts = [n for n in nodes if n["kind"] == kind]
         if not pts:
@@ -749,11 +830,7 @@ def render_html(report: Mapping[str, Any]) -> str:
 
     png = base64.b64encode(roofline_png(report)).decode("ascii")
     parts += ["<h2>Roofline</h2>", f'<figure><img alt="roofline plot" src="data:image/png;base64,{png}">',
-              "<figcaption>Each node with FLOPs is a point at its arithmetic intensity and attained FLOP/s "
-              "(FLOPs / predicted time, launch overhead included), its area proportional to its share of the "
-              "predicted time; colour by kind. The solid roof is min(peak, bandwidth x intensity) at the model's "
-              "dtype; the dashed one the peak of ops that do not run on tensor cores."
-              + (" Nodes are those after the recipe's passes." if with_before else "") + "</figcaption></figure>"]
+              f"<figcaption>{e(roofline_caption(report))}</figcaption></figure>"]
 
     parts += ["<h2>Totals</h2>", "<table><tr><th></th>"
               + ('<th class="n">before</th><th class="n">after</th><th class="n">speedup</th>' if with_before
@@ -765,6 +842,14 @@ def render_html(report: Mapping[str, Any]) -> str:
                 f'<td class="n">{e(after)}</td>'
         parts.append(f"<tr><td>{e(label)}</td>{cells}<td class=\"{cls}\">{e(note)}</td></tr>")
     parts.append("</table>")
+    table = _latency_table(report)
+    if table is not None:
+        heading, headers, rows = table
+        parts += [f"<h2>Latency by size</h2><p>{e(heading)}.</p>", '<table class="latency"><tr>'
+                  + "".join(f'<th class="n">{e(h)}</th>' if h else "<th></th>" for h in headers) + "</tr>"]
+        parts += ["<tr><td>" + e(r[0]) + "</td>" + "".join(f'<td class="n">{e(c)}</td>' for c in r[1:]) + "</tr>"
+                  for r in rows]
+        parts.append("</table>")
     if t["time_by_kind"]:
         parts.append("<p>Time by kind: " + ", ".join(
             f'<span class="kind" style="background:{_KIND_COLOURS.get(k, "#999")}"></span>{e(k)} {e(_time(v))} '

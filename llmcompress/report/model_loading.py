@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from llmcompress.errors import LLMCompressError
+from llmcompress.errors import LLMCompressError, did_you_mean
 
 
 class ModelLoadError(LLMCompressError, ValueError):
@@ -31,7 +31,9 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     name = _DTYPE_ALIASES.get(name, name)
     value = getattr(torch, name, None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ModelLoadError(f"dtype: unknown floating dtype {dtype!r}; expected e.g. bfloat16, float16, float32")
+        known = ["bfloat16", "float16", "float32", "float64", *_DTYPE_ALIASES]
+        raise ModelLoadError(f"dtype: unknown floating dtype {dtype!r}{did_you_mean(name, known)}; expected e.g. "
+                             "bfloat16, float16, float32")
     return value
 
 

@@ -10,7 +10,7 @@ name goes through `module_path`, which finds the path in the model's own module 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 # getattr(X, 'k') with no call or comma inside X: the innermost one, so nested getattrs unwind from the inside.
 _GETATTR = re.compile(r"getattr\(([^(),]*), '([^']*)'\)")
@@ -50,4 +50,24 @@ def module_path(source: str, known: Collection[str] | None = None) -> str | None
         path = ".".join(segments[start:])
         if path in known and (path or not segments):
             return path
+    return None
+
+
+def stack_path(sources: Sequence[str], known: Collection[str]) -> str | None:
+    """The module path of the innermost entry of an `nn_module_stack` (`sources` outermost first) that names one.
+
+    An inner entry that is not a module of the model is a function transformers wraps as a module
+    (`apply_rotary_pos_emb`), which Dynamo names by the global it reached it through
+    ("G['__import_transformers_dot_models_dot_llama_dot_modeling_llama'].apply_rotary_pos_emb"): it is named by its
+    own name, called, under the module that called it: "model.layers.0.self_attn.apply_rotary_pos_emb()".
+    None when no entry is a module of the model.
+    """
+    function = None
+    for source in reversed(sources):
+        path = module_path(source, known)
+        if path is not None:
+            return f"{path}.{function}" if path and function else path or function or ""
+        if function is None:
+            name = module_path(source).rpartition(".")[2]
+            function = f"{name}()" if name.isidentifier() else None
     return None

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from llmcompress.errors import did_you_mean
+
 VOCAB = 96
 
 # family -> (config class, model class, config kwargs); 2 layers, hidden 64, so a compile takes seconds on a CPU.
@@ -34,7 +36,7 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0) -
     import transformers
 
     if family not in FAMILIES:
-        raise KeyError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+        raise KeyError(f"unknown family {family!r}{did_you_mean(family, FAMILIES)}; known: {', '.join(FAMILIES)}")
     config_cls, model_cls, kwargs = FAMILIES[family]
     config = getattr(transformers, config_cls)(**kwargs)
     config._attn_implementation = "sdpa"

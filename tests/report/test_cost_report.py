@@ -15,9 +15,10 @@ import transformers
 
 from llmcompress.cli import main
 from llmcompress.cost.hardware import HARDWARE, resolve
-from llmcompress.report.cost_report import layer_of, render_html, render_text
+from llmcompress.report import cost_report
+from llmcompress.report.cost_report import build_report, layer_of, model_info, render_html, render_json, render_text
 from llmcompress.report.model_loading import ModelLoadError, load_model
-from llmcompress.report.module_paths import module_path
+from llmcompress.report.module_paths import module_path, stack_path
 
 FIXTURES = Path(os.environ.get("LLMCOMPRESS_FIXTURES", Path(__file__).parents[3] / "shared" / "fixtures"))
 SCRIPT = Path(__file__).parents[2] / "scripts" / "check_report_html.py"
@@ -71,7 +72,8 @@ def test_text_to_stdout(tiny, capsys):
     _run([str(tiny), "--seq", "8"])  # --hardware auto: this machine's row
     out = capsys.readouterr().out
     for text in ("prefill: batch 1 x seq 8 = 8 tokens per step", f"hardware  {resolve('auto').name} (",
-                 "Symbolic totals, in batch, seq:", "Per layer", "Per node",
+                 "Symbolic totals, in batch, seq (the latency's expression is in --format json):", "Per layer",
+                 "Per node", "Predicted latency at other sizes",
                  "predicted latency", "tokens/s ceiling", "decode ceiling (batch 1)", "weight bytes",
                  "model.layers.0", "self_attn.q_proj", "[model.layers.1: identical to model.layers.0]"):
         assert text in out, text
@@ -155,6 +157,87 @@ def test_decode_with_recipe_has_before_and_after(decode_json):
     assert "decode step: batch 2, 1 new token over a static cache of 32" in text
     assert "before" in text and "speedup" in text
     assert "time before" in render_html(r)
+
+
+def test_latency_by_size_table(tiny, prefill_json, decode_json, tmp_path):
+    """The text and HTML reports give the predicted latency at batch 1, 8 x seq 1, 128, 2048 instead of the latency
+    expression (a wall of Max terms); the JSON keeps the expression and has the table's numbers, which equal the
+    latency of a report traced at that size."""
+    t = prefill_json["totals"]
+    table = {(row["batch"], row["seq"]): row for row in t["latency_by_size"]}
+    assert list(table) == [(b, s) for b in cost_report.TABLE_BATCHES for s in cost_report.TABLE_SEQS] == \
+        [(1, 1), (1, 128), (1, 2048), (8, 1), (8, 128), (8, 2048)]
+    latency = sympy.sympify(t["symbolic"]["latency_s"])
+    assert latency.free_symbols == set(sympy.symbols("batch seq"))  # the expression stays in the JSON
+    for (b, s), row in table.items():
+        assert row["latency_s"] == pytest.approx(float(latency.subs({"batch": b, "seq": s})), rel=1e-3)
+        assert row["tokens_per_s"] == pytest.approx(b * s / row["latency_s"])
+    assert table[8, 2048]["latency_s"] > table[8, 128]["latency_s"] > table[1, 128]["latency_s"]
+    out = tmp_path / "b8s128.json"
+    _run([str(tiny), "--batch", "8", "--seq", "128", "--hardware", "h100-sxm", "--format", "json", "-o", str(out)])
+    assert json.loads(out.read_text())["totals"]["latency_s"] == pytest.approx(table[8, 128]["latency_s"], rel=1e-9)
+
+    text, page = render_text(prefill_json), render_html(prefill_json)
+    assert t["symbolic"]["latency_s"] not in text and t["symbolic"]["latency_s"] not in page
+    assert "Max(" not in text and "Max(" not in page
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("Predicted latency at other sizes"))
+    assert lines[head + 1].split() == ["seq", "1", "seq", "128", "seq", "2048"]
+    assert lines[head + 3].split()[:2] == ["batch", "1"] and lines[head + 4].split()[:2] == ["batch", "8"]
+    assert "<h2>Latency by size</h2>" in page and page.count('<td class="n">', page.index("Latency by size")) >= 6
+    # A decode step is traced at its sizes: no table, and its latency is a number.
+    assert decode_json["totals"]["latency_by_size"] is None and "Latency by size" not in render_html(decode_json)
+    assert "Predicted latency at other sizes" not in render_text(decode_json)
+
+
+@pytest.mark.parametrize("dtype, hardware, drawn", [
+    ("bfloat16", "h100-sxm", ["solid", "dashed"]),  # tensor-core bf16 peak above the float32 one
+    ("float32", "h100-sxm", ["solid"]),  # the model's dtype is float32: one roof
+    ("bfloat16", "cpu", ["solid"]),  # the CPU row has one peak for both
+])
+def test_roofline_caption_names_the_roofs_drawn(prefill_json, dtype, hardware, drawn):
+    hw = resolve(hardware)
+    report = json.loads(json.dumps(prefill_json))
+    report["hardware"].update(name=hw.name, peak_flops=dict(hw.peak_flops), roof_dtype=dtype)
+    assert [style for _, _, style in cost_report.roofs(report)] == drawn
+    caption = cost_report.roofline_caption(report)
+    assert ("dashed" in caption) == ("dashed" in drawn)
+    assert "solid roof" in caption
+    assert f"<figcaption>{caption}</figcaption>" in render_html(report).replace("&#x27;", "'")
+
+
+_DYNAMO_NAMES = ("L[", "G[", "L.", "G.", "__import", "_modules", "getattr(")
+
+
+def _check_module_names(report: dict, model) -> None:
+    """Every node's module is a module path of the model, or a function transformers wraps as a module, named
+    under the module that calls it ("model.layers.0.self_attn.apply_rotary_pos_emb()"); no Dynamo name anywhere."""
+    known = {name for name, _ in model.named_modules()}
+    for n in report["nodes"]:
+        parent, _, last = n["module"].rpartition(".")
+        assert n["module"] in known or (last.endswith("()") and last[:-2].isidentifier() and parent in known), n
+    for text in (render_text(report), render_json(report), render_html(report)):
+        assert not any(bad in text for bad in _DYNAMO_NAMES)
+
+
+def test_module_names_of_a_llama(tiny, prefill_json):
+    _check_module_names(prefill_json, load_model(tiny))
+    rotary = {n["module"] for n in prefill_json["nodes"] if "apply_rotary_pos_emb" in n["module"]}
+    assert rotary == {f"model.layers.{i}.self_attn.apply_rotary_pos_emb()" for i in range(LAYERS)}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mixtral", "bert"])
+def test_module_names_of_the_test_models(family):
+    import torch
+
+    from llmcompress.report.trace import trace_model
+    from llmcompress.testing.models import tiny_model
+
+    with torch.device("meta"):
+        model = tiny_model(family, dtype=torch.bfloat16)
+    traced = trace_model(model, torch.zeros(1, 8, dtype=torch.long, device="meta"), passes=["canonicalize"])
+    report = json.loads(render_json(build_report(traced, resolve("h100-sxm"), model=model_info(model), seq=8)))
+    _check_module_names(report, model)
 
 
 def test_html_is_self_contained(html_report):
@@ -262,8 +345,15 @@ def test_module_paths_whatever_the_frame(source, module):
 def test_module_paths_through_the_model_structure():
     # A prefix no rule knows: the longest tail that is a module of the model.
     assert module_path("L['fn'].__wrapped__.__self__.model.layers.3.mlp", _KNOWN) == "model.layers.3.mlp"
-    # Not a module of the model (transformers wraps functions such as apply_rotary_pos_emb as modules).
-    assert module_path("G['__import_transformers_dot_modeling_llama'].apply_rotary_pos_emb", _KNOWN) is None
+    # Not a module of the model (transformers wraps functions such as apply_rotary_pos_emb as modules)...
+    rotary = "G['__import_transformers_dot_models_dot_llama_dot_modeling_llama'].apply_rotary_pos_emb"
+    assert module_path(rotary, _KNOWN) is None
+    # ... so in a module stack it is named after the module that calls it.
+    stack = ["L['args'][0].model", "L['args'][0].model.layers.3", rotary]
+    assert stack_path(stack, _KNOWN) == "model.layers.3.apply_rotary_pos_emb()"
+    assert stack_path(stack[:2], _KNOWN) == "model.layers.3"
+    assert stack_path(["L['self']", rotary], _KNOWN) == "apply_rotary_pos_emb()"  # called by the model itself
+    assert stack_path([rotary], _KNOWN) is None
     assert module_path("L['self'].model.layers.3.mlp.up_proj.weight.q4", _KNOWN | {"model.layers.3.mlp.up_proj"}) \
         is None
 
@@ -303,3 +393,4 @@ def test_trained_tiny_llama_fixture(tmp_path):
     blocks = [layer for layer in r["layers"] if layer["layer"].startswith("model.layers.")]
     assert len(blocks) == config["num_hidden_layers"]
     assert all(layer["same_as"] == "model.layers.0" for layer in blocks[1:])
+    _check_module_names(r, load_model(folder))

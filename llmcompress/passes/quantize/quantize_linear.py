@@ -39,7 +39,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from llmcompress.calibration.data import CalibrationWarning
 from llmcompress.calibration.service import Calibration, TargetInputs
-from llmcompress.errors import OptionError, WeightReleasedError
+from llmcompress.errors import OptionError, WeightReleasedError, did_you_mean
 from llmcompress.formats import cpu_packed
 from llmcompress.formats import quantized as formats
 from llmcompress.fx_utils import call, finish_rewrite, member_names
@@ -53,6 +53,7 @@ from llmcompress.passes.weights import DerivedKey
 aten = torch.ops.aten
 
 SCHEMES = ("w8a16", "w4a16", "w8a8", "fp8")
+_OVERRIDE_KEYS = ("scheme", "method", "group_size", "alpha", "skip")
 METHODS = {"w8a16": ("rtn",), "w4a16": ("rtn", "awq", "gptq"), "w8a8": ("rtn", "smoothquant"), "fp8": ("rtn",)}
 
 
@@ -98,10 +99,10 @@ class QuantizeLinearOptions:
         if self.block_size < 1:
             raise OptionError(f"pass 'quantize-linear': key 'block_size' got {self.block_size!r}; expected >= 1")
         for pattern, opts in self.overrides.items():
-            bad = sorted(set(opts) - {"scheme", "method", "group_size", "alpha", "skip"})
+            bad = sorted(set(opts) - set(_OVERRIDE_KEYS))
             if bad:
-                raise OptionError(f"pass 'quantize-linear': override {pattern!r} has unknown key {bad[0]!r}; "
-                                  "allowed: scheme, method, group_size, alpha, skip")
+                raise OptionError(f"pass 'quantize-linear': override {pattern!r} has unknown key {bad[0]!r}"
+                                  f"{did_you_mean(bad[0], _OVERRIDE_KEYS)}; allowed: {', '.join(_OVERRIDE_KEYS)}")
             merged = {**dataclasses.asdict(self), **opts}
             _check_combo(merged["scheme"], merged["method"], merged["group_size"], merged["alpha"],
                          f"pass 'quantize-linear': override {pattern!r}")
@@ -109,9 +110,11 @@ class QuantizeLinearOptions:
 
 def _check_combo(scheme: Any, method: Any, group_size: Any, alpha: Any, where: str) -> None:
     if scheme not in SCHEMES:
-        raise OptionError(f"{where}: scheme {scheme!r} unknown; expected one of {', '.join(SCHEMES)}")
+        raise OptionError(f"{where}: scheme {scheme!r} unknown{did_you_mean(scheme, SCHEMES)}; expected one of "
+                          f"{', '.join(SCHEMES)}")
     if method not in METHODS[scheme]:
-        raise OptionError(f"{where}: method {method!r} does not apply to scheme {scheme!r}; "
+        raise OptionError(f"{where}: method {method!r} does not apply to scheme {scheme!r}"
+                          f"{did_you_mean(method, METHODS[scheme])}; "
                           f"allowed: {', '.join(METHODS[scheme])}")
     if scheme == "w4a16" and group_size not in formats.INT4_GROUP_SIZES:
         raise OptionError(f"{where}: group_size {group_size!r}; expected one of {formats.INT4_GROUP_SIZES}")
