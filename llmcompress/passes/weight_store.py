@@ -245,18 +245,24 @@ class WeightStore:
             return MISSING
 
     def _read(self, path: Path, key: str, device: torch.device) -> Any:
-        from safetensors import safe_open
+        from safetensors.torch import load
 
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
-                raise _Corrupt(f"format {meta.get('format')!r} version {meta.get('format_version')!r}, expected "
-                               f"{FORMAT!r} version {FORMAT_VERSION}")
-            if meta.get("key") != key:
-                raise _Corrupt(f"header key {meta.get('key')!r} is not the file's key")
-            structure = json.loads(meta["structure"])
-            checksums = json.loads(meta["checksums"])
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        # One read of the whole file: safe_open parses the header from one open and then maps the data by path
+        # again (UntypedStorage.from_file), so a writer's os.replace in between paired one file's header and
+        # checksums with another's tensors (seen in test_concurrent_writers_never_leave_a_torn_file).
+        data = path.read_bytes()
+        if len(data) < 8:
+            raise _Corrupt(f"{len(data)} bytes, shorter than a safetensors header")
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+        if meta.get("format") != FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
+            raise _Corrupt(f"format {meta.get('format')!r} version {meta.get('format_version')!r}, expected "
+                           f"{FORMAT!r} version {FORMAT_VERSION}")
+        if meta.get("key") != key:
+            raise _Corrupt(f"header key {meta.get('key')!r} is not the file's key")
+        structure = json.loads(meta["structure"])
+        checksums = json.loads(meta["checksums"])
+        tensors = load(data)
         if set(tensors) != set(checksums):
             raise _Corrupt(f"tensors {sorted(tensors)} but checksums for {sorted(checksums)}")
         for name, t in tensors.items():

@@ -47,7 +47,10 @@ def test_second_compile_loads_gptq_from_disk_without_calibrating(capsys, tmp_pat
     assert second["calibration_runs"] == 0 and "calibration tokens" not in second["quantize_stats"]
     assert second["disk_cache_warnings"] == 0
     assert second["quantize_stats"]["calibrated: cached"] == 14 and second["quantize_stats"]["w4a16 gptq"] == 14
-    assert second["derived_weights"] == {"hits": 0, "misses": 0, "disk_hits": 14, "disk_writes": 0,
+    # The only computing left: packing the loaded codes into torch's CPU layout (cheap; kept in memory only).
+    packed = second["quantize_stats"].get("cpu: packed", 0)
+    assert packed == 14  # compile_child runs on the CPU
+    assert second["derived_weights"] == {"hits": 0, "misses": packed, "disk_hits": 14, "disk_writes": 0,
                                          "not_persisted": 0}
     assert torch.equal(logits, again)
 
@@ -67,7 +70,8 @@ def test_cache_folder_is_portable_to_a_new_process(capsys, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     second = json.loads(out.stdout.strip().splitlines()[-1])
     assert second["calibration_runs"] == 0
-    assert second["derived_weights"]["disk_hits"] == 14 and second["derived_weights"]["misses"] == 0
+    assert second["derived_weights"]["disk_hits"] == 14
+    assert second["derived_weights"]["misses"] == second["quantize_stats"].get("cpu: packed", 0)
     assert torch.equal(logits, load_file(str(tmp_path / "second.safetensors"))["logits"])
 
 
