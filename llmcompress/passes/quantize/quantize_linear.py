@@ -43,7 +43,7 @@ from llmcompress.errors import OptionError, WeightReleasedError, did_you_mean
 from llmcompress.formats import cpu_packed
 from llmcompress.formats import quantized as formats
 from llmcompress.fx_utils import call, finish_rewrite, member_names
-from llmcompress.kernels.cpu_path import choose_cpu_kernel
+from llmcompress.kernels.cpu_path import choose_cpu_kernel, packed_dtype_unsupported
 from llmcompress.kernels.kernel_path import choose_kernel_path
 from llmcompress.kernels.linear_common import DENSE_OFF
 from llmcompress.passes.base import Pass, PassContext, PassResult
@@ -458,6 +458,9 @@ def _cpu_plan(ctx: PassContext, t: _Target) -> dict[str, Any] | None:
         packed_bytes, stored_bytes = n * k // 2 + 2 * groups * n * e, n * k // 2 + 4 * groups * n
     if reason is not None:
         return {"packed": False, "dtype": dtype, "reason": "shape", "detail": reason, "priced": {}, "isa": None}
+    slow = packed_dtype_unsupported(dtype)
+    if slow is not None:
+        return {"packed": False, "dtype": dtype, "reason": "dtype", "detail": slow, "priced": {}, "isa": None}
     choice = choose_cpu_kernel(ctx.cost_model, fmt, n, k, dtype, float(packed_bytes), float(stored_bytes))
     # torch's int4 CPU layout follows the vector ISA it was packed for: a key part, so a cache shared between
     # machines never serves an AVX-512 packing to an AVX2 CPU.

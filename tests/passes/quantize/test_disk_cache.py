@@ -47,9 +47,9 @@ def test_second_compile_loads_gptq_from_disk_without_calibrating(capsys, tmp_pat
     assert second["calibration_runs"] == 0 and "calibration tokens" not in second["quantize_stats"]
     assert second["disk_cache_warnings"] == 0
     assert second["quantize_stats"]["calibrated: cached"] == 14 and second["quantize_stats"]["w4a16 gptq"] == 14
-    # The only computing left: packing the loaded codes into torch's CPU layout (cheap; kept in memory only).
+    # The only computing left: packing loaded codes into torch's CPU layout (cheap; kept in memory only), for
+    # bf16/fp16 activations; compile_child's model is float32, which keeps the reference op (nothing to pack).
     packed = second["quantize_stats"].get("cpu: packed", 0)
-    assert packed == 14  # compile_child runs on the CPU
     assert second["derived_weights"] == {"hits": 0, "misses": packed, "disk_hits": 14, "disk_writes": 0,
                                          "not_persisted": 0}
     assert torch.equal(logits, again)
