@@ -67,7 +67,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -144,16 +143,6 @@ def vm_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ---------------------------------------------------------------------------------------------- child: one config
@@ -405,13 +394,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return result
     out_path = Path(args.out) if args.out else RESULTS_DIR / ("cpu_decode_small.json" if args.small
                                                                 else "cpu_decode.json")
+    import torch
+
+    from llmcompress.cost.device_profile import device_name
+
     vers = versions()
     threads = args.threads or vers.pop("torch_threads")
     vers.pop("torch_threads", None)
     doc: dict[str, Any] = {
         "benchmark": "cpu_decode", "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "complete": False,
         "command": " ".join([os.path.basename(sys.executable)] + (sys.argv if argv is None else [__file__, *argv])),
-        "device": {"type": "cpu", "cpu_model": cpu_model(), "torch_threads": threads, "cpu_count": os.cpu_count()},
+        "device": {"type": "cpu", "cpu_model": device_name(torch.device("cpu")), "torch_threads": threads,
+                   "cpu_count": os.cpu_count()},
         "versions": vers,
         "model": {"name": args.model, "dtype": "bfloat16", "attn_implementation": "sdpa",
                   "config": MODELS[args.model]},

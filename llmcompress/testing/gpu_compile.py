@@ -37,6 +37,7 @@ import triton
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from llmcompress.codegen import compile_group
+from llmcompress.cost.device_profile import device_name
 from llmcompress.kernels import fp8_linear, fused_linear, int4_linear, int8_linear, rms_norm, w8a8_linear
 from llmcompress.kernels import linear_common as common
 
@@ -457,6 +458,8 @@ def main(argv=None) -> int:
         all_jobs = reduced_jobs(all_jobs)
     head = {"set": args.set, "command": " ".join(sys.argv),
             "targets": {t: {"capability": c, "shared_limit": s} for t, (c, s) in TARGETS.items() if t in targets},
+            "device": {"type": "cpu", "name": device_name(torch.device("cpu")), "cpu_count": os.cpu_count(),
+                       "gpu": None, "compiled_for": targets},
             "environment": environment(), "jobs": args.jobs, "compiles": len({_key(j) for j in all_jobs})}
 
     def write(rows: list[dict], complete: bool) -> None:

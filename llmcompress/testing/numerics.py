@@ -6,7 +6,7 @@ RNG or on test order.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -19,7 +19,7 @@ def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 def random_activations(shape, dtype: torch.dtype, bias: bool = False, act_scale: bool = False,
-                       n: Optional[int] = None, device="cpu", seed: int = 1):
+                       n: int | None = None, device="cpu", seed: int = 1):
     """x (*shape) ~ N(0, 1) in dtype; optional bias (n,) ~ N(0, 1) in dtype and act_scale (K,) float32 in [0.5, 1.5).
 
     Returns:
@@ -57,7 +57,7 @@ def random_quantized_linear(shape, n: int, dtype: torch.dtype,
 
 
 def per_token_linear_float64(q: torch.Tensor, q_scale: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
-                             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                             bias: torch.Tensor | None = None) -> torch.Tensor:
     """The per-token activation x per-channel weight quantized linear in float64 on CPU, without any rounding:
     (q @ qweight.T) * q_scale * wscale (+ bias).
 
@@ -91,3 +91,24 @@ def outlier_layer(n: int = 128, k: int = 512, t: int = 1024, seed: int = 0, outl
     sign = torch.randint(0, 2, (n, k), generator=g) * 2 - 1
     w = sign * -torch.log(torch.rand(n, k, generator=g)) * (0.5 + torch.rand(1, k, generator=g)) * 0.02
     return w, x
+
+
+def fake_quantize_linears(model: torch.nn.Module, scheme: str, group_size: int = 32, skip=("lm_head",)
+                          ) -> torch.nn.Module:
+    """The eager oracle of weight-only quantization: every `nn.Linear` whose name contains none of `skip` gets its
+    weight replaced, in place, by its quantized-then-dequantized value (`scheme` w8a16: int8 per channel; w4a16:
+    int4 round to nearest in groups of `group_size`)."""
+    from llmcompress.formats import quantized as formats
+
+    if scheme not in ("w8a16", "w4a16"):
+        raise ValueError(f"fake_quantize_linears: scheme must be w8a16 or w4a16, got {scheme!r}")
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and not any(s in name for s in skip):
+            w = mod.weight.data
+            if scheme == "w8a16":
+                deq = formats.dequantize_int8(*formats.quantize_int8_per_channel(w))
+            else:
+                deq = formats.dequantize_int4(*formats.quantize_int4_rtn(w, group_size), group_size)
+            mod.weight.data = deq.to(w.dtype)
+    return model
+

@@ -13,7 +13,7 @@ from llmcompress.backend import make_backend
 from llmcompress.formats import quantized as formats
 from llmcompress.passes.weights import DERIVED, is_released
 from llmcompress.testing.models import example_ids, main_output, tiny_model
-from llmcompress.testing.numerics import sqnr_db
+from llmcompress.testing.numerics import fake_quantize_linears, sqnr_db
 
 CPU_OPS = {"w8a16": torch.ops.llmcompress.linear_w8a16_cpu.default,
            "w4a16": torch.ops.llmcompress.linear_w4a16_cpu.default}
@@ -27,16 +27,6 @@ def _compile(model, options):
     return torch.compile(model, backend=backend, options=options), seen
 
 
-def _fake_quant(model, scheme, group_size=32):
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
-            w = mod.weight.data
-            if scheme == "w8a16":
-                deq = formats.dequantize_int8(*formats.quantize_int8_per_channel(w))
-            else:
-                deq = formats.dequantize_int4(*formats.quantize_int4_rtn(w, group_size), group_size)
-            mod.weight.data = deq.to(w.dtype)
-    return model
 
 
 def _count(gm, op):
@@ -53,7 +43,7 @@ def test_cpu_graph_runs_packed_ops(scheme, lowering):
     ids = example_ids()
     model = tiny_model("llama", dtype=torch.bfloat16)
     with torch.no_grad():
-        expected = main_output(_fake_quant(tiny_model("llama", dtype=torch.bfloat16), scheme).double()(ids))
+        expected = main_output(fake_quantize_linears(tiny_model("llama", dtype=torch.bfloat16), scheme).double()(ids))
         compiled, seen = _compile(model, {"passes": _passes(scheme), "lowering": lowering, "strict": True})
         out = main_output(compiled(ids))
     (gm, _ctx), = seen
@@ -71,7 +61,7 @@ def test_float32_activations_keep_the_reference_op(scheme, tmp_path):
     ids = example_ids()
     report = tmp_path / "r.json"
     with torch.no_grad():
-        expected = main_output(_fake_quant(tiny_model("llama"), scheme)(ids))
+        expected = main_output(fake_quantize_linears(tiny_model("llama"), scheme)(ids))
         compiled, seen = _compile(tiny_model("llama"), {"passes": _passes(scheme), "lowering": "eager",
                                                         "report": str(report)})
         out = main_output(compiled(ids))
@@ -88,7 +78,7 @@ def test_bfloat16_model_within_the_scheme_sqnr(scheme, min_db):
     model = tiny_model("llama", dtype=torch.bfloat16)
     with torch.no_grad():
         dense = main_output(model(ids)).float()
-        expected = main_output(_fake_quant(tiny_model("llama", dtype=torch.bfloat16), scheme)(ids)).float()
+        expected = main_output(fake_quantize_linears(tiny_model("llama", dtype=torch.bfloat16), scheme)(ids)).float()
         compiled, seen = _compile(model, {"passes": _passes(scheme), "lowering": "inductor", "strict": True})
         out = main_output(compiled(ids)).float()
     (gm, _), = seen
@@ -180,7 +170,7 @@ def test_a_later_graph_reuses_the_packed_weights_after_release(scheme):
     """generate's prefill graph, then its decode graph: the originals were released by the first compile, and the
     second quantizes from the cached packed tensors (its shapes from the graph) instead of failing."""
     model = tiny_model("llama", dtype=torch.bfloat16)
-    reference = _fake_quant(tiny_model("llama", dtype=torch.bfloat16), scheme).double()
+    reference = fake_quantize_linears(tiny_model("llama", dtype=torch.bfloat16), scheme).double()
     options = {"passes": {"canonicalize": {}, "quantize-linear": {"scheme": scheme, "group_size": 32,
                                                                     "embedding": "int8"}},
                "lowering": "eager", "release_weights": True, "strict": True}

@@ -16,7 +16,7 @@ from llmcompress.calibration.data import CalibrationWarning
 from llmcompress.errors import OptionError
 from llmcompress.formats import quantized as formats
 from llmcompress.testing.models import VOCAB, example_ids, main_output, tiny_model
-from llmcompress.testing.numerics import sqnr_db
+from llmcompress.testing.numerics import fake_quantize_linears, sqnr_db
 
 QUANT_OPS = {"linear_w4a16", "linear_w8a16", "linear_w8a8", "linear_fp8", "grouped_linear_w4a16",
              "grouped_linear_w8a16"}
@@ -54,17 +54,6 @@ def _pass_record(report, name="quantize-linear"):
     return next(p for p in graph["passes"] if p["name"] == name)
 
 
-def _fake_quant(model, scheme, group_size=32, skip=("lm_head",)):
-    """The eager model with every linear's weight replaced by its quantized-dequantized value."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and not any(s in name for s in skip):
-            w = mod.weight.data
-            if scheme == "w8a16":
-                deq = formats.dequantize_int8(*formats.quantize_int8_per_channel(w))
-            else:
-                deq = formats.dequantize_int4(*formats.quantize_int4_rtn(w, group_size), group_size)
-            mod.weight.data = deq.to(w.dtype)
-    return model
 
 
 @pytest.mark.parametrize("lowering", ["eager", "inductor"])
@@ -74,7 +63,7 @@ def test_weight_only_rtn_matches_fake_quantized_eager(scheme, lowering, tmp_path
     model = tiny_model("llama")
     with torch.no_grad():
         dense = main_output(model(ids))
-        expected = main_output(_fake_quant(tiny_model("llama"), scheme)(ids))
+        expected = main_output(fake_quantize_linears(tiny_model("llama"), scheme)(ids))
     passes = {"canonicalize": {}, "quantize-linear": {"scheme": scheme, "group_size": 32}}
     out, report = _report(tmp_path, model, ids, {"passes": passes, "lowering": lowering})
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
@@ -303,7 +292,7 @@ def test_release_weights_frees_the_dense_originals():
     model = tiny_model("llama")
     q = model.model.layers[0].self_attn.q_proj.weight
     with torch.no_grad():
-        reference = _fake_quant(tiny_model("llama"), "w8a16")
+        reference = fake_quantize_linears(tiny_model("llama"), "w8a16")
         table = reference.get_input_embeddings().weight  # the w8a16 recipe stores the embedding as int8 rows too
         table.data = formats.dequantize_int8(*formats.quantize_int8_per_channel(table.data))
         expected = main_output(reference(example_ids()))
