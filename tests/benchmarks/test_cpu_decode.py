@@ -16,8 +16,8 @@ CONFIGS = ("eager", "inductor", "default", "w8a16", "w4a16")
 @pytest.mark.slow
 def test_cpu_decode_small(tmp_path):
     out = tmp_path / "cpu_decode_small.json"
-    # --keep-weights: with release_weights, generate's second graph (decode after prefill) fails today in
-    # quantize-linear (WeightReleasedError); the benchmark's default keeps release_weights for the memory column.
+    # --keep-weights: the memory column then includes the dense weights; release_weights is covered by the
+    # warm-compiler test below.
     # --repeats 1: one timed call is enough to check the keys; the numbers are not judged here.
     subprocess.run([sys.executable, "benchmarks/cpu_decode.py", "--small", "--keep-weights", "--repeats", "1",
                     "--out", str(out)], cwd=ROOT, check=True, timeout=900, capture_output=True)
@@ -48,3 +48,21 @@ def test_cpu_decode_small(tmp_path):
         assert r["quantization"].get(f"{name} rtn", 0) > 0, r["quantization"]
         assert r["sqnr_steps"] >= 1
         assert doc["checks"]["quantized_sqnr_ok"][name] is True, (name, r["logits_sqnr_db"])
+
+
+@pytest.mark.slow
+def test_cpu_decode_warm_compiler(tmp_path):
+    """--warm-compiler pays the one-time state on a throwaway model first, so rss_mib counts only this model."""
+    out = tmp_path / "cpu_decode_small_warm.json"
+    subprocess.run([sys.executable, "benchmarks/cpu_decode.py", "--small", "--warm-compiler", "--configs",
+                    "eager,w4a16", "--repeats", "1", "--out", str(out)], cwd=ROOT, check=True, timeout=900,
+                   capture_output=True)
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["warm_compiler"] is True
+    for name in ("eager", "w4a16"):
+        r = doc["results"][name]
+        assert "error" not in r, (name, r.get("traceback"))
+        assert r["rss_one_time_mib"] > 0 and r["rss_mib"] > 0, r
+    # The throwaway model went through the same compile (prefill and decode graphs); eager compiles nothing.
+    assert doc["results"]["w4a16"]["warm_compiled_graphs"] == 2 and doc["results"]["eager"]["warm_compiled_graphs"] == 0
+    assert doc["results"]["w4a16"]["dynamo"]["unique_graphs"] == 2  # the model's own graphs, counted apart
