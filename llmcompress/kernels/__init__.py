@@ -37,9 +37,11 @@ from llmcompress.kernels import (
            int8_linear,
            quantized_embedding,
            rms_norm,
+           sparse_linear,
            w8a8_linear,
 )
 from llmcompress.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 
 __all__ = ["cpu_weight_only", "fp8_linear", "fused_linear", "grouped_linear", "int4_linear", "int8_linear",
-           "quantized_embedding", "rms_norm", "rms_norm_reference", "rms_norm_triton", "w8a8_linear"]
+           "quantized_embedding", "rms_norm", "rms_norm_reference", "rms_norm_triton", "sparse_linear",
+           "w8a8_linear"]
