@@ -76,7 +76,8 @@ REL_ERR_OK = 2e-2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, group size 32 (CPU under TRITON_INTERPRET=1)")
     p.add_argument("--shapes", help=f"comma-separated NxK (default {GPU_SHAPES}; --smoke {SMOKE_SHAPES})")
@@ -284,7 +285,8 @@ def targets(doc: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    lines = ["| N x K | M | config | us | weight MB | x bf16 | x w4a16 | rel err |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| N x K | M | config | us | weight MB | x bf16 | x w4a16 | rel err |",
+             "|---|---|---|---|---|---|---|---|"]
     rows = [(f"{r['n']}x{r['k']}", r["m"], r["configs"]) for r in doc["results"]]
     rows.append(("decode step", 1, doc.get("decode_step", {}).get("configs", {})))
     for shape, m, configs in rows:

@@ -455,9 +455,9 @@ def _backward(ctx, grad_out: torch.Tensor):
     """Gradients for x and bias with the weight frozen, in plain torch (see `linear_common.linear_backward`)."""
     saved = ctx.saved_tensors
     if ctx.group_size is None:
-        weight = lambda: unpack_2of4(*saved, ctx.k).float()  # noqa: E731
+        weight = lambda: unpack_2of4(*saved, ctx.k).float()
     else:
-        weight = lambda: unpack_2of4_int4(*saved, ctx.group_size, ctx.k)  # noqa: E731
+        weight = lambda: unpack_2of4_int4(*saved, ctx.group_size, ctx.k)
     grad_x, grad_bias = common.linear_backward(ctx, grad_out, weight, None, ctx.bias_dtype, ctx.bias_index)
     grads = [grad_x] + [None] * (ctx.bias_index + 1)
     grads[ctx.bias_index] = grad_bias

@@ -1,8 +1,8 @@
 """Which kernel a 2:4-pruned linear runs at each row count M: our 2:4 op, torch's semi-structured path, or dense.
 
 `choose_sparse_path(cost_model, n, k, dtype, device, variant)` prices each candidate with the cost model
-(`CostModel.kernel_time`) at every M of `kernel_path.M_GRID` (and 17, the first M past the GEMV) and returns the M ranges each wins (`SparsePath`); it is
-the one place that decides whether a 2:4 layer is lowered to a sparse kernel. What each candidate does is said here
+(`CostModel.kernel_time`) at every M of `kernel_path.M_GRID` (and 17, the first M past the GEMV) and returns the M
+ranges each wins (`SparsePath`); it is the one place that decides whether a 2:4 layer is lowered to a sparse kernel. What each candidate does is said here
 once; what that costs on the hardware is the cost model's answer:
 
 * `gemv` / `gemm` (`llmcompress::linear_2of4` or `linear_2of4_w4a16`, `sparse_linear.py`, on CUDA): stream the

@@ -145,7 +145,7 @@ def test_op_equals_masked_dense_linear(dtype):
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_op_under_torch_compile_cpu(backend):
-    w, values, meta = _sparse(33, 68, torch.float32, device="cpu")
+    _w, values, meta = _sparse(33, 68, torch.float32, device="cpu")
     x, bias = _x(3, 68, 33, torch.float32, True, device="cpu")
     out = torch.compile(lambda x: OP(x, values, meta, bias, 4) * 2.0, backend=backend, fullgraph=True)(x)
     torch.testing.assert_close(out, s24.linear_2of4_reference(x, values, meta, bias) * 2.0)
@@ -196,15 +196,15 @@ def test_cost_counts_stored_bytes():
 
 def _bad(**overrides):
     _, values, meta = _sparse(8, 64, torch.float16, device="cpu")
-    args = dict(x=torch.ones(2, 64, dtype=torch.float16), values=values, meta=meta, bias=None)
+    args = {"x": torch.ones(2, 64, dtype=torch.float16), "values": values, "meta": meta, "bias": None}
     args.update(overrides)
     return args
 
 
 def _bad_w4(**overrides):
     qvalues, meta, scales, zeros = _sparse_w4(8, 64, 32, device="cpu")
-    args = dict(x=torch.ones(2, 64, dtype=torch.float16), qvalues=qvalues, meta=meta, scales=scales, zeros=zeros,
-                group_size=32)
+    args = {"x": torch.ones(2, 64, dtype=torch.float16), "qvalues": qvalues, "meta": meta, "scales": scales,
+            "zeros": zeros, "group_size": 32}
     args.update(overrides)
     return args
 
@@ -217,7 +217,8 @@ BAD = {
     "meta-shape": ("2of4", _bad(meta=torch.zeros(8, 16, dtype=torch.uint8)), r"meta must be uint8 .* = \(8, 8\)"),
     "bias": ("2of4", _bad(bias=torch.ones(8)), r"bias must be \(8,\) in x's dtype"),
     "w4-group": ("w4", _bad_w4(group_size=16), r"group_size must be one of \(32, 64, 128\)"),
-    "w4-qvalues": ("w4", _bad_w4(qvalues=torch.zeros(8, 32, dtype=torch.uint8)), r"qvalues must be uint8 \(N, K // 4\)"),
+    "w4-qvalues": ("w4", _bad_w4(qvalues=torch.zeros(8, 32, dtype=torch.uint8)),
+                   r"qvalues must be uint8 \(N, K // 4\)"),
     "w4-scales": ("w4", _bad_w4(scales=torch.ones(8, 2)), r"scales must be float16 \(N, K // group_size\)"),
     "w4-meta": ("w4", _bad_w4(meta=torch.zeros(8, 8, dtype=torch.int32)), r"meta must be uint8"),
 }

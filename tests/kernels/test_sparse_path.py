@@ -9,11 +9,7 @@ import torch
 from llmcompress.cost.hardware import HARDWARE
 from llmcompress.cost.roofline import CostModel
 from llmcompress.kernels.kernel_path import M_GRID
-from llmcompress.kernels.sparse_path import (
-    SEMI_STRUCTURED_SMALL_M_FACTOR,
-    choose_sparse_path,
-    stored_bytes,
-)
+from llmcompress.kernels.sparse_path import SEMI_STRUCTURED_SMALL_M_FACTOR, choose_sparse_path, stored_bytes
 
 H100 = CostModel(HARDWARE["h100-sxm"])
 
@@ -83,13 +79,13 @@ def test_no_cost_model_means_dense():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(variant="2of8"), r"variant must be one of \('2of4', '2of4-w4a16'\)"),
-    (dict(dtype=torch.int8), r"dtype must be one of"),
-    (dict(k=66), r"K must be a multiple of 4"),
-    (dict(device="meta"), r"device must be cuda or cpu"),
-    (dict(variant="2of4-w4a16", group_size=48), r"group_size must be one of"),
+    ({"variant": "2of8"}, r"variant must be one of \('2of4', '2of4-w4a16'\)"),
+    ({"dtype": torch.int8}, r"dtype must be one of"),
+    ({"k": 66}, r"K must be a multiple of 4"),
+    ({"device": "meta"}, r"device must be cuda or cpu"),
+    ({"variant": "2of4-w4a16", "group_size": 48}, r"group_size must be one of"),
 ])
 def test_bad_arguments(kwargs, match):
-    args = dict(cost_model=H100, n=64, k=128, dtype=torch.float16, device="cuda") | kwargs
+    args = {"cost_model": H100, "n": 64, "k": 128, "dtype": torch.float16, "device": "cuda"} | kwargs
     with pytest.raises(ValueError, match=match):
         choose_sparse_path(**args)
