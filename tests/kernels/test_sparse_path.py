@@ -89,3 +89,13 @@ def test_bad_arguments(kwargs, match):
     args = {"cost_model": H100, "n": 64, "k": 128, "dtype": torch.float16, "device": "cuda"} | kwargs
     with pytest.raises(ValueError, match=match):
         choose_sparse_path(**args)
+
+
+class Flat:
+    def kernel_time(self, *args, **kwargs):
+        return 1.0
+
+
+def test_ties_go_to_dense():
+    """Where every candidate costs the same, the layer keeps its masked dense weight."""
+    assert choose_sparse_path(Flat(), 96, 80, torch.float16, "cuda").ranges == ((1, None, "dense (masked)"),)
