@@ -190,7 +190,8 @@ def _s24_gemm_kernel(
     store_output(acc, bias_ptr, out_ptr, rm, rn, m_mask, n_mask, stride_om, HAS_BIAS)
 
 
-# GPU configs are untuned guesses pending H100 measurement (no GPU was lent when this was written). BLOCK_K >= 64:
+# GPU configs are untuned guesses pending H100 measurement (no GPU was lent when this was written); those that spill
+# on a target are left out there (`_GEMM_SPILLS`, `_GEMV_SPILLS`). BLOCK_K >= 64:
 # a step's G = BLOCK_K // 4 groups are the dots' depth, which tl.dot needs >= 16.
 _GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=st)
@@ -223,14 +224,33 @@ def _shared_bytes(config, nargs) -> int:
     return math.ceil(max(pipeline, bm * bn * 4))
 
 
+# Tiles (BLOCK_M or the GEMV's row bucket, BLOCK_N, BLOCK_K, num_warps) that spill registers, per format (QUANT) and
+# `linear_common.spill_key`: the largest spill in bytes per thread over the full set (M = 1, 3, 16, 64, 512 at
+# K = N = 4096; M = 3, 77 at K = 5504, N = 1000; benchmarks/gpu_compile.py --families sparse): left out there.
+_GEMM_SPILLS = {
+    0: {("sm_80", "16-bit"): {(64, 128, 64, 4), (64, 128, 128, 8), (128, 64, 64, 4), (128, 256, 64, 8)},  # 24-132 B
+        ("sm_90", "16-bit"): {(128, 256, 64, 8)},  # 88 B
+        ("sm_80", "fp32"): {(32, 64, 64, 4)}, ("sm_90", "fp32"): {(32, 64, 64, 4)}},  # 8 B, 36 B
+    1: {("sm_80", "16-bit"): {(64, 128, 64, 4), (64, 128, 128, 8), (128, 64, 64, 4), (128, 256, 64, 8)},  # 4-152 B
+        ("sm_90", "16-bit"): {(32, 64, 128, 4), (64, 128, 128, 8), (128, 256, 64, 8)}},  # 12-120 B
+}
+_GEMV_SPILLS = {0: {}, 1: {("sm_80", "fp32"): {(16, 8, 128, 4)}}}  # 8 B
+
+
 def _gemm_choice(configs, nargs, capability):
     fp32 = nargs["x_ptr"].dtype == torch.float32
-    return [c for c in configs if any(c is x for x in _GEMM_CONFIGS_FP32) == fp32]
+    spills = _GEMM_SPILLS[nargs["QUANT"]]
+    return [c for c in configs
+            if any(c is x for x in _GEMM_CONFIGS_FP32) == fp32 and not common.spilling(spills, c, nargs, capability)]
+
+
+def _gemv_choice(configs, nargs, capability):
+    return common.gemv_choice(_GEMV_CONFIGS_FP32_DOT, _GEMV_SPILLS[nargs["QUANT"]])(configs, nargs, capability)
 
 
 _gemv_tuned = common.autotuned(_s24_gemv_kernel, _GEMV_CONFIGS + _GEMV_CONFIGS_FP32_DOT,
                                key=["BLOCK_M", "N", "K", "QUANT", "GROUP_SIZE"], shared_bytes=_shared_bytes,
-                               choose=common.gemv_choice(_GEMV_CONFIGS_FP32_DOT))
+                               choose=_gemv_choice)
 _gemm_tuned = common.autotuned(_s24_gemm_kernel, common.GEMM_CONFIGS + _GEMM_CONFIGS_FP32,
                                key=["m_bucket", "N", "K", "QUANT", "GROUP_SIZE"], shared_bytes=_shared_bytes,
                                choose=_gemm_choice)
