@@ -13,7 +13,14 @@ import llmcompress.kernels.sparse_linear as s24  # registers the ops
 from llmcompress.cost.hardware import HARDWARE
 from llmcompress.cost.roofline import CostModel
 from llmcompress.formats.sparse import pack_2of4, pack_2of4_int4, unpack_2of4, unpack_2of4_int4
-from llmcompress.testing.devices import DEVICE, HAS_CUDA, INTERPRET, dots_on_stored_dtype, needs_triton
+from llmcompress.testing.devices import (
+    DEVICE,
+    HAS_CUDA,
+    INTERPRET,
+    dots_on_stored_dtype,
+    needs_compiled_cuda,
+    needs_triton,
+)
 from llmcompress.testing.numerics import random_2of4_mask
 
 OP = torch.ops.llmcompress.linear_2of4.default
@@ -242,3 +249,18 @@ def test_references_unpack_the_formats():
     assert torch.equal(unpack_2of4(values, meta, 68), w)
     x, _ = _x(4, 68, 9, torch.bfloat16, False, device="cpu")
     assert torch.equal(s24.linear_2of4_reference(x, values, meta), (x.float() @ w.float().T).to(torch.bfloat16))
+
+
+@needs_compiled_cuda
+@pytest.mark.parametrize("m", [1, 7, 300])
+def test_ops_on_cuda_under_inductor(m):
+    """Natively on a GPU: both ops inside torch.compile (Inductor sees the kernels through wrap_triton) against the
+    float64 oracle, at GEMV and GEMM row counts, 4096-wide."""
+    w, values, meta = _sparse(1000, 4096, torch.bfloat16)
+    qvalues, meta4, scales, zeros = _sparse_w4(1000, 4096, 128)
+    x, bias = _x(m, 4096, 1000, torch.bfloat16, True)
+    fn = torch.compile(lambda x: (OP(x, values, meta, bias), OP_W4(x, qvalues, meta4, scales, zeros, 128, bias)))
+    y, y4 = fn(x)
+    w4 = unpack_2of4_int4(qvalues.cpu(), meta4.cpu(), scales.cpu(), zeros.cpu(), 128, 4096, torch.float64).cuda()
+    torch.testing.assert_close(y.double(), _oracle(x, w, bias), atol=3e-2, rtol=1.6e-2)
+    torch.testing.assert_close(y4.double(), _oracle(x, w4, bias), atol=3e-2, rtol=1.6e-2)
