@@ -63,7 +63,8 @@ run_part() {
     compile)
       # The tier CPU CI runs (one config per kernel, dtype and target), then every config and shape; a compile
       # error, shared memory over the limit or the launcher's estimate, or a spill fails the tests.
-      timeout 240 python -m pytest -q -m gpu_compile tests/kernels/test_gpu_compile.py tests/codegen/test_gpu_compile.py \
+      timeout 240 python -m pytest -q -m gpu_compile tests/kernels/test_gpu_compile.py \
+        tests/kernels/test_sparse_gpu_compile.py tests/codegen/test_gpu_compile.py \
         2>&1 | tee "$out/gpu_compile_tests.log" | tail -8
       timeout 300 python benchmarks/gpu_compile.py --jobs 14 --out "$out/gpu_compile.json" 2>&1 \
         | tee "$out/gpu_compile.log" | tail -40 ;;
