@@ -10,7 +10,7 @@ Entry points:
   outputs and all M rows: the stored values and metadata are streamed once); larger M: `_s24_gemm_kernel`
   (tensor-core `tl.dot` on tiles expanded from the stored form in registers). Triton cannot emit the sparse
   tensor-core MMA, so both multiply the zeros too: the win is bytes (at fp16 0.5625 of dense, int4 + 2:4 at group
-  128 0.75 of packed int4), i.e. small M. Where dense or torch's semi-structured path (cuSPARSELt) is faster,
+  128 0.76 of packed int4), i.e. small M. Where dense or torch's semi-structured path (cuSPARSELt) is faster,
   `sparse_path.py` says so, and the layer is not lowered to these ops.
 
 Expansion, the same in both kernels: a K step of BLOCK_K holds G = BLOCK_K // 4 groups. The two kept values of each
