@@ -22,6 +22,8 @@
 #   quant-model-forward   quantized_model.py decode step, 3 configs (7B build + compile each)   ~4 min
 #   quant-model-generate  quantized_model.py generate, 2 configs                                ~3 min
 #   quant-gptq            quantized_model.py GPTQ compile time (target <= 10 min; cut at 9)     <= 9 min
+#   sparse                2:4 kernel tests natively, then sparse_linear.py (2 shapes x 2 M x 7 configs, the 7B
+#                         decode-step linears x 6; Triton autotuning of 4 kernels)              ~3-5 min (not timed yet)
 #
 # Groups (more than one call's worth: run their parts one per call where calls are limited to 10 minutes):
 #   backend = backend-forward backend-prefill backend-generate          ~14-16 min
@@ -34,7 +36,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
 PARTS=(tests compile costmodel backend-forward backend-prefill backend-generate fusion quant-kernels quant-model-forward
-       quant-model-generate quant-gptq)
+       quant-model-generate quant-gptq sparse)
 BACKEND_CONFIGS=inductor-cudagraphs,llmcompress-cudagraphs,llmcompress-triton-cudagraphs
 
 usage() {
@@ -61,7 +63,8 @@ run_part() {
     compile)
       # The tier CPU CI runs (one config per kernel, dtype and target), then every config and shape; a compile
       # error, shared memory over the limit or the launcher's estimate, or a spill fails the tests.
-      timeout 240 python -m pytest -q -m gpu_compile tests/kernels/test_gpu_compile.py tests/codegen/test_gpu_compile.py \
+      timeout 240 python -m pytest -q -m gpu_compile tests/kernels/test_gpu_compile.py \
+        tests/kernels/test_sparse_gpu_compile.py tests/codegen/test_gpu_compile.py \
         2>&1 | tee "$out/gpu_compile_tests.log" | tail -8
       timeout 300 python benchmarks/gpu_compile.py --jobs 14 --out "$out/gpu_compile.json" 2>&1 \
         | tee "$out/gpu_compile.log" | tail -40 ;;
@@ -98,6 +101,10 @@ run_part() {
       # means "not met within 9 minutes", not a measurement.
       timeout 540 python benchmarks/quantized_model.py --workloads none --gptq-time \
         --out "$out/quantized_model_gptq.json" 2>&1 | tail -12 ;;
+    sparse)
+      timeout 200 python -m pytest -q tests/kernels/test_sparse_linear.py tests/kernels/test_sparse_path.py \
+        tests/formats/test_sparse.py 2>&1 | tee "$out/gpu_tests_sparse.log" | tail -8
+      timeout 380 python benchmarks/sparse_linear.py --out "$out/sparse_linear.json" 2>&1 | tail -45 ;;
     *) usage ;;
   esac
 }

@@ -15,6 +15,7 @@ spilling configs, pruned configs, the largest shared memory.
 
     python benchmarks/gpu_compile.py                 # the full set, --jobs 2 (see benchmarks/README.md for time)
     python benchmarks/gpu_compile.py --families codegen --targets sm_90
+    python benchmarks/gpu_compile.py --families sparse --out benchmarks/results/gpu_compile_sparse.json
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def summary(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", default="kernels,codegen")
+    parser.add_argument("--families", default=",".join(gpu_compile.FAMILIES))
     parser.add_argument("--targets", default="sm_90,sm_80")
     # bf16 and fp32 first: a run cut short (the JSON is rewritten every 25 compiles) has the two that differ most.
     parser.add_argument("--dtypes", default="bfloat16,float32,float16")

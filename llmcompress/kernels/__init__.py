@@ -25,7 +25,9 @@ share — Triton helpers, the launch helper, M buckets, input checks, the backwa
 cost formulas — lives in `linear_common.py`; each kernel file keeps its kernels,
 launchers, reference and op. Which of a linear's kernels runs at each row count M
 (GEMV, GEMM, dequantize + cuBLAS), priced by the cost model, is `kernel_path.py`'s
-`choose_kernel_path`: the passes pass its crossovers to the ops.
+`choose_kernel_path`: the passes pass its crossovers to the ops. The 2:4 sparse linears
+(`sparse_linear.py`, `llmcompress::linear_2of4` and `linear_2of4_w4a16`) have their own
+choice against dense and torch's semi-structured path, `sparse_path.py`.
 """
 
 from llmcompress.kernels import (
@@ -37,9 +39,11 @@ from llmcompress.kernels import (
            int8_linear,
            quantized_embedding,
            rms_norm,
+           sparse_linear,
            w8a8_linear,
 )
 from llmcompress.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 
 __all__ = ["cpu_weight_only", "fp8_linear", "fused_linear", "grouped_linear", "int4_linear", "int8_linear",
-           "quantized_embedding", "rms_norm", "rms_norm_reference", "rms_norm_triton", "w8a8_linear"]
+           "quantized_embedding", "rms_norm", "rms_norm_reference", "rms_norm_triton", "sparse_linear",
+           "w8a8_linear"]

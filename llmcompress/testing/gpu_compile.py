@@ -38,7 +38,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from llmcompress.codegen import compile_group
 from llmcompress.cost.device_profile import device_name
-from llmcompress.kernels import fp8_linear, fused_linear, int4_linear, int8_linear, rms_norm, w8a8_linear
+from llmcompress.formats.sparse import meta_columns
+from llmcompress.kernels import fp8_linear, fused_linear, int4_linear, int8_linear, rms_norm, sparse_linear, w8a8_linear
 from llmcompress.kernels import linear_common as common
 
 aten = torch.ops.aten
@@ -87,6 +88,20 @@ def _linear_cases(dtype: str, m: int, k: int, n: int) -> list[Case]:
                                                       rms_eps=1e-6)),
         Case("w8a8_linear", "", dtype, shape, lambda: w8a8_linear.linear_w8a8_triton(x, q8, scale)),
         Case("fp8_linear", "", dtype, shape, lambda: fp8_linear.linear_fp8_triton(x, fp8, scale)),
+    ]
+
+
+def _sparse_cases(dtype: str, m: int, k: int, n: int) -> list[Case]:
+    """The 2:4 linears (`kernels/sparse_linear.py`): values in x's dtype, and int4 codes at group 128."""
+    dt = DTYPES[dtype]
+    x, meta = _meta(m, k, dtype=dt), _meta(n, meta_columns(k), dtype=torch.uint8)
+    values, q = _meta(n, k // 2, dtype=dt), _meta(n, k // 4, dtype=torch.uint8)
+    sz = _meta(n, k // 128, dtype=torch.float16)
+    shape = (m, k, n)
+    return [
+        Case("sparse_linear", "2:4", dtype, shape, lambda: sparse_linear.linear_2of4_triton(x, values, meta)),
+        Case("sparse_linear", "int4 + 2:4 group 128", dtype, shape,
+             lambda: sparse_linear.linear_2of4_w4a16_triton(x, q, meta, sz, sz, 128)),
     ]
 
 
@@ -175,7 +190,10 @@ def _codegen_case(name: str, dtype: str, m: int, n: int) -> Case:
     return Case("codegen", name, dtype, (m, None, n), call)
 
 
-def cases(full: bool, families: tuple[str, ...] = ("kernels", "codegen"), dtypes=tuple(DTYPES)) -> list[Case]:
+FAMILIES = ("kernels", "sparse", "codegen")
+
+
+def cases(full: bool, families: tuple[str, ...] = FAMILIES, dtypes=tuple(DTYPES)) -> list[Case]:
     out = []
     shapes = FULL_SHAPES if full else REDUCED_SHAPES
     for dtype in dtypes:
@@ -184,6 +202,9 @@ def cases(full: bool, families: tuple[str, ...] = ("kernels", "codegen"), dtypes
                 out += _linear_cases(dtype, m, k, n)
             for k, n in sorted({(k, n) for _, k, n in shapes}):
                 out += _weight_cases(dtype, k, n)
+        if "sparse" in families:
+            for m, k, n in shapes:
+                out += _sparse_cases(dtype, m, k, n)
         if "codegen" in families:
             for name in GROUPS if full else REDUCED_GROUPS:
                 for m, n in ((1, 4096), (512, 4096), (3, 1000)) if full else ((512, 4096),):
@@ -401,7 +422,7 @@ def unsupported() -> str | None:
 
 
 def run_reduced(families: str, folder: str | os.PathLike, timeout: float = 900) -> list[dict]:
-    """The reduced set's rows for `families` ("kernels", "codegen"), compiled in a subprocess without
+    """The reduced set's rows for `families` ("kernels", "sparse", "codegen"), compiled in a subprocess without
     TRITON_INTERPRET (the tests' process runs the interpreter; compiling needs no GPU). Runs this checkout's package:
     the subprocess starts in the directory above `llmcompress/`."""
     root = pathlib.Path(__file__).resolve().parents[2]
@@ -438,7 +459,7 @@ def environment() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", choices=("full", "reduced"), default="reduced")
-    parser.add_argument("--families", default="kernels,codegen", help="comma-separated: kernels, codegen")
+    parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated: {', '.join(FAMILIES)}")
     parser.add_argument("--targets", default="sm_90,sm_80")
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--jobs", type=int, default=1, help="compiles in parallel (forked processes)")

@@ -112,3 +112,15 @@ def fake_quantize_linears(model: torch.nn.Module, scheme: str, group_size: int =
             mod.weight.data = deq.to(w.dtype)
     return model
 
+
+
+def random_2of4_mask(n: int, k: int, seed: int = 0, keep_fewer: bool = False) -> torch.Tensor:
+    """(n, k) bool keeping exactly two random positions of every group of 4 consecutive k (k % 4 == 0); with
+    `keep_fewer`, about a quarter of the groups keep one or none, as a pruned weight's exact zeros would."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.rand(n, k // 4, 4, generator=g).argsort(dim=-1)
+    mask = torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(-1, order[..., :2], True)
+    if keep_fewer:
+        drop = torch.rand(n, k // 4, 2, generator=g) < 0.15
+        mask.scatter_(-1, order[..., :2], ~drop)
+    return mask.reshape(n, k)
