@@ -1,13 +1,14 @@
 """2:4 sparse linears: y = x @ W.T + bias with W stored as its kept values and 2-bit positions (`formats/sparse.py`).
 
 Entry points:
-- `torch.ops.llmcompress.linear_2of4(x, values, meta, bias=None, gemv_max_m=16)`: W in x's dtype as values
+- `torch.ops.llmcompress.linear_2of4(x, values, meta, bias=None, gemv_max_m=16, dense_min_m=2**62)`: W in x's dtype as values
   (N, K // 2) + meta; CUDA runs `linear_2of4_triton`, CPU runs `linear_2of4_reference`.
 - `torch.ops.llmcompress.linear_2of4_w4a16(x, qvalues, meta, scales, zeros, group_size, bias=None,
-  gemv_max_m=16)`: the kept values as int4 codes, w = (q - zero) * scale; `linear_2of4_w4a16_triton` /
+  gemv_max_m=16, dense_min_m=2**62)`: the kept values as int4 codes, w = (q - zero) * scale; `linear_2of4_w4a16_triton` /
   `linear_2of4_w4a16_reference`.
 - The launchers pick a kernel by M, the rows of x: M <= gemv_max_m: `_s24_gemv_kernel` (one program per BLOCK_N
-  outputs and all M rows: the stored values and metadata are streamed once); larger M: `_s24_gemm_kernel`
+  outputs and all M rows: the stored values and metadata are streamed once); M >= dense_min_m: the weight expanded
+  once to x's dtype and F.linear (cuBLAS); in between: `_s24_gemm_kernel`
   (tensor-core `tl.dot` on tiles expanded from the stored form in registers). Triton cannot emit the sparse
   tensor-core MMA, so both multiply the zeros too: the win is bytes (at fp16 0.5625 of dense, int4 + 2:4 at group
   128 0.76 of packed int4), i.e. small M. Where dense or torch's semi-structured path (cuSPARSELt) is faster,
@@ -25,6 +26,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.library import triton_op
@@ -257,7 +259,8 @@ _gemm_tuned = common.autotuned(_s24_gemm_kernel, common.GEMM_CONFIGS + _GEMM_CON
 
 
 def linear_2of4_reference(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                          bias: Optional[torch.Tensor] = None, gemv_max_m: int = GEMV_MAX_M) -> torch.Tensor:
+                          bias: Optional[torch.Tensor] = None, gemv_max_m: int = GEMV_MAX_M,
+                          dense_min_m: int = DENSE_OFF) -> torch.Tensor:
     """The op's numerics in plain torch, the CPU path and the kernels' oracle: the weight unpacked
     (`formats.sparse.unpack_2of4`) to float32, y = (x.float() @ W.T + bias.float()).to(x.dtype).
 
@@ -265,7 +268,7 @@ def linear_2of4_reference(x: torch.Tensor, values: torch.Tensor, meta: torch.Ten
         x: (..., K) float16/bfloat16/float32, K % 4 == 0.
         values: (N, K // 2) in x's dtype; meta: uint8 (N, ceil(K / 8)) (layout in `formats/sparse.py`).
         bias: optional (N,), x.dtype.
-        gemv_max_m: kernel choice of the Triton path; ignored here.
+        gemv_max_m, dense_min_m: kernel choice of the Triton path; ignored here.
 
     Returns:
         (..., N) in x.dtype.
@@ -276,7 +279,7 @@ def linear_2of4_reference(x: torch.Tensor, values: torch.Tensor, meta: torch.Ten
 
 def linear_2of4_w4a16_reference(x: torch.Tensor, qvalues: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor,
                                 zeros: torch.Tensor, group_size: int, bias: Optional[torch.Tensor] = None,
-                                gemv_max_m: int = GEMV_MAX_M) -> torch.Tensor:
+                                gemv_max_m: int = GEMV_MAX_M, dense_min_m: int = DENSE_OFF) -> torch.Tensor:
     """As `linear_2of4_reference`, W = `formats.sparse.unpack_2of4_int4(...)` in float32 (exact).
 
     Args:
@@ -400,13 +403,22 @@ def _gemm_w4(x2d, qvalues, meta, scales, zeros, group_size, bias=None):
     return _launch_gemm(x2d, qvalues, meta, scales, zeros, group_size, bias, 1)
 
 
-def _no_dense(*args):
-    raise AssertionError("unreachable: the 2:4 ops have no dense path (dense_min_m is DENSE_OFF)")
+def _dense(x2d, values, meta, bias=None):
+    """M >= dense_min_m: expand the 2:4 weight once to x's dtype and run F.linear (cuBLAS), where the chooser
+    prices the dense GEMM below our tile-expanding one (the expansion reads the stored bytes once more)."""
+    return F.linear(x2d, unpack_2of4(values, meta, x2d.shape[1]).to(x2d.dtype), bias)
+
+
+def _dense_w4(x2d, qvalues, meta, scales, zeros, group_size, bias=None):
+    w = unpack_2of4_int4(qvalues, meta, scales, zeros, group_size, x2d.shape[1], x2d.dtype)
+    return F.linear(x2d, w, bias)
 
 
 def linear_2of4_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                       bias: Optional[torch.Tensor] = None, gemv_max_m: int = GEMV_MAX_M) -> torch.Tensor:
-    """y = linear(x, W, bias) with W in 2:4 form, on the GEMV for M <= gemv_max_m (at most 16) and the GEMM above.
+                       bias: Optional[torch.Tensor] = None, gemv_max_m: int = GEMV_MAX_M,
+                       dense_min_m: int = DENSE_OFF) -> torch.Tensor:
+    """y = linear(x, W, bias) with W in 2:4 form, on the GEMV for M <= gemv_max_m (at most 16), the GEMM above, and
+    for M >= dense_min_m the weight expanded once and F.linear.
 
     Args: as `linear_2of4_reference`, all on one Triton device (CPU only under TRITON_INTERPRET=1).
 
@@ -415,32 +427,32 @@ def linear_2of4_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor
     """
     _check_inputs(x, values, meta, bias)
     common.check_launchable("linear_2of4_triton", x, "linear_2of4_reference")
-    return common.run_by_rows("linear_2of4", x, values.shape[0], gemv_max_m, DENSE_OFF, _gemv, _gemm, _no_dense,
+    return common.run_by_rows("linear_2of4", x, values.shape[0], gemv_max_m, dense_min_m, _gemv, _gemm, _dense,
                               values, meta, bias)
 
 
 def linear_2of4_w4a16_triton(x: torch.Tensor, qvalues: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor,
                              zeros: torch.Tensor, group_size: int, bias: Optional[torch.Tensor] = None,
-                             gemv_max_m: int = GEMV_MAX_M) -> torch.Tensor:
+                             gemv_max_m: int = GEMV_MAX_M, dense_min_m: int = DENSE_OFF) -> torch.Tensor:
     """As `linear_2of4_triton` for the int4 + 2:4 format (args as `linear_2of4_w4a16_reference`)."""
     _check_inputs_w4(x, qvalues, meta, scales, zeros, group_size, bias)
     common.check_launchable("linear_2of4_w4a16_triton", x, "linear_2of4_w4a16_reference")
-    return common.run_by_rows("linear_2of4_w4a16", x, qvalues.shape[0], gemv_max_m, DENSE_OFF, _gemv_w4, _gemm_w4,
-                              _no_dense, qvalues, meta, scales, zeros, group_size, bias)
+    return common.run_by_rows("linear_2of4_w4a16", x, qvalues.shape[0], gemv_max_m, dense_min_m, _gemv_w4,
+                              _gemm_w4, _dense_w4, qvalues, meta, scales, zeros, group_size, bias)
 
 
 # triton_op infers the schema from the annotations; its body is also the fake impl and is inlined under
 # torch.compile without the CPU kernel, so it calls that kernel's function itself off CUDA (see rms_norm.py).
 @triton_op("llmcompress::linear_2of4", mutates_args=())
 def _linear_2of4_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                    gemv_max_m: int = GEMV_MAX_M) -> torch.Tensor:
+                    gemv_max_m: int = GEMV_MAX_M, dense_min_m: int = DENSE_OFF) -> torch.Tensor:
     if x.device.type != "cuda":  # the CPU, and the meta device of a cost report's trace
-        return _linear_2of4_cpu(x, values, meta, bias, gemv_max_m)
-    return linear_2of4_triton(x, values, meta, bias, gemv_max_m)
+        return _linear_2of4_cpu(x, values, meta, bias, gemv_max_m, dense_min_m)
+    return linear_2of4_triton(x, values, meta, bias, gemv_max_m, dense_min_m)
 
 
 @_linear_2of4_op.register_kernel("cpu")
-def _linear_2of4_cpu(x, values, meta, bias=None, gemv_max_m=GEMV_MAX_M):
+def _linear_2of4_cpu(x, values, meta, bias=None, gemv_max_m=GEMV_MAX_M, dense_min_m=DENSE_OFF):
     _check_inputs(x, values, meta, bias)
     return linear_2of4_reference(x, values, meta, bias)
 
@@ -448,14 +460,15 @@ def _linear_2of4_cpu(x, values, meta, bias=None, gemv_max_m=GEMV_MAX_M):
 @triton_op("llmcompress::linear_2of4_w4a16", mutates_args=())
 def _linear_2of4_w4a16_op(x: torch.Tensor, qvalues: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor,
                           zeros: torch.Tensor, group_size: int, bias: Optional[torch.Tensor] = None,
-                          gemv_max_m: int = GEMV_MAX_M) -> torch.Tensor:
+                          gemv_max_m: int = GEMV_MAX_M, dense_min_m: int = DENSE_OFF) -> torch.Tensor:
     if x.device.type != "cuda":
-        return _linear_2of4_w4a16_cpu(x, qvalues, meta, scales, zeros, group_size, bias, gemv_max_m)
-    return linear_2of4_w4a16_triton(x, qvalues, meta, scales, zeros, group_size, bias, gemv_max_m)
+        return _linear_2of4_w4a16_cpu(x, qvalues, meta, scales, zeros, group_size, bias, gemv_max_m, dense_min_m)
+    return linear_2of4_w4a16_triton(x, qvalues, meta, scales, zeros, group_size, bias, gemv_max_m, dense_min_m)
 
 
 @_linear_2of4_w4a16_op.register_kernel("cpu")
-def _linear_2of4_w4a16_cpu(x, qvalues, meta, scales, zeros, group_size, bias=None, gemv_max_m=GEMV_MAX_M):
+def _linear_2of4_w4a16_cpu(x, qvalues, meta, scales, zeros, group_size, bias=None, gemv_max_m=GEMV_MAX_M,
+                           dense_min_m=DENSE_OFF):
     _check_inputs_w4(x, qvalues, meta, scales, zeros, group_size, bias)
     return linear_2of4_w4a16_reference(x, qvalues, meta, scales, zeros, group_size, bias)
 
@@ -463,7 +476,7 @@ def _linear_2of4_w4a16_cpu(x, qvalues, meta, scales, zeros, group_size, bias=Non
 def _setup_context(ctx, inputs, output) -> None:
     ctx.x_dtype = inputs[0].dtype
     ctx.k = inputs[0].shape[-1]
-    quant = len(inputs) == 8  # linear_2of4_w4a16's arguments
+    quant = len(inputs) == 9  # linear_2of4_w4a16's arguments
     ctx.save_for_backward(*inputs[1:5] if quant else inputs[1:3])
     ctx.group_size = inputs[5] if quant else None
     bias = inputs[6] if quant else inputs[3]
@@ -479,7 +492,7 @@ def _backward(ctx, grad_out: torch.Tensor):
     else:
         weight = lambda: unpack_2of4_int4(*saved, ctx.group_size, ctx.k)
     grad_x, grad_bias = common.linear_backward(ctx, grad_out, weight, None, ctx.bias_dtype, ctx.bias_index)
-    grads = [grad_x] + [None] * (ctx.bias_index + 1)
+    grads = [grad_x] + [None] * (ctx.bias_index + 2)
     grads[ctx.bias_index] = grad_bias
     return tuple(grads)
 

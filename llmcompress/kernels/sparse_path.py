@@ -29,7 +29,7 @@ import torch
 from llmcompress.formats.quantized import check_group_size
 from llmcompress.formats.sparse import meta_columns
 from llmcompress.kernels.kernel_path import M_GRID, REPORTED_M
-from llmcompress.kernels.linear_common import GEMV_MAX_M, SUPPORTED_DTYPES, gemv_bucket, gemv_on_tensor_cores
+from llmcompress.kernels.linear_common import DENSE_OFF, GEMV_MAX_M, SUPPORTED_DTYPES, gemv_bucket, gemv_on_tensor_cores
 
 VARIANTS = ("2of4", "2of4-w4a16")
 KERNELS = ("gemv", "gemm", "reference", "semi-structured", "dense (masked)")
@@ -63,6 +63,19 @@ class SparsePath:
             if m >= first and (last is None or m <= last):
                 return kernel
         raise ValueError(f"M must be >= 1, got {m}")
+
+    @property
+    def dense_min_m(self) -> int | None:
+        """The op's `dense_min_m` argument where our op wins at M = 1 (decode): the first M past that where
+        something else wins, from which the op expands the weight once and runs F.linear (torch's semi-structured
+        path needs its own weight form, so it is not offered inside the op); `DENSE_OFF` if the op wins at every M.
+        None where the op loses at M = 1: the layer keeps its masked dense weight."""
+        if self.kernel_at(1) not in ("gemv", "gemm"):
+            return None
+        for first, _, kernel in self.ranges:
+            if kernel not in ("gemv", "gemm"):
+                return first
+        return DENSE_OFF
 
     @property
     def uses_op(self) -> bool:

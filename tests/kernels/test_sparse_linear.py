@@ -109,6 +109,13 @@ def test_w4_paths_match_float64(path, case, dtype, atol, rtol):
     _check_w4(getattr(s24, path), *case, dtype, atol, rtol)
 
 
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPE_TOLS, ids=DTYPE_IDS)
+def test_dense_paths_match_float64(dtype, atol, rtol):
+    """M >= dense_min_m: the weight expanded to x's dtype, then F.linear (both formats)."""
+    _check(s24._dense, *GEMM_CASES[2], dtype, atol, rtol)
+    _check_w4(s24._dense_w4, *W4_CASES[3], dtype, atol, rtol)
+
+
 @needs_triton
 @pytest.mark.parametrize("path,case", [("_gemv", GEMV_CASES[3]), ("_gemm", GEMM_CASES[1])], ids=str)
 def test_tensor_core_paths_on_fp16_operands(monkeypatch, path, case):
@@ -119,16 +126,17 @@ def test_tensor_core_paths_on_fp16_operands(monkeypatch, path, case):
 
 
 @needs_triton
-@pytest.mark.parametrize("m,gemv_max_m,expected", [(1, 16, "_gemv"), (16, 16, "_gemv"), (5, 4, "_gemm"),
-                                                   (17, 16, "_gemm"), (1, 0, "_gemm")])
-def test_launcher_picks_kernel_by_rows(monkeypatch, m, gemv_max_m, expected):
+@pytest.mark.parametrize("m,gemv_max_m,dense_min_m,expected", [
+    (1, 16, 2**62, "_gemv"), (16, 16, 2**62, "_gemv"), (5, 4, 2**62, "_gemm"), (17, 16, 2**62, "_gemm"),
+    (1, 0, 2**62, "_gemm"), (17, 16, 17, "_dense"), (40, 16, 20, "_dense"), (19, 16, 20, "_gemm")])
+def test_launcher_picks_kernel_by_rows(monkeypatch, m, gemv_max_m, dense_min_m, expected):
     called = []
-    for name in ("_gemv", "_gemm"):
+    for name in ("_gemv", "_gemm", "_dense"):
         real = getattr(s24, name)
         monkeypatch.setattr(s24, name, lambda *a, _n=name, _r=real: called.append(_n) or _r(*a))
     w, values, meta = _sparse(33, 68, torch.float32)
     x, _ = _x(m, 68, 33, torch.float32, False)
-    out = s24.linear_2of4_triton(x.view(m, 1, 68), values, meta, gemv_max_m=gemv_max_m)
+    out = s24.linear_2of4_triton(x.view(m, 1, 68), values, meta, gemv_max_m=gemv_max_m, dense_min_m=dense_min_m)
     assert called == [expected] and out.shape == (m, 1, 33)
     torch.testing.assert_close(out.view(m, 33).double(), _oracle(x, w, None), atol=1e-5, rtol=1e-5)
 

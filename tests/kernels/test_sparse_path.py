@@ -9,6 +9,7 @@ import torch
 from llmcompress.cost.hardware import HARDWARE
 from llmcompress.cost.roofline import CostModel
 from llmcompress.kernels.kernel_path import M_GRID
+from llmcompress.kernels.linear_common import GEMV_MAX_M
 from llmcompress.kernels.sparse_path import SEMI_STRUCTURED_SMALL_M_FACTOR, choose_sparse_path, stored_bytes
 
 H100 = CostModel(HARDWARE["h100-sxm"])
@@ -69,13 +70,26 @@ def test_ranges_follow_the_cheapest_kernel_per_m():
     # bucket 4 holds M = 3, 4: the GEMV wins up to 4.
     assert path.ranges == ((1, 4, "gemv"), (5, 1023, "dense (masked)"), (1024, None, "semi-structured"))
     assert path.gemv_max_m == 4
+    assert path.dense_min_m == 5  # the op expands the weight and runs F.linear from the first M it loses
     assert [path.kernel_at(m) for m in (1, 4, 5, 1000, 1024, 10**6)] == \
         ["gemv", "gemv", "dense (masked)", "dense (masked)", "semi-structured", "semi-structured"]
     assert set(path.priced) == {"m=1", "m=4", "m=16", "m=256", "m=4096"} and M_GRID[0] == 1
 
 
 def test_no_cost_model_means_dense():
-    assert choose_sparse_path(None, 64, 64, torch.float16, "cuda").kernel_at(1) == "dense (masked)"
+    path = choose_sparse_path(None, 64, 64, torch.float16, "cuda")
+    assert path.kernel_at(1) == "dense (masked)" and path.dense_min_m is None
+
+
+def test_dense_min_m_on_h100_and_cpu():
+    """The op runs where it wins at decode; past its last winning M it expands the weight (never torch's path,
+    which needs its own weight form); on a CPU the layer keeps its masked dense weight (None)."""
+    path = choose_sparse_path(H100, 11008, 4096, torch.bfloat16, "cuda")
+    first_loss = next(first for first, _, kernel in path.ranges if kernel not in ("gemv", "gemm"))
+    assert path.dense_min_m == first_loss > GEMV_MAX_M
+    cpu = CostModel(HARDWARE["cpu"])
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert choose_sparse_path(cpu, 4096, 4096, dtype, "cpu").dense_min_m is None
 
 
 @pytest.mark.parametrize("kwargs,match", [
