@@ -276,6 +276,12 @@ class QuantizeLinearPass(Pass):
             if layer.scheme == "w4a16" and k % layer.group_size:
                 skip(node, name, f"group size: group_size {layer.group_size} does not divide K={k}", warn=True)
                 continue
+            if layer.method == "gptq" and node.meta.get("llmcompress.sparsity"):
+                # sparsify-linear marks what it pruned; GPTQ's error feedback would fill the pruned weights in.
+                raise OptionError(f"quantize-linear method gptq after sparsify-linear ({name}, pattern "
+                                  f"{node.meta['llmcompress.sparsity']['pattern']}) would spread rounding errors into "
+                                  "the pruned weights: use sparsify-linear's joint sweep (method sparsegpt, quantize "
+                                  "w4a16; recipe sparse-2of4-w4a16) or quantize-linear method rtn / awq")
             targets.append(_Target(node, name, weight, layer, grouped))
         user_skip = [] if self.options.skip == _DEFAULT_SKIP else self.options.skip
         for pattern in [*user_skip, *self.options.overrides]:
