@@ -75,11 +75,11 @@ def test_unstructured_masks_prune_the_asked_fraction():
 
 
 def test_wanda_scores_weight_times_input_norm_per_row():
-    w = torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
-    sqnorm = torch.tensor([100.0, 1.0, 1.0, 0.01])  # channel 0 is loud: its small weights matter most
+    w = torch.tensor([[1.0, 3.0, 2.5, 0.2], [4.0, 3.0, 2.0, 1.0]])
+    sqnorm = torch.tensor([4.0, 1.0, 1.0, 1.0])  # channel 0 is louder: norm 2
     keep = wanda_mask(w, sqnorm, parse_pattern("unstructured", "t"), 0.5)
-    # scores row 0: 10, 2, 3, 0.4 -> keep 0 and 2; row 1: 40, 3, 2, 0.1 -> keep 0 and 1
-    assert keep.tolist() == [[True, False, True, False], [True, True, False, False]]
+    # scores row 0: 2, 3, 2.5, 0.2 -> keep 1 and 2 (with the squared norm, 4 would keep 0); row 1: 8, 3, 2, 1
+    assert keep.tolist() == [[False, True, True, False], [True, True, False, False]]
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
