@@ -222,6 +222,25 @@ def test_recompiles_reuse_the_pruned_weights(tmp_path):
     assert all(again[n] is first[n] for n in first)  # the same tensors: nothing pruned again
 
 
+def test_a_new_model_with_the_same_weights_loads_the_pruned_weights_from_disk(tmp_path):
+    """Calibrated results persist (the joint mode's dict: masked weight, bool mask, codes, scales, zeros): a fresh
+    copy of the model misses the in-memory cache and loads them instead of calibrating, bitwise the same."""
+    outs, records = [], []
+    for i in range(2):
+        options = {"lowering": "eager", "calibration": _calibration(), "calibration_samples": 6,
+                   "calibration_seq_len": 24, "report": str(tmp_path / f"{i}.json"),
+                   "passes": _passes(method="sparsegpt", pattern="2:4", quantize="w4a16", group_size=32)}
+        with torch.no_grad():
+            outs.append(main_output(_compile(tiny_model("llama"), options)(example_ids())))
+        graph = json.loads((tmp_path / f"{i}.json").read_text())["graphs"][0]
+        records.append((graph["derived_weights"], next(p for p in graph["passes"] if p["name"] == "sparsify-linear")))
+    (first, _), (second, rec) = records
+    assert first["disk_writes"] == 14 and first["not_persisted"] == 0
+    assert second["disk_hits"] == 14 and second["misses"] == 0
+    assert rec["stats"]["calibrated: cached"] == 14 and "calibration tokens" not in rec["stats"]
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_report_says_pattern_achieved_sparsity_bytes_kernel_and_time(tmp_path):
     options = {"lowering": "eager", "report": str(tmp_path / "r.json"),
                "passes": _passes(method="magnitude", pattern="unstructured", sparsity=0.7)}
