@@ -114,7 +114,7 @@ class SparsifyLinearOptions:
             if bad:
                 raise OptionError(f"{where}: override {pattern!r} has unknown key {bad[0]!r}"
                                   f"{did_you_mean(bad[0], _OVERRIDE_KEYS)}; allowed: {', '.join(_OVERRIDE_KEYS)}")
-            merged = {"method": self.method, "pattern": self.pattern, "sparsity": self.sparsity, **opts}
+            merged = {"method": self.method, **_inherited_sparsity(self.pattern, self.sparsity, opts), **opts}
             _check_layer(merged["method"], merged["pattern"], merged["sparsity"], f"{where}: override {pattern!r}")
         for name, pat in (("the pass", self.pattern), *((p, o.get("pattern", self.pattern))
                                                          for p, o in self.overrides.items())):
@@ -140,6 +140,15 @@ def _check_layer(method: Any, pattern: Any, sparsity: Any, where: str) -> None:
                               f"{parsed.sparsity:g} of each row by definition (drop the sparsity key)")
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
             raise OptionError(f"{where}: sparsity {sparsity!r}; expected a fraction in (0, 1), e.g. 0.5")
+
+
+def _inherited_sparsity(pattern: str, sparsity: float | None, override: dict[str, Any]) -> dict[str, Any]:
+    """What an override inherits of the pass's pattern and sparsity: an override to N:M drops the pass's
+    unstructured sparsity (N:M fixes its own)."""
+    new_pattern = override.get("pattern", pattern)
+    if "sparsity" not in override and new_pattern != pattern and new_pattern != "unstructured":
+        return {"pattern": new_pattern, "sparsity": None}
+    return {"pattern": pattern, "sparsity": sparsity}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +238,7 @@ class SparsifyLinearPass(Pass):
                   "skip": any(layer_matches(name, p) for p in o.skip)}
         for pattern, opts in o.overrides.items():
             if layer_matches(name, pattern):
-                merged.update(opts)
+                merged.update({**_inherited_sparsity(o.pattern, o.sparsity, opts), **opts})
                 break
         if merged["skip"]:
             return None

@@ -274,6 +274,13 @@ def test_overrides_and_skip_patterns(tmp_path):
     assert by_layer["model.layers.1.self_attn.q_proj"]["pattern"] == "2:4"
     assert by_layer["model.layers.1.mlp.up_proj"]["pattern"] == "unstructured"
     assert abs(by_layer["model.layers.1.mlp.up_proj"]["achieved"] - 0.25) < 1e-3
+    # An override to N:M does not inherit the pass's unstructured sparsity (N:M fixes its own).
+    options["passes"] = _passes(method="magnitude", sparsity=0.6, overrides={"*.q_proj": {"pattern": "4:8"}})
+    with torch.no_grad():
+        _compile(tiny_model("llama"), options)(example_ids())
+    by_layer = {d["layer"]: d["sparsity"] for d in _record(tmp_path / "r.json", -1)["decisions"]}
+    assert by_layer["model.layers.0.self_attn.q_proj"]["pattern"] == "4:8"
+    assert by_layer["model.layers.0.self_attn.k_proj"]["target"] == 0.6
 
 
 # --- composition with quantize-linear ---------------------------------------------------------------------------
