@@ -6,7 +6,8 @@ non-overlapping 512-token windows of `pydoc-corpus/validation.txt` (the first `-
 averaged over the 511 predicted positions of each window. Wanda and SparseGPT calibrate on `--calib-samples` windows
 of 512 tokens from the start of `train.txt`, sequentially (each layer on the inputs of the already-pruned layers
 before it). Each row compiles a fresh copy of the model (`lowering: eager`); magnitude and Wanda rows set the pass's
-options, SparseGPT rows are the recipes `sparse-50`, `sparse-2of4`, `sparse-2of4-w4a16`.
+options, SparseGPT rows are the recipes `sparse-50`, `sparse-2of4`, `sparse-2of4-w4a16`; `sparse-2of4+w4a16-rtn` is
+SparseGPT 2:4 then quantize-linear's round to nearest (int4 g128), the composition the joint sweep replaces.
 
 Targets (issue 13), tiny-llama, relative to dense: sparse-50 <= +10 %, sparse-2of4 <= +30 %, sparse-2of4-w4a16
 <= +35 %, and SparseGPT below magnitude and Wanda for each pattern. tiny-mixtral with sparse-2of4 is reported.
@@ -43,6 +44,10 @@ RUNS = {
     "wanda-2of4": ("wanda", "2:4", {"method": "wanda", "pattern": "2:4"}),
     "sparse-2of4": ("sparsegpt", "2:4", "sparse-2of4"),
     "sparse-2of4-w4a16": ("sparsegpt + int4", "2:4", "sparse-2of4-w4a16"),
+    # The composition the joint sweep replaces: SparseGPT 2:4, then quantize-linear's round to nearest (int4 g128).
+    "sparse-2of4+w4a16-rtn": ("sparsegpt, then rtn int4", "2:4", {"passes": {
+        "canonicalize": {}, "sparsify-linear": {"method": "sparsegpt", "pattern": "2:4"},
+        "quantize-linear": {"scheme": "w4a16", "method": "rtn", "group_size": 128}}}),
 }
 DEFAULT_RUNS = ["tiny-llama:dense", *(f"tiny-llama:{r}" for r in RUNS), "tiny-mixtral:dense", "tiny-mixtral:sparse-2of4"]
 
@@ -53,6 +58,8 @@ def _options(run: str, calibration: torch.Tensor, report: Path) -> dict:
                "calibration_samples": len(calibration), "calibration_seq_len": WINDOW}
     if isinstance(spec, str):
         options["recipe"] = spec
+    elif "passes" in spec:
+        options["passes"] = spec["passes"]
     else:
         options["passes"] = {"canonicalize": {}, "sparsify-linear": spec}
     return options
