@@ -191,17 +191,22 @@ def test_mixtral_experts_are_pruned_per_expert_and_routers_stay_dense(tmp_path):
         assert ((w != 0).transpose(1, 2).reshape(e, n, k // 4, 4).sum(-1) == 2).all()
 
 
-def test_mixtral_experts_are_calibrated_one_by_one():
+def test_mixtral_experts_are_calibrated_one_by_one(tmp_path):
     cal = torch.randint(2, VOCAB, (16, 32), generator=torch.Generator().manual_seed(5))
     outs = {}
     with torch.no_grad():
         dense = main_output(tiny_model("mixtral")(cal[:4]))
     for method in ("magnitude", "sparsegpt"):
         options = {"lowering": "eager", "calibration": cal, "calibration_samples": 16, "calibration_seq_len": 32,
+                   "strict": True, "report": str(tmp_path / f"{method}.json"),
                    "passes": _passes(method=method, pattern="2:4")}
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("error", CalibrationWarning)  # every expert got enough rows
             outs[method] = main_output(_compile(tiny_model("mixtral"), options)(cal[:4]))
+        rec = _record(tmp_path / f"{method}.json")
+        assert rec["stats"][f"2:4 {method}"] == 12
+        experts = [d["sparsity"] for d in rec["decisions"] if len(d["sparsity"].get("shape", ())) == 3]
+        assert len(experts) == 4 and all(s["method"] == method and s["achieved"] == 0.5 for s in experts)
     assert sqnr_db(dense, outs["sparsegpt"]) > sqnr_db(dense, outs["magnitude"]) + 1.0
 
 
