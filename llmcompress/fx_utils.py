@@ -5,6 +5,7 @@ Every node a pass adds must carry `meta["val"]`: later passes, the cost model an
 
 from __future__ import annotations
 
+import fnmatch
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -189,3 +190,23 @@ def member_names(module_name: str) -> list[str]:
             part = f"{parent}.{part}" if parent else part
         out.append(part)
     return out
+
+
+def layer_matches(name: str, pattern: str) -> bool:
+    """A `skip` / `overrides` pattern of the compressing passes against a layer's module path: fnmatch on the path,
+    or on its tail (`lm_head` matches `lm_head` and `model.lm_head`). A layer fused by `fuse-sibling-linears`
+    (`a.q_proj+k_proj+v_proj`) matches when any of its members does."""
+    return any(fnmatch.fnmatchcase(m, pattern) or fnmatch.fnmatchcase(m, f"*.{pattern}") for m in member_names(name))
+
+
+def grouped_matmul_ops() -> set[Any]:
+    """The ops MoE experts stored as 3-D weights run as: `aten._grouped_mm(x, w, offs)` and transformers'
+    `grouped_mm_fallback` (same arguments), w (E, K, N)."""
+    ops: set[Any] = set()
+    op = getattr(torch.ops.aten, "_grouped_mm", None)
+    if op is not None:
+        ops.add(op.default)
+    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    if fallback is not None:
+        ops.add(fallback.default)
+    return ops

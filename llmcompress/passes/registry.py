@@ -90,9 +90,10 @@ def builtin_passes() -> tuple[type[Pass], ...]:
     from llmcompress.passes.fusion.pointwise import FusePointwisePass
     from llmcompress.passes.fusion.siblings import FuseSiblingLinearsPass
     from llmcompress.passes.quantize.quantize_linear import QuantizeLinearPass
+    from llmcompress.passes.sparsify.sparsify_linear import SparsifyLinearPass
 
     return (CanonicalizePass, FoldIntoWeightsPass, FuseSiblingLinearsPass, FuseLinearEpiloguePass,
-            FusePointwisePass, QuantizeLinearPass)
+            FusePointwisePass, QuantizeLinearPass, SparsifyLinearPass)
 
 
 def _load_builtins() -> None:

@@ -46,7 +46,7 @@ def test_cross_without_float_rows_adds_nothing_but_counts_the_rows():
 
 
 def test_gram_doubled_is_gptqs_hessian_bit_for_bit():
-    from llmcompress.passes.quantize.gptq import HessianAccumulator
+    from llmcompress.calibration.hessian import HessianAccumulator
 
     xs, _ = _activations(2)
     acc = HessianAccumulator(24)

@@ -4,137 +4,45 @@ error back into the columns not yet quantized through the inverse Hessian of the
 Entry points: `HessianAccumulator` (fed the layer's calibration inputs, in chunks), then `gptq_quantize_int4` (the
 int4 group format of `formats.py`) or `gptq_quantize_int8` (int8 per output channel). Follows the reference
 implementation (github.com/IST-DASLab/gptq, `GPTQ.fasterquant`): dead inputs, relative damping, the upper Cholesky
-factor of H^-1, lazy batch updates, and static groups under act_order.
+factor of H^-1, lazy batch updates (all of it shared with SparseGPT in `calibration/hessian.py`), and static groups
+under act_order.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from llmcompress.errors import LLMCompressError, OptionError
+from llmcompress.calibration.hessian import HessianAccumulator, HessianError, check_args, error_feedback_sweep
+from llmcompress.calibration.hessian import inverse_hessian_cholesky as _inverse_hessian_cholesky
+from llmcompress.calibration.hessian import prepare as _prepare
 from llmcompress.formats import quantized as formats
 
-# Damping multipliers tried in turn when H + damp * mean(diag H) * I is not numerically positive definite.
-_DAMP_RETRIES = (1.0, 10.0, 100.0, 1000.0)
-# Rows converted to float32 at a time in `HessianAccumulator.add`, so a (50k, 4096) bf16 chunk never becomes a
-# second, float32 copy of itself.
-_ADD_CHUNK_ROWS = 8192
-
-
-class GPTQError(LLMCompressError):
-    """The damped Hessian stayed singular (or non-finite), so GPTQ cannot run on this layer."""
-
-
-class HessianAccumulator:
-    """Running H = 2/n * sum_t x_t x_t^T (K, K) float32 over the n rows seen so far.
-
-    The mean, not the sum, as in the reference: H's scale then does not grow with the calibration set, and the
-    relative damping `damp * mean(diag H)` means the same thing for any number of rows.
-    """
-
-    def __init__(self, k: int, device: torch.device | str | None = None):
-        self.hessian = torch.zeros(k, k, dtype=torch.float32, device=device)
-        self.rows = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        """x: (..., K), any float dtype and device (moved to the accumulator's)."""
-        k = self.hessian.shape[0]
-        if x.shape[-1] != k:
-            raise ValueError(f"HessianAccumulator: expected inputs (..., {k}), got {tuple(x.shape)}")
-        x = x.reshape(-1, k)
-        for start in range(0, x.shape[0], _ADD_CHUNK_ROWS):
-            chunk = x[start:start + _ADD_CHUNK_ROWS].to(self.hessian.device, torch.float32)
-            n = chunk.shape[0]
-            self.hessian.mul_(self.rows / (self.rows + n))
-            self.rows += n
-            self.hessian.addmm_(chunk.T, chunk, alpha=2.0 / self.rows)
-
-
-def _check_args(w: torch.Tensor, hessian: torch.Tensor, damp: float, block_size: int) -> None:
-    if w.dim() != 2:
-        raise ValueError(f"GPTQ: weight must be (N, K), got {tuple(w.shape)}")
-    k = w.shape[1]
-    if tuple(hessian.shape) != (k, k):
-        raise ValueError(f"GPTQ: Hessian must be ({k}, {k}) for a weight {tuple(w.shape)}, got {tuple(hessian.shape)}")
-    if not damp > 0:
-        raise OptionError(f"GPTQ: damp must be > 0, got {damp!r}")
-    if block_size < 1:
-        raise OptionError(f"GPTQ: block_size must be >= 1, got {block_size!r}")
-
-
-def _prepare(w: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 copies of W (N, K) and H (K, K) with dead inputs handled as in the reference.
-
-    A dead input (H_jj == 0: the column of X is all zeros) gets H_jj = 1 so H can be inverted, and its weights are
-    set to 0: they never reach the output, and 0 then quantizes exactly.
-    """
-    w = w.detach().to(torch.float32, copy=True)
-    h = hessian.detach().to(w.device, torch.float32, copy=True)
-    if not bool(torch.isfinite(h).all()):
-        raise GPTQError("GPTQ: the Hessian has NaN or inf entries (non-finite calibration activations?)")
-    diag = h.diagonal()
-    dead = diag == 0
-    diag.masked_fill_(dead, 1.0)
-    w.masked_fill_(dead[None, :], 0.0)
-    return w, h
-
-
-def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, H (K, K) float32 -> U (K, K).
-
-    Row j of U, divided by U_jj, is how the error of column j spreads over the later columns (the reference's
-    `Hinv`). When the damped H is still not positive definite in float32 (collinear inputs, very few rows), the
-    damping grows tenfold a few times, with a warning.
-    """
-    mean_diag = h.diagonal().mean()
-    for mult in _DAMP_RETRIES:
-        hd = h.clone()
-        hd.diagonal().add_(damp * mult * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(hd)
-        if int(info) == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(u).all()):
-                if mult != 1.0:
-                    warnings.warn(f"GPTQ: Hessian not positive definite with damp={damp:g}; used damp={damp * mult:g}",
-                                  RuntimeWarning, stacklevel=3)
-                return u
-    raise GPTQError(f"GPTQ: Hessian not positive definite even with damp={damp * _DAMP_RETRIES[-1]:g} "
-                    f"(relative to mean(diag H)); check the calibration activations of this layer")
-
+GPTQError = HessianError  # the name GPTQ's callers and tests know
+__all__ = ["GPTQError", "HessianAccumulator", "gptq_quantize_int4", "gptq_quantize_int8"]
 
 # (column index in processing order, the block's working copy of W, the column's index in that block)
 #   -> (scale (N,), zero (N,)) float32 with which that column is rounded
 ParamsFn = Callable[[int, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
+def _check_args(w: torch.Tensor, hessian: torch.Tensor, damp: float, block_size: int) -> None:
+    check_args(w, hessian, damp, block_size, "GPTQ")
+
+
 def _gptq_loop(w: torch.Tensor, u: torch.Tensor, block_size: int, params_at: ParamsFn,
                qmin: int, qmax: int) -> torch.Tensor:
-    """The GPTQ sweep over the columns of w (N, K) float32 in processing order, with U (K, K) from
-    `_inverse_hessian_cholesky` in the same order. Returns the codes (N, K) float32 (integers in [qmin, qmax]).
+    """The GPTQ sweep (`hessian.error_feedback_sweep`) over the columns of w (N, K) float32 in processing order,
+    each column rounded with `params_at`'s scale and zero. Returns the codes (N, K) float32 (integers in
+    [qmin, qmax]); `w` is updated in place past each block."""
 
-    Lazy batch updates: the error of each column updates only the rest of its block at once; the block's errors
-    then update every later column with one matmul. `w` is updated in place past each block.
-    """
-    n, k = w.shape
-    codes = torch.empty_like(w)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.empty_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            scale, zero = params_at(i1 + i, w1, i)
-            col = w1[:, i]
-            q = torch.round(col / scale + zero).clamp_(qmin, qmax)
-            codes[:, i1 + i] = q
-            e = (col - (q - zero) * scale) / u1[i, i]
-            w1[:, i + 1:].addr_(e, u1[i, i + 1:], alpha=-1.0)
-            err1[:, i] = e
-        w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)
-    return codes
+    def column(j: int, w1: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, zero = params_at(j, w1, i)
+        q = torch.round(w1[:, i] / scale + zero).clamp_(qmin, qmax)
+        return q, (q - zero) * scale
+
+    return error_feedback_sweep(w, u, block_size, column)
 
 
 def _f16_scale(scale: torch.Tensor) -> torch.Tensor:

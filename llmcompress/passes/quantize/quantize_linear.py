@@ -28,7 +28,6 @@ torch's kernels refuse keep `linear_w8a16` / `linear_w4a16` (their reference), c
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -42,7 +41,7 @@ from llmcompress.calibration.service import Calibration, TargetInputs
 from llmcompress.errors import OptionError, WeightReleasedError, did_you_mean
 from llmcompress.formats import cpu_packed
 from llmcompress.formats import quantized as formats
-from llmcompress.fx_utils import call, finish_rewrite, member_names
+from llmcompress.fx_utils import call, finish_rewrite, grouped_matmul_ops, layer_matches
 from llmcompress.kernels.cpu_path import choose_cpu_kernel, packed_dtype_unsupported
 from llmcompress.kernels.kernel_path import choose_kernel_path
 from llmcompress.kernels.linear_common import DENSE_OFF
@@ -145,19 +144,7 @@ class _Target:
     """The CPU kernel plan of a weight-only layer on the CPU: `packed` (bool), `dtype`, `reason`, `priced`."""
 
 
-_GROUPED_OPS: set[Any] = set()
-for _name in ("_grouped_mm",):
-    _op = getattr(aten, _name, None)
-    if _op is not None:
-        _GROUPED_OPS.add(_op.default)
-
-
-def _grouped_ops() -> set[Any]:
-    ops = set(_GROUPED_OPS)
-    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
-    if fallback is not None:
-        ops.add(fallback.default)
-    return ops
+_grouped_ops = grouped_matmul_ops
 
 
 # lm_head: the logits are the most sensitive output. `*.gate`: MoE routers (`mlp.gate`, `block_sparse_moe.gate`),
@@ -165,12 +152,7 @@ def _grouped_ops() -> set[Any]:
 _DEFAULT_SKIP = ["lm_head", "*.gate"]
 
 
-def _matches(name: str, pattern: str) -> bool:
-    """fnmatch on the module path, or on its tail: `lm_head` matches `lm_head` and `model.lm_head`.
-
-    A layer fused by `fuse-sibling-linears` (`a.q_proj+k_proj+v_proj`) matches when any of its members does.
-    """
-    return any(fnmatch.fnmatchcase(m, pattern) or fnmatch.fnmatchcase(m, f"*.{pattern}") for m in member_names(name))
+_matches = layer_matches  # the skip / overrides matching shared with the other compressing passes (fx_utils)
 
 
 def _module_name(weight_name: str) -> str:
@@ -294,6 +276,12 @@ class QuantizeLinearPass(Pass):
             if layer.scheme == "w4a16" and k % layer.group_size:
                 skip(node, name, f"group size: group_size {layer.group_size} does not divide K={k}", warn=True)
                 continue
+            if layer.method == "gptq" and node.meta.get("llmcompress.sparsity"):
+                # sparsify-linear marks what it pruned; GPTQ's error feedback would fill the pruned weights in.
+                raise OptionError(f"quantize-linear method gptq after sparsify-linear ({name}, pattern "
+                                  f"{node.meta['llmcompress.sparsity']['pattern']}) would spread rounding errors into "
+                                  "the pruned weights: use sparsify-linear's joint sweep (method sparsegpt, quantize "
+                                  "w4a16; recipe sparse-2of4-w4a16) or quantize-linear method rtn / awq")
             targets.append(_Target(node, name, weight, layer, grouped))
         user_skip = [] if self.options.skip == _DEFAULT_SKIP else self.options.skip
         for pattern in [*user_skip, *self.options.overrides]:
