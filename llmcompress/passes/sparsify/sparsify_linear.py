@@ -34,7 +34,10 @@ from llmcompress.calibration.service import Calibration, TargetInputs
 from llmcompress.calibration.stats import statistics_of
 from llmcompress.errors import OptionError, WeightReleasedError, did_you_mean
 from llmcompress.formats import quantized as formats
+from llmcompress.formats.sparse import pack_2of4, pack_2of4_int4
 from llmcompress.fx_utils import call, finish_rewrite, grouped_matmul_ops, layer_matches
+from llmcompress.kernels.linear_common import DENSE_OFF, SUPPORTED_DTYPES
+from llmcompress.kernels.sparse_path import choose_sparse_path
 from llmcompress.passes.base import Pass, PassContext, PassResult
 from llmcompress.passes.sparsify.magnitude import magnitude_mask
 from llmcompress.passes.sparsify.masks import Pattern, parse_pattern
@@ -451,30 +454,46 @@ def _node_layout(t: _Target, weight: torch.Tensor) -> torch.Tensor:
 def _lower(gm: torch.fx.GraphModule, ctx: PassContext, t: _Target, pruned: Pruned, method: str) -> dict[str, Any]:
     """Every pruned layer's lowering, the one place that decides what it runs as; returns its report decision.
 
-    Today: the layer's own op (dense linear or grouped matmul) on the masked dense weight (kernel `dense (masked)`).
-    A 2:4 layer keeps in `pruned` what packing needs (the masked weight and mask, and the int4 codes / scales /
-    zeros of the joint mode) for the 2:4 ops and their chooser (`kernels/sparse_path.py`) to take over here.
+    A 2:4 linear runs `llmcompress::linear_2of4` (or `linear_2of4_w4a16` for the joint int4 mode) on its packed form
+    where the chooser (`kernels/sparse_path.py`, the cost model) says the op wins at decode (M = 1): the op then
+    holds only the packed bytes. Every other layer, and a 2:4 layer where the op does not win (every CPU layer: the
+    op's CPU path is its reference), keeps its own op (dense linear or grouped matmul) on the masked dense weight.
     """
     node = t.node
+    plan, reason = _sparse_plan(ctx, t, pruned)
     with unset_fake_temporarily():
-        weight = _node_layout(t, pruned.weight)
-    with gm.graph.inserting_before(node):
-        const = ctx.weights.add(gm, weight, f"{t.name}.weight")
-        new = call(gm.graph, ctx.fake_mode, node.target, (node.args[0], const, *node.args[2:]), dict(node.kwargs))
-    if t.layer.pattern.structured:
-        reason = f"{t.layer.pattern}: no compressed {t.layer.pattern} kernel wired into sparsify-linear yet"
-    else:
-        reason = "no kernel for this pattern pays: unstructured sparsity is stored as a masked dense weight"
-    stored = pruned.weight
-    with unset_fake_temporarily():
+        stored = pruned.weight
         achieved = float((stored == 0).sum()) / stored.numel()  # counted from what is stored, not assumed
+        if plan is not None:
+            packed = (pack_2of4(pruned.weight) if plan["variant"] == "2of4" else
+                      pack_2of4_int4(pruned.codes, pruned.mask, pruned.scales, pruned.zeros, plan["group_size"]))
+        else:
+            weight = _node_layout(t, pruned.weight)
     info: dict[str, Any] = {"pattern": str(t.layer.pattern), "method": method, "target": t.layer.sparsity,
                             "achieved": round(achieved, 6), "shape": list(t.weight.shape),
-                            "dense_bytes": int(t.weight.numel() * t.weight.element_size()),
-                            "stored_bytes": int(stored.numel() * stored.element_size()),
-                            "kernel": "dense (masked)", "reason": reason}
+                            "dense_bytes": int(t.weight.numel() * t.weight.element_size())}
+    with gm.graph.inserting_before(node):
+        if plan is None:
+            const = ctx.weights.add(gm, weight, f"{t.name}.weight")
+            new = call(gm.graph, ctx.fake_mode, node.target, (node.args[0], const, *node.args[2:]),
+                       dict(node.kwargs))
+            info.update(stored_bytes=int(stored.numel() * stored.element_size()), kernel="dense (masked)",
+                        reason=reason)
+        else:
+            names = ("values", "meta") if plan["variant"] == "2of4" else ("qvalues", "meta", "scales", "zeros")
+            consts = [ctx.weights.add(gm, x, f"{t.name}.{n}") for n, x in zip(names, packed)]
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if plan["variant"] == "2of4":
+                op, args = torch.ops.llmcompress.linear_2of4.default, (node.args[0], *consts, bias)
+            else:
+                op = torch.ops.llmcompress.linear_2of4_w4a16.default
+                args = (node.args[0], *consts, plan["group_size"], bias)
+            new = call(gm.graph, ctx.fake_mode, op, (*args, plan["gemv_max_m"], plan["dense_min_m"]), {})
+            info.update(stored_bytes=int(sum(x.numel() * x.element_size() for x in packed)), kernel=plan["kernel"],
+                        reason=reason, ranges=plan["ranges"], priced=plan["priced"])
     if pruned.codes is not None:
-        info["quantize"] = "w4a16 (joint SparseGPT sweep; dequantized into the masked dense weight)"
+        info["quantize"] = ("w4a16 (joint SparseGPT sweep; " +
+                            ("int4 codes packed 2:4)" if plan else "dequantized into the masked dense weight)"))
     info["predicted"] = _predicted(ctx, node, new)
     new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
     new.meta["llmcompress.linear"] = f"{t.name}.weight"
@@ -482,6 +501,40 @@ def _lower(gm: torch.fx.GraphModule, ctx: PassContext, t: _Target, pruned: Prune
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return {"node": new.name, "layer": t.name, "sparsity": info}
+
+
+def _sparse_plan(ctx: PassContext, t: _Target, pruned: Pruned) -> tuple[dict[str, Any] | None, str]:
+    """(the 2:4 op's plan, or None for the masked dense weight; the reason, for the report)."""
+    pattern = t.layer.pattern
+    if not pattern.structured:
+        return None, "no kernel for this pattern pays: unstructured sparsity is stored as a masked dense weight"
+    if (pattern.n, pattern.m) != (2, 4):
+        return None, f"{pattern}: no compressed kernel for this pattern (only 2:4 has one); stored masked dense"
+    if t.grouped:
+        return None, "2:4 MoE experts (3-D weights): no grouped 2:4 kernel; stored masked dense"
+    dtype = t.node.args[0].meta["val"].dtype
+    if dtype not in SUPPORTED_DTYPES:
+        return None, f"activations in {dtype}: the 2:4 kernels take {', '.join(map(str, SUPPORTED_DTYPES))}"
+    variant = "2of4" if pruned.codes is None else "2of4-w4a16"
+    n, k = t.weight.shape
+    group_size = k // pruned.scales.shape[-1] if pruned.codes is not None else 128  # the joint sweep's groups
+    # Our Triton lowering prices the op as a GPU kernel even on a CPU (the interpreter's tests); otherwise the
+    # device the weights live on, where a CPU op is its reference.
+    triton = getattr(ctx.config, "lowering", None) == "triton"
+    device = "cuda" if t.weight.device.type == "cuda" or triton else "cpu"
+    path = choose_sparse_path(ctx.cost_model, n, k, dtype, device, variant, group_size)
+    priced = {m: {c: v for c, v in p.items() if v is not None} for m, p in path.priced.items()}
+    if path.dense_min_m is None:
+        return None, (f"cost model: {path.kernel_at(1)} is fastest at M = 1 on {device}"
+                      + (" (the 2:4 op's CPU path is its reference)" if device == "cpu" else "")
+                      + "; stored masked dense")
+    ranges = [[first, last, kernel] for first, last, kernel in path.ranges]
+    op = "linear_2of4" if variant == "2of4" else "linear_2of4_w4a16"
+    dense = "" if path.dense_min_m >= DENSE_OFF else f", expanded to dense F.linear for M >= {path.dense_min_m}"
+    return ({"variant": variant, "group_size": group_size, "gemv_max_m": path.gemv_max_m,
+             "dense_min_m": path.dense_min_m, "ranges": ranges, "priced": priced,
+             "kernel": f"{op} (GEMV for M <= {path.gemv_max_m}{dense})"},
+            f"cost model: the 2:4 op wins at M = 1 on {device}")
 
 
 def _predicted(ctx: PassContext, dense: torch.fx.Node, pruned: torch.fx.Node) -> dict[str, Any] | None:

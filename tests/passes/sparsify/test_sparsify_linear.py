@@ -349,6 +349,62 @@ def test_joint_recipe_stores_2of4_int4_values(tmp_path):
             assert all(len(row.unique()) <= 16 for row in g)
 
 
+def _ops_of(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (
+        torch.ops.llmcompress.linear_2of4.default, torch.ops.llmcompress.linear_2of4_w4a16.default)]
+
+
+def test_2of4_layers_run_the_packed_op_where_the_cost_model_says_it_wins(tmp_path):
+    """Planned for an H100 with our Triton lowering, every 2:4 layer runs llmcompress::linear_2of4 on the packed
+    values + metadata (its CPU kernel is the reference here) and gives the eagerly pruned model's outputs."""
+    ids = example_ids()
+    with torch.no_grad():
+        expected = main_output(_prune_eagerly(tiny_model("llama"), "magnitude", "2:4")(ids))
+    graphs = []
+    options = {"lowering": "triton", "hardware": "h100-sxm", "report": str(tmp_path / "r.json"),
+               "passes": _passes(method="magnitude", pattern="2:4")}
+    with torch.no_grad():
+        out = main_output(_compile(tiny_model("llama"), options, on_graph=lambda b, a, ctx: graphs.append(a))(ids))
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    ops = _ops_of(graphs[0])
+    assert len(ops) == 14 and all(n.target == torch.ops.llmcompress.linear_2of4.default for n in ops)
+    assert all(n.args[-2] >= 1 for n in ops)  # the GEMV takes decode
+    pruned = [d["sparsity"] for d in _record(tmp_path / "r.json")["decisions"] if d["sparsity"]["pattern"] != "dense"]
+    assert len(pruned) == 14
+    for sp in pruned:
+        assert sp["kernel"].startswith("linear_2of4 (GEMV"), sp
+        # float32 values (N, K/2) + one metadata byte per 8 inputs: about 0.53 of the dense bytes.
+        assert sp["stored_bytes"] < 0.55 * sp["dense_bytes"] and sp["ranges"][0][2] == "gemv"
+
+
+def test_joint_2of4_int4_layers_run_the_packed_int4_op(tmp_path):
+    ids, cal = example_ids(), _calibration()
+    graphs = []
+    base = {"calibration": cal, "calibration_samples": 6, "calibration_seq_len": 24, "hardware": "h100-sxm",
+            "passes": _passes(method="sparsegpt", pattern="2:4", quantize="w4a16", group_size=32)}
+    with torch.no_grad():
+        reference = main_output(_compile(tiny_model("llama"), {**base, "lowering": "eager"})(ids))
+        out = main_output(_compile(tiny_model("llama"), {**base, "lowering": "triton"},
+                                   on_graph=lambda b, a, ctx: graphs.append(a))(ids))
+    ops = _ops_of(graphs[0])
+    assert len(ops) == 14 and all(n.target == torch.ops.llmcompress.linear_2of4_w4a16.default for n in ops)
+    assert all(n.args[5] == 32 for n in ops)  # the joint sweep's group size
+    # The same int4 codes: packed (op) against dequantized into the masked dense weight (eager lowering).
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_on_a_cpu_2of4_layers_keep_the_masked_dense_weight(tmp_path):
+    """The op's CPU path is its reference (unpack + float32 matmul): never faster than dense, so not used."""
+    options = {"lowering": "eager", "report": str(tmp_path / "r.json"),
+               "passes": _passes(method="magnitude", pattern="2:4")}
+    with torch.no_grad():
+        _compile(tiny_model("llama"), options)(example_ids())
+    pruned = [d["sparsity"] for d in _record(tmp_path / "r.json")["decisions"] if d["sparsity"]["pattern"] != "dense"]
+    assert len(pruned) == 14
+    for sp in pruned:
+        assert sp["kernel"] == "dense (masked)" and "reference" in sp["reason"], sp
+
+
 def test_recipes_are_built_in():
     for name, pattern in (("sparse-50", "unstructured"), ("sparse-2of4", "2:4"), ("sparse-2of4-w4a16", "2:4")):
         assert name in builtin_recipes()
