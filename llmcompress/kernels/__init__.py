@@ -27,7 +27,8 @@ launchers, reference and op. Which of a linear's kernels runs at each row count 
 (GEMV, GEMM, dequantize + cuBLAS), priced by the cost model, is `kernel_path.py`'s
 `choose_kernel_path`: the passes pass its crossovers to the ops. The 2:4 sparse linears
 (`sparse_linear.py`, `llmcompress::linear_2of4` and `linear_2of4_w4a16`) have their own
-choice against dense and torch's semi-structured path, `sparse_path.py`.
+choice against dense and torch's semi-structured path, `sparse_path.py`. The low-rank linear
+(`lowrank_linear.py`, `llmcompress::linear_lowrank`) has `lowrank_path.py`: whether a split pays at all.
 """
 
 from llmcompress.kernels import (
@@ -37,6 +38,7 @@ from llmcompress.kernels import (
            grouped_linear,
            int4_linear,
            int8_linear,
+           lowrank_linear,
            quantized_embedding,
            rms_norm,
            sparse_linear,
@@ -45,5 +47,5 @@ from llmcompress.kernels import (
 from llmcompress.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 
 __all__ = ["cpu_weight_only", "fp8_linear", "fused_linear", "grouped_linear", "int4_linear", "int8_linear",
-           "quantized_embedding", "rms_norm", "rms_norm_reference", "rms_norm_triton", "sparse_linear",
+           "lowrank_linear", "quantized_embedding", "rms_norm", "rms_norm_reference", "rms_norm_triton", "sparse_linear",
            "w8a8_linear"]
