@@ -12,7 +12,7 @@ The alternative, one program per block of N outputs, has to recompute all of t =
 the factors' bytes, read N / BLOCK_N times (64 at N = 4096, BLOCK_N = 64); a two-phase grid (t to global memory,
 a grid-wide barrier, then U) needs every program resident at once and deadlocks under the interpreter. The last
 program to finish (an atomic ticket) rounds the accumulator once to x's dtype into y, so the op stays one kernel
-launch (plus the zero fill of the accumulator and ticket).
+launch after one zero fill of the accumulator and ticket.
 
 Large M is compute-bound: 2·M·r·(K + N) FLOPs on tensor cores, where cuBLAS is at peak and a Triton `tl.dot` GEMM
 would at best match it; the round trip of t, 2·M·r elements, is r / (K + N) of the factors' reads per row
@@ -187,9 +187,10 @@ def _launch_fused(x2d, v, u, bias) -> torch.Tensor:
     v, u = v.contiguous(), u.contiguous()
     n, k, r = u.shape[0], x2d.shape[1], v.shape[0]
     direct = x2d.dtype == torch.float32
-    acc = torch.zeros((m, n), dtype=torch.float32, device=x2d.device)
+    # The fp32 accumulator and the ticket zeroed by one fill (int32 0 is float 0.0): with the kernel, two launches.
+    zeroed = torch.zeros((m * n + 1,), dtype=torch.int32, device=x2d.device)
+    acc, ticket = zeroed[: m * n].view(torch.float32).view(m, n), zeroed[m * n:]
     out = acc if direct else torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
-    ticket = torch.zeros((1,), dtype=torch.int32, device=x2d.device)
     common.launch(
         _lowrank_fused_kernel,
         _fused_tuned,
