@@ -135,9 +135,18 @@ def _fused_shared_bytes(config, nargs) -> int:
     return max(stages * (bm + br) * bk * e, stages * bn * br * e + bm * bn * 4)
 
 
+# Tiles (row bucket BLOCK_M, BLOCK_R, BLOCK_K, BLOCK_N, num_warps) that spill registers, per
+# `linear_common.spill_key`, over the full set (M = 1, 3, 16 at K = N = 4096, r = 1024; benchmarks/gpu_compile.py
+# --families lowrank): left out there.
+_FUSED_SPILLS = {("sm_90", "fp32"): {(4, 16, 128, 64, 4)}}  # 16 B per thread
+
+
 def _fused_choice(configs, nargs, capability):
     # tl.dot (BLOCK_M = 16) needs BLOCK_R >= 16; the fp32 FMA tiles (BLOCK_M <= 4) take any.
-    return [c for c in configs if nargs["BLOCK_M"] < 16 or c.kwargs["BLOCK_R"] >= 16]
+    spills = _FUSED_SPILLS.get(common.spill_key(nargs, capability), ())
+    return [c for c in configs if (nargs["BLOCK_M"] < 16 or c.kwargs["BLOCK_R"] >= 16)
+            and (nargs["BLOCK_M"], *(c.kwargs[b] for b in ("BLOCK_R", "BLOCK_K", "BLOCK_N")), c.num_warps)
+            not in spills]
 
 
 _fused_tuned = common.autotuned(_lowrank_fused_kernel, _FUSED_CONFIGS, key=["BLOCK_M", "N", "K", "R"],

@@ -39,7 +39,16 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from llmcompress.codegen import compile_group
 from llmcompress.cost.device_profile import device_name
 from llmcompress.formats.sparse import meta_columns
-from llmcompress.kernels import fp8_linear, fused_linear, int4_linear, int8_linear, rms_norm, sparse_linear, w8a8_linear
+from llmcompress.kernels import (
+    fp8_linear,
+    fused_linear,
+    int4_linear,
+    int8_linear,
+    lowrank_linear,
+    rms_norm,
+    sparse_linear,
+    w8a8_linear,
+)
 from llmcompress.kernels import linear_common as common
 
 aten = torch.ops.aten
@@ -103,6 +112,20 @@ def _sparse_cases(dtype: str, m: int, k: int, n: int) -> list[Case]:
         Case("sparse_linear", "int4 + 2:4 group 128", dtype, shape,
              lambda: sparse_linear.linear_2of4_w4a16_triton(x, q, meta, sz, sz, 128)),
     ]
+
+
+# The low-rank linear's fused kernel (`kernels/lowrank_linear.py`) at r = 1024, the benchmark's rank, K = N = 4096:
+# its FMA rows (M = 1, 3: buckets 1, 4) and its tensor-core rows (M = 16); above 16 rows the op runs cuBLAS.
+LOWRANK_RANK = 1024
+LOWRANK_ROWS = {"full": (1, 3, 16), "reduced": (3, 16)}
+
+
+def _lowrank_cases(dtype: str, m: int, k: int, n: int) -> list[Case]:
+    dt = DTYPES[dtype]
+    x, v, u = _meta(m, k, dtype=dt), _meta(LOWRANK_RANK, k, dtype=dt), _meta(n, LOWRANK_RANK, dtype=dt)
+    variant = f"r {LOWRANK_RANK}, " + ("tensor-core rows" if m >= common.GEMV_TENSOR_CORE_ROWS else "fma rows")
+    return [Case("lowrank_linear", variant, dtype, (m, k, n),
+                 lambda: lowrank_linear.linear_lowrank_triton(x, v, u))]
 
 
 def _weight_cases(dtype: str, k: int, n: int) -> list[Case]:
@@ -190,7 +213,7 @@ def _codegen_case(name: str, dtype: str, m: int, n: int) -> Case:
     return Case("codegen", name, dtype, (m, None, n), call)
 
 
-FAMILIES = ("kernels", "sparse", "codegen")
+FAMILIES = ("kernels", "sparse", "lowrank", "codegen")
 
 
 def cases(full: bool, families: tuple[str, ...] = FAMILIES, dtypes=tuple(DTYPES)) -> list[Case]:
@@ -205,6 +228,9 @@ def cases(full: bool, families: tuple[str, ...] = FAMILIES, dtypes=tuple(DTYPES)
         if "sparse" in families:
             for m, k, n in shapes:
                 out += _sparse_cases(dtype, m, k, n)
+        if "lowrank" in families:
+            for m in LOWRANK_ROWS["full" if full else "reduced"]:
+                out += _lowrank_cases(dtype, m, 4096, 4096)
         if "codegen" in families:
             for name in GROUPS if full else REDUCED_GROUPS:
                 for m, n in ((1, 4096), (512, 4096), (3, 1000)) if full else ((512, 4096),):
@@ -422,7 +448,7 @@ def unsupported() -> str | None:
 
 
 def run_reduced(families: str, folder: str | os.PathLike, timeout: float = 900) -> list[dict]:
-    """The reduced set's rows for `families` ("kernels", "sparse", "codegen"), compiled in a subprocess without
+    """The reduced set's rows for `families` ("kernels", "sparse", "lowrank", "codegen"), compiled in a subprocess without
     TRITON_INTERPRET (the tests' process runs the interpreter; compiling needs no GPU). Runs this checkout's package:
     the subprocess starts in the directory above `llmcompress/`."""
     root = pathlib.Path(__file__).resolve().parents[2]
