@@ -24,6 +24,8 @@
 #   quant-gptq            quantized_model.py GPTQ compile time (target <= 10 min; cut at 9)     <= 9 min
 #   sparse                2:4 kernel tests natively, then sparse_linear.py (2 shapes x 2 M x 7 configs, the 7B
 #                         decode-step linears x 6; Triton autotuning of 4 kernels)              ~3-5 min (not timed yet)
+#   lowrank               low-rank kernel tests natively, then lowrank_linear.py (4096x4096 r=1024 x 3 M x 4
+#                         configs, the 7B decode-step linears at 60 % kept x 4; one kernel autotuned)  ~2-4 min (not timed yet)
 #
 # Groups (more than one call's worth: run their parts one per call where calls are limited to 10 minutes):
 #   backend = backend-forward backend-prefill backend-generate          ~14-16 min
@@ -36,7 +38,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
 PARTS=(tests compile costmodel backend-forward backend-prefill backend-generate fusion quant-kernels quant-model-forward
-       quant-model-generate quant-gptq sparse)
+       quant-model-generate quant-gptq sparse lowrank)
 BACKEND_CONFIGS=inductor-cudagraphs,llmcompress-cudagraphs,llmcompress-triton-cudagraphs
 
 usage() {
@@ -64,7 +66,7 @@ run_part() {
       # The tier CPU CI runs (one config per kernel, dtype and target), then every config and shape; a compile
       # error, shared memory over the limit or the launcher's estimate, or a spill fails the tests.
       timeout 240 python -m pytest -q -m gpu_compile tests/kernels/test_gpu_compile.py \
-        tests/kernels/test_sparse_gpu_compile.py tests/codegen/test_gpu_compile.py \
+        tests/kernels/test_sparse_gpu_compile.py tests/kernels/test_lowrank_gpu_compile.py tests/codegen/test_gpu_compile.py \
         2>&1 | tee "$out/gpu_compile_tests.log" | tail -8
       timeout 300 python benchmarks/gpu_compile.py --jobs 14 --out "$out/gpu_compile.json" 2>&1 \
         | tee "$out/gpu_compile.log" | tail -40 ;;
@@ -105,6 +107,10 @@ run_part() {
       timeout 200 python -m pytest -q tests/kernels/test_sparse_linear.py tests/kernels/test_sparse_path.py \
         tests/formats/test_sparse.py 2>&1 | tee "$out/gpu_tests_sparse.log" | tail -8
       timeout 380 python benchmarks/sparse_linear.py --out "$out/sparse_linear.json" 2>&1 | tail -45 ;;
+    lowrank)
+      timeout 200 python -m pytest -q tests/kernels/test_lowrank_linear.py tests/kernels/test_lowrank_path.py 2>&1 \
+        | tee "$out/gpu_tests_lowrank.log" | tail -8
+      timeout 360 python benchmarks/lowrank_linear.py --out "$out/lowrank_linear.json" 2>&1 | tail -40 ;;
     *) usage ;;
   esac
 }
