@@ -8,6 +8,8 @@ values do not change a kernel's time) and the dense bf16 weight W = U V, bf16 ac
   two-linears          F.linear(F.linear(x, V), U): the split as two separate cuBLAS GEMMs (t through memory)
   llmcompress-lowrank  torch.ops.llmcompress.linear_lowrank(x, V, U): the fused kernel for M <= 16 (t on chip,
                        `kernels/lowrank_linear.py`), two GEMMs above
+  llmcompress-lowrank-ut  the same op with U stored (r, N) and passed as its transpose view: the fused kernel reads
+                       U along N (coalesced) instead of BLOCK_R elements per row
   planned              what `kernels/lowrank_path.choose_lowrank_path` says for this layer and M on this device
                        (cost model with the device's profile): the op where the split pays, else bf16-cublas
 
@@ -60,7 +62,7 @@ SMOKE_SHAPES = "128x128:32,352x128:40"
 SMOKE_MS = "1,5,20"
 KEPT = 0.6
 LAYER = {"q": "h x h", "k": "h x h", "v": "h x h", "o": "h x h", "gate": "i x h", "up": "i x h", "down": "h x i"}
-CONFIGS = ("bf16-cublas", "two-linears", "llmcompress-lowrank", "planned")
+CONFIGS = ("bf16-cublas", "two-linears", "llmcompress-lowrank", "llmcompress-lowrank-ut", "planned")
 # bf16 rounds each output by up to 2**-9 of its magnitude (and t once more in two-linears); a wrong kernel gives O(1).
 REL_ERR_OK = 2e-2
 
@@ -111,6 +113,7 @@ class Layer:
         dev = args.device
         self.n, self.k, self.r = n, k, r
         self.v, self.u = v.to(dev, torch.bfloat16), u.to(dev, torch.bfloat16)
+        self.u_t = self.u.T.contiguous().T  # (N, r) view of U stored (r, N)
         self.ref = (self.u.float() @ self.v.float())
         self.w = self.ref.to(torch.bfloat16)
 
@@ -131,10 +134,11 @@ class Layer:
             return (lambda: F.linear(x, self.w)), ql.nbytes(self.w), None
         if name == "two-linears":
             return (lambda: F.linear(F.linear(x, self.v), self.u)), ql.nbytes(self.v, self.u), None
-        if name == "llmcompress-lowrank":
+        if name in ("llmcompress-lowrank", "llmcompress-lowrank-ut"):
             # smoke: the launcher in the interpreter (the op's CPU kernel is the two linears)
             op = lowrank_linear.linear_lowrank_triton if x.device.type == "cpu" else torch.ops.llmcompress.linear_lowrank
-            return (lambda: op(x, self.v, self.u)), ql.nbytes(self.v, self.u), \
+            u = self.u_t if name.endswith("-ut") else self.u
+            return (lambda: op(x, self.v, u)), ql.nbytes(self.v, u), \
                 "fused" if m <= lowrank_linear.FUSED_MAX_M else "two-linears"
         raise ValueError(f"unknown configuration {name!r}")
 

@@ -53,6 +53,7 @@ def _lowrank_fused_kernel(
     stride_xm,
     stride_vr,
     stride_un,
+    stride_ur,
     stride_om,
     HAS_BIAS: tl.constexpr,
     DIRECT: tl.constexpr,
@@ -90,7 +91,7 @@ def _lowrank_fused_kernel(
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         n_mask = rn < N
-        un = tl.load(u_ptr + rn.to(tl.int64)[:, None] * stride_un + rr[None, :],
+        un = tl.load(u_ptr + rn.to(tl.int64)[:, None] * stride_un + rr.to(tl.int64)[None, :] * stride_ur,
                      mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_R)
         if BLOCK_M >= 16:
             part = dot_fp32(t_hi, tl.trans(un), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST)
@@ -136,9 +137,10 @@ def _fused_shared_bytes(config, nargs) -> int:
 
 
 # Tiles (row bucket BLOCK_M, BLOCK_R, BLOCK_K, BLOCK_N, num_warps) that spill registers, per
-# `linear_common.spill_key`, over the full set (M = 1, 3, 16 at K = N = 4096, r = 1024; benchmarks/gpu_compile.py
-# --families lowrank): left out there.
-_FUSED_SPILLS = {("sm_90", "fp32"): {(4, 16, 128, 64, 4)}}  # 16 B per thread
+# `linear_common.spill_key`, over the full set (M = 1, 3, 16 at K = N = 4096, r = 1024, U as (N, r) rows and as a
+# transpose view; benchmarks/gpu_compile.py --families lowrank): left out there, for both layouts of U.
+_FUSED_SPILLS = {("sm_90", "fp32"): {(4, 16, 128, 64, 4)},  # 16 B per thread, U rows
+                 ("sm_90", "16-bit"): {(16, 16, 64, 128, 4)}}  # 8 B, U transposed
 
 
 def _fused_choice(configs, nargs, capability):
@@ -160,7 +162,8 @@ def linear_lowrank_reference(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, 
 
     Args:
         x: (..., K) float16/bfloat16/float32.
-        v: (r, K), u: (N, r), both in x's dtype, 1 <= r.
+        v: (r, K), u: (N, r), both in x's dtype, 1 <= r; u may be the transpose view of a (r, N) tensor (the
+            fused kernel then reads it along N, coalesced).
         bias: optional (N,), x.dtype.
         fused_max_m: kernel choice of the CUDA path; ignored here.
 
@@ -193,7 +196,10 @@ def _launch_fused(x2d, v, u, bias) -> torch.Tensor:
     if m > FUSED_MAX_M:
         raise ValueError(f"low-rank fused kernel: M must be <= {FUSED_MAX_M}, got {m}")
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-    v, u = v.contiguous(), u.contiguous()
+    v = v if v.stride(1) == 1 else v.contiguous()
+    # U as given when either of its strides is 1: (N, r) rows, or the transpose view of a (r, N) tensor, whose
+    # loads along N are contiguous (a (BLOCK_N, BLOCK_R) tile of (N, r) rows reads BLOCK_R elements per row).
+    u = u if 1 in u.stride() else u.contiguous()
     n, k, r = u.shape[0], x2d.shape[1], v.shape[0]
     direct = x2d.dtype == torch.float32
     # The fp32 accumulator and the ticket zeroed by one fill (int32 0 is float 0.0): with the kernel, two launches.
@@ -205,7 +211,7 @@ def _launch_fused(x2d, v, u, bias) -> torch.Tensor:
         _fused_tuned,
         lambda meta_: (triton.cdiv(r, meta_["BLOCK_R"]),),
         (x2d, v, u, x2d if bias is None else bias, acc, ticket, out, m, n, k, r,
-         x2d.stride(0), v.stride(0), u.stride(0), out.stride(0)),
+         x2d.stride(0), v.stride(0), u.stride(0), u.stride(1), out.stride(0)),
         _FUSED_INTERP,
         HAS_BIAS=bias is not None,
         DIRECT=direct,

@@ -123,9 +123,11 @@ LOWRANK_ROWS = {"full": (1, 3, 16), "reduced": (3, 16)}
 def _lowrank_cases(dtype: str, m: int, k: int, n: int) -> list[Case]:
     dt = DTYPES[dtype]
     x, v, u = _meta(m, k, dtype=dt), _meta(LOWRANK_RANK, k, dtype=dt), _meta(n, LOWRANK_RANK, dtype=dt)
+    u_t = _meta(LOWRANK_RANK, n, dtype=dt).T  # U stored (r, N): the kernel reads it along N
     variant = f"r {LOWRANK_RANK}, " + ("tensor-core rows" if m >= common.GEMV_TENSOR_CORE_ROWS else "fma rows")
-    return [Case("lowrank_linear", variant, dtype, (m, k, n),
-                 lambda: lowrank_linear.linear_lowrank_triton(x, v, u))]
+    return [Case("lowrank_linear", variant, dtype, (m, k, n), lambda: lowrank_linear.linear_lowrank_triton(x, v, u)),
+            Case("lowrank_linear", f"{variant}, u transposed", dtype, (m, k, n),
+                 lambda: lowrank_linear.linear_lowrank_triton(x, v, u_t))]
 
 
 def _weight_cases(dtype: str, k: int, n: int) -> list[Case]:

@@ -28,6 +28,8 @@ def test_lowrank_linear_smoke(tmp_path):
     assert {"torch", "triton", "llmcompress"} <= doc["versions"].keys() and doc["device"]["type"] == "cpu"
     assert [(r["n"], r["k"], r["r"], r["m"]) for r in doc["results"]] == [(128, 128, 32, 1), (128, 128, 32, 20)]
     for r in doc["results"]:
+        assert set(r["configs"]) == {"bf16-cublas", "two-linears", "llmcompress-lowrank", "llmcompress-lowrank-ut",
+                                     "planned"}
         for name, e in r["configs"].items():
             assert "error" not in e, (name, e.get("traceback"))
             assert e["numerics_ok"] and e["median_us"] > 0, (name, e)

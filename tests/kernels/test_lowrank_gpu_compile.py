@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu_compile
 
 DTYPES = ("float16", "bfloat16", "float32")
 TARGETS = ("sm_90", "sm_80")
-VARIANTS = ("r 1024, fma rows", "r 1024, tensor-core rows")
+VARIANTS = tuple(f"r 1024, {rows}{u}" for rows in ("fma rows", "tensor-core rows") for u in ("", ", u transposed"))
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,21 @@ def test_fused_kernel_matches_float64(case, dtype, atol, rtol):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPE_TOLS[::2], ids=DTYPE_IDS[::2])
+def test_fused_kernel_takes_u_as_a_transpose_view(dtype, atol, rtol):
+    """U stored (r, N) and passed as its (N, r) transpose view: read with its strides, not copied."""
+    m, n, k, r, _ = FUSED_CASES[3]
+    v, u = _factors(n, k, r, dtype)
+    u_t = u.T.contiguous().T
+    assert u_t.stride() == (1, n)
+    x, bias = _x(m, k, n, dtype, True)
+    torch.testing.assert_close(lr._launch_fused(x, v, u_t, bias).double(), _oracle(x, v, u, bias), atol=atol,
+                               rtol=rtol)
+    torch.testing.assert_close(lr._launch_fused(x[:1], v, u_t, bias).double(), _oracle(x[:1], v, u, bias), atol=atol,
+                               rtol=rtol)
+
+
+@needs_triton
 def test_fused_kernel_on_fp16_operands(monkeypatch):
     # tl.dot on fp16 operands as loaded (UPCAST off), the GPU's numerics: t split into hi + lo keeps fp16's tolerance.
     launched = dots_on_stored_dtype(monkeypatch)
