@@ -146,6 +146,15 @@ def test_op_under_torch_compile_cpu(backend):
     torch.testing.assert_close(out, lr.linear_lowrank_reference(x, v, u, bias) * 2.0)
 
 
+def test_op_under_torch_compile_dynamic_rows():
+    """A symbolic M (dynamic=True): one graph for 3 and 20 rows, either side of fused_max_m."""
+    v, u = _factors(33, 68, 9, torch.bfloat16, device="cpu")
+    fn = torch.compile(lambda x: OP(x, v, u, None, 16), backend="aot_eager", dynamic=True, fullgraph=True)
+    for m in (3, 20):
+        x, _ = _x(m, 68, 33, torch.bfloat16, False, device="cpu")
+        assert torch.equal(fn(x), F.linear(F.linear(x, v), u))
+
+
 def test_op_fake_impl_shape_and_dtype():
     with FakeTensorMode():
         x = torch.empty(2, 7, 256, dtype=torch.bfloat16)
