@@ -15,8 +15,8 @@ program to finish (an atomic ticket) rounds the accumulator once to x's dtype in
 launch after one zero fill of the accumulator and ticket.
 
 Large M is compute-bound: 2·M·r·(K + N) FLOPs on tensor cores, where cuBLAS is at peak and a Triton `tl.dot` GEMM
-would at best match it; the round trip of t, 2·M·r elements, is r / (K + N) of the factors' reads per row
-(1/8 at 4096x4096, r = 1024), so one kernel would save little there.
+would at best match it; the round trip of t moves 2·M·r elements against those FLOPs, K + N FLOPs per element (8192
+at 4096x4096, far above an H100's ~300 FLOPs per byte), so one kernel would save little there.
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ def _lowrank_fused_kernel(
                      mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_R)
         if BLOCK_M >= 16:
             part = dot_fp32(t_hi, tl.trans(un), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST)
-            part = dot_fp32(t_lo, tl.trans(un), part, UPCAST)
+            if dt != tl.float32:  # fp32: t_hi is t, no lo term
+                part = dot_fp32(t_lo, tl.trans(un), part, UPCAST)
         else:
             part = tl.sum(t[:, None, :] * un.to(tl.float32)[None, :, :], axis=2)
         if HAS_BIAS:

@@ -7,7 +7,7 @@ is said here once; what that costs on the hardware is the cost model's answer:
 
 * `fused` (`llmcompress::linear_lowrank`, `lowrank_linear._lowrank_fused_kernel`, CUDA, M <= 16): reads x, V and U
   once and writes y, never t; the rows padded to the kernel's bucket (`gemv_bucket`), FMAs below 16 rows and tensor
-  cores at 16, where t goes through the second dot as two terms (twice its FLOPs); two launches (the zero fill of
+  cores at 16, where 16-bit t goes through the second dot as two terms (twice its FLOPs); two launches (the zero fill of
   its fp32 accumulator, then the kernel).
 * `two-linears` (the op above fused_max_m on CUDA, and always on the CPU): F.linear twice in x's dtype, each a
   matmul on its own roofline (`rows` = M): x·Vᵀ writes t (M, r), t·Uᵀ reads it back.
@@ -75,8 +75,8 @@ def _times(cost_model, n, k, r, dtype, kind, m, fused) -> dict[str, float | None
         + cost_model.kernel_time(2.0 * m * r * n, float((n * r + m * r + m * n) * e), dtype, rows=m))
     if kind == "cuda" and fused:
         b = gemv_bucket(m)
-        # At 16 rows t is multiplied as hi + lo halves: the second dot's FLOPs twice.
-        second = 2 if gemv_on_tensor_cores(m) else 1
+        # At 16 rows 16-bit t is multiplied as hi + lo halves: the second dot's FLOPs twice.
+        second = 2 if gemv_on_tensor_cores(m) and dtype != torch.float32 else 1
         flops = 2.0 * b * r * k + second * 2.0 * b * r * n
         factors = float((r * k + n * r + m * k + m * n) * e)
         t["fused"] = cost_model.kernel_time(flops, factors, dtype, tensor_cores=gemv_on_tensor_cores(m), launches=2)
