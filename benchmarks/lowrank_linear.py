@@ -136,7 +136,8 @@ class Layer:
             return (lambda: F.linear(F.linear(x, self.v), self.u)), ql.nbytes(self.v, self.u), None
         if name in ("llmcompress-lowrank", "llmcompress-lowrank-ut"):
             # smoke: the launcher in the interpreter (the op's CPU kernel is the two linears)
-            op = lowrank_linear.linear_lowrank_triton if x.device.type == "cpu" else torch.ops.llmcompress.linear_lowrank
+            interp = x.device.type == "cpu"
+            op = lowrank_linear.linear_lowrank_triton if interp else torch.ops.llmcompress.linear_lowrank
             u = self.u_t if name.endswith("-ut") else self.u
             return (lambda: op(x, self.v, u)), ql.nbytes(self.v, u), \
                 "fused" if m <= lowrank_linear.FUSED_MAX_M else "two-linears"

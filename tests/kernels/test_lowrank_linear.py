@@ -192,7 +192,8 @@ def _bad(**overrides):
 
 BAD = {
     "x-int32": _bad(x=torch.ones(2, 64, dtype=torch.int32)), "v-dtype": _bad(v=torch.ones(4, 64)),
-    "v-shape": _bad(v=torch.ones(4, 63, dtype=torch.float16)), "v-empty": _bad(v=torch.ones(0, 64, dtype=torch.float16)),
+    "v-shape": _bad(v=torch.ones(4, 63, dtype=torch.float16)),
+    "v-empty": _bad(v=torch.ones(0, 64, dtype=torch.float16)),
     "u-rank": _bad(u=torch.ones(8, 5, dtype=torch.float16)), "u-dtype": _bad(u=torch.ones(8, 4, dtype=torch.bfloat16)),
     "bias": _bad(bias=torch.ones(8)), "fused-max-m": _bad(fused_max_m=17),
 }
