@@ -12,7 +12,9 @@ The alternative, one program per block of N outputs, has to recompute all of t =
 the factors' bytes, read N / BLOCK_N times (64 at N = 4096, BLOCK_N = 64); a two-phase grid (t to global memory,
 a grid-wide barrier, then U) needs every program resident at once and deadlocks under the interpreter. The last
 program to finish (an atomic ticket) rounds the accumulator once to x's dtype into y, so the op stays one kernel
-launch after one zero fill of the accumulator and ticket.
+launch after one zero fill of the accumulator and ticket. The price of splitting r: every program adds a whole
+(M, N) partial, (r / BLOCK_R)·M·N fp32 atomics through L2 (16 MB at M = 16, r = 1024, BLOCK_R = 16, N = 4096, as many
+bytes as the factors; 1 MB at M = 1). The cost model does not price L2 atomics; measure this first on a GPU.
 
 Large M is compute-bound: 2·M·r·(K + N) FLOPs on tensor cores, where cuBLAS is at peak and a Triton `tl.dot` GEMM
 would at best match it; the round trip of t moves 2·M·r elements against those FLOPs, K + N FLOPs per element (8192
