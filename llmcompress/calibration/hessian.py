@@ -3,7 +3,8 @@ layer's inputs, its damped inverse Cholesky factor, and the column sweep that fe
 columns not yet processed, with lazy block updates.
 
 Entry points: `HessianAccumulator` (fed a layer's calibration inputs in chunks), `prepare` (float32 copies, dead
-inputs), `inverse_hessian_cholesky` (damping with retries), `error_feedback_sweep` (the sweep; the caller says what
+inputs), `inverse_hessian_cholesky` (damping with retries), `damped_cholesky` (the factor of H itself, for SVD-LLM's
+whitening), `error_feedback_sweep` (the sweep; the caller says what
 each column becomes: rounded for GPTQ, masked for SparseGPT, both for the joint 2:4 + int4 mode). Follows the
 reference implementations (github.com/IST-DASLab/gptq `GPTQ.fasterquant`, github.com/IST-DASLab/sparsegpt
 `SparseGPT.fasterprune`).
@@ -105,6 +106,30 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp: float, who: str = "GPTQ") ->
                 return u
     raise HessianError(f"{who}: Hessian not positive definite even with damp={damp * DAMP_RETRIES[-1]:g} "
                        f"(relative to mean(diag H)); check the calibration activations of this layer")
+
+
+def damped_cholesky(h: torch.Tensor, damp: float, who: str = "SVD-LLM") -> torch.Tensor:
+    """Lower Cholesky factor L of H + damp * mean(diag H) * I (H (K, K) float32 or float64), L L^T = H_damped.
+
+    Low-rank whitening (SVD-LLM) needs the factor of H itself, not of its inverse. As `inverse_hessian_cholesky`,
+    the damping grows tenfold a few times (with a warning naming the damping used) while H stays singular.
+    """
+    mean_diag = h.diagonal().mean()
+    if not bool(torch.isfinite(h).all()):
+        raise HessianError(f"{who}: XᵀX has NaN or inf entries (non-finite calibration activations?)")
+    if not mean_diag > 0:
+        raise HessianError(f"{who}: XᵀX is zero (the layer's calibration inputs are all zeros)")
+    for mult in DAMP_RETRIES:
+        hd = h.clone()
+        hd.diagonal().add_(damp * mult * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0 and bool(torch.isfinite(lower).all()):
+            if mult != 1.0:
+                warnings.warn(f"{who}: XᵀX not positive definite with damp={damp:g}; damped with damp={damp * mult:g}",
+                              RuntimeWarning, stacklevel=3)
+            return lower
+    raise HessianError(f"{who}: XᵀX not positive definite even with damp={damp * DAMP_RETRIES[-1]:g} "
+                       f"(relative to mean(diag XᵀX)); check the calibration activations of this layer")
 
 
 # (column index in processing order, the block's working copy of W (N, B), the column's index in that block)

@@ -89,11 +89,12 @@ def builtin_passes() -> tuple[type[Pass], ...]:
     from llmcompress.passes.fusion.fold import FoldIntoWeightsPass
     from llmcompress.passes.fusion.pointwise import FusePointwisePass
     from llmcompress.passes.fusion.siblings import FuseSiblingLinearsPass
+    from llmcompress.passes.lowrank.lowrank_split import LowrankSplitPass
     from llmcompress.passes.quantize.quantize_linear import QuantizeLinearPass
     from llmcompress.passes.sparsify.sparsify_linear import SparsifyLinearPass
 
     return (CanonicalizePass, FoldIntoWeightsPass, FuseSiblingLinearsPass, FuseLinearEpiloguePass,
-            FusePointwisePass, QuantizeLinearPass, SparsifyLinearPass)
+            FusePointwisePass, QuantizeLinearPass, SparsifyLinearPass, LowrankSplitPass)
 
 
 def _load_builtins() -> None:

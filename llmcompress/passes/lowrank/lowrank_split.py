@@ -1,0 +1,453 @@
+"""`lowrank-split`: replace a linear W (N, K) by two, x -> V (r, K) -> U (N, r), on frozen weights.
+
+Methods (option `method`): `svd` (the weight's own SVD, `svd.py`), `asvd` (input channels scaled by mean |x|^alpha,
+`asvd.py`), `svd-llm` (whitened by the Cholesky factor of XᵀX, `svdllm.py`). Ranks: per layer through `overrides`
+(`rank`), or from the global `ratio` (fraction of the targeted linears' parameters kept) by `allocate.py` on each
+layer's error curve measured on the dense model's calibration activations. After truncation U is refit in closed form
+on the calibration activations (`refit`), and with `sequential` (default) each layer is factored on the inputs that
+reach it after the layers before it were split (and refit towards the float model's outputs).
+
+Only where it pays: r must be below N K / (N + K) (else no bytes are saved and the layer stays dense), and with
+`objective: speed` (default) the cost model must price the split no slower than the dense linear at the compile's
+sizes (`_split_pays`, the one place that asks). Factors are derived weights keyed by `cache_key` (persisted), so
+recompiles reuse them. The split is two plain `aten.linear` nodes on frozen weights, so `quantize-linear` after it
+quantizes both factors (recipe `lowrank-svdllm-80-w8a16`); `lowrank-split` after `quantize-linear` raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from llmcompress.calibration.data import CalibrationWarning
+from llmcompress.calibration.service import Calibration, TargetInputs
+from llmcompress.errors import OptionError, WeightReleasedError, did_you_mean
+from llmcompress.fx_utils import call, finish_rewrite, grouped_matmul_ops, layer_matches
+from llmcompress.passes.base import Pass, PassContext, PassResult
+from llmcompress.passes.lowrank.allocate import LayerCurve, allocate_ranks, kept_params
+from llmcompress.passes.lowrank.asvd import asvd
+from llmcompress.passes.lowrank.factors import Decomposition, refit_u
+from llmcompress.passes.lowrank.svd import svd
+from llmcompress.passes.lowrank.svdllm import svd_llm
+from llmcompress.passes.weights import DerivedKey
+
+aten = torch.ops.aten
+
+METHODS = ("svd", "asvd", "svd-llm")
+_CALIBRATED = ("asvd", "svd-llm")
+_OVERRIDE_KEYS = ("method", "rank", "skip")
+# lm_head: the logits are the most sensitive output; `*.gate`: MoE routers (the defaults of quantize-linear).
+_DEFAULT_SKIP = ["lm_head", "*.gate"]
+_FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32)
+# The node meta key both linears of a split layer carry: {"layer", "factor": "v" | "u", "rank", "method"}.
+LOWRANK_META = "llmcompress.lowrank"
+
+
+@dataclasses.dataclass(frozen=True)
+class LowrankSplitOptions:
+    method: Literal["svd", "asvd", "svd-llm"] = "svd-llm"
+    ratio: float | None = None
+    """Fraction of the targeted linears' parameters kept, in (0, 1]; ranks allocated by measured sensitivity.
+    Layers given a `rank` through `overrides` are outside the allocation. One of ratio or override ranks is needed."""
+    objective: Literal["speed", "memory"] = "speed"
+    """`speed`: split only where the cost model prices the split no slower than dense at the compile's sizes;
+    `memory`: wherever it saves bytes."""
+    sequential: bool = True
+    """Factor each layer on the inputs that reach it after the layers before it were split (False: the dense
+    model's)."""
+    refit: bool = True
+    """Refit U in closed form (least squares on the calibration activations, given V) after truncation."""
+    alpha: float = 0.5
+    """ASVD: the exponent of mean |x| that scales the input channels."""
+    damp: float = 0.01
+    """SVD-LLM: damping added to XᵀX, as a fraction of its mean diagonal (more, with a warning, when singular)."""
+    fallback: Literal["none", "svd"] = "none"
+    """Without calibration data, `svd` factors asvd / svd-llm layers by plain SVD with a warning; `none` raises."""
+    skip: list[str] = dataclasses.field(default_factory=lambda: list(_DEFAULT_SKIP))
+    """Layer name patterns left dense (fnmatch on the module path or its tail). Default: `lm_head`, `*.gate`."""
+    overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Per-layer options: {pattern: {method / rank / skip: ...}}; the first match applies."""
+    version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        where = "pass 'lowrank-split'"
+        _check_method(self.method, where)
+        if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float))
+                                       or not 0 < self.ratio <= 1):
+            raise OptionError(f"{where}: key 'ratio' got {self.ratio!r}; expected a fraction in (0, 1] of the "
+                              "targeted linears' parameters to keep, e.g. 0.8")
+        if self.objective not in ("speed", "memory"):
+            raise OptionError(f"{where}: key 'objective' got {self.objective!r}; expected 'speed' or 'memory'")
+        if self.fallback not in ("none", "svd"):
+            raise OptionError(f"{where}: key 'fallback' got {self.fallback!r}; expected 'none' or 'svd'")
+        if not 0 < self.damp < 1:
+            raise OptionError(f"{where}: key 'damp' got {self.damp!r}; expected 0 < damp < 1")
+        if not isinstance(self.alpha, (int, float)) or not 0 < self.alpha <= 1:
+            raise OptionError(f"{where}: key 'alpha' got {self.alpha!r}; expected 0 < alpha <= 1")
+        for pattern, opts in self.overrides.items():
+            if not isinstance(opts, dict):
+                raise OptionError(f"{where}: override {pattern!r} must be a mapping of {', '.join(_OVERRIDE_KEYS)}")
+            bad = sorted(set(opts) - set(_OVERRIDE_KEYS))
+            if bad:
+                raise OptionError(f"{where}: override {pattern!r} has unknown key {bad[0]!r}"
+                                  f"{did_you_mean(bad[0], _OVERRIDE_KEYS)}; allowed: {', '.join(_OVERRIDE_KEYS)}")
+            if "method" in opts:
+                _check_method(opts["method"], f"{where}: override {pattern!r}")
+            rank = opts.get("rank")
+            if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+                raise OptionError(f"{where}: override {pattern!r}: rank {rank!r}; expected an integer >= 1 (and "
+                                  "below min(N, K) of the layers it matches)")
+        if self.ratio is None and not any("rank" in o for o in self.overrides.values()):
+            raise OptionError(f"{where}: give 'ratio' (fraction of the linear parameters kept, in (0, 1]) or "
+                              "per-layer ranks through overrides: {pattern: {rank: r}}")
+
+
+def _check_method(method: Any, where: str) -> None:
+    if method not in METHODS:
+        raise OptionError(f"{where}: method {method!r} unknown{did_you_mean(str(method), METHODS)}; expected one of "
+                          f"{', '.join(METHODS)}")
+
+
+@dataclasses.dataclass
+class _Target:
+    node: torch.fx.Node
+    name: str
+    weight: torch.Tensor
+    """(N, K): y = x @ W.T."""
+    method: str
+    rank: int | None
+    """Fixed by an override; None: allocated from `ratio`."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+
+def _module_name(weight_name: str) -> str:
+    return weight_name.removesuffix(".weight")
+
+
+class LowrankSplitPass(Pass):
+    name = "lowrank-split"
+    description = "Split linears into two low-rank factors on frozen weights (SVD, ASVD, SVD-LLM; ranks by a " \
+                  "parameter budget and the cost model)"
+    Options = LowrankSplitOptions
+    after = ("canonicalize",)
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        stats: dict[str, Any] = {}
+        decisions: list[dict[str, Any]] = []
+        _check_order(gm)
+        targets = self._targets(gm, ctx, stats, decisions)
+        if not targets:
+            return PassResult(False, stats, decisions)
+        with unset_fake_temporarily():  # passes run inside AOT's fake mode; factoring computes for real
+            cal = self._calibration(ctx, targets, stats)
+            ranks = self._ranks(gm, ctx, cal, targets, stats)
+            factors = self._factor(gm, ctx, cal, targets, ranks, stats)
+        changed = False
+        total = kept = 0
+        for t in targets:
+            n, k = t.shape
+            total += n * k
+            decision = _lower(gm, ctx, t, ranks[t.node], factors.get(t.node), self.options.objective)
+            decisions.append(decision)
+            r = decision["rank"]["rank"]
+            kept += n * k if r == "dense" else r * (n + k)
+            changed |= r != "dense"
+            label = f"split {t.method}" if r != "dense" else f"left dense: {decision['rank']['why']}"
+            stats[label] = stats.get(label, 0) + 1
+        stats["params_kept_fraction"] = round(kept / total, 6)
+        if changed:
+            finish_rewrite(gm)
+        return PassResult(changed, stats, decisions)
+
+    # --- which layers -------------------------------------------------------------------------------------------
+
+    def _layer(self, name: str) -> tuple[str, int | None] | None:
+        o = self.options
+        merged: dict[str, Any] = {"method": o.method, "rank": None, "skip": any(layer_matches(name, p) for p in o.skip)}
+        for pattern, opts in o.overrides.items():
+            if layer_matches(name, pattern):
+                merged.update(opts)
+                break
+        return None if merged["skip"] else (merged["method"], merged["rank"])
+
+    def _targets(self, gm: torch.fx.GraphModule, ctx: PassContext, stats: dict, decisions: list) -> list[_Target]:
+        grouped_ops = grouped_matmul_ops()
+        targets: list[_Target] = []
+        names: list[str] = []
+
+        def dense(node: torch.fx.Node, name: str, why: str, reason: str, warn: bool = False) -> None:
+            stats[f"left dense: {why}"] = stats.get(f"left dense: {why}", 0) + 1
+            decisions.append({"node": node.name, "layer": name, "rank": {"rank": "dense", "why": why,
+                                                                         "reason": reason}})
+            if warn:
+                warnings.warn(f"llmcompress: lowrank-split left {name} dense: {reason}", UserWarning, stacklevel=4)
+
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            grouped = node.target in grouped_ops
+            if not (node.target is aten.linear.default or grouped):
+                continue
+            w_node = node.args[1]
+            if not ctx.weights.is_constant(w_node):
+                stats["left dense: dynamic weight"] = stats.get("left dense: dynamic weight", 0) + 1
+                continue
+            name = _module_name(ctx.weights.name(w_node) or w_node.name)
+            names.append(name)
+            layer = self._layer(name)
+            if layer is None:
+                dense(node, name, "skip pattern", "skip pattern")
+                continue
+            if grouped:
+                dense(node, name, "MoE experts", "MoE experts (3-D weights): no grouped low-rank lowering; the "
+                      "attention linears of the model are split")
+                continue
+            with unset_fake_temporarily():
+                try:
+                    weight = ctx.weights.value(w_node)
+                except WeightReleasedError:
+                    weight = w_node.meta["val"]  # its factors may be cached (`derive` raises again on a miss)
+            if weight.dtype not in _FLOAT_WEIGHTS:
+                dense(node, name, "dtype", f"weight dtype {weight.dtype}: lowrank-split factors float16 / bfloat16 / "
+                      "float32 weights", warn=True)
+                continue
+            method, rank = layer
+            n, k = weight.shape
+            if rank is not None and rank >= min(n, k):
+                raise OptionError(f"lowrank-split: rank {rank} for {name} ({n}x{k}) must be below min(N, K) = "
+                                  f"{min(n, k)} (and below N K / (N + K) = {n * k / (n + k):.1f} to save bytes)")
+            targets.append(_Target(node, name, weight, method, rank))
+        user_skip = [] if self.options.skip == _DEFAULT_SKIP else self.options.skip
+        for pattern in [*user_skip, *self.options.overrides]:
+            if names and not any(layer_matches(x, pattern) for x in names):
+                warnings.warn(f"llmcompress: lowrank-split pattern {pattern!r} matches no layer of graph "
+                              f"{ctx.graph_id} (layers: {names[0]} ... {names[-1]})", UserWarning, stacklevel=3)
+        return targets
+
+    # --- calibration, ranks, factors ----------------------------------------------------------------------------
+
+    def _key(self, t: _Target, what: str, rank: int | None, fp: str | None) -> DerivedKey:
+        """A layer's derived-weight key: the pass's options are in its uuid; the layer's method, what is derived
+        (`curve` or `factors`), its rank and the calibration data's fingerprint are the parts."""
+        return self.cache_key(what, t.method, rank, fp)
+
+    def _calibration(self, ctx: PassContext, targets: list[_Target], stats: dict) -> Calibration | None:
+        """The graph's calibration, or None without data (calibrated methods then fall back or raise)."""
+        cfg = ctx.config
+        cal = ctx.calibration or Calibration(cfg.calibration, cfg.tokenizer, cfg.calibration_samples,
+                                             cfg.calibration_seq_len, example_inputs=ctx.example_inputs,
+                                             input_names=ctx.input_names)
+        if cal.available:
+            return cal
+        calibrated = sorted({t.method for t in targets if t.method in _CALIBRATED})
+        if calibrated:
+            if self.options.fallback != "svd":
+                cal.require(f"lowrank-split method {', '.join(calibrated)} needs calibration data (or set the pass "
+                            "option fallback: svd to factor by plain SVD with a warning)")
+            warnings.warn(f"llmcompress: lowrank-split: no calibration data for method {', '.join(calibrated)}: "
+                          "layers factored by plain SVD instead (fallback: svd)", CalibrationWarning, stacklevel=3)
+            for t in targets:
+                if t.method in _CALIBRATED:
+                    t.method = "svd"
+                    stats["fallback: svd (no calibration data)"] = stats.get("fallback: svd (no calibration data)",
+                                                                             0) + 1
+        stats["refit: no calibration data"] = len(targets) if self.options.refit else 0
+        return None
+
+    def _decompose(self, t: _Target, statistics: dict[str, torch.Tensor] | None) -> Decomposition:
+        if t.method == "svd":
+            return svd(t.weight)
+        if t.method == "asvd":
+            return asvd(t.weight, statistics["absmean"], self.options.alpha)
+        return svd_llm(t.weight, statistics["gram"], self.options.damp)
+
+    def _ranks(self, gm: torch.fx.GraphModule, ctx: PassContext, cal: Calibration | None, targets: list[_Target],
+               stats: dict) -> dict[torch.fx.Node, int | None]:
+        """node -> rank (None: left dense by the allocation). Override ranks as given; the others allocated from
+        `ratio` on error curves measured on the dense model (cached per layer, so recompiles do not calibrate)."""
+        ranks: dict[torch.fx.Node, int | None] = {t.node: t.rank for t in targets if t.rank is not None}
+        free = [t for t in targets if t.rank is None]
+        if not free:
+            return ranks
+        if self.options.ratio is None:
+            raise OptionError(f"lowrank-split: layers {free[0].name} ... have no rank (no override matches them) and "
+                              "the pass has no 'ratio': give ratio, or skip them")
+        fp = cal.fingerprint if cal is not None else None
+        curves: dict[torch.fx.Node, torch.Tensor] = {}
+        for t in free:
+            hit = ctx.weights.cached(t.node.args[1], self._key(t, "curve", None, fp))
+            if hit is not None:
+                curves[t.node] = hit["curve"]
+        missing = [t for t in free if t.node not in curves]
+        if missing:
+            observed = {}
+            if cal is not None:
+                kinds = ("gram", "absmean")
+                observed = cal.observe(gm, statistics={t.node: kinds for t in missing}).statistics
+                stats["calibration tokens"] = int(next(iter(observed.values()))["rows"])
+            for t in missing:
+                st = observed.get(t.node)
+
+                def curve(_w: torch.Tensor, t: _Target = t, st: dict | None = st) -> dict[str, torch.Tensor]:
+                    d = self._decompose(t, st)
+                    return {"curve": d.error_curve(st["gram"] if st is not None else None).float()}
+
+                curves[t.node] = ctx.weights.derive(t.node.args[1], self._key(t, "curve", None, fp), curve,
+                                                    persist=True)["curve"]
+        layers = [LayerCurve(*t.shape, curves[t.node]) for t in free]
+        total = sum(n * k for n, k in (t.shape for t in targets))
+        fixed = sum(r * (n + k) for t in targets if t.rank is not None for n, k, r in [(*t.shape, t.rank)])
+        budget = int(self.options.ratio * total) - fixed
+        try:
+            allocated = allocate_ranks(layers, budget)
+        except ValueError as e:
+            raise OptionError(f"lowrank-split: ratio {self.options.ratio} is too small for these layers: {e}") from e
+        stats["allocated params"] = kept_params(layers, allocated) + fixed
+        stats["budget params"] = budget + fixed
+        ranks.update({t.node: r for t, r in zip(free, allocated)})
+        return ranks
+
+    def _factor(self, gm: torch.fx.GraphModule, ctx: PassContext, cal: Calibration | None, targets: list[_Target],
+                ranks: dict[torch.fx.Node, int | None], stats: dict
+                ) -> dict[torch.fx.Node, tuple[torch.Tensor, torch.Tensor]]:
+        """node -> (U (N, r), V (r, K)) in the weight's dtype for every layer with a rank."""
+        o = self.options
+        fp = cal.fingerprint if cal is not None else None
+        todo = [t for t in targets if ranks[t.node] is not None and ranks[t.node] * sum(t.shape) < t.weight.numel()]
+        out: dict[torch.fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
+        pending = []
+        for t in todo:
+            hit = ctx.weights.cached(t.node.args[1], self._key(t, "factors", ranks[t.node], fp))
+            if hit is not None:
+                out[t.node] = (hit["u"], hit["v"])
+            else:
+                pending.append(t)
+        if out:
+            stats["factored: cached"] = len(out)
+        if not pending:
+            return out
+        calibrated = cal is not None and (o.refit or any(t.method in _CALIBRATED for t in pending))
+
+        def factor(t: _Target, st: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+            def compute(_w: torch.Tensor) -> dict[str, torch.Tensor]:
+                u, v = self._decompose(t, st).factors(ranks[t.node])
+                if o.refit and st is not None:
+                    u = refit_u(t.weight, v, st["gram"], st.get("cross"))
+                return {"u": u.to(t.weight.dtype).contiguous(), "v": v.to(t.weight.dtype).contiguous()}
+
+            value = ctx.weights.derive(t.node.args[1], self._key(t, "factors", ranks[t.node], fp), compute,
+                                       persist=True)
+            out[t.node] = (value["u"], value["v"])
+            return out[t.node]
+
+        if not calibrated:
+            for t in pending:
+                factor(t, None)
+            return out
+        if not o.sequential:
+            observed = cal.observe(gm, statistics={t.node: ("gram", "absmean") for t in pending}).statistics
+            for t in pending:
+                factor(t, observed[t.node])
+            return out
+        fed = cal.feeds()
+        if isinstance(fed, str):
+            raise OptionError(f"lowrank-split cannot calibrate graph {ctx.graph_id} sequentially ({fed}); run the "
+                              "model once on a plain forward (model(input_ids)) first, or set sequential: false")
+        by_node = {t.node: t for t in pending}
+
+        def on_target(inputs: TargetInputs) -> Callable[..., torch.Tensor]:
+            t = by_node[inputs.node]
+            kinds = ("gram", "absmean", "cross") if o.refit else ("gram", "absmean")
+            u, v = factor(t, inputs.statistics(*kinds))
+            return lambda x, _w, *rest, **kw: F.linear(F.linear(x, v), u, *rest, **kw)
+
+        cal.run_sequential(gm, list(by_node), on_target, float_shadow=o.refit)
+        stats["sequential"] = len(pending)
+        return out
+
+
+def _check_order(gm: torch.fx.GraphModule) -> None:
+    """Raises when quantize-linear already ran on this graph: its quantized linears cannot be factored."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "namespace", None) == "llmcompress":
+            op = node.target.name().split("::")[-1].split(".")[0]
+            if op.startswith(("linear_w", "linear_fp8", "grouped_linear_w")):
+                raise OptionError(f"lowrank-split runs after quantize-linear here (graph has {op}): list lowrank-split "
+                                  "before quantize-linear in the recipe (split, then quantize both factors), e.g. "
+                                  "recipe lowrank-svdllm-80-w8a16")
+
+
+def _split_pays(ctx: PassContext, dense: torch.fx.Node, v_node: torch.fx.Node, u_node: torch.fx.Node
+                ) -> tuple[bool, dict[str, Any] | None]:
+    """Whether the split (x -> V -> U) is no slower than the dense linear at the compile's sizes, per the cost
+    model, and the prices: the one place `lowrank-split` asks (after the merge: `kernels/lowrank_path.py`'s
+    `choose_lowrank_path(...).pays_at(m)`). Without a cost model the split is taken (nothing says it is slower)."""
+    if ctx.cost_model is None:
+        return True, None
+    try:
+        before = float(ctx.cost_model.estimate(dense, ctx.sizes).time_s)
+        after = float(ctx.cost_model.estimate(v_node, ctx.sizes).time_s) + float(
+            ctx.cost_model.estimate(u_node, ctx.sizes).time_s)
+    except Exception as e:  # noqa: BLE001 - a pricing gap must not fail the rewrite
+        return True, {"error": f"{type(e).__name__}: {e}"}
+    return after <= before, {"dense_s": before, "split_s": after}
+
+
+def _lower(gm: torch.fx.GraphModule, ctx: PassContext, t: _Target, rank: int | None,
+           factors: tuple[torch.Tensor, torch.Tensor] | None, objective: str) -> dict[str, Any]:
+    """Every split layer's lowering, the one place that decides what it runs as; returns its report decision.
+
+    Today: two `aten.linear` nodes, x -> V (r, K) -> U (N, r) with the bias on the second, both marked
+    `LOWRANK_META` (after the merge: `llmcompress::linear_lowrank` where the chooser says). A layer stays dense
+    where the allocation kept it dense, where r >= N K / (N + K) (no bytes saved), or, with objective `speed`,
+    where the cost model prices the split slower than dense at the compile's sizes."""
+    node, (n, k) = t.node, t.shape
+    elem = t.weight.element_size()
+    info: dict[str, Any] = {"method": t.method, "shape": [n, k], "dense_bytes": n * k * elem}
+
+    def dense(why: str, reason: str, **extra: Any) -> dict[str, Any]:
+        return {"node": node.name, "layer": t.name, "rank": {"rank": "dense", "why": why, "reason": reason, **info,
+                                                             **extra}}
+
+    if rank is None:
+        return dense("allocation", "the rank allocation kept this layer dense (its error curve is steep enough that "
+                     "its full N K parameters buy more than ranks elsewhere)")
+    if factors is None:
+        return dense("no bytes saved", f"rank {rank} >= N K / (N + K) = {n * k / (n + k):.1f}: the two factors "
+                     f"would store at least the dense weight's {n * k} parameters", asked=rank)
+    u, v = factors
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    with gm.graph.inserting_before(node):
+        v_const = ctx.weights.add(gm, v, f"{t.name}.lowrank_v.weight")
+        u_const = ctx.weights.add(gm, u, f"{t.name}.lowrank_u.weight")
+        v_node = call(gm.graph, ctx.fake_mode, aten.linear.default, (node.args[0], v_const), {})
+        u_node = call(gm.graph, ctx.fake_mode, aten.linear.default, (v_node, u_const, bias), {})
+    pays, priced = _split_pays(ctx, node, v_node, u_node)
+    if objective == "speed" and not pays:
+        gm.graph.erase_node(u_node)
+        gm.graph.erase_node(v_node)
+        gm.graph.erase_node(u_const)
+        gm.graph.erase_node(v_const)
+        return dense("slower", "cost model: the split (two linears) is slower than dense at the compile's sizes "
+                     "(objective: speed; objective: memory splits it anyway)", asked=rank, predicted=priced)
+    for part, new in (("v", v_node), ("u", u_node)):
+        new.meta.update({key: val for key, val in node.meta.items() if key != "val"})
+        new.meta["llmcompress.linear"] = f"{t.name}.lowrank_{part}.weight"
+        new.meta[LOWRANK_META] = {"layer": t.name, "factor": part, "rank": rank, "method": t.method}
+    node.replace_all_uses_with(u_node)
+    gm.graph.erase_node(node)
+    info.update(stored_bytes=(u.numel() + v.numel()) * elem, kernel="two linears (x -> V -> U)", predicted=priced)
+    return {"node": u_node.name, "layer": t.name, "rank": {"rank": rank, **info}}
+
+
+__all__ = ["LOWRANK_META", "METHODS", "LowrankSplitOptions", "LowrankSplitPass"]
