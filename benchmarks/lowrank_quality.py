@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from llmcompress.cost.device_profile import device_name
 from llmcompress.testing.fixtures import WINDOW, corpus_windows, fixtures_dir, load_model, load_tokenizer, perplexity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +52,10 @@ def _split(report: dict) -> tuple[float | None, int]:
     return None, 0
 
 
-def plot(results: list[dict], path: Path) -> None:
-    """Perplexity against kept fraction, one line per method, tiny-llama (dense as a horizontal line)."""
+def plot(doc: dict, path: Path) -> None:
+    """Perplexity against kept fraction, one line per method, tiny-llama (dense as a horizontal line), from the JSON
+    this script writes; the device, versions and windows go into the title and the PNG's metadata."""
+    results = doc["results"]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,11 +73,14 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_xlabel("kept fraction of the decoder linears' parameters")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
-    ax.set_title("tiny-llama, lowrank-split (sequential, allocated ranks, refit)")
+    ax.set_title(f"tiny-llama, lowrank-split (sequential, allocated ranks, refit)\n{doc['windows']} windows, "
+                 f"calibration {doc['calibration']['samples']} x {doc['calibration']['seq_len']}, {doc['device']}",
+                 fontsize=9)
     ax.invert_xaxis()
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    info = {k: doc[k] for k in ("device", "versions", "windows", "calibration")}
+    fig.savefig(path, dpi=120, metadata={"Description": json.dumps(info), "Source": "benchmarks/lowrank_quality.py"})
     plt.close(fig)
 
 
@@ -87,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lowrank_quality.json")
     p.add_argument("--png", type=Path, default=None, help="default: --out with .png")
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON at --out")
     args = p.parse_args(argv)
+    png = args.png or args.out.with_suffix(".png")
+    if args.replot:
+        plot(json.loads(args.out.read_text()), png)
+        return 0
 
     tokenizer = load_tokenizer(args.fixtures)
     windows = corpus_windows(args.fixtures, tokenizer, "validation.txt")[: args.windows]
@@ -131,14 +142,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{'' if target is None else f'target <= +{target:.0f} %: ' + ('met' if row['met'] else 'MISSED')}"
               f"  kept {kept}  ({row['seconds']} s)", file=sys.stderr, flush=True)
         _write(args, windows, calibration, results)  # after every row: a long run that is cut short keeps its rows
-    png = _write(args, windows, calibration, results)
-    plot(results, png)
+    plot(_write(args, windows, calibration, results), png)
     print(f"wrote {args.out} and {png}", file=sys.stderr)
     return 0
 
 
-def _write(args: argparse.Namespace, windows: torch.Tensor, calibration: torch.Tensor, results: list[dict]) -> Path:
-    out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+def _write(args: argparse.Namespace, windows: torch.Tensor, calibration: torch.Tensor, results: list[dict]) -> dict:
+    out = {"device": device_name(),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "python": platform.python_version()},
            "method": "fixtures README: float32, non-overlapping 512-token windows of validation.txt, mean loss over "
@@ -149,7 +159,7 @@ def _write(args: argparse.Namespace, windows: torch.Tensor, calibration: torch.T
            "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
-    return args.png or args.out.with_suffix(".png")
+    return out
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from llmcompress.cost.device_profile import device_name
 from llmcompress.testing.fixtures import WINDOW, corpus_windows, fixtures_dir, load_model, load_tokenizer, perplexity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         ppl = {r["run"]: r["perplexity"] for r in results if r["model"] == "tiny-llama" and r["run"] in runs}
         if len(ppl) == 3:
             beats[pattern] = ppl[runs[0]] < min(ppl[runs[1]], ppl[runs[2]])
-    out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+    out = {"device": device_name(),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "python": platform.python_version()},
            "method": "fixtures README: float32, non-overlapping 512-token windows of validation.txt, mean loss over "
