@@ -214,7 +214,7 @@ class SparsifyLinearPass(Pass):
         decisions: list[dict[str, Any]] = []
         _check_order(gm)
         targets = self._targets(gm, ctx, stats, decisions)
-        results: dict[torch.fx.Node, tuple[Pruned, str]] = {}
+        results: dict[torch.fx.Node, tuple[Pruned, str, DerivedKey]] = {}
         calibrated = [t for t in targets if t.layer.method in _CALIBRATED]
         if calibrated:
             with unset_fake_temporarily():  # passes run inside AOT's fake mode; calibration computes for real
@@ -223,10 +223,11 @@ class SparsifyLinearPass(Pass):
             if t.node not in results:
                 key = self._key(t.layer, "magnitude")
                 value = ctx.weights.derive(t.node.args[1], key, lambda _w, t=t: _magnitude(t, self.options).as_dict())
-                results[t.node] = (Pruned.from_dict(value), "magnitude")
+                results[t.node] = (Pruned.from_dict(value), "magnitude", key)
         for t in targets:
-            pruned, method = results[t.node]
-            decisions.append(_lower(gm, ctx, t, pruned, method))
+            pruned, method, key = results[t.node]
+            # The packed 2:4 form is derived from the pruned weight: keyed by its key, packed once for all graphs.
+            decisions.append(_lower(gm, ctx, t, pruned, method, self.cache_key("2:4 packed", *key.parts)))
             label = f"{t.layer.pattern} {method}"
             stats[label] = stats.get(label, 0) + 1
         if targets:
@@ -309,7 +310,7 @@ class SparsifyLinearPass(Pass):
         return self.cache_key(method, str(layer.pattern), layer.sparsity, calibration)
 
     def _calibrate(self, gm: torch.fx.GraphModule, ctx: PassContext, targets: list[_Target], stats: dict
-                   ) -> dict[torch.fx.Node, tuple[Pruned, str]]:
+                   ) -> dict[torch.fx.Node, tuple[Pruned, str, DerivedKey]]:
         """node -> (pruned, method) for the layers calibration pruned (the others fall back to magnitude)."""
         cfg = ctx.config
         cal = ctx.calibration or Calibration(cfg.calibration, cfg.tokenizer, cfg.calibration_samples,
@@ -326,12 +327,13 @@ class SparsifyLinearPass(Pass):
             cal.require(f"sparsify-linear method {', '.join(methods)} needs calibration data (or set the pass "
                         "option fallback: magnitude to prune by magnitude with a warning)")
         fp = cal.fingerprint
-        out: dict[torch.fx.Node, tuple[Pruned, str]] = {}
+        out: dict[torch.fx.Node, tuple[Pruned, str, DerivedKey]] = {}
         pending = []
         for t in targets:
-            hit = ctx.weights.cached(t.node.args[1], self._key(t.layer, t.layer.method, fp))
+            key = self._key(t.layer, t.layer.method, fp)
+            hit = ctx.weights.cached(t.node.args[1], key)
             if hit is not None:
-                out[t.node] = (Pruned.from_dict(hit), t.layer.method)
+                out[t.node] = (Pruned.from_dict(hit), t.layer.method, key)
             else:
                 pending.append(t)
         if out:
@@ -352,10 +354,11 @@ class SparsifyLinearPass(Pass):
         def prune(inputs: TargetInputs) -> Callable[..., torch.Tensor] | None:
             t = by_node[inputs.node]
             # persist: SparseGPT costs what GPTQ does (minutes on a 7B model), loading is well under a second.
-            value = ctx.weights.derive(t.node.args[1], self._key(t.layer, t.layer.method, fp),
+            key = self._key(t.layer, t.layer.method, fp)
+            value = ctx.weights.derive(t.node.args[1], key,
                                        lambda _w: _calibrated(t, inputs, self.options).as_dict(), persist=True)
             pruned = Pruned.from_dict(value)
-            out[t.node] = (pruned, t.layer.method)
+            out[t.node] = (pruned, t.layer.method, key)
             if not self.options.sequential:
                 return None  # the rest of the run sees the dense layer: every layer pruned on dense activations
             w = _node_layout(t, pruned.weight)
@@ -451,7 +454,8 @@ def _node_layout(t: _Target, weight: torch.Tensor) -> torch.Tensor:
     return weight.transpose(-2, -1).contiguous() if t.grouped else weight
 
 
-def _lower(gm: torch.fx.GraphModule, ctx: PassContext, t: _Target, pruned: Pruned, method: str) -> dict[str, Any]:
+def _lower(gm: torch.fx.GraphModule, ctx: PassContext, t: _Target, pruned: Pruned, method: str,
+           pack_key: DerivedKey) -> dict[str, Any]:
     """Every pruned layer's lowering, the one place that decides what it runs as; returns its report decision.
 
     A 2:4 linear runs `llmcompress::linear_2of4` (or `linear_2of4_w4a16` for the joint int4 mode) on its packed form
@@ -465,8 +469,9 @@ def _lower(gm: torch.fx.GraphModule, ctx: PassContext, t: _Target, pruned: Prune
         stored = pruned.weight
         achieved = float((stored == 0).sum()) / stored.numel()  # counted from what is stored, not assumed
         if plan is not None:
-            packed = (pack_2of4(pruned.weight) if plan["variant"] == "2of4" else
-                      pack_2of4_int4(pruned.codes, pruned.mask, pruned.scales, pruned.zeros, plan["group_size"]))
+            packed = ctx.weights.derive(t.node.args[1], pack_key, lambda _w: (
+                pack_2of4(pruned.weight) if plan["variant"] == "2of4" else
+                pack_2of4_int4(pruned.codes, pruned.mask, pruned.scales, pruned.zeros, plan["group_size"])))
         else:
             weight = _node_layout(t, pruned.weight)
     info: dict[str, Any] = {"pattern": str(t.layer.pattern), "method": method, "target": t.layer.sparsity,

@@ -377,6 +377,23 @@ def test_2of4_layers_run_the_packed_op_where_the_cost_model_says_it_wins(tmp_pat
         assert sp["stored_bytes"] < 0.55 * sp["dense_bytes"] and sp["ranges"][0][2] == "gemv"
 
 
+def test_recompiles_reuse_the_packed_2of4_weights():
+    """The packed form is a derived weight: a recompile (new sequence length) reads the same tensors."""
+    graphs = []
+    options = {"lowering": "triton", "hardware": "h100-sxm", "passes": _passes(method="magnitude", pattern="2:4")}
+    compiled = _compile(tiny_model("llama"), options, on_graph=lambda b, a, ctx: graphs.append(a))
+    with torch.no_grad():
+        compiled(example_ids(seq=11))
+        compiled(example_ids(seq=7))
+    assert len(graphs) == 2
+
+    def packed(gm):
+        return [getattr(gm, a.target) for n in _ops_of(gm) for a in n.args[1:3]]
+
+    first, again = packed(graphs[0]), packed(graphs[1])
+    assert len(first) == 28 and all(x is y for x, y in zip(first, again, strict=True))
+
+
 def test_joint_2of4_int4_layers_run_the_packed_int4_op(tmp_path):
     ids, cal = example_ids(), _calibration()
     graphs = []
