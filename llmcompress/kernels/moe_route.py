@@ -167,8 +167,6 @@ def _check(router_logits, top_k, scoring, norm_topk_prob, block_m, name="moe_rou
         raise ValueError(f"{name}: top_k must be an int in [1, E={e}], got {top_k!r}")
     if scoring not in SCORINGS:
         raise ValueError(f"{name}: scoring must be one of {SCORINGS}, got {scoring!r}")
-    if not isinstance(norm_topk_prob, bool):
-        raise ValueError(f"{name}: norm_topk_prob must be a bool, got {norm_topk_prob!r}")
     if block_m not in BLOCK_MS:
         raise ValueError(f"{name}: block_m must be one of {BLOCK_MS}, got {block_m!r}")
 
