@@ -237,16 +237,37 @@ _GEMM_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
     for bn, bk, w, st in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (256, 64, 8, 3)]
 ]
+# (32, 32, 8 warps): the one fp32 tile of the gate-up kernel at block_m 128 that does not spill on sm_80.
 _GEMM_CONFIGS_FP32 = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=3)
-    for bn, bk, w in [(32, 32, 4), (64, 32, 4), (64, 32, 8)]
+    for bn, bk, w in [(32, 32, 4), (32, 32, 8), (64, 32, 4), (64, 32, 8)]
 ]
 _GEMM_INTERP = {"BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4}
+
+# Tiles (BLOCK_M = block_m, BLOCK_N, BLOCK_K, num_warps) that spill registers, per kernel and
+# `linear_common.spill_key`: the largest spill in bytes per thread over the full `moe` set (Mixtral-8x7B and OLMoE
+# blocks at T = 1, 16, 512, block_m 16 / 64 / 128; benchmarks/gpu_compile.py --families moe): left out there. The
+# gate-up kernel holds two accumulators (gate and up), hence most of them.
+_SPILLS = {
+    "_moe_gate_up_gemm_kernel": {
+        ("sm_80", "16-bit"): {(64, 128, 64, 4), (128, 64, 64, 4), (128, 128, 64, 4), (128, 128, 64, 8)},  # 72-900 B
+        ("sm_90", "16-bit"): {(128, 128, 64, 4)},  # 1,280 B
+        ("sm_80", "fp32"): {(64, 64, 32, 4), (128, 32, 32, 4), (128, 64, 32, 4), (128, 64, 32, 8)},  # 572-17,656 B
+        ("sm_90", "fp32"): {(128, 64, 32, 4)},  # 76 B
+    },
+    "_moe_down_gemm_kernel": {
+        ("sm_80", "16-bit"): {(128, 256, 64, 8)},  # 80 B
+        ("sm_90", "fp32"): {(128, 64, 32, 4)},  # 8 B
+    },
+}
 
 
 def _gemm_choice(configs, nargs, capability):
     fp32 = nargs["x_ptr" if "x_ptr" in nargs else "h_ptr"].dtype == torch.float32
-    return [c for c in configs if any(c is x for x in _GEMM_CONFIGS_FP32) == fp32]
+    spills = _SPILLS["_moe_gate_up_gemm_kernel" if "x_ptr" in nargs else "_moe_down_gemm_kernel"]
+    return [c for c in configs if any(c is x for x in _GEMM_CONFIGS_FP32) == fp32
+            and not common.spilling(spills, c, {**nargs, "x_ptr": nargs.get("x_ptr", nargs.get("h_ptr"))},
+                                    capability)]
 
 
 def _a_bytes(name):
