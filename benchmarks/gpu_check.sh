@@ -27,8 +27,8 @@
 #   lowrank               low-rank kernel tests natively, then lowrank_linear.py (4096x4096 r=1024 x 3 M x 4
 #                         configs, the 7B decode-step linears at 60 % kept x 4; one kernel autotuned)  ~2-4 min (not timed yet)
 #   moe                   MoE route/experts tests natively, then moe_block.py without Inductor: Mixtral-8x7B block
-#                         at T = 1, 16, 512 (ours, its CUDA graph, HF eager / batched_mm / grouped_mm; int4 today at
-#                         T = 1; GEMM autotuning of 2 kernels)                                ~3-5 min (not timed yet)
+#                         at T = 1, 16, 512 (ours, its CUDA graph, HF eager / batched_mm / grouped_mm; int4 ours and
+#                         today's at T = 1; GEMM autotuning of 2 kernels)                     ~3-5 min (not timed yet)
 #   moe-inductor          moe_block.py: the three HF implementations under Inductor (9 compiles) ~4-7 min (not timed yet)
 #
 # Groups (more than one call's worth: run their parts one per call where calls are limited to 10 minutes):
@@ -120,7 +120,7 @@ run_part() {
       timeout 150 python -m pytest -q tests/kernels/test_moe_route_kernel.py tests/kernels/test_moe_experts_kernel.py \
         tests/kernels/test_moe_path.py 2>&1 | tee "$out/gpu_tests_moe.log" | tail -8
       timeout 420 python benchmarks/moe_block.py --out "$out/moe_block.json" --configs \
-        llmcompress,llmcompress-cudagraph,llmcompress-gemv,llmcompress-gemm,w4a16-grouped,hf-eager,hf-batched_mm,hf-grouped_mm \
+        llmcompress,llmcompress-cudagraph,llmcompress-gemv,llmcompress-gemm,llmcompress-int4,w4a16-grouped,hf-eager,hf-batched_mm,hf-grouped_mm \
         2>&1 | tail -40 ;;
     moe-inductor)
       timeout 560 python benchmarks/moe_block.py --out "$out/moe_block_inductor.json" \

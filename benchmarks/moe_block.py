@@ -2,7 +2,7 @@
 transformers' experts implementations, each with and without Inductor.
 
 One process; transformers' `MixtralSparseMoeBlock` with hidden 4096, 8 experts of 14336, top-2 (`--smoke`: hidden
-64, 4 experts of 48), bf16, random weights (seeded; values do not change a kernel's time), x (T, hidden) at
+64, 4 experts of 96, int4 groups of 32), bf16, random weights (seeded; values do not change a kernel's time), x (T, hidden) at
 T = 1, 16, 512 (`--smoke`: 1, 5, 20). Per T every configuration runs on the same x:
 
   hf-eager, hf-batched_mm, hf-grouped_mm   the block's forward with `config._experts_implementation` set so
@@ -12,12 +12,13 @@ T = 1, 16, 512 (`--smoke`: 1, 5, 20). Per T every configuration runs on the same
   llmcompress-cudagraph                    the same three captured once in a `torch.cuda.CUDAGraph` and replayed (CUDA
                                            only): the ops never sync with the host, so the block captures
   llmcompress-gemv / llmcompress-gemm      the op forced onto one path (to check the plan)
+  llmcompress-int4 (T = 1 only)            `llmcompress::moe_experts_w4a16` on the experts quantized RTN int4 g128,
+                                           path planned for int4 bytes
   w4a16-grouped (int4, T = 1 only)         today's int4 experts: `llmcompress::grouped_linear_w4a16` (a launch per
-                                           expert with tokens, a host sync per call) around HF's routing; int4 experts
-                                           in `moe_experts` are not built yet, so the int4 target is not evaluated
+                                           expert with tokens, a host sync per call) around HF's routing
 
-Numerics: every configuration's output against hf-eager's (max |diff| / max |hf-eager|), and whether moe_route's
-ids equal the HF router's.
+Numerics: every configuration's output against hf-eager's (max |diff| / max |hf-eager|; the int4 rows include the
+quantization error), and whether moe_route's ids equal the HF router's.
 
 Timing: CUDA: median of `triton.testing.do_bench` (L2 flushed) and `median_us_queued` (the GPU kept busy ahead of
 the host, as under CUDA graphs; helpers from `quantized_linear.py`); the targets use the queued median. The smoke
@@ -27,7 +28,7 @@ checks the script, the numerics and the JSON; its times say nothing.
 Results: JSON (`--out`, default `benchmarks/results/moe_block_<device-slug>.json`): benchmark, created, complete,
 command, device, versions, settings, plan (moe_path's choice and priced times), results [{tokens, dtype, configs:
 {name: {median_us, median_us_queued, max_rel_err, ids_equal, path, error}}}], targets [{name, value, limit, met}]
-(met None where not evaluated: not CUDA, smoke, or not built):
+(met None where not evaluated: not CUDA, or smoke):
   bf16: T = 1 <= 270 us, T = 16 <= 1000 us, T = 512 <= 1400 us; int4 experts T = 1 <= 100 us.
 
     python benchmarks/moe_block.py                              # GPU (about 3-5 min: Inductor compiles, autotuning)
@@ -57,19 +58,22 @@ from llmcompress.kernels import moe_experts, moe_route
 from llmcompress.kernels.moe_path import MoePath, choose_moe_path
 
 GPU_SHAPE = {"hidden": 4096, "intermediate": 14336, "experts": 8, "top_k": 2}
-SMOKE_SHAPE = {"hidden": 64, "intermediate": 48, "experts": 4, "top_k": 2}
+SMOKE_SHAPE = {"hidden": 64, "intermediate": 96, "experts": 4, "top_k": 2}
 GPU_TOKENS = "1,16,512"
 SMOKE_TOKENS = "1,5,20"
 HF_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 CONFIGS = (*(f"hf-{i}" for i in HF_IMPLEMENTATIONS), *(f"hf-{i}-inductor" for i in HF_IMPLEMENTATIONS), "llmcompress",
-           "llmcompress-cudagraph", "llmcompress-gemv", "llmcompress-gemm", "w4a16-grouped")
+           "llmcompress-cudagraph", "llmcompress-gemv", "llmcompress-gemm", "llmcompress-int4", "w4a16-grouped")
 # Issue 15's limits for an H100, microseconds (queued median).
 TARGETS = (("bf16 T=1 <= 270 us", "llmcompress", 1, 270.0), ("bf16 T=16 <= 1000 us", "llmcompress", 16, 1000.0),
-           ("bf16 T=512 <= 1400 us", "llmcompress", 512, 1400.0))
-INT4_TARGET = ("int4 experts T=1 <= 100 us", 100.0)
+           ("bf16 T=512 <= 1400 us", "llmcompress", 512, 1400.0),
+           ("int4 experts T=1 <= 100 us", "llmcompress-int4", 1, 100.0))
 # bf16 rounds h and y (HF rounds gate, up, SiLU, the product and each weighted expert output too): ~1e-2 relative.
 REL_ERR_OK = 3e-2
+# RTN int4 g128 on N(0, 1/H) weights: ~0.1 relative error on the block's output; a wrong kernel gives O(1).
+REL_ERR_OK_INT4 = 0.25
 GROUP_SIZE = 128
+SMOKE_GROUP_SIZE = 32  # divides the smoke block's hidden 64 and intermediate 96
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("moe_block --smoke on a CPU needs TRITON_INTERPRET=1 (the Triton kernels interpreted)")
     args.shape = SMOKE_SHAPE if args.smoke else GPU_SHAPE
+    args.group_size = SMOKE_GROUP_SIZE if args.smoke else GROUP_SIZE
     args.tokens = [int(t) for t in (args.tokens or (SMOKE_TOKENS if args.smoke else GPU_TOKENS)).split(",")]
     args.configs = rb._subset(args.configs, CONFIGS, "--configs")
     args.bench_ms = args.bench_ms or (100 if cuda else 20)
@@ -157,13 +162,38 @@ def graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     return replay
 
 
+_INT4: dict[int, tuple] = {}
+
+
+def int4_experts(block, group_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The block's experts quantized RTN int4 (`formats.quantized`), stacked per expert: [q, scales, zeros] for
+    gate_up and for down; computed once per block."""
+    if id(block) not in _INT4:
+        qs = [quantize_int4_rtn(w.float(), group_size) for w in block.experts.gate_up_proj]
+        qd = [quantize_int4_rtn(w.float(), group_size) for w in block.experts.down_proj]
+        _INT4[id(block)] = ([torch.stack(t) for t in zip(*qs)], [torch.stack(t) for t in zip(*qd)])
+    return _INT4[id(block)]
+
+
+def ours_int4(block, x: torch.Tensor, plan_int4, args: argparse.Namespace) -> Callable[[], torch.Tensor]:
+    gu, dn = int4_experts(block, args.group_size)
+    k, t = args.shape["top_k"], x.shape[0]
+    gemv_max = t if plan_int4.path_at(t) == "gemv" else 0
+    interpreted = x.device.type == "cpu"
+    route = moe_route.moe_route_triton if interpreted else torch.ops.llmcompress.moe_route
+    experts = moe_experts.moe_experts_w4a16_triton if interpreted else torch.ops.llmcompress.moe_experts_w4a16
+
+    def call() -> torch.Tensor:
+        routing = route(F.linear(x, block.gate.weight), k, "softmax", True, plan_int4.block_m)
+        return experts(x, *gu, *dn, args.group_size, *routing, plan_int4.block_m, gemv_max)
+
+    return call
+
+
 def w4a16_grouped(block, x: torch.Tensor, args: argparse.Namespace) -> Callable[[], torch.Tensor]:
     """Today's int4 path: HF's router, tokens sorted by expert, `grouped_linear_w4a16` for gate-up and down."""
     e, i = args.shape["experts"], args.shape["intermediate"]
-    qs = [quantize_int4_rtn(w.float(), GROUP_SIZE) for w in block.experts.gate_up_proj]
-    qd = [quantize_int4_rtn(w.float(), GROUP_SIZE) for w in block.experts.down_proj]
-    gu = [torch.stack(t) for t in zip(*qs)]
-    dn = [torch.stack(t) for t in zip(*qd)]
+    gu, dn = int4_experts(block, args.group_size)
     op = torch.ops.llmcompress.grouped_linear_w4a16
 
     def call() -> torch.Tensor:
@@ -172,9 +202,9 @@ def w4a16_grouped(block, x: torch.Tensor, args: argparse.Namespace) -> Callable[
         order = flat.argsort(stable=True)
         token = order // ids.shape[1]
         offs = torch.bincount(flat, minlength=e).cumsum(0).to(torch.int32)
-        h = op(x[token], *gu, GROUP_SIZE, offs)
+        h = op(x[token], *gu, args.group_size, offs)
         h = F.silu(h[:, :i]) * h[:, i:]
-        y = op(h, *dn, GROUP_SIZE, offs) * weights.reshape(-1)[order, None].to(x.dtype)
+        y = op(h, *dn, args.group_size, offs) * weights.reshape(-1)[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, y)
 
     return call
@@ -192,6 +222,10 @@ def measure(fn: Callable[[], torch.Tensor], args: argparse.Namespace) -> dict[st
 def runner(name: str, block, x: torch.Tensor, plan, args: argparse.Namespace
            ) -> tuple[Callable[[], torch.Tensor], str | None]:
     t = x.shape[0]
+    if name == "llmcompress-int4":
+        if t != 1:
+            raise _Skip("int4 is timed at T = 1 only")
+        return ours_int4(block, x, args.plan_int4, args), f"{args.plan_int4.path_at(t)}, int4 g{args.group_size}"
     if name.startswith("hf-"):
         impl = name.removeprefix("hf-").removesuffix("-inductor")
         block.experts.config._experts_implementation = impl
@@ -226,7 +260,8 @@ def run_config(name: str, block, x: torch.Tensor, reference: torch.Tensor, hf_id
         fn, path = runner(name, block, x, plan, args)
         y = fn()
         entry: dict[str, Any] = {**measure(fn, args), "max_rel_err": ql.rel_err(y, reference.float())}
-        entry["numerics_ok"] = entry["max_rel_err"] <= REL_ERR_OK
+        int4 = name in ("llmcompress-int4", "w4a16-grouped")
+        entry["numerics_ok"] = entry["max_rel_err"] <= (REL_ERR_OK_INT4 if int4 else REL_ERR_OK)
         if path:
             entry["path"] = path
         if name == "llmcompress":
@@ -255,8 +290,6 @@ def targets(doc: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any
         out.append({"name": name, "value": value, "limit": limit,
                     "met": (value is not None and value <= limit and entry.get("numerics_ok", False))
                     if evaluated else None})
-    out.append({"name": INT4_TARGET[0], "value": None, "limit": INT4_TARGET[1], "met": None,
-                "detail": "int4 experts in moe_experts are not built yet"})
     return out
 
 
@@ -286,8 +319,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s = args.shape
     plan = choose_moe_path(planned_cost_model(args.device), s["hidden"], s["intermediate"], s["experts"],
                            s["top_k"], torch.bfloat16, "cuda" if cuda else "cpu")
+    args.plan_int4 = choose_moe_path(planned_cost_model(args.device), s["hidden"], s["intermediate"], s["experts"],
+                                     s["top_k"], torch.bfloat16, "cuda" if cuda else "cpu", args.group_size)
     if not cuda:  # the smoke run interprets the launchers: the GEMV at T = 1, the GEMM above, so both paths run
         plan = MoePath(1, 16, plan.priced, "cuda")
+        args.plan_int4 = MoePath(1, 16, args.plan_int4.priced, "cuda")
     doc: dict[str, Any] = {
         "benchmark": "moe_block",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -301,6 +337,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "timer": "triton.testing.do_bench median (+ queued)" if cuda else "perf_counter, one call",
                      "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1"},
         "plan": {"gemv_max_tokens": plan.gemv_max_tokens, "block_m": plan.block_m, "priced": plan.priced},
+        "plan_int4": {"gemv_max_tokens": args.plan_int4.gemv_max_tokens, "block_m": args.plan_int4.block_m,
+                      "priced": args.plan_int4.priced},
         "results": [],
     }
     block = build_block(args)

@@ -30,7 +30,8 @@ launchers, reference and op. Which of a linear's kernels runs at each row count 
 choice against dense and torch's semi-structured path, `sparse_path.py`. The low-rank linear
 (`lowrank_linear.py`, `llmcompress::linear_lowrank`) has `lowrank_path.py`: whether a split pays at all.
 A MoE block is two ops: `moe_route.py` (`llmcompress::moe_route`: top-k and tokens block-aligned by expert) and
-`moe_experts.py` (`llmcompress::moe_experts`: gate-up with SiLU·up, down with the routing weight); `moe_path.py`
+`moe_experts.py` (`llmcompress::moe_experts` / `moe_experts_w4a16`: gate-up with SiLU·up, down with the routing
+weight; float or int4 experts); `moe_path.py`
 chooses the experts' GEMV or GEMM per token count.
 """
 

@@ -157,6 +157,28 @@ def _moe_cases(dtype: str, full: bool) -> list[Case]:
     return out
 
 
+def _moe_int4_cases(dtype: str, full: bool) -> list[Case]:
+    """int4 experts (group 128) on the Mixtral-8x7B block: the same kernels with QUANT = 1 (x float16 / bfloat16)."""
+    dt = DTYPES[dtype]
+    out = []
+    if dt == torch.float32:
+        return out
+    h, i, e, k = MOE_BLOCKS["mixtral-8x7b"]
+    q_gu, s_gu = _meta(e, 2 * i, h // 2, dtype=torch.uint8), _meta(e, 2 * i, h // 128, dtype=torch.float16)
+    q_d, s_d = _meta(e, h, i // 2, dtype=torch.uint8), _meta(e, h, i // 128, dtype=torch.float16)
+    for t, path, block_m in MOE_RUNS["full" if full else "reduced"]:
+        x, logits = _meta(t, h, dtype=dt), _meta(t, e, dtype=dt)
+
+        def call_w4(x=x, logits=logits, t=t, path=path, block_m=block_m):
+            routing = moe_route.moe_route_triton(logits, k, "softmax", True, block_m)
+            moe_experts.moe_experts_w4a16_triton(x, q_gu, s_gu, s_gu, q_d, s_d, s_d, 128, *routing, block_m,
+                                                 t if path == "gemv" else 0)
+
+        variant = f"mixtral-8x7b int4 g128, {path}, block_m {block_m}"
+        out.append(Case("moe", variant, dtype, (t, h, i), call_w4))
+    return out
+
+
 def _weight_cases(dtype: str, k: int, n: int) -> list[Case]:
     """Kernels that do not depend on M: dequantization (the dense path) and RMSNorm over rows of n."""
     dt = DTYPES[dtype]
@@ -242,7 +264,7 @@ def _codegen_case(name: str, dtype: str, m: int, n: int) -> Case:
     return Case("codegen", name, dtype, (m, None, n), call)
 
 
-FAMILIES = ("kernels", "sparse", "lowrank", "moe", "codegen")
+FAMILIES = ("kernels", "sparse", "lowrank", "moe", "moe-int4", "codegen")
 
 
 def cases(full: bool, families: tuple[str, ...] = FAMILIES, dtypes=tuple(DTYPES)) -> list[Case]:
@@ -262,6 +284,8 @@ def cases(full: bool, families: tuple[str, ...] = FAMILIES, dtypes=tuple(DTYPES)
                 out += _lowrank_cases(dtype, m, 4096, 4096)
         if "moe" in families:
             out += _moe_cases(dtype, full)
+        if "moe-int4" in families:
+            out += _moe_int4_cases(dtype, full)
         if "codegen" in families:
             for name in GROUPS if full else REDUCED_GROUPS:
                 for m, n in ((1, 4096), (512, 4096), (3, 1000)) if full else ((512, 4096),):
@@ -479,8 +503,8 @@ def unsupported() -> str | None:
 
 
 def run_reduced(families: str, folder: str | os.PathLike, timeout: float = 900) -> list[dict]:
-    """The reduced set's rows for `families` ("kernels", "sparse", "lowrank", "moe", "codegen"), compiled in a subprocess without
-    TRITON_INTERPRET (the tests' process runs the interpreter; compiling needs no GPU). Runs this checkout's package:
+    """The reduced set's rows for `families` ("kernels", "sparse", "lowrank", "moe", "moe-int4", "codegen"), compiled
+    in a subprocess without TRITON_INTERPRET (the tests' process runs the interpreter; compiling needs no GPU). Runs this checkout's package:
     the subprocess starts in the directory above `llmcompress/`."""
     root = pathlib.Path(__file__).resolve().parents[2]
     out = pathlib.Path(folder) / f"gpu_compile_{families}.json"

@@ -191,3 +191,87 @@ def test_bad_inputs(index, value, match):
     args[index] = value
     with pytest.raises(ValueError, match=match):
         OP(*args)
+
+
+def _int4_experts(e, h, i, group_size, seed=0):
+    """Random float experts quantized round-to-nearest (`formats.quantized`), stacked per expert."""
+    from llmcompress.formats.quantized import quantize_int4_rtn
+
+    w_gate_up, w_down = _experts(e, h, i, torch.float32, seed)
+    gu = [quantize_int4_rtn(w.cpu(), group_size) for w in w_gate_up]
+    dn = [quantize_int4_rtn(w.cpu(), group_size) for w in w_down]
+    return [torch.stack(t).to(DEVICE) for t in zip(*gu)] + [torch.stack(t).to(DEVICE) for t in zip(*dn)]
+
+
+# (T, E, k, H, I, group_size, block_m): H and I multiples of the group; several groups per K step and per row.
+W4_CASES = [(1, 4, 2, 96, 64, 32, 16), (9, 6, 2, 128, 96, 32, 16), (21, 5, 3, 128, 64, 64, 32)]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPE_TOLS[1:], ids=DTYPE_IDS[1:])
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+@pytest.mark.parametrize("t,e,k,h,i,group_size,block_m", W4_CASES)
+def test_w4a16_paths_equal_float64_oracle(t, e, k, h, i, group_size, block_m, path, dtype, atol, rtol):
+    x = torch.randn(t, h, generator=torch.Generator().manual_seed(t)).to(dtype).to(DEVICE)
+    stored = _int4_experts(e, h, i, group_size, seed=e)
+    routing = _routing(_uneven_logits(t, e, seed=h), k, block_m)
+    got = mx.moe_experts_w4a16_triton(x, *stored, group_size, *routing, block_m, t if path == "gemv" else 0)
+    want = mx.moe_experts_w4a16_reference(x, *stored, group_size, routing[0], routing[1], compute_dtype=torch.float64)
+    assert got.dtype == dtype and got.shape == (t, h)
+    # bf16 / fp16: the GEMM multiplies the dequantized tile rounded to x's dtype (as tl.dot takes it).
+    torch.testing.assert_close(got.double(), want, atol=atol * 1.5, rtol=rtol)
+
+
+def test_w4a16_reference_is_the_float_op_on_dequantized_weights():
+    from llmcompress.formats.quantized import dequantize_int4
+
+    t, e, k, h, i, g = 7, 4, 2, 64, 32, 32
+    x = torch.randn(t, h)
+    qgu, sgu, zgu, qd, sd, zd = (s.cpu() for s in _int4_experts(e, h, i, g))
+    weights, ids, *_ = mr.moe_route_reference(torch.randn(t, e), k)
+    dense_gu = torch.stack([dequantize_int4(qgu[j], sgu[j], zgu[j], g) for j in range(e)])
+    dense_d = torch.stack([dequantize_int4(qd[j], sd[j], zd[j], g) for j in range(e)])
+    torch.testing.assert_close(mx.moe_experts_w4a16_reference(x, qgu, sgu, zgu, qd, sd, zd, g, weights, ids),
+                               mx.moe_experts_reference(x, dense_gu, dense_d, weights, ids), rtol=0, atol=0)
+
+
+def test_w4a16_op_on_cpu_and_its_cost():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from llmcompress.cost.hardware import HARDWARE
+    from llmcompress.cost.roofline import CostModel
+    from llmcompress.kernels.moe_path import expert_bytes
+
+    t, e, k, h, i, g = 3, 8, 2, 64, 32, 32
+    op = torch.ops.llmcompress.moe_experts_w4a16.default
+    stored = [s.cpu() for s in _int4_experts(e, h, i, g)]
+    x, logits = torch.randn(t, h).half(), torch.randn(t, e)
+
+    def block(x, logits, *stored):
+        return op(x, *stored, g, *torch.ops.llmcompress.moe_route(logits, k, "softmax", True, 16), 16, 0)
+
+    want = mx.moe_experts_w4a16_reference(x, *stored, g, *mr.moe_route_reference(logits, k)[:2])
+    torch.testing.assert_close(block(x, logits, *stored), want, rtol=0, atol=0)
+    gm = make_fx(block, tracing_mode="fake")(x, logits, *stored)
+    cost = CostModel(HARDWARE["h100-sxm"]).node_cost(next(n for n in gm.graph.nodes if n.target is op))
+    hit = e * (1 - (1 - k / e) ** t)
+    # int4 codes, fp16 scales and zeros per group of 32: the expected hit experts' stored bytes.
+    assert expert_bytes(h, i, torch.float16, g) == 3 * h * i / 2 + 3 * h * i / g * 4
+    acts = 2 * t * h * 2 + 2 * t * k * i * 2 + t * k * 8
+    assert float(cost.bytes) == pytest.approx(hit * expert_bytes(h, i, torch.float16, g) + acts)
+
+
+@pytest.mark.parametrize("index,value,match", [
+    (1, torch.zeros(4, 16, 16, dtype=torch.uint8), r"qgate_up must be uint8 \(E, 2 \* I, H // 2\)"),
+    (2, torch.zeros(4, 16, 2), r"sgate_up must be float16 \(4, 64, 2\)"),
+    (4, torch.zeros(4, 64, 8, dtype=torch.uint8), r"qdown must be uint8 \(E, H, I // 2\)"),
+    (7, 48, "group_size must be one of"),
+    (0, torch.randn(3, 64), "x must be float16 or bfloat16 for int4 experts"),
+])
+def test_w4a16_bad_inputs(index, value, match):
+    t, e, k, h, i, g = 3, 4, 2, 64, 32, 32
+    args = [torch.randn(t, h).half(), *(s.cpu() for s in _int4_experts(e, h, i, g)), g,
+            *mr.moe_route_reference(torch.randn(t, e), k), 16, 0]
+    args[index] = value
+    with pytest.raises(ValueError, match=match):
+        torch.ops.llmcompress.moe_experts_w4a16(*args)

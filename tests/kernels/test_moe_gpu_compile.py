@@ -1,5 +1,5 @@
 """The MoE kernels (llmcompress/kernels/moe_route.py, moe_experts.py) compiled ahead of time for sm_90 and sm_80
-(llmcompress/testing/gpu_compile.py, family "moe"): one config per kernel, block shape, dtype and target, the one
+(llmcompress/testing/gpu_compile.py, families "moe" and "moe-int4"): one config per kernel, block shape, dtype and target, the one
 with the most shared memory the launcher offers; a compile error, shared memory over the limit or the estimate, or a
 spill fails."""
 
@@ -22,19 +22,31 @@ VARIANTS = {"gemv": ("mixtral-8x7b (8 experts, top-2), gemv, block_m 16", "olmoe
             "gemm": ("mixtral-8x7b (8 experts, top-2), gemm, block_m 64",
                      "olmoe (64 experts, top-8), gemm, block_m 64")}
 EXPECTED = [(kernel, variant) for path in ("gemv", "gemm") for kernel in KERNELS[path] for variant in VARIANTS[path]]
+INT4_VARIANTS = {"gemv": "mixtral-8x7b int4 g128, gemv, block_m 16", "gemm": "mixtral-8x7b int4 g128, gemm, block_m 64"}
+EXPECTED_INT4 = [(kernel, INT4_VARIANTS[path]) for path in ("gemv", "gemm") for kernel in KERNELS[path]]
 
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory) -> list[dict]:
     if unsupported():
         pytest.skip(unsupported())
-    return run_reduced("moe", tmp_path_factory.mktemp("gpu_compile"))
+    return run_reduced("moe,moe-int4", tmp_path_factory.mktemp("gpu_compile"))
 
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kernel,variant", EXPECTED)
 def test_moe_kernel_compiles_for_the_gpu(rows, kernel, variant, dtype, target):
+    found = [r for r in rows if (r["family"], r["kernel"], r["variant"], r["dtype"], r["target"])
+             == ("moe", kernel, variant, dtype, target)]
+    assert len(found) == 1, f"{len(found)} rows for {kernel} {variant} {dtype} {target}"
+    check_row(found[0])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("kernel,variant", EXPECTED_INT4)
+def test_moe_int4_kernel_compiles_for_the_gpu(rows, kernel, variant, dtype, target):
     found = [r for r in rows if (r["family"], r["kernel"], r["variant"], r["dtype"], r["target"])
              == ("moe", kernel, variant, dtype, target)]
     assert len(found) == 1, f"{len(found)} rows for {kernel} {variant} {dtype} {target}"

@@ -8,7 +8,7 @@ import torch
 
 from llmcompress.cost.hardware import HARDWARE
 from llmcompress.cost.roofline import CostModel
-from llmcompress.kernels.moe_path import choose_moe_path
+from llmcompress.kernels.moe_path import choose_moe_path, expert_bytes
 from llmcompress.kernels.moe_route import BLOCK_MS
 
 H100 = CostModel(HARDWARE["h100-sxm"])
@@ -25,6 +25,14 @@ def test_mixtral_8x7b_on_h100():
     # Decode is memory-bound at two experts' bytes: 2 · 3 · 4096 · 14336 · 2 B / 3.35 TB/s = 210 us + launches.
     assert 2.1e-4 < p["t=1"]["gemv_s"] < 2.3e-4
     assert path.block_m in BLOCK_MS
+
+
+def test_int4_experts_read_a_quarter_of_the_bytes():
+    bf16 = choose_moe_path(H100, 4096, 14336, 8, 2, torch.bfloat16, "cuda")
+    int4 = choose_moe_path(H100, 4096, 14336, 8, 2, torch.bfloat16, "cuda", group_size=128)
+    assert expert_bytes(4096, 14336, torch.bfloat16, 128) == 3 * 4096 * 14336 * (0.5 + 4 / 128)
+    # Decode is memory-bound: 0.266 of the bf16 bytes, plus the same launch overhead.
+    assert int4.path_at(1) == "gemv" and int4.priced["t=1"]["gemv_s"] < 0.35 * bf16.priced["t=1"]["gemv_s"]
 
 
 def test_olmoe_prefers_large_blocks_at_prefill():
