@@ -134,6 +134,15 @@ def test_align_reference_leaves_out_of_range_ids_unrouted():
     assert set(sorted_ids.tolist()) == {0, 3, 4, 5, 6}
 
 
+@pytest.mark.parametrize("t,e,k,block_m", [(1, 8, 2, 16), (37, 8, 2, 16), (19, 64, 8, 32), (5, 6, 6, 128)])
+def test_host_align_equals_reference(t, e, k, block_m):
+    """The CPU path's layout (Python lists on the host) against the traceable reference, ids out of range too."""
+    g = torch.Generator().manual_seed(t)
+    ids = torch.randint(-1, e + 1, (t, k), generator=g, dtype=torch.int32)
+    for a, b in zip(mr.moe_align_host(ids, e, block_m), mr.moe_align_reference(ids, e, block_m)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 def test_op_on_cpu_and_traced():
     logits = _logits(6, 8, torch.float32, ties=False).cpu()
     want = mr.moe_route_reference(logits, 2, "softmax", True, 16)
