@@ -26,6 +26,10 @@
 #                         decode-step linears x 6; Triton autotuning of 4 kernels)              ~3-5 min (not timed yet)
 #   lowrank               low-rank kernel tests natively, then lowrank_linear.py (4096x4096 r=1024 x 3 M x 4
 #                         configs, the 7B decode-step linears at 60 % kept x 4; one kernel autotuned)  ~2-4 min (not timed yet)
+#   moe                   MoE route/experts tests natively, then moe_block.py without Inductor: Mixtral-8x7B block
+#                         at T = 1, 16, 512 (ours, its CUDA graph, HF eager / batched_mm / grouped_mm; int4 ours and
+#                         today's at T = 1; GEMM autotuning of 2 kernels)                     ~3-5 min (not timed yet)
+#   moe-inductor          moe_block.py: the three HF implementations under Inductor (9 compiles) ~4-7 min (not timed yet)
 #
 # Groups (more than one call's worth: run their parts one per call where calls are limited to 10 minutes):
 #   backend = backend-forward backend-prefill backend-generate          ~14-16 min
@@ -38,7 +42,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
 PARTS=(tests compile costmodel backend-forward backend-prefill backend-generate fusion quant-kernels quant-model-forward
-       quant-model-generate quant-gptq sparse lowrank)
+       quant-model-generate quant-gptq sparse lowrank moe moe-inductor)
 BACKEND_CONFIGS=inductor-cudagraphs,llmcompress-cudagraphs,llmcompress-triton-cudagraphs
 
 usage() {
@@ -66,7 +70,8 @@ run_part() {
       # The tier CPU CI runs (one config per kernel, dtype and target), then every config and shape; a compile
       # error, shared memory over the limit or the launcher's estimate, or a spill fails the tests.
       timeout 240 python -m pytest -q -m gpu_compile tests/kernels/test_gpu_compile.py \
-        tests/kernels/test_sparse_gpu_compile.py tests/kernels/test_lowrank_gpu_compile.py tests/codegen/test_gpu_compile.py \
+        tests/kernels/test_sparse_gpu_compile.py tests/kernels/test_lowrank_gpu_compile.py \
+        tests/kernels/test_moe_gpu_compile.py tests/codegen/test_gpu_compile.py \
         2>&1 | tee "$out/gpu_compile_tests.log" | tail -8
       timeout 300 python benchmarks/gpu_compile.py --jobs 14 --out "$out/gpu_compile.json" 2>&1 \
         | tee "$out/gpu_compile.log" | tail -40 ;;
@@ -111,6 +116,15 @@ run_part() {
       timeout 200 python -m pytest -q tests/kernels/test_lowrank_linear.py tests/kernels/test_lowrank_path.py 2>&1 \
         | tee "$out/gpu_tests_lowrank.log" | tail -8
       timeout 360 python benchmarks/lowrank_linear.py --out "$out/lowrank_linear.json" 2>&1 | tail -40 ;;
+    moe)
+      timeout 150 python -m pytest -q tests/kernels/test_moe_route_kernel.py tests/kernels/test_moe_experts_kernel.py \
+        tests/kernels/test_moe_path.py 2>&1 | tee "$out/gpu_tests_moe.log" | tail -8
+      timeout 420 python benchmarks/moe_block.py --out "$out/moe_block.json" --configs \
+        llmcompress,llmcompress-cudagraph,llmcompress-gemv,llmcompress-gemm,llmcompress-int4,w4a16-grouped,hf-eager,hf-batched_mm,hf-grouped_mm \
+        2>&1 | tail -40 ;;
+    moe-inductor)
+      timeout 560 python benchmarks/moe_block.py --out "$out/moe_block_inductor.json" \
+        --configs hf-eager-inductor,hf-batched_mm-inductor,hf-grouped_mm-inductor 2>&1 | tail -20 ;;
     *) usage ;;
   esac
 }

@@ -29,6 +29,10 @@ launchers, reference and op. Which of a linear's kernels runs at each row count 
 (`sparse_linear.py`, `llmcompress::linear_2of4` and `linear_2of4_w4a16`) have their own
 choice against dense and torch's semi-structured path, `sparse_path.py`. The low-rank linear
 (`lowrank_linear.py`, `llmcompress::linear_lowrank`) has `lowrank_path.py`: whether a split pays at all.
+A MoE block is two ops: `moe_route.py` (`llmcompress::moe_route`: top-k and tokens block-aligned by expert) and
+`moe_experts.py` (`llmcompress::moe_experts` / `moe_experts_w4a16`: gate-up with SiLU·up, down with the routing
+weight; float or int4 experts); `moe_path.py`
+chooses the experts' GEMV or GEMM per token count.
 """
 
 from llmcompress.kernels import (
@@ -39,6 +43,8 @@ from llmcompress.kernels import (
            int4_linear,
            int8_linear,
            lowrank_linear,
+           moe_experts,
+           moe_route,
            quantized_embedding,
            rms_norm,
            sparse_linear,
@@ -47,5 +53,5 @@ from llmcompress.kernels import (
 from llmcompress.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 
 __all__ = ["cpu_weight_only", "fp8_linear", "fused_linear", "grouped_linear", "int4_linear", "int8_linear",
-           "lowrank_linear", "quantized_embedding", "rms_norm", "rms_norm_reference", "rms_norm_triton", "sparse_linear",
-           "w8a8_linear"]
+           "lowrank_linear", "moe_experts", "moe_route", "quantized_embedding", "rms_norm", "rms_norm_reference",
+           "rms_norm_triton", "sparse_linear", "w8a8_linear"]

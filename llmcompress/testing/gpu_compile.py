@@ -45,6 +45,8 @@ from llmcompress.kernels import (
     int4_linear,
     int8_linear,
     lowrank_linear,
+    moe_experts,
+    moe_route,
     rms_norm,
     sparse_linear,
     w8a8_linear,
@@ -128,6 +130,53 @@ def _lowrank_cases(dtype: str, m: int, k: int, n: int) -> list[Case]:
     return [Case("lowrank_linear", variant, dtype, (m, k, n), lambda: lowrank_linear.linear_lowrank_triton(x, v, u)),
             Case("lowrank_linear", f"{variant}, u transposed", dtype, (m, k, n),
                  lambda: lowrank_linear.linear_lowrank_triton(x, v, u_t))]
+
+
+# MoE blocks (`kernels/moe_route.py`, `moe_experts.py`): (name, H, I, E, k) and the token counts compiled, each with
+# the path and block_m `moe_path.choose_moe_path` takes on an H100 (bf16): the GEMV at T = 1, the GEMM at 16 and 512
+# (Mixtral-8x7B: block_m 64; OLMoE: 128); block_m 16 at 16 tokens as well, the smallest blocks.
+MOE_BLOCKS = {"mixtral-8x7b": (4096, 14336, 8, 2), "olmoe": (2048, 1024, 64, 8)}
+MOE_RUNS = {"full": ((1, "gemv", 16), (16, "gemm", 16), (16, "gemm", 64), (512, "gemm", 64), (512, "gemm", 128)),
+            "reduced": ((1, "gemv", 16), (512, "gemm", 64))}
+
+
+def _moe_cases(dtype: str, full: bool) -> list[Case]:
+    dt = DTYPES[dtype]
+    out = []
+    for name, (h, i, e, k) in MOE_BLOCKS.items():
+        w_gate_up, w_down = _meta(e, 2 * i, h, dtype=dt), _meta(e, h, i, dtype=dt)
+        for t, path, block_m in MOE_RUNS["full" if full else "reduced"]:
+            x, logits = _meta(t, h, dtype=dt), _meta(t, e, dtype=dt)
+
+            def call(x=x, logits=logits, t=t, path=path, block_m=block_m, k=k, w_gate_up=w_gate_up, w_down=w_down):
+                routing = moe_route.moe_route_triton(logits, k, "softmax", True, block_m)
+                moe_experts.moe_experts_triton(x, w_gate_up, w_down, *routing, block_m, t if path == "gemv" else 0)
+
+            variant = f"{name} ({e} experts, top-{k}), {path}, block_m {block_m}"
+            out.append(Case("moe", variant, dtype, (t, h, i), call))
+    return out
+
+
+def _moe_int4_cases(dtype: str, full: bool) -> list[Case]:
+    """int4 experts (group 128) on the Mixtral-8x7B block: the same kernels with QUANT = 1 (x float16 / bfloat16)."""
+    dt = DTYPES[dtype]
+    out = []
+    if dt == torch.float32:
+        return out
+    h, i, e, k = MOE_BLOCKS["mixtral-8x7b"]
+    q_gu, s_gu = _meta(e, 2 * i, h // 2, dtype=torch.uint8), _meta(e, 2 * i, h // 128, dtype=torch.float16)
+    q_d, s_d = _meta(e, h, i // 2, dtype=torch.uint8), _meta(e, h, i // 128, dtype=torch.float16)
+    for t, path, block_m in MOE_RUNS["full" if full else "reduced"]:
+        x, logits = _meta(t, h, dtype=dt), _meta(t, e, dtype=dt)
+
+        def call_w4(x=x, logits=logits, t=t, path=path, block_m=block_m):
+            routing = moe_route.moe_route_triton(logits, k, "softmax", True, block_m)
+            moe_experts.moe_experts_w4a16_triton(x, q_gu, s_gu, s_gu, q_d, s_d, s_d, 128, *routing, block_m,
+                                                 t if path == "gemv" else 0)
+
+        variant = f"mixtral-8x7b int4 g128, {path}, block_m {block_m}"
+        out.append(Case("moe", variant, dtype, (t, h, i), call_w4))
+    return out
 
 
 def _weight_cases(dtype: str, k: int, n: int) -> list[Case]:
@@ -215,7 +264,7 @@ def _codegen_case(name: str, dtype: str, m: int, n: int) -> Case:
     return Case("codegen", name, dtype, (m, None, n), call)
 
 
-FAMILIES = ("kernels", "sparse", "lowrank", "codegen")
+FAMILIES = ("kernels", "sparse", "lowrank", "moe", "moe-int4", "codegen")
 
 
 def cases(full: bool, families: tuple[str, ...] = FAMILIES, dtypes=tuple(DTYPES)) -> list[Case]:
@@ -233,6 +282,10 @@ def cases(full: bool, families: tuple[str, ...] = FAMILIES, dtypes=tuple(DTYPES)
         if "lowrank" in families:
             for m in LOWRANK_ROWS["full" if full else "reduced"]:
                 out += _lowrank_cases(dtype, m, 4096, 4096)
+        if "moe" in families:
+            out += _moe_cases(dtype, full)
+        if "moe-int4" in families:
+            out += _moe_int4_cases(dtype, full)
         if "codegen" in families:
             for name in GROUPS if full else REDUCED_GROUPS:
                 for m, n in ((1, 4096), (512, 4096), (3, 1000)) if full else ((512, 4096),):
@@ -450,8 +503,8 @@ def unsupported() -> str | None:
 
 
 def run_reduced(families: str, folder: str | os.PathLike, timeout: float = 900) -> list[dict]:
-    """The reduced set's rows for `families` ("kernels", "sparse", "lowrank", "codegen"), compiled in a subprocess without
-    TRITON_INTERPRET (the tests' process runs the interpreter; compiling needs no GPU). Runs this checkout's package:
+    """The reduced set's rows for `families` ("kernels", "sparse", "lowrank", "moe", "moe-int4", "codegen"), compiled
+    in a subprocess without TRITON_INTERPRET (the tests' process runs the interpreter; compiling needs no GPU). Runs this checkout's package:
     the subprocess starts in the directory above `llmcompress/`."""
     root = pathlib.Path(__file__).resolve().parents[2]
     out = pathlib.Path(folder) / f"gpu_compile_{families}.json"
