@@ -69,6 +69,9 @@ class PassContext:
     """This graph's calibration data and the runs on it (`calibration/service.py`): feeds, the sequential run with
     the float shadow, activation statistics, hidden states, MoE routing. None only where no backend built one."""
     logger: logging.Logger = dataclasses.field(default_factory=lambda: logging.getLogger("llmcompress.passes"))
+    pipeline: tuple[str, ...] = ()
+    """The names of the passes this graph runs, in order (set by `PassManager.run`): a pass that lowers differently
+    when another follows (lowrank-split keeps plain linears for quantize-linear) reads it here."""
 
 
 class Pass:

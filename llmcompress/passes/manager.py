@@ -112,6 +112,7 @@ class PassManager:
         or re-raised as `PassFailedError` under `strict`. An `LLMCompressError` (a deliberate error: bad
         calibration data, fp8 on a GPU without it ...) is re-raised as it is, after the graph is restored."""
         records = []
+        ctx.pipeline = tuple(p.name for p in self.passes)
         for p in self.passes:
             snapshot = _Snapshot(gm)
             before = _op_counts(gm.graph)

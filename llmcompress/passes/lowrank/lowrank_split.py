@@ -8,10 +8,11 @@ on the calibration activations (`refit`), and with `sequential` (default) each l
 reach it after the layers before it were split (and refit towards the float model's outputs).
 
 Only where it pays: r must be below N K / (N + K) (else no bytes are saved and the layer stays dense), and with
-`objective: speed` (default) the cost model must price the split no slower than the dense linear at the compile's
-sizes (`_split_pays`, the one place that asks). Factors are derived weights keyed by `cache_key` (persisted), so
-recompiles reuse them. The split is two plain `aten.linear` nodes on frozen weights, so `quantize-linear` after it
-quantizes both factors (recipe `lowrank-svdllm-80-w8a16`); `lowrank-split` after `quantize-linear` raises.
+`objective: speed` (default) the cost model must price the split no slower than the dense linear at the compile's M
+(`_plan`, the one place that asks, through `kernels/lowrank_path.py`). Factors are derived weights keyed by
+`cache_key` (persisted), so recompiles reuse them. A split layer runs as `llmcompress::linear_lowrank` on CUDA (and
+with our Triton lowering), as two plain `aten.linear` nodes on the CPU and whenever `quantize-linear` follows, which
+then quantizes both factors (recipe `lowrank-svdllm-80-w8a16`); `lowrank-split` after `quantize-linear` raises.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
+import sympy
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -28,8 +30,12 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from llmcompress.calibration.data import CalibrationWarning
 from llmcompress.calibration.service import Calibration, TargetInputs
+from llmcompress.cost.roofline import sym
 from llmcompress.errors import OptionError, WeightReleasedError, did_you_mean
 from llmcompress.fx_utils import call, finish_rewrite, grouped_matmul_ops, layer_matches
+from llmcompress.kernels import lowrank_linear  # noqa: F401  (registers llmcompress::linear_lowrank)
+from llmcompress.kernels.linear_common import SUPPORTED_DTYPES
+from llmcompress.kernels.lowrank_path import choose_lowrank_path
 from llmcompress.passes.base import Pass, PassContext, PassResult
 from llmcompress.passes.lowrank.allocate import LayerCurve, allocate_ranks, kept_params
 from llmcompress.passes.lowrank.asvd import asvd
@@ -387,30 +393,63 @@ def _check_order(gm: torch.fx.GraphModule) -> None:
                                   "recipe lowrank-svdllm-80-w8a16")
 
 
-def _split_pays(ctx: PassContext, dense: torch.fx.Node, v_node: torch.fx.Node, u_node: torch.fx.Node
-                ) -> tuple[bool, dict[str, Any] | None]:
-    """Whether the split (x -> V -> U) is no slower than the dense linear at the compile's sizes, per the cost
-    model, and the prices: the one place `lowrank-split` asks (after the merge: `kernels/lowrank_path.py`'s
-    `choose_lowrank_path(...).pays_at(m)`). Without a cost model the split is taken (nothing says it is slower)."""
+def _rows(ctx: PassContext, node: torch.fx.Node) -> int | None:
+    """M of the linear at the compile's sizes (the rows of x); None where a size is unknown."""
+    shape = node.args[0].meta["val"].shape
+    expr = sympy.Mul(*(sym(s) for s in shape[:-1]))
+    if ctx.sizes:
+        expr = expr.subs({(sympy.Symbol(k) if isinstance(k, str) else k): v for k, v in ctx.sizes.items()})
+    return None if expr.free_symbols else max(int(expr), 1)
+
+
+def _plan(ctx: PassContext, t: _Target, rank: int) -> tuple[bool, str, dict[str, Any]]:
+    """(whether the split pays, the kernel it runs as, what the report shows): the one place `lowrank-split` asks
+    the cost model, through `kernels/lowrank_path.choose_lowrank_path` at the compile's M.
+
+    The kernel: `llmcompress::linear_lowrank` (the fused kernel for M <= its `fused_max_m`, two GEMMs above) on CUDA
+    and with our Triton lowering; two `aten.linear` nodes on the CPU (the op's CPU path is the same two F.linear
+    calls, and plain linears let Inductor plan them) and wherever `quantize-linear` follows in the pipeline (it
+    quantizes each factor into its own int8 / int4 linear, which the fused op does not take)."""
+    node, (n, k) = t.node, t.shape
+    dtype = node.args[0].meta["val"].dtype
+    triton = getattr(ctx.config, "lowering", None) == "triton"
+    device = "cuda" if t.weight.device.type == "cuda" or triton else "cpu"
+    m = _rows(ctx, node)
+    info: dict[str, Any] = {"m": m, "device": device}
+    quantized_next = "quantize-linear" in ctx.pipeline
+    if dtype not in SUPPORTED_DTYPES:
+        return True, "two linears", {**info, "why": f"activations in {dtype}: not priced"}
+    path = choose_lowrank_path(ctx.cost_model, n, k, rank, dtype, device)
+    if quantized_next:
+        kernel = "two linears"
+        info["why_kernel"] = "quantize-linear follows: each factor becomes its own quantized linear"
+    elif device == "cuda" and path.fused_max_m >= 1:
+        kernel = "linear_lowrank"
+        info["fused_max_m"] = path.fused_max_m
+    else:
+        kernel = "two linears"
+        info["why_kernel"] = f"cost model: no M where the fused kernel beats two GEMMs on {device}" \
+            if device == "cuda" else "CPU: two F.linear (the op's CPU path), planned by the lowering"
     if ctx.cost_model is None:
-        return True, None
-    try:
-        before = float(ctx.cost_model.estimate(dense, ctx.sizes).time_s)
-        after = float(ctx.cost_model.estimate(v_node, ctx.sizes).time_s) + float(
-            ctx.cost_model.estimate(u_node, ctx.sizes).time_s)
-    except Exception as e:  # noqa: BLE001 - a pricing gap must not fail the rewrite
-        return True, {"error": f"{type(e).__name__}: {e}"}
-    return after <= before, {"dense_s": before, "split_s": after}
+        return True, kernel, {**info, "why": "no cost model: split as asked"}
+    info["priced"] = path.priced
+    if m is None:
+        return path.pays_at(1), kernel, {**info, "why": "M unknown at compile time: priced at M = 1"}
+    times = path.times(m)
+    # Two linears when quantize-linear follows: price what will run, not the fused kernel.
+    split_s = times[path.kernel_at(m)] if kernel == "linear_lowrank" else times["two-linears"]
+    info["at_m"] = {"split_s": split_s, "dense_s": times["dense"]}
+    return split_s <= times["dense"], kernel, info
 
 
 def _lower(gm: torch.fx.GraphModule, ctx: PassContext, t: _Target, rank: int | None,
            factors: tuple[torch.Tensor, torch.Tensor] | None, objective: str) -> dict[str, Any]:
     """Every split layer's lowering, the one place that decides what it runs as; returns its report decision.
 
-    Today: two `aten.linear` nodes, x -> V (r, K) -> U (N, r) with the bias on the second, both marked
-    `LOWRANK_META` (after the merge: `llmcompress::linear_lowrank` where the chooser says). A layer stays dense
-    where the allocation kept it dense, where r >= N K / (N + K) (no bytes saved), or, with objective `speed`,
-    where the cost model prices the split slower than dense at the compile's sizes."""
+    `llmcompress::linear_lowrank(x, V, U, bias, fused_max_m)` or two `aten.linear` nodes x -> V (r, K) -> U (N, r),
+    bias on the second, as `_plan` says; every new node carries `LOWRANK_META`. A layer stays dense where the
+    allocation kept it dense, where r >= N K / (N + K) (no bytes saved), or, with objective `speed`, where the cost
+    model prices the split slower than dense at the compile's M (nothing is added to the graph then)."""
     node, (n, k) = t.node, t.shape
     elem = t.weight.element_size()
     info: dict[str, Any] = {"method": t.method, "shape": [n, k], "dense_bytes": n * k * elem}
@@ -425,29 +464,34 @@ def _lower(gm: torch.fx.GraphModule, ctx: PassContext, t: _Target, rank: int | N
     if factors is None:
         return dense("no bytes saved", f"rank {rank} >= N K / (N + K) = {n * k / (n + k):.1f}: the two factors "
                      f"would store at least the dense weight's {n * k} parameters", asked=rank)
+    pays, kernel, plan = _plan(ctx, t, rank)
+    if objective == "speed" and not pays:
+        return dense("slower", f"cost model: the split ({kernel}) is slower than dense at M = {plan['m']} on "
+                     f"{plan['device']} (objective: speed; objective: memory splits it anyway)", asked=rank,
+                     predicted=plan)
     u, v = factors
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     with gm.graph.inserting_before(node):
         v_const = ctx.weights.add(gm, v, f"{t.name}.lowrank_v.weight")
         u_const = ctx.weights.add(gm, u, f"{t.name}.lowrank_u.weight")
-        v_node = call(gm.graph, ctx.fake_mode, aten.linear.default, (node.args[0], v_const), {})
-        u_node = call(gm.graph, ctx.fake_mode, aten.linear.default, (v_node, u_const, bias), {})
-    pays, priced = _split_pays(ctx, node, v_node, u_node)
-    if objective == "speed" and not pays:
-        gm.graph.erase_node(u_node)
-        gm.graph.erase_node(v_node)
-        gm.graph.erase_node(u_const)
-        gm.graph.erase_node(v_const)
-        return dense("slower", "cost model: the split (two linears) is slower than dense at the compile's sizes "
-                     "(objective: speed; objective: memory splits it anyway)", asked=rank, predicted=priced)
-    for part, new in (("v", v_node), ("u", u_node)):
-        new.meta.update({key: val for key, val in node.meta.items() if key != "val"})
-        new.meta["llmcompress.linear"] = f"{t.name}.lowrank_{part}.weight"
-        new.meta[LOWRANK_META] = {"layer": t.name, "factor": part, "rank": rank, "method": t.method}
-    node.replace_all_uses_with(u_node)
+        if kernel == "linear_lowrank":
+            new = [call(gm.graph, ctx.fake_mode, torch.ops.llmcompress.linear_lowrank.default,
+                        (node.args[0], v_const, u_const, bias, plan["fused_max_m"]), {})]
+            parts = [("vu", new[0])]
+        else:
+            v_node = call(gm.graph, ctx.fake_mode, aten.linear.default, (node.args[0], v_const), {})
+            u_node = call(gm.graph, ctx.fake_mode, aten.linear.default, (v_node, u_const, bias), {})
+            new, parts = [v_node, u_node], [("v", v_node), ("u", u_node)]
+    for part, created in parts:
+        created.meta.update({key: val for key, val in node.meta.items() if key != "val"})
+        created.meta["llmcompress.linear"] = f"{t.name}.lowrank_{part}.weight"
+        created.meta[LOWRANK_META] = {"layer": t.name, "factor": part, "rank": rank, "method": t.method}
+    node.replace_all_uses_with(new[-1])
     gm.graph.erase_node(node)
-    info.update(stored_bytes=(u.numel() + v.numel()) * elem, kernel="two linears (x -> V -> U)", predicted=priced)
-    return {"node": u_node.name, "layer": t.name, "rank": {"rank": rank, **info}}
+    label = (f"linear_lowrank (fused for M <= {plan['fused_max_m']}, two GEMMs above)" if kernel == "linear_lowrank"
+             else "two linears (x -> V -> U)")
+    info.update(stored_bytes=(u.numel() + v.numel()) * elem, kernel=label, predicted=plan)
+    return {"node": new[-1].name, "layer": t.name, "rank": {"rank": rank, **info}}
 
 
 __all__ = ["LOWRANK_META", "METHODS", "LowrankSplitOptions", "LowrankSplitPass"]

@@ -70,7 +70,11 @@ def _factors(gm):
     out: dict[str, dict[str, torch.Tensor]] = {}
     for n in gm.graph.nodes:
         if META in n.meta:
-            out.setdefault(n.meta[META]["layer"], {})[n.meta[META]["factor"]] = _attr(gm, n.args[1].target)
+            factor = out.setdefault(n.meta[META]["layer"], {})
+            if n.meta[META]["factor"] == "vu":  # llmcompress::linear_lowrank(x, v, u, ...)
+                factor.update(v=_attr(gm, n.args[1].target), u=_attr(gm, n.args[2].target))
+            else:
+                factor[n.meta[META]["factor"]] = _attr(gm, n.args[1].target)
     return {k: (v["u"], v["v"]) for k, v in out.items()}
 
 
@@ -136,6 +140,58 @@ def test_compiled_split_model_matches_its_factors_applied_eagerly(method, loweri
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_triton_lowering_runs_the_split_as_the_fused_op_and_matches_the_factors_applied_eagerly(tmp_path):
+    """With our Triton lowering the split is priced as a GPU kernel: each layer becomes one
+    `llmcompress::linear_lowrank` node carrying the chooser's fused_max_m; the outputs are the eager oracle's."""
+    ids = example_ids()
+    graphs = []
+    options = {"lowering": "triton", "report": str(tmp_path / "r.json"),
+               "passes": _passes(method="svd", refit=False, overrides={"*_proj": {"rank": 12}})}
+    with torch.no_grad():
+        out = main_output(_compile(tiny_model("llama"), options, on_graph=lambda b, a, ctx: graphs.append(a))(ids))
+        factors = _factors(graphs[0])
+        expected = main_output(_apply_eagerly(tiny_model("llama"), factors)(ids))
+    ops = [n for n in graphs[0].graph.nodes if n.target is torch.ops.llmcompress.linear_lowrank.default]
+    assert len(ops) == len(factors) == 14
+    assert not [n for n in graphs[0].graph.nodes if n.target is torch.ops.aten.linear.default
+                and META in n.meta]
+    decisions = [d["rank"] for d in _record(tmp_path / "r.json")["decisions"] if d["rank"]["rank"] != "dense"]
+    assert all(d["kernel"].startswith("linear_lowrank") and d["predicted"]["device"] == "cuda" for d in decisions)
+    assert {n.args[4] for n in ops} == {d["predicted"]["fused_max_m"] for d in decisions}
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_quantize_linear_after_the_split_keeps_two_linears_even_where_the_fused_op_would_run(tmp_path):
+    """quantize-linear in the pipeline: the split stays two linears (each factor becomes its own int8 linear), with
+    the reason in the report, not a fused op quantize-linear cannot take."""
+    graphs = []
+    options = {"lowering": "triton", "report": str(tmp_path / "r.json"),
+               "passes": {**_passes(method="svd", overrides={"*_proj": {"rank": 12}}),
+                          "quantize-linear": {"scheme": "w8a16", "method": "rtn"}}}
+    with torch.no_grad():
+        _compile(tiny_model("llama"), options, on_graph=lambda b, a, ctx: graphs.append(a))(example_ids())
+    assert not [n for n in graphs[0].graph.nodes if n.target is torch.ops.llmcompress.linear_lowrank.default]
+    decisions = [d["rank"] for d in _record(tmp_path / "r.json")["decisions"] if d["rank"]["rank"] != "dense"]
+    assert len(decisions) == 14
+    assert all(d["kernel"].startswith("two linears") and "quantize-linear" in d["predicted"]["why_kernel"]
+               for d in decisions)
+
+
+def test_a_split_the_cost_model_rejects_adds_no_factor_constants(tmp_path):
+    """objective speed at 22 tokens on the CPU profile keeps (some) tiny layers dense: the graph module holds factor
+    buffers for exactly the layers it split, none for the rejected ones."""
+    graphs = []
+    options = {"lowering": "eager", "report": str(tmp_path / "r.json"),
+               "passes": {"canonicalize": {}, "lowrank-split": {"method": "svd", "ratio": 0.5}}}
+    with torch.no_grad():
+        _compile(tiny_model("llama"), options, on_graph=lambda b, a, ctx: graphs.append(a))(example_ids())
+    rejected = [d["layer"] for d in _record(tmp_path / "r.json")["decisions"] if d["rank"].get("why") == "slower"]
+    assert rejected
+    split = {n.meta[META]["layer"] for n in graphs[0].graph.nodes if META in n.meta}
+    buffers = [name for name, _ in graphs[0].named_buffers() if "lowrank" in name]
+    assert len(buffers) == 2 * len(split)
+
+
 def test_sequential_mode_factors_on_the_split_models_activations():
     stored = {}
     for sequential in (True, False):
@@ -193,7 +249,8 @@ def test_report_gives_rank_bytes_kernel_time_and_kept_fraction(tmp_path):
         assert 1 <= r < n * k / (n + k) and d["method"] == "svd-llm"
         assert d["dense_bytes"] == 4 * n * k and d["stored_bytes"] == 4 * r * (n + k)
         assert d["kernel"] == "two linears (x -> V -> U)"
-        assert d["predicted"]["dense_s"] > 0 and d["predicted"]["split_s"] > 0
+        assert d["predicted"]["at_m"]["dense_s"] > 0 and d["predicted"]["at_m"]["split_s"] > 0
+        assert d["predicted"]["m"] == example_ids().numel() and d["predicted"]["device"] == "cpu"
         kept += r * (n + k)
     assert rec["stats"]["params_kept_fraction"] == round(kept / total, 6)
     assert 0.5 - 96 * 2 / total < rec["stats"]["params_kept_fraction"] <= 0.5  # the budget, to within a rank step
@@ -209,7 +266,7 @@ def test_objective_speed_leaves_layers_dense_where_the_cost_model_prices_the_spl
         dense = main_output(tiny_model("llama")(example_ids()))
     rec = _record(tmp_path / "r.json")
     slower = [d["rank"] for d in rec["decisions"] if d["rank"].get("why") == "slower"]
-    assert slower and all(d["predicted"]["split_s"] > d["predicted"]["dense_s"] for d in slower)
+    assert slower and all(d["predicted"]["at_m"]["split_s"] > d["predicted"]["at_m"]["dense_s"] for d in slower)
     assert all("objective: memory" in d["reason"] for d in slower)
     if len(slower) == 14:
         torch.testing.assert_close(out, dense)
