@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import time
 import warnings
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import torch.fx
 
 from llmcompress._logging import logger
 from llmcompress.backend import verify as _verify
-from llmcompress.backend.capture import capture_dynamo_graph, freeze_aten_graph, needs_grad
+from llmcompress.backend.capture import capture_dynamo_graph, freeze_aten_graph, is_weight_input, needs_grad
 from llmcompress.backend.compile_report import dynamo_graph_info, report_for
 from llmcompress.backend.lowering import TRITON_LOWERING_PASSES, check_lowering_device, lower
 from llmcompress.calibration.service import Calibration
@@ -41,7 +42,42 @@ class FallbackWarning(UserWarning):
 
 def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: CompileConfig,
                   on_graph: GraphHook | None = None) -> Callable[..., Any]:
-    """Dynamo graph + real example inputs -> compiled callable taking the same inputs."""
+    """Dynamo graph + real example inputs -> compiled callable taking the same inputs.
+
+    The weights are frozen into the compiled graph, but Dynamo may call one graph with other modules' weights: with
+    `inline_inbuilt_nn_modules` (torch's default) parameters are graph inputs, not guarded by identity, so a graph
+    traced inside one layer (after a graph break, e.g. transformers' eager experts loop) serves every layer. Each
+    call therefore checks that its weight inputs are the tensors compiled in (`is`, a C-level loop) and compiles the
+    graph again for a set of weights it has not seen (once per set), never running it with stale constants."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    at = [i for i, (n, x) in enumerate(zip(placeholders, example_inputs)) if is_weight_input(n, x)]
+    first = _compile_graph_once(gm, example_inputs, config, on_graph)
+    if not at:
+        return first
+    compiled_in = [example_inputs[i] for i in at]
+    variants: dict[tuple[int, ...], tuple[Callable[..., Any], list[Any]]] = {}
+
+    def dispatch(*args: Any) -> Any:
+        if all(map(operator.is_, [args[i] for i in at], compiled_in)):
+            return first(*args)
+        weights = [args[i] for i in at]
+        key = tuple(map(id, weights))
+        hit = variants.get(key)
+        if hit is None or not all(map(operator.is_, weights, hit[1])):
+            logger.info("graph reused with other weights (%d inputs differ): compiling it for them",
+                        sum(a is not b for a, b in zip(weights, compiled_in)))
+            inputs = list(example_inputs)
+            for i, w in zip(at, weights):
+                inputs[i] = w
+            hit = variants[key] = (_compile_graph_once(gm, inputs, config, on_graph), weights)
+        return hit[0](*args)
+
+    return dispatch
+
+
+def _compile_graph_once(gm: torch.fx.GraphModule, example_inputs: list[Any], config: CompileConfig,
+                        on_graph: GraphHook | None = None) -> Callable[..., Any]:
+    """`compile_graph` for the weights in `example_inputs`."""
     # Every option is checked before anything may fall back (gradients required, a bug of ours): an unknown pass,
     # a bad pass option or a lowering that cannot run here raises, whatever the grad mode.
     manager = pass_manager(config)
