@@ -84,7 +84,11 @@ class FuseMoePass(Pass):
         info: dict[str, Any] = {"fused": False, "experts": block.num_experts, "top_k": block.k,
                                 "norm_topk_prob": block.renormalize}
         if block.why is not None:
-            return {**info, "why": block.why}
+            why = block.why
+            if why.startswith("no 3-D experts"):
+                why += ("; if the model runs transformers' `eager` experts loop, its graph breaks there and the experts "
+                        "never reach this graph: model.set_experts_implementation('grouped_mm') keeps the block whole")
+            return {**info, "why": why}
         out = _experts_output(block)
         if out is None:
             return {**info, "why": "no single node carries the experts' output (unknown block shape)"}
@@ -144,7 +148,7 @@ class FuseMoePass(Pass):
                 return undo(f"cost model: the fused ops ({after:.3g} s) are slower than the block as traced "
                             f"({before:.3g} s) at {tokens} tokens on {device} (objective: always fuses anyway)")
         if self.options.verify:
-            problem = _verify(ctx, block, out, x, region, tokens)
+            problem = _verify(ctx, block, out, x, region, tokens, parts[1], fused)
             if problem is not None:
                 return undo(f"verification failed: {problem} (left as it is)")
         out.replace_all_uses_with(fused)
@@ -253,8 +257,9 @@ def _concrete(x: Any, ctx: PassContext) -> int | None:
 
 
 def _verify(ctx: PassContext, block: MoEBlock, out: torch.fx.Node, x: torch.fx.Node, region: _Region,
-            tokens: int | None) -> str | None:
-    """Run the original region and the two ops on random hidden states; None when they agree, else what differs.
+            tokens: int | None, new_ids: torch.fx.Node, fused: torch.fx.Node) -> str | None:
+    """Run the original region and the inserted nodes (the two ops, with the very arguments they got) on random
+    hidden states; None when they agree, else what differs.
 
     The hidden states are drawn at the router input's scale (unit RMS after the block's RMSNorm) with a fixed
     seed; ids must be equal wherever the original's top-k is not a near tie, outputs within the dtype's rounding."""
@@ -293,10 +298,7 @@ def _verify(ctx: PassContext, block: MoEBlock, out: torch.fx.Node, x: torch.fx.N
                 env[n] = run(n)
             expected = env[out]
             logits = env[block.router]
-            weights, ids, sorted_ids, blocks, padded = ops.moe_route.default(
-                logits, block.k, "softmax", block.renormalize, 16)
-            got = ops.moe_experts.default(env[x], value(block.gate_up), value(block.down), weights, ids, sorted_ids,
-                                          blocks, padded, 16, 0)
+            got, ids = value(fused), value(new_ids)
         except Exception as err:  # noqa: BLE001 - a block we cannot run is a block we do not rewrite
             return f"could not run the block ({type(err).__name__}: {err})"
         if block.indices is not None and block.indices in env:
