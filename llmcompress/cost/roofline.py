@@ -28,7 +28,7 @@ import torch
 import torch.fx
 
 from llmcompress.cost.hardware import Hardware
-from llmcompress.fx_utils import MULTI_VIEW_OPS, VIEW_OPS, fake_value, tensors_in, val
+from llmcompress.fx_utils import MULTI_VIEW_OPS, VIEW_OPS, fake_value, grouped_matmul_ops, tensors_in, val
 
 aten = torch.ops.aten
 Expr = sympy.Expr
@@ -129,6 +129,18 @@ def io_bytes(node: torch.fx.Node) -> Expr:
     for t in tensors_in(node.meta.get("val")):
         total += nbytes(t, stored=False)
     return total
+
+
+def _grouped_mm_cost(node: torch.fx.Node) -> tuple[Expr, Expr]:
+    """(flops, bytes) of MoE experts as grouped matmuls, `_grouped_mm(x (R, K), w (E, K, N), offs)`: 2·R·K·N FLOPs;
+    bytes of x and the output, and of the experts expected to receive at least one of the R rows under uniform
+    routing, E·(1 − (1 − 1/E)^R) (the loop runs only experts with rows; a grouped GEMM reads only their tiles)."""
+    x, w = val(node.args[0]), val(node.args[1])
+    rows, k = numel(x) / sym(x.shape[-1]), sym(x.shape[-1])
+    e, n = int(w.shape[0]), sym(w.shape[-1])
+    hit = e * (1 - (1 - sympy.Rational(1, e)) ** rows) if e > 1 else 1
+    per_expert = numel(w) / e * w.element_size()
+    return 2 * rows * k * n, hit * per_expert + nbytes(x, stored=False) + nbytes(val(node), stored=False)
 
 
 def _matmul_flops(node: torch.fx.Node) -> tuple[Expr, Expr, Expr]:
@@ -298,6 +310,9 @@ class CostModel:
             return NodeCost(node.name, _op_name(target), "free", 0, 0, 0, 0, 0, shape, dtype)
         if target in _CUSTOM_COSTS or packet in _CUSTOM_COSTS:
             flops, nbytes_ = (_CUSTOM_COSTS.get(target) or _CUSTOM_COSTS[packet])(node)
+            kind, peak = "custom", self._peak(_first_dtype(node), True)
+        elif target in grouped_matmul_ops():
+            flops, nbytes_ = _grouped_mm_cost(node)
             kind, peak = "custom", self._peak(_first_dtype(node), True)
         elif target in MATMUL_OPS:
             flops, m, _ = _matmul_flops(node)

@@ -90,11 +90,12 @@ def builtin_passes() -> tuple[type[Pass], ...]:
     from llmcompress.passes.fusion.pointwise import FusePointwisePass
     from llmcompress.passes.fusion.siblings import FuseSiblingLinearsPass
     from llmcompress.passes.lowrank.lowrank_split import LowrankSplitPass
+    from llmcompress.passes.moe.fuse_moe import FuseMoePass
     from llmcompress.passes.quantize.quantize_linear import QuantizeLinearPass
     from llmcompress.passes.sparsify.sparsify_linear import SparsifyLinearPass
 
     return (CanonicalizePass, FoldIntoWeightsPass, FuseSiblingLinearsPass, FuseLinearEpiloguePass,
-            FusePointwisePass, QuantizeLinearPass, SparsifyLinearPass, LowrankSplitPass)
+            FusePointwisePass, QuantizeLinearPass, SparsifyLinearPass, LowrankSplitPass, FuseMoePass)
 
 
 def _load_builtins() -> None:

@@ -1,0 +1,324 @@
+"""`fuse-moe`: a transformers MoE block's routing and experts rewritten into `llmcompress::moe_route` and
+`llmcompress::moe_experts`, whatever experts implementation traced it (eager loop, `batched_mm`, `grouped_mm`).
+
+Blocks come from `blocks.find_blocks` (a softmax top-k router on a frozen (E, H) weight, and frozen 3-D experts
+`<block>.experts.gate_up_proj` (E, 2I, H) / `down_proj` (E, H, I) beside it). The experts' output is the node every
+path from the expert weights to the rest of the graph goes through (`_experts_output`: the post-dominator of the two
+weights), so a shared expert added after it (Qwen2-MoE) stays as it is. Every rewrite is checked before it is kept:
+the block's original subgraph and the two ops run on random hidden states at the compile's sizes, and the expert
+ids and outputs must agree (`_verify`); a block that does not, or whose subgraph reads anything but the hidden
+states and constants, is left as it is with the reason in the report — never rewritten wrongly.
+
+Where it pays: `kernels/moe_path.choose_moe_path` gives the op's GEMV/GEMM switch and block size; with `objective:
+speed` (default) the cost model must price the two ops no slower than the nodes they replace at the compile's sizes
+(on a CPU both sides run torch's matmuls in a host loop over the hit experts). `objective: always` fuses every block
+it can (CUDA graphs need it: the unfused grouped matmuls sync the host).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, ClassVar, Literal
+
+import sympy
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from llmcompress.cost.roofline import sym
+from llmcompress.errors import OptionError
+from llmcompress.fx_utils import call, finish_rewrite
+from llmcompress.kernels import moe_experts as _experts_op  # noqa: F401  (registers llmcompress::moe_experts)
+from llmcompress.kernels import moe_route as _route_op  # noqa: F401  (registers llmcompress::moe_route)
+from llmcompress.kernels.linear_common import SUPPORTED_DTYPES
+from llmcompress.kernels.moe_path import choose_moe_path
+from llmcompress.passes.base import Pass, PassContext, PassResult
+from llmcompress.passes.moe.blocks import MoEBlock, find_blocks
+
+ops = torch.ops.llmcompress
+# The tolerance of `_verify` relative to the block output's scale: the ops accumulate in fp32 and round once, the
+# eager experts round after each product, so a 16-bit block differs by a few of its ulps (2^-8 for bf16).
+_VERIFY_RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}
+FUSE_META = "llmcompress.moe"
+
+
+@dataclasses.dataclass(frozen=True)
+class FuseMoeOptions:
+    objective: Literal["speed", "always"] = "speed"
+    """`speed`: fuse a block where the cost model prices the two ops no slower than what they replace at the
+    compile's sizes; `always`: every block the pass can rewrite (e.g. for CUDA graphs)."""
+    verify: bool = True
+    """Run each rewritten block beside the original on random hidden states and keep the rewrite only if they
+    agree (expert ids equal, outputs within rounding). Off only to save compile time on blocks already checked."""
+    version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("speed", "always"):
+            raise OptionError(f"pass 'fuse-moe': key 'objective' got {self.objective!r}; expected 'speed' or 'always'")
+        if not isinstance(self.verify, bool):
+            raise OptionError(f"pass 'fuse-moe': key 'verify' got {self.verify!r}; expected true or false")
+
+
+class FuseMoePass(Pass):
+    name = "fuse-moe"
+    description = "Rewrite MoE blocks (softmax top-k router + SiLU experts) into one routing op and one experts op"
+    Options = FuseMoeOptions
+    # Before the sibling fusion (it would merge the router with the linears beside it, e.g. Qwen2-MoE's shared
+    # expert) and the epilogue / pointwise fusions.
+    after = ("canonicalize", "fold-into-weights", "sparsify-linear", "lowrank-split")
+    before = ("fuse-sibling-linears", "quantize-linear", "fuse-linear-epilogue", "fuse-pointwise")
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        stats: dict[str, Any] = {}
+        decisions: list[dict[str, Any]] = []
+        changed = False
+        for block in find_blocks(gm, ctx.weights):
+            decision = self._fuse(gm, ctx, block)
+            decisions.append({"node": block.router.name, "layer": block.name, "moe": decision})
+            key = "fused" if decision["fused"] else f"left: {decision['why']}"
+            stats[key] = stats.get(key, 0) + 1
+            changed |= decision["fused"]
+        if changed:
+            finish_rewrite(gm)
+        return PassResult(changed, stats, decisions)
+
+    def _fuse(self, gm: torch.fx.GraphModule, ctx: PassContext, block: MoEBlock) -> dict[str, Any]:
+        info: dict[str, Any] = {"fused": False, "experts": block.num_experts, "top_k": block.k,
+                                "norm_topk_prob": block.renormalize}
+        if "quantize-linear" in ctx.pipeline:
+            return {**info, "why": "quantize-linear follows: it quantizes the experts as grouped linears, which "
+                                   "moe_experts does not take yet (int8 / int4 experts: not yet)"}
+        if block.why is not None:
+            why = block.why
+            if why.startswith("no 3-D experts"):
+                why += ("; if the model runs transformers' `eager` experts loop, its graph breaks there and the experts "
+                        "never reach this graph: model.set_experts_implementation('grouped_mm') keeps the block whole")
+            return {**info, "why": why}
+        out = _experts_output(block)
+        if out is None:
+            return {**info, "why": "no single node carries the experts' output (unknown block shape)"}
+        x = block.router.args[0]
+        x_val, out_val = x.meta["val"], out.meta["val"]
+        if x_val.dim() != 2 or not isinstance(out_val, torch.Tensor) or tuple(out_val.shape) != tuple(x_val.shape):
+            return {**info, "why": f"the experts' output {tuple(getattr(out_val, 'shape', ()))} is not the router "
+                                   f"input's (T, H) {tuple(x_val.shape)} (unknown block shape)"}
+        gate_up, down = block.gate_up.meta["val"], block.down.meta["val"]
+        dtype = x_val.dtype
+        if dtype not in SUPPORTED_DTYPES or gate_up.dtype != dtype or down.dtype != dtype:
+            return {**info, "why": f"activations {dtype}, experts {gate_up.dtype}: moe_experts takes float16 / "
+                                   "bfloat16 / float32 experts in the activations' dtype (quantized experts: not yet)"}
+        e, i2, h = gate_up.shape
+        triton = getattr(ctx.config, "lowering", None) == "triton"
+        device = "cuda" if gate_up.device.type == "cuda" or triton else "cpu"
+        path = choose_moe_path(ctx.cost_model, int(h), int(i2) // 2, int(e), block.k, dtype, device)
+        tokens = _concrete(x_val.shape[0], ctx)
+        info.update(device=device, tokens=tokens, block_m=path.block_m, gemv_max_tokens=path.gemv_max_tokens,
+                    path=path.path_at(max(tokens or 1, 1)), priced=path.priced)
+        region = _region(block, out)
+        if region is None:
+            return {**info, "why": "the block reads graph inputs other than its hidden states (unknown block shape)"}
+        with gm.graph.inserting_before(out):
+            route = call(gm.graph, ctx.fake_mode, ops.moe_route.default,
+                         (block.router, block.k, "softmax", block.renormalize, path.block_m), {})
+            parts = []
+            for idx in range(5):
+                item = gm.graph.call_function(operator.getitem, (route, idx))
+                item.meta["val"] = route.meta["val"][idx]
+                parts.append(item)
+            fused = call(gm.graph, ctx.fake_mode, ops.moe_experts.default,
+                         (x, block.gate_up, block.down, *parts, path.block_m, path.gemv_max_tokens), {})
+        new_nodes = [route, *parts, fused]
+        for n in new_nodes:
+            for key in ("stack_trace", "nn_module_stack"):
+                if key in out.meta:
+                    n.meta[key] = out.meta[key]
+            n.meta[FUSE_META] = block.name
+
+        def undo(why: str, **extra: Any) -> dict[str, Any]:
+            for n in reversed(new_nodes):
+                gm.graph.erase_node(n)
+            return {**info, "why": why, **extra}
+
+        if ctx.cost_model is not None:
+            try:
+                lowering = getattr(ctx.config, "lowering", "inductor")
+                before = float(ctx.cost_model.lowered_cost(region.nodes, lowering, ctx.sizes).total("time_s"))
+                after = float(ctx.cost_model.lowered_cost([route, fused], lowering, ctx.sizes).total("time_s"))
+            except Exception as err:  # noqa: BLE001 - a pricing gap must not fail the rewrite
+                before = after = None
+                info["predicted"] = {"error": f"{type(err).__name__}: {err}"}
+            else:
+                info["predicted"] = {"unfused_s": before, "fused_s": after}
+            if self.options.objective == "speed" and before is not None and after > before:
+                return undo(f"cost model: the fused ops ({after:.3g} s) are slower than the block as traced "
+                            f"({before:.3g} s) at {tokens} tokens on {device} (objective: always fuses anyway)")
+        if self.options.verify:
+            problem = _verify(ctx, block, out, x, region, tokens, parts[1], fused)
+            if problem is not None:
+                return undo(f"verification failed: {problem} (left as it is)")
+        out.replace_all_uses_with(fused)
+        info.update(fused=True, kernel=f"moe_route + moe_experts ({info['path']} at {tokens} tokens)")
+        return info
+
+
+def _experts_output(block: MoEBlock) -> torch.fx.Node | None:
+    """The first node, in graph order, that every path from the expert weights to the rest of the graph passes
+    through: the experts' combined (T, H) output. Walks the weights' descendants keeping the set of nodes whose
+    users are not all visited; the first node that is the only one left, after the down projection was read, with
+    the router input's (T, H) shape (before it: the per-slot (T·k, H) products), is it."""
+    graph_nodes = list(block.router.graph.nodes)
+    order = {n: i for i, n in enumerate(graph_nodes)}
+    sources = {block.gate_up, block.down}
+    reached = set(sources)
+    live = set(sources)
+    seen_down = False
+    start = min(order[u] for s in sources for u in s.users)
+    for n in graph_nodes[start:]:
+        if not any(isinstance(a, torch.fx.Node) and a in reached for a in n.all_input_nodes):
+            continue
+        reached.add(n)
+        seen_down |= block.down in n.all_input_nodes
+        live.add(n)
+        live = {m for m in live if any(order[u] > order[n] for u in m.users)}
+        if seen_down and live == {n} and n.op == "call_function" and _same_shape(n, block.router.args[0]):
+            return n
+        if not live:
+            return None
+    return None
+
+
+def _same_shape(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and tuple(va.shape) == tuple(vb.shape)
+
+
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    seen: set[torch.fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+@dataclasses.dataclass
+class _Region:
+    nodes: list[torch.fx.Node]
+    """What the rewrite replaces: `out`'s ancestors down to the block input, the router linear and constants
+    excluded (the ops read those), in graph order."""
+    source: torch.fx.Node
+    """The one tensor the block's nodes read from before it (the hidden states, often (B, S, H) before the views
+    the router and the experts each take of it)."""
+    to_router: list[torch.fx.Node]
+    """The nodes from `source` to the router input, in graph order (the views), for `_verify`."""
+
+
+def _region(block: MoEBlock, out: torch.fx.Node) -> _Region | None:
+    """The block's region, or None when it reads any tensor computed before it other than one source of the
+    router input (e.g. a graph input, or a second tensor)."""
+    x = block.router.args[0]
+    before = _ancestors(x)
+    region: set[torch.fx.Node] = set()
+    frontier: set[torch.fx.Node] = set()
+    stack = [out]
+    while stack:
+        n = stack.pop()
+        if n in region or n is block.router:
+            continue
+        if n in before:
+            if isinstance(n.meta.get("val"), torch.Tensor):
+                frontier.add(n)
+            continue
+        if n.op == "placeholder":
+            if isinstance(n.meta.get("val"), torch.Tensor):
+                return None
+            continue  # a size symbol (dynamic shapes): bound from the example sizes in `_verify`
+        if n.op == "get_attr":
+            continue
+        region.add(n)
+        stack.extend(n.all_input_nodes)
+    # The frontier lies on the router input's ancestry (the hidden states and the views of them the router and the
+    # experts each take): its most upstream node is the source, and every other frontier node derives from it.
+    source = next((f for f in frontier if all(f in _ancestors(g) for g in frontier)), None)
+    if source is None:
+        return None
+    chain = {n for n in before if source in _ancestors(n)} - {source} if source is not x else set()
+    for n in chain:
+        for a in n.all_input_nodes:
+            if not (a in chain or a is source or a.op == "get_attr"
+                    or (a.op == "placeholder" and not isinstance(a.meta.get("val"), torch.Tensor))):
+                return None  # the views read another tensor: not a block we can run alone
+    order = list(out.graph.nodes)
+    return _Region([n for n in order if n in region], source, [n for n in order if n in chain])
+
+
+def _concrete(x: Any, ctx: PassContext) -> int | None:
+    expr = sym(x)
+    if ctx.sizes:
+        expr = expr.subs({(sympy.Symbol(k) if isinstance(k, str) else k): v for k, v in ctx.sizes.items()})
+    return None if expr.free_symbols else int(expr)
+
+
+def _verify(ctx: PassContext, block: MoEBlock, out: torch.fx.Node, x: torch.fx.Node, region: _Region,
+            tokens: int | None, new_ids: torch.fx.Node, fused: torch.fx.Node) -> str | None:
+    """Run the original region and the inserted nodes (the two ops, with the very arguments they got) on random
+    hidden states; None when they agree, else what differs.
+
+    The hidden states are drawn at the router input's scale (unit RMS after the block's RMSNorm) with a fixed
+    seed; ids must be equal wherever the original's top-k is not a near tie, outputs within the dtype's rounding."""
+    if tokens is None:
+        return "token count unknown at compile time"
+    val, src = x.meta["val"], region.source.meta["val"]
+    shape = [_concrete(d, ctx) for d in src.shape]
+    if None in shape:
+        return "the hidden states' shape is unknown at compile time"
+    with unset_fake_temporarily():
+        gen = torch.Generator().manual_seed(0)
+        xs = torch.randn(shape, generator=gen).to(src.dtype)
+        env: dict[torch.fx.Node, Any] = {region.source: xs.to(ctx.weights.value(block.gate_up).device)}
+
+        def value(a: Any) -> Any:
+            if isinstance(a, torch.fx.Node):
+                if a not in env:
+                    if a.op == "get_attr":
+                        env[a] = ctx.weights.value(a)
+                    elif a.op == "placeholder":
+                        env[a] = _concrete(a.meta["val"], ctx)
+                    else:
+                        env[a] = run(a)
+                return env[a]
+            if isinstance(a, (list, tuple)):
+                return type(a)(value(b) for b in a)
+            if isinstance(a, dict):
+                return {k: value(b) for k, b in a.items()}
+            return a
+
+        def run(n: torch.fx.Node) -> Any:
+            return n.target(*value(n.args), **value(n.kwargs))
+
+        try:
+            for n in [*region.to_router, block.router, *region.nodes]:
+                env[n] = run(n)
+            expected = env[out]
+            logits = env[block.router]
+            got, ids = value(fused), value(new_ids)
+        except Exception as err:  # noqa: BLE001 - a block we cannot run is a block we do not rewrite
+            return f"could not run the block ({type(err).__name__}: {err})"
+        if block.indices is not None and block.indices in env:
+            model_ids = env[block.indices]
+            top = torch.topk(logits.float(), block.k + 1, dim=-1).values
+            clear = (top[:, block.k - 1] - top[:, block.k]) > 1e-4 * top.abs().amax(-1).clamp_min(1)
+            same = (torch.sort(model_ids.long(), -1).values == torch.sort(ids.long(), -1).values).all(-1)
+            if not bool(same[clear].all()):
+                return f"expert ids differ on {int((~same & clear).sum())} of {tokens} tokens"
+        scale = float(expected.float().abs().amax().clamp_min(1e-6))
+        err = float((got.float() - expected.float()).abs().amax()) / scale
+        if err > _VERIFY_RTOL[val.dtype]:
+            return f"outputs differ by {err:.2e} of their max (tolerance {_VERIFY_RTOL[val.dtype]:.0e})"
+    return None
+
+
+__all__ = ["FUSE_META", "FuseMoeOptions", "FuseMoePass"]
