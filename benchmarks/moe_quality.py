@@ -53,6 +53,13 @@ RUNS = {
 }
 
 
+def _spec(run: str) -> tuple:
+    """RUNS[run], or for `skip-budget=<x>` the skip-budget row at budget x."""
+    if run.startswith("skip-budget="):
+        return None, {"budget": float(run.split("=", 1)[1])}, RUNS["skip-budget"][2]
+    return RUNS[run]
+
+
 def _commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -98,13 +105,23 @@ def skipped_on(model: torch.nn.Module, windows: torch.Tensor, betas: list[float]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fixtures", type=Path, default=fixtures_dir())
-    p.add_argument("--runs", nargs="+", default=["dense", *RUNS], help=f"dense, {', '.join(RUNS)}")
+    p.add_argument("--runs", nargs="+", default=["dense", *RUNS],
+                   help=f"dense, {', '.join(RUNS)}, skip-budget=<budget>")
     p.add_argument("--windows", type=int, default=32, help="validation windows (issue 15: 32)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--calib-samples", type=int, default=16, help="train.txt windows of 512 (issue 15: 16)")
     p.add_argument("--skip-budget", type=float, default=0.02, help="moe-skip's budget for the skip-budget row")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "moe_quality.json")
+    p.add_argument("--merge", type=Path, nargs="+", help="only merge the results of these JSONs (runs of this "
+                   "script with the same options, e.g. rows run in parallel) into --out")
     args = p.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(f.read_text()) for f in args.merge]
+        out = {**parts[0], "results": [r for part in parts for r in part["results"]],
+               "merged_from": [{"commit": part["commit"], "runs": [r["run"] for r in part["results"]]}
+                               for part in parts]}
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        return 0
 
     tokenizer = load_tokenizer(args.fixtures)
     windows = corpus_windows(args.fixtures, tokenizer, "validation.txt")[: args.windows]
@@ -121,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         if run == "dense":
             ppl = dense
         else:
-            prune, skip, target = RUNS[run]
+            prune, skip, target = _spec(run)
             passes: dict = {"canonicalize": {}}
             if prune is not None:
                 passes["moe-prune"] = prune
@@ -140,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             if prune is not None:
                 decisions, _ = _decisions(report, "moe-prune")
                 row["experts_kept"] = {d["layer"]: d["experts_kept"] for d in decisions}
-                row["reconstruction_error"] = {d["layer"]: [d["reconstruction_error"],
+                row["reconstruction_error"] = {d["layer"]: [d.get("reconstruction_error", 0.0),
                                                             d.get("reconstruction_error_refit")] for d in decisions}
             if skip is not None:
                 decisions, stats = _decisions(report, "moe-skip")
@@ -148,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["skipped_calibration"] = stats.get("expert evaluations skipped")
                 row["skipped_validation"] = skipped_on(dense_model, windows, row["betas"], args.batch)
         delta = 100 * (ppl / dense - 1)
-        target = RUNS[run][2] if run in RUNS else None
+        target = _spec(run)[2] if run != "dense" else None
         met = None
         if target is not None and target[0] == "delta":
             met = delta <= target[1]

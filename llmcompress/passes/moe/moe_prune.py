@@ -6,7 +6,7 @@ Options:
 * `method`: `reconstruction` (default) keeps the subset of experts whose block output on the calibration tokens is
   closest to the dense block's (every subset up to 512 of them, else greedy removal: `prune.py`); `routed-weight`
   keeps those with the most routing weight summed over the tokens (the issue's simple rule, for comparison).
-* `refit_router` (default true), `refit_steps` (200), `refit_lr` (0.01 of the rows' RMS): Adam steps on the kept
+* `refit_router` (default true), `refit_steps` (50), `refit_lr` (0.01 of the rows' RMS): Adam steps on the kept
   router rows towards the dense block's output (the best step is kept, so the calibration error never rises).
 * `sequential` (default true): each layer is pruned on the inputs that reach it after the layers before it were.
 * `allocate`: `per-layer` (default) keeps `keep` experts in every layer; `global` keeps `keep` × layers experts in
@@ -48,7 +48,7 @@ class MoEPruneOptions:
     """Experts kept per MoE layer: an int, or a fraction of each layer's experts in (0, 1)."""
     method: Literal["reconstruction", "routed-weight"] = "reconstruction"
     refit_router: bool = True
-    refit_steps: int = 200
+    refit_steps: int = 50
     refit_lr: float = 0.01
     sequential: bool = True
     allocate: Literal["per-layer", "global"] = "per-layer"
