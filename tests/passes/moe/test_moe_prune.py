@@ -62,8 +62,47 @@ def _sliced(model, kept, routers):
             moe.gate.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
             moe.experts.gate_up_proj = torch.nn.Parameter(moe.experts.gate_up_proj[ids].clone(), requires_grad=False)
             moe.experts.down_proj = torch.nn.Parameter(moe.experts.down_proj[ids].clone(), requires_grad=False)
-        moe.gate.num_experts = moe.experts.num_experts = len(ids)
+        for sub in moe.modules():
+            if hasattr(sub, "num_experts"):
+                sub.num_experts = len(ids)
     return pruned
+
+
+def _family(name):
+    """Random Qwen2-MoE (shared expert with a sigmoid gate, top-k not renormalised) and OLMoE configs, 2 layers."""
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=0, eos_token_id=1)
+    if name == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(moe_intermediate_size=48, shared_expert_intermediate_size=64,
+                                             num_experts=6, num_experts_per_tok=2, norm_topk_prob=False,
+                                             decoder_sparse_step=1, mlp_only_layers=[], **common)
+        model_cls = transformers.Qwen2MoeForCausalLM
+    else:
+        config = transformers.OlmoeConfig(num_experts=8, num_experts_per_tok=2, **common)
+        model_cls = transformers.OlmoeForCausalLM
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = model_cls(config).eval().requires_grad_(False)
+    with torch.no_grad():  # routers 10× their initial scale: fresh ones route every token almost uniformly
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(10)
+    return model
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+def test_other_families_pruned_equal_their_eagerly_pruned_copy(family, tmp_path):
+    ids = example_ids()
+    model = _family(family)
+    compiled = torch.compile(model, backend="llmcompress",
+                             options=_options({"keep": 4, "refit_router": False}, tmp_path / "r.json"))
+    with torch.no_grad():
+        out = compiled(ids).logits
+        kept = {d["layer"]: d["experts_kept"] for d in _decisions(tmp_path / "r.json")}
+        assert len(kept) == 2 and all(len(v) == 4 for v in kept.values())
+        expected = _sliced(model, kept, None)(ids).logits
+        dense = model(ids).logits
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert (out - dense).abs().max() > 1e-4  # pruning changed the model
 
 
 @pytest.mark.parametrize("refit", [False, True])
