@@ -70,8 +70,9 @@ def _sliced(model, kept, routers):
 
 def _family(name):
     """Random Qwen2-MoE (shared expert with a sigmoid gate, top-k not renormalised) and OLMoE configs, 2 layers."""
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=0, eos_token_id=1)
+    common = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": 0,
+              "bos_token_id": 0, "eos_token_id": 1}
     if name == "qwen2_moe":
         config = transformers.Qwen2MoeConfig(moe_intermediate_size=48, shared_expert_intermediate_size=64,
                                              num_experts=6, num_experts_per_tok=2, norm_topk_prob=False,
