@@ -128,9 +128,8 @@ def test_compiled_skip_equals_eager_with_the_rule_and_skips_what_it_reports(skip
 ])
 def test_bad_options_raise(skip, cal, match, tmp_path):
     compiled = _compile(skip, tmp_path / "r.json", cal=cal)
-    with pytest.raises(Exception) as info:
-        with torch.no_grad():
-            compiled(example_ids())
+    with pytest.raises(Exception) as info, torch.no_grad():
+        compiled(example_ids())
     e = info.value
     while e.__cause__ is not None or getattr(e, "inner_exception", None) is not None:
         e = e.__cause__ or e.inner_exception
