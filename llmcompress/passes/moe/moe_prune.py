@@ -158,34 +158,42 @@ class MoEPrunePass(Pass):
             return {b.router: self.cache_key(b.name, counts[b.router], b.k, b.renormalize, fingerprint)
                     for b in blocks}
 
-        results = {b.router: ctx.weights.cached(nodes(b), k) for b, k in zip(blocks, keys().values())}
-        loads: dict[torch.fx.Node, ExpertLoad] = {}
-        if o.allocate == "global" or o.method == "routed-weight" or any(r is None for r in results.values()):
-            feeds = cal.feeds()
-            if isinstance(feeds, str):
-                raise OptionError(f"moe-prune: calibration cannot feed this graph: {feeds}")
-            inputs = [b.router.args[0] for b in blocks] if o.allocate == "global" else []
-            seen = cal.hidden_states(gm, [n for b in blocks for n in (b.indices, b.weights)] + inputs)
-            for b in blocks:
-                loads[b.router] = expert_load(seen[b.indices], seen[b.weights], b.num_experts)
-            if o.allocate == "global":
-                curves = []
-                for b in blocks:
-                    x = torch.cat([v.reshape(-1, v.shape[-1]) for v in seen[b.router.args[0]]])
-                    values = [ctx.weights.value(n) for n in nodes(b)]
-                    y = expert_outputs(x, values[1], values[2])
-                    logits = F.linear(x.float(), values[0].float(), None if len(values) < 4 else values[3].float())
-                    curves.append(error_curve(y, logits, b.k, b.renormalize, range(b.k, b.num_experts), o.method,
-                                              loads[b.router].weight_sum))
-                allocated = allocate_counts(curves, sum(counts.values()))
-                counts = {b.router: c for b, c in zip(blocks, allocated)}
-                results = {b.router: None for b in blocks}
-        pruned = [b for b in blocks if counts[b.router] < b.num_experts]
+        routers = [b.router.args[1] for b in blocks]
+        alloc_key = self.cache_key("allocation", tuple(b.name for b in blocks), sum(counts.values()), fingerprint)
+        allocated = ctx.weights.cached(routers, alloc_key) if o.allocate == "global" else None
+        if allocated is not None:
+            counts = {b.router: int(c) for b, c in zip(blocks, allocated)}
+
+        def pruned() -> list[MoEBlock]:
+            return [b for b in blocks if counts[b.router] < b.num_experts]
+
         key_of = keys()
-        for b in pruned:
-            if results.get(b.router) is None:
-                results[b.router] = ctx.weights.cached(nodes(b), key_of[b.router])
-        if all(results.get(b.router) is not None for b in pruned):
+        results = {b.router: ctx.weights.cached(nodes(b), key_of[b.router]) for b in pruned()}
+        loads: dict[torch.fx.Node, ExpertLoad] = {}
+        if all(r is not None for r in results.values()) and (o.allocate != "global" or allocated is not None):
+            return results, loads, counts  # computed by an earlier graph (generate's decode after its prefill)
+        feeds = cal.feeds()
+        if isinstance(feeds, str):
+            raise OptionError(f"moe-prune: calibration cannot feed this graph: {feeds}")
+        inputs = [b.router.args[0] for b in blocks] if allocated is None and o.allocate == "global" else []
+        seen = cal.hidden_states(gm, [n for b in blocks for n in (b.indices, b.weights)] + inputs)
+        for b in blocks:
+            loads[b.router] = expert_load(seen[b.indices], seen[b.weights], b.num_experts)
+        if inputs:
+            curves = []
+            for b in blocks:
+                x = torch.cat([v.reshape(-1, v.shape[-1]) for v in seen[b.router.args[0]]])
+                values = [ctx.weights.value(n) for n in nodes(b)]
+                y = expert_outputs(x, values[1], values[2])
+                logits = F.linear(x.float(), values[0].float(), None if len(values) < 4 else values[3].float())
+                curves.append(error_curve(y, logits, b.k, b.renormalize, range(b.k, b.num_experts), o.method,
+                                          loads[b.router].weight_sum))
+            chosen = allocate_counts(curves, sum(counts.values()))
+            ctx.weights.derive(routers, alloc_key, lambda _: torch.tensor(chosen, dtype=torch.int64), persist=True)
+            counts = {b.router: c for b, c in zip(blocks, chosen)}
+            key_of = keys()
+            results = {b.router: ctx.weights.cached(nodes(b), key_of[b.router]) for b in pruned()}
+        if all(r is not None for r in results.values()):
             return results, loads, counts
 
         def on_target(inputs: Any) -> Any:
@@ -201,7 +209,7 @@ class MoEPrunePass(Pass):
                 return None
             return lambda x, w, bias=None, r=r: F.linear(x, r["weight"].to(x.dtype), r["bias"].to(x.dtype))
 
-        cal.run_sequential(gm, [b.router for b in pruned], on_target)
+        cal.run_sequential(gm, [b.router for b in pruned()], on_target)
         return results, loads, counts
 
 
