@@ -34,3 +34,17 @@ def test_heatmap_and_section():
     png = page.split('src="data:image/png;base64,')[1].split('"')[0]
     assert base64.b64decode(png).startswith(b"\x89PNG")
     assert "0: 75.0 %" in page and "2: 0.0 %" in page  # most and least loaded expert of layer 0
+
+
+def test_render_html_adds_the_section_only_with_moe_load(tmp_path):
+    import transformers
+
+    from llmcompress.report.cost_report import render_html, report_model
+
+    transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256).save_pretrained(tmp_path)
+    report = report_model(tmp_path, seq=16)
+    assert "MoE expert load" not in render_html(report)
+    report["moe_load"] = moe_load(COMPILE_REPORT)
+    page = render_html(report)
+    assert "<h2>MoE expert load</h2>" in page and page.count('src="data:image/png;base64,') == 2
