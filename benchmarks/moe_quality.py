@@ -114,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "moe_quality.json")
     p.add_argument("--merge", type=Path, nargs="+", help="only merge the results of these JSONs (runs of this "
                    "script with the same options, e.g. rows run in parallel) into --out")
+    p.add_argument("--note", help="with --merge: a note kept in the JSON (how the parts were run)")
     args = p.parse_args(argv)
     if args.merge:
         parts = [json.loads(f.read_text()) for f in args.merge]
         out = {**parts[0], "results": [r for part in parts for r in part["results"]],
                "merged_from": [{"commit": part["commit"], "runs": [r["run"] for r in part["results"]]}
-                               for part in parts]}
+                               for part in parts], "note": args.note}
         args.out.write_text(json.dumps(out, indent=1) + "\n")
         return 0
 
