@@ -9,6 +9,9 @@ Options:
 * `budget` (default 0.02): the layers' mean relative squared error of the block output, ||O_β - O||² / ||O||², on
   the calibration tokens, that calibration may spend (`skip.calibrate_betas`: most evaluations skipped within it).
 * `renormalize` (default false): scale the kept slots so each token's weights keep their sum.
+On tiny-mixtral (32 windows) one β for all layers does better than the budget's per-layer β: β 0.3 skips 19.6 % at
++1.46 %, budget 0.01 (β 0.66 / 0.26 / 0.29 / 0.29) 22.1 % at +2.36 %: the per-layer error is a poor proxy for a
+layer's effect on the loss (layer 0 is far more sensitive than its relative error says).
 Each MoE layer's decision gives its β and, with calibration data, the fraction of expert evaluations (token × slot)
 skipped on it and the output error; stats `expert evaluations skipped` the fraction over all layers.
 """
