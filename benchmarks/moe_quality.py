@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=32, help="validation windows (issue 15: 32)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--calib-samples", type=int, default=16, help="train.txt windows of 512 (issue 15: 16)")
-    p.add_argument("--skip-budget", type=float, default=0.02, help="moe-skip's budget for the skip-budget row")
+    p.add_argument("--skip-budget", type=float, default=0.01, help="moe-skip's budget for the skip-budget row")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "moe_quality.json")
     p.add_argument("--merge", type=Path, nargs="+", help="only merge the results of these JSONs (runs of this "
                    "script with the same options, e.g. rows run in parallel) into --out")

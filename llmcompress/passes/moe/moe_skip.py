@@ -6,7 +6,7 @@ speed-up, the same outputs).
 Rule (`skip.py`): slot j of a token is skipped when its routing weight < β × the token's top weight.
 Options:
 * `beta`: one β in [0, 1) for every layer; or None (default) to calibrate a β per layer:
-* `budget` (default 0.02): the layers' mean relative squared error of the block output, ||O_β - O||² / ||O||², on
+* `budget` (default 0.01): the layers' mean relative squared error of the block output, ||O_β - O||² / ||O||², on
   the calibration tokens, that calibration may spend (`skip.calibrate_betas`: most evaluations skipped within it).
 * `renormalize` (default false): scale the kept slots so each token's weights keep their sum.
 On tiny-mixtral (32 windows) one β for all layers does better than the budget's per-layer β: β 0.3 skips 19.6 % at
@@ -40,7 +40,7 @@ aten = torch.ops.aten
 class MoESkipOptions:
     beta: float | None = None
     """One β in [0, 1) for every layer; None calibrates a β per layer to `budget`."""
-    budget: float = 0.02
+    budget: float = 0.01
     renormalize: bool = False
     version: ClassVar[int] = 1
 
