@@ -12,8 +12,8 @@ Options:
 * `allocate`: `per-layer` (default) keeps `keep` experts in every layer; `global` keeps `keep` × layers experts in
   all, a layer whose experts are rarely needed giving up more (`prune.allocate_counts`), each layer keeping ≥ top-k.
   On tiny-mixtral `global` is worse (6 of 8 on average: +5.25 % against +3.69 % per layer; 4 of 8: +194 % against
-  +29.4 %; 32 windows): the
-  layers' relative output errors are not comparable (layer 0's MoE output is 40× its residual input's energy).
+  +29.4 %; 32 windows): the layers' relative output errors are not comparable (layer 0's MoE output is 40× its
+  residual input's energy).
 
 The graph keeps its shapes: the router becomes `aten.linear(x, W', b)` with b = -inf on the removed experts' rows, so
 softmax gives them exactly 0 and the kept experts are renormalised exactly as if the router's rows were sliced;
