@@ -91,11 +91,14 @@ def builtin_passes() -> tuple[type[Pass], ...]:
     from llmcompress.passes.fusion.siblings import FuseSiblingLinearsPass
     from llmcompress.passes.lowrank.lowrank_split import LowrankSplitPass
     from llmcompress.passes.moe.fuse_moe import FuseMoePass
+    from llmcompress.passes.moe.moe_prune import MoEPrunePass
+    from llmcompress.passes.moe.moe_skip import MoESkipPass
     from llmcompress.passes.quantize.quantize_linear import QuantizeLinearPass
     from llmcompress.passes.sparsify.sparsify_linear import SparsifyLinearPass
 
     return (CanonicalizePass, FoldIntoWeightsPass, FuseSiblingLinearsPass, FuseLinearEpiloguePass,
-            FusePointwisePass, QuantizeLinearPass, SparsifyLinearPass, LowrankSplitPass, FuseMoePass)
+            FusePointwisePass, QuantizeLinearPass, SparsifyLinearPass, LowrankSplitPass, MoEPrunePass, MoESkipPass,
+            FuseMoePass)
 
 
 def _load_builtins() -> None:

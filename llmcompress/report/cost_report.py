@@ -894,6 +894,10 @@ def render_html(report: Mapping[str, Any]) -> str:
                 f'<td class="n">{e(_si(n["bytes"], "B"))}</td><td class="n">{e(_intensity(n["intensity"]))}</td>'
                 f'<td>{e(n["bound"])}</td><td class="n">{e(_time(n["time_s"]))}</td>{_share_cell(n["share"])}</tr>')
         parts.append("</table></details>")
+    if report.get("moe_load"):  # from calibration, when the caller added it (report/moe_heatmap.py)
+        from llmcompress.report.moe_heatmap import html_section
+
+        parts += html_section(report["moe_load"])
     v = report["versions"]
     parts.append(f"<footer>llmcompress {e(v['llmcompress'])}, torch {e(v['torch'])}, transformers "
                  f"{e(v['transformers'])}; report_version {report['report_version']}. Roofline predictions, not "

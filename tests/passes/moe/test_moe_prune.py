@@ -1,0 +1,204 @@
+"""moe-prune on random Mixtral configs through the backend: the compiled pruned model equals the model pruned eagerly
+(router rows and experts sliced), bad options raise, the decisions give experts_kept and load per layer; and the
+trained tiny-mixtral fixture (marked `fixtures`)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+import transformers
+
+from llmcompress.backend import make_backend
+from llmcompress.errors import OptionError
+from llmcompress.testing.fixtures import corpus_windows, fixtures_dir, load_model, load_tokenizer, missing, perplexity
+from llmcompress.testing.models import VOCAB, example_ids, tiny_model
+
+
+def _root_cause(e):
+    while e.__cause__ is not None or getattr(e, "inner_exception", None) is not None:
+        e = e.__cause__ or e.inner_exception
+    return e
+
+
+def _raises(exc, match, fn):
+    with pytest.raises(Exception) as info:
+        fn()
+    cause = _root_cause(info.value)
+    assert isinstance(cause, exc), repr(cause)
+    assert re.search(match, str(cause)), str(cause)
+
+
+def _calibration(n=4, seq=32, seed=3):
+    return torch.randint(2, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _options(prune, report=None, cal=True, seq=32):
+    options = {"lowering": "eager", "strict": True, "passes": {"canonicalize": {}, "moe-prune": prune}}
+    if cal:
+        c = _calibration(seq=seq)
+        options.update(calibration=c, calibration_samples=c.shape[0], calibration_seq_len=c.shape[1])
+    if report is not None:
+        options["report"] = str(report)
+    return options
+
+
+def _decisions(report_path, name="moe-prune"):
+    graphs = json.loads(report_path.read_text())["graphs"]
+    return [d for g in graphs for p in g["passes"] if p["name"] == name for d in p["decisions"]]
+
+
+def _sliced(model, kept, routers):
+    """An eager copy with each layer's router rows and experts sliced to `kept[layer]` (router rows from `routers`,
+    the compiled graph's, when given)."""
+    pruned = copy.deepcopy(model)
+    for i, layer in enumerate(pruned.model.layers):
+        moe, ids = layer.mlp, kept[f"model.layers.{i}.mlp"]
+        with torch.no_grad():
+            w = (routers[i] if routers is not None else moe.gate.weight)[ids]
+            moe.gate.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
+            moe.experts.gate_up_proj = torch.nn.Parameter(moe.experts.gate_up_proj[ids].clone(), requires_grad=False)
+            moe.experts.down_proj = torch.nn.Parameter(moe.experts.down_proj[ids].clone(), requires_grad=False)
+        for sub in moe.modules():
+            if hasattr(sub, "num_experts"):
+                sub.num_experts = len(ids)
+    return pruned
+
+
+def _family(name):
+    """Random Qwen2-MoE (shared expert with a sigmoid gate, top-k not renormalised) and OLMoE configs, 2 layers."""
+    common = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": 0,
+              "bos_token_id": 0, "eos_token_id": 1}
+    if name == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(moe_intermediate_size=48, shared_expert_intermediate_size=64,
+                                             num_experts=6, num_experts_per_tok=2, norm_topk_prob=False,
+                                             decoder_sparse_step=1, mlp_only_layers=[], **common)
+        model_cls = transformers.Qwen2MoeForCausalLM
+    else:
+        config = transformers.OlmoeConfig(num_experts=8, num_experts_per_tok=2, **common)
+        model_cls = transformers.OlmoeForCausalLM
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = model_cls(config).eval().requires_grad_(False)
+    with torch.no_grad():  # routers 10× their initial scale: fresh ones route every token almost uniformly
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(10)
+    return model
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+def test_other_families_pruned_equal_their_eagerly_pruned_copy(family, tmp_path):
+    ids = example_ids()
+    model = _family(family)
+    compiled = torch.compile(model, backend="llmcompress",
+                             options=_options({"keep": 4, "refit_router": False}, tmp_path / "r.json"))
+    with torch.no_grad():
+        out = compiled(ids).logits
+        kept = {d["layer"]: d["experts_kept"] for d in _decisions(tmp_path / "r.json")}
+        assert len(kept) == 2 and all(len(v) == 4 for v in kept.values())
+        expected = _sliced(model, kept, None)(ids).logits
+        dense = model(ids).logits
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert (out - dense).abs().max() > 1e-4  # pruning changed the model
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_pruned_compiled_model_equals_the_eagerly_pruned_one(refit, tmp_path):
+    ids = example_ids()
+    graphs = []
+    model = tiny_model("mixtral")
+    options = _options({"keep": 3, "refit_router": refit, "refit_steps": 20}, tmp_path / "r.json")
+    compiled = torch.compile(model, backend=make_backend(on_graph=lambda b, a, ctx: graphs.append(a)),
+                             options=options)
+    with torch.no_grad():
+        out = compiled(ids).logits
+        dense = model(ids).logits
+    kept = {d["layer"]: d["experts_kept"] for d in _decisions(tmp_path / "r.json")}
+    assert sorted(kept) == ["model.layers.0.mlp", "model.layers.1.mlp"] and all(len(v) == 3 for v in kept.values())
+    routers = None
+    if refit:  # the refit rows live in the graph: read them from its pruned router constants
+        gm = next(g for g in graphs if any("weight_pruned" in n.target for n in g.graph.find_nodes(op="get_attr")))
+        routers = [getattr(gm, n.target) for n in gm.graph.find_nodes(op="get_attr") if "weight_pruned" in n.target]
+        assert len(routers) == 2
+        assert not torch.equal(routers[0], model.model.layers[0].mlp.gate.weight)  # the refit moved them
+    with torch.no_grad():
+        expected = _sliced(model, kept, routers)(ids).logits
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert (out - dense).abs().max() > 1e-3  # pruning changed the model
+
+
+def test_decisions_give_experts_kept_and_load(tmp_path):
+    cal = _calibration(seq=11)  # the graph's sequence length (example_ids): feeds are whole (2, 11) chunks
+    compiled = torch.compile(tiny_model("mixtral"), backend="llmcompress",
+                             options=_options({"keep": 0.75, "refit_router": False}, tmp_path / "r.json", seq=11))
+    with torch.no_grad():
+        compiled(example_ids())
+    decisions = _decisions(tmp_path / "r.json")
+    assert len(decisions) == 2
+    for d in decisions:
+        assert len(d["experts_kept"]) == 3 and len(d["experts_removed"]) == 1 and d["num_experts"] == 4
+        assert sum(d["load"]["tokens"]) == cal.numel() * 2  # every calibration token, top-2
+        assert abs(sum(d["load"]["share"]) - 1) < 1e-5
+        assert d["reconstruction_error"] >= 0 and "-inf" in d["how"]
+
+
+def test_global_allocation_keeps_the_average(tmp_path):
+    compiled = torch.compile(tiny_model("mixtral"), backend="llmcompress",
+                             options=_options({"keep": 3, "allocate": "global", "refit_router": False},
+                                              tmp_path / "r.json"))
+    with torch.no_grad():
+        compiled(example_ids())
+    kept = [len(d["experts_kept"]) for d in _decisions(tmp_path / "r.json")]
+    assert sum(kept) == 6 and all(2 <= k <= 4 for k in kept)
+
+
+@pytest.mark.parametrize("prune, match", [
+    ({"keep": 4}, r"keep must be < 4"),
+    ({"keep": 1}, r"fewer than its top-2; keep must be in \[2, 3\]"),
+    ({"keep": 0.25}, r"leaves 1 experts .* fewer than its top-2"),
+    ({"keep": 1.5}, r"as a fraction must be in \(0, 1\)"),
+    ({}, r"give option 'keep'"),
+    ({"keep": 3, "method": "random"}, r"method"),
+])
+def test_bad_options_raise(prune, match):
+    compiled = torch.compile(tiny_model("mixtral"), backend="llmcompress", options=_options(prune))
+    with torch.no_grad():
+        _raises(OptionError, match, lambda: compiled(example_ids()))
+
+
+def test_no_calibration_data_raises():
+    compiled = torch.compile(tiny_model("mixtral"), backend="llmcompress", options=_options({"keep": 3}, cal=False))
+    with torch.no_grad():
+        _raises(OptionError, r"moe-prune: needs calibration data", lambda: compiled(example_ids()))
+
+
+def test_a_model_without_moe_is_left_alone(tmp_path):
+    compiled = torch.compile(tiny_model("llama"), backend="llmcompress", options=_options({"keep": 3},
+                                                                                      tmp_path / "r.json"))
+    with torch.no_grad():
+        compiled(example_ids())
+    assert _decisions(tmp_path / "r.json") == []
+
+
+@pytest.mark.fixtures
+def test_tiny_mixtral_keeps_6_of_8_experts_per_layer(tmp_path):
+    fixtures = fixtures_dir()
+    if missing(fixtures):
+        pytest.fail(missing(fixtures))
+    tokenizer = load_tokenizer(fixtures)
+    cal = corpus_windows(fixtures, tokenizer, "train.txt", 4, length=128)
+    val = corpus_windows(fixtures, tokenizer, "validation.txt", 2, length=128)
+    model = load_model(fixtures, "tiny-mixtral")
+    dense = perplexity(model, val)
+    options = {"lowering": "eager", "strict": True, "report": str(tmp_path / "r.json"), "calibration": cal,
+               "calibration_samples": 4, "calibration_seq_len": 128,
+               "passes": {"canonicalize": {}, "moe-prune": {"keep": 6, "refit_steps": 20}}}
+    ppl = perplexity(torch.compile(load_model(fixtures, "tiny-mixtral"), backend="llmcompress", options=options), val)
+    decisions = _decisions(tmp_path / "r.json")
+    assert [len(d["experts_kept"]) for d in decisions] == [6, 6, 6, 6]
+    assert transformers.MixtralConfig  # the fixture is a Mixtral
+    assert dense < ppl < dense * 1.15, (dense, ppl)  # +3.7 % on 32 windows of 512 (benchmarks/moe_quality.py)
