@@ -66,7 +66,7 @@ class FuseMoePass(Pass):
     Options = FuseMoeOptions
     # Before the sibling fusion (it would merge the router with the linears beside it, e.g. Qwen2-MoE's shared
     # expert) and the epilogue / pointwise fusions.
-    after = ("canonicalize", "fold-into-weights", "sparsify-linear", "lowrank-split")
+    after = ("canonicalize", "moe-prune", "moe-skip", "fold-into-weights", "sparsify-linear", "lowrank-split")
     before = ("fuse-sibling-linears", "quantize-linear", "fuse-linear-epilogue", "fuse-pointwise")
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:

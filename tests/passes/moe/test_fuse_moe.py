@@ -156,3 +156,20 @@ def test_objective_speed_asks_the_cost_model_and_reports_its_prices(tmp_path):
 def test_bad_options_say_what_is_allowed(opts, match):
     with pytest.raises(OptionError, match=match):
         FuseMoeOptions(**opts)
+
+
+def test_after_moe_prune_the_fused_blocks_equal_the_pruned_unfused_model(tmp_path):
+    """moe-prune masks removed experts with a -inf router bias; fuse-moe after it routes on the masked logits."""
+    model, ids = _model("mixtral"), _ids()
+    cal = torch.randint(2, 96, (4, 32), generator=torch.Generator().manual_seed(5))
+    base = {"lowering": "eager", "calibration": cal, "calibration_samples": 4, "calibration_seq_len": 32}
+    prune = {"canonicalize": {}, "moe-prune": {"keep": 3}}
+    with torch.no_grad():
+        torch._dynamo.reset()
+        expected = torch.compile(model, backend="llmcompress", options={**base, "passes": prune})(ids).logits
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="llmcompress", options={
+            **base, "report": str(tmp_path / "r.json"),
+            "passes": {**prune, "fuse-moe": {"objective": "always"}}})(ids).logits
+    torch.testing.assert_close(out, expected)
+    assert [d["moe"]["fused"] for r in _fuse_records(tmp_path / "r.json") for d in r["decisions"]] == [True, True]
