@@ -22,6 +22,7 @@ from llmcompress.errors import (
 )
 from llmcompress.passes import Pass, PassContext, PassManager, PassResult, get_pass, register_pass, registered_passes
 from llmcompress.recipes import builtin_recipes, load_recipe
+from llmcompress.speculative import self_speculative_generate
 from llmcompress.version import __version__
 
 _configure_logging()
@@ -30,5 +31,5 @@ _register_backend()
 __all__ = [
     "__version__", "CompileConfig", "LLMCompressError", "OptionError", "Pass", "PassContext", "PassFailedError", "PassManager",
     "PassOrderError", "PassResult", "RecipeError", "VerificationError", "WeightReleasedError", "builtin_recipes",
-    "get_pass", "llmcompress_backend", "load_recipe", "register_pass", "registered_passes",
+    "get_pass", "llmcompress_backend", "load_recipe", "register_pass", "registered_passes", "self_speculative_generate",
 ]

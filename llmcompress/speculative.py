@@ -1,0 +1,253 @@
+"""Exact self-speculative decoding: the first E decoder layers + a fitted exit head draft k tokens, the full model
+verifies them in one forward and keeps the longest agreeing prefix plus its own next token, so the output is the
+model's own greedy output. Entry point: `self_speculative_generate`.
+
+The draft and the verify share one DynamicCache: a drafted token's key/values in layers < E are exactly what the
+full model computes there (those layers see only earlier layers), so the verify runs layers < E on the last draft
+alone and layers ≥ E on all k + 1 positions from the saved layer-E states; a rejection crops every layer back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from llmcompress.cost.hardware import resolve
+from llmcompress.cost.roofline import CostModel
+from llmcompress.errors import OptionError
+from llmcompress.exit_heads import (
+    DecoderParts,
+    ExitHead,
+    check_exit_layer,
+    check_ids,
+    decoder_parts,
+    fit_exit_heads,
+    layer_states,
+)
+
+AUTO_MAX_DRAFT_LEN = 8
+"""Largest k "auto" considers: at acceptance 0.76 (tiny-llama's best exit) 0.76^8 ≈ 0.11 of the 8th draft survives."""
+
+_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "typical_p", "num_beams", "num_beam_groups", "penalty_alpha")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What "auto" measured and chose. acceptance[E]: teacher-forced top-1 agreement of exit E on held-back
+    calibration; speedup[(E, k)]: the cost model's prediction."""
+
+    exit_layer: int | None
+    draft_len: int | None
+    acceptance: dict[int, float]
+    speedup: dict[tuple[int, int], float]
+    declined: str | None
+
+
+def self_speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, *, max_new_tokens: int,
+                              calibration: torch.Tensor, exit_layer: int | str = "auto", draft_len: int | str = "auto",
+                              return_stats: bool = False, **generate_kwargs: Any):
+    """Greedy decoding of `max_new_tokens` (stopping at the model's EOS, as `generate` does), token-identical to
+    `model.generate(input_ids, do_sample=False)`.
+
+    input_ids: (1, prompt) token ids; calibration: (n, seq) token ids the exit head is fitted on ("auto" holds back
+    the last quarter of the rows, at least one, to measure acceptance, so it needs n ≥ 2).
+    exit_layer: 1 … L−1 or "auto"; draft_len: ≥ 1 or "auto". Explicit values always speculate; "auto" asks the cost
+    model and decodes plainly (stats["declined"] says why) where no (E, k) is predicted faster.
+    Returns the ids (1, prompt + new); with return_stats, (ids, stats)."""
+    parts = decoder_parts(model)
+    _check_generate_kwargs(generate_kwargs)
+    input_ids = check_ids(input_ids, "input_ids")
+    calibration = check_ids(calibration, "calibration")
+    if input_ids.shape[0] != 1:
+        raise OptionError(f"input_ids: batch {input_ids.shape[0]}; self-speculative decoding supports batch 1 (rows "
+                          "accept different numbers of drafts)")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise OptionError(f"max_new_tokens: {max_new_tokens!r}; expected an int ≥ 1")
+    if exit_layer != "auto":
+        check_exit_layer(exit_layer, parts.num_layers)
+    if draft_len != "auto" and (isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 1):
+        raise OptionError(f"draft_len: {draft_len!r}; expected an int ≥ 1 or 'auto'")
+    _check_attention(model)
+
+    stats: dict[str, Any] = {"drafted": 0, "accepted": 0, "acceptance_rate": 0.0, "verify_steps": 0,
+                             "exit_layer": exit_layer, "draft_len": draft_len, "declined": None}
+    if exit_layer == "auto" or draft_len == "auto":
+        plan = plan_speculation(model, calibration, exit_layer=exit_layer, draft_len=draft_len)
+        stats.update(acceptance_by_exit=plan.acceptance, declined=plan.declined, exit_layer=plan.exit_layer,
+                     draft_len=plan.draft_len,
+                     predicted_speedup=plan.speedup.get((plan.exit_layer, plan.draft_len)) if not plan.declined
+                     else max(plan.speedup.values(), default=None))
+        if plan.declined:
+            ids = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False)
+            return (ids, stats) if return_stats else ids
+        head = fit_exit_heads(model, calibration, [plan.exit_layer])[plan.exit_layer]
+    else:
+        head = fit_exit_heads(model, calibration, [exit_layer])[exit_layer]
+    ids = _speculate(model, parts, head, input_ids, max_new_tokens, stats["draft_len"], stats)
+    stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
+    return (ids, stats) if return_stats else ids
+
+
+def _check_generate_kwargs(kwargs: dict[str, Any]) -> None:
+    for key, value in kwargs.items():
+        if key == "do_sample" and value is False:
+            continue
+        if key == "do_sample" or key in _SAMPLING:
+            raise OptionError(f"{key}={value!r}: self-speculative decoding is exact for greedy decoding only; "
+                              "allowed: do_sample=False (the default)")
+        raise OptionError(f"unknown argument {key!r}; self_speculative_generate takes max_new_tokens, calibration, "
+                          "exit_layer, draft_len, return_stats (and do_sample=False)")
+
+
+def _check_attention(model: torch.nn.Module) -> None:
+    """One causal mask serves every layer only when no layer uses a sliding window."""
+    config = model.config
+    kinds = set(getattr(config, "layer_types", None) or [])
+    sliding = kinds - {"full_attention"} if kinds else (
+        {"sliding_window"} if getattr(config, "sliding_window", None) is not None else set())
+    if sliding:
+        raise OptionError(f"self-speculative decoding: {type(model).__name__} uses {', '.join(sorted(sliding))} "
+                          "attention; supported: full causal attention in every layer")
+
+
+def _run_layers(model: torch.nn.Module, parts: DecoderParts, hidden: torch.Tensor, start: int, stop: int,
+                cache: Any, first_position: int) -> torch.Tensor:
+    """layers[start:stop] on hidden (1, q, hidden) at positions first_position …, appending to their cache."""
+    from transformers.masking_utils import create_causal_mask
+
+    q = hidden.shape[1]
+    position_ids = torch.arange(first_position, first_position + q, device=hidden.device).unsqueeze(0)
+    mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=None, cache=cache,
+                              position_ids=position_ids, layer_idx=start)
+    rotary = parts.rotary(hidden, position_ids=position_ids)
+    for layer in parts.layers[start:stop]:
+        out = layer(hidden, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
+                    position_embeddings=rotary)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+@torch.no_grad()
+def _speculate(model, parts: DecoderParts, head: ExitHead, input_ids: torch.Tensor, max_new_tokens: int, k: int,
+               stats: dict[str, Any]) -> torch.Tensor:
+    from transformers import DynamicCache
+
+    e, n_layers = head.layer, parts.num_layers
+    eos = model.generation_config.eos_token_id
+    eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    cache = DynamicCache(config=model.config)
+    # Prefill the whole prompt as generate does; the cache then holds every position but the pending last token.
+    hidden = _run_layers(model, parts, parts.embed(input_ids), 0, n_layers, cache, 0)
+    seq = torch.cat([input_ids, parts.lm_head(parts.norm(hidden[:, -1:])).argmax(-1)], dim=1)
+    produced = 1
+    while produced < max_new_tokens and seq[0, -1].item() not in eos:
+        past = seq.shape[1] - 1
+        k_step = min(k, max_new_tokens - produced - 1)  # a step yields accepted + 1 ≤ k_step + 1 tokens
+        token, states, drafts = seq[:, -1:], [], []
+        for i in range(k_step):
+            states.append(_run_layers(model, parts, parts.embed(token), 0, e, cache, past + i))
+            token = head.logits(parts, states[-1]).argmax(-1)
+            drafts.append(token)
+        states.append(_run_layers(model, parts, parts.embed(token), 0, e, cache, past + k_step))
+        hidden = _run_layers(model, parts, torch.cat(states, dim=1), e, n_layers, cache, past)
+        greedy = parts.lm_head(parts.norm(hidden)).argmax(-1)  # (1, k_step + 1)
+        accepted = 0
+        while accepted < k_step and drafts[accepted].item() == greedy[0, accepted].item():
+            accepted += 1
+        new = greedy[:, : accepted + 1]  # the agreeing drafts equal greedy's tokens there
+        stops = [i for i, t in enumerate(new[0].tolist()) if t in eos]
+        if stops:
+            new = new[:, : stops[0] + 1]
+        seq = torch.cat([seq, new], dim=1)
+        produced += new.shape[1]
+        if k_step > accepted:
+            cache.crop(accepted - k_step)  # transformers 5: a negative count removes that many from the end
+        stats["drafted"] += k_step
+        stats["accepted"] += accepted
+        stats["verify_steps"] += 1
+    return seq
+
+
+def _module_time(cost: CostModel, module: torch.nn.Module, dtype: torch.dtype) -> float:
+    """Roofline seconds of `module` at M = 1 (a decode step reads every weight once, 2 FLOP per weight), one launch
+    per leaf module holding weights."""
+    params = list(module.parameters())
+    nbytes = sum(p.numel() * p.element_size() for p in params)
+    flops = 2 * sum(p.numel() for p in params)
+    launches = sum(1 for m in module.modules() if next(m.parameters(recurse=False), None) is not None)
+    return cost.kernel_time(flops, nbytes, dtype, rows=1, launches=max(launches, 1))
+
+
+def step_costs(model: torch.nn.Module, hardware: str = "auto") -> dict[str, float]:
+    """Predicted seconds of one decoder layer (mean), the final norm + LM head, an exit head (translation + norm +
+    LM head) and one full decode forward, from `CostModel.kernel_time`."""
+    parts = decoder_parts(model)
+    weight = parts.lm_head.weight
+    cost = CostModel(resolve(hardware, weight.device))
+    hidden = weight.shape[1]
+    layer = sum(_module_time(cost, m, weight.dtype) for m in parts.layers) / parts.num_layers
+    lm_head = _module_time(cost, parts.lm_head, weight.dtype) + _module_time(cost, parts.norm, weight.dtype)
+    translation = cost.kernel_time(2 * hidden * hidden, hidden * (hidden + 1) * weight.element_size(), weight.dtype,
+                                   rows=1)
+    return {"layer": layer, "lm_head": lm_head, "exit_head": lm_head + translation,
+            "full": parts.num_layers * layer + lm_head}
+
+
+def predicted_speedup(tokens_per_step: float, exit_layer: int, draft_len: int, costs: dict[str, float]) -> float:
+    """tokens per verify step ÷ (k·E/L + 1 + k·head), E/L and head as shares of one full forward's time.
+
+    The issue writes the denominator k·E/L + 1 − E/L + head; a step here runs the first E layers k + 1 times (k
+    drafts, then the last draft inside the verify: layers ≥ E need its layer-E state), so + E/L more. Measured on
+    tiny-llama (CPU, contended, 64 new tokens, exit 5, k = 1): 0.85–0.90× plain; the issue's form predicted 1.49×,
+    this one 0.92×."""
+    share = exit_layer * costs["layer"] / costs["full"]
+    head = costs["exit_head"] / costs["full"]
+    return tokens_per_step / (draft_len * share + 1 + draft_len * head)
+
+
+def tokens_per_step(agree: torch.Tensor, k: int) -> float:
+    """agree: (n, seq) bool, exit top-1 == full top-1 per position (teacher-forced). Mean over start positions of
+    1 + the run of agreements from there, capped at k (the drafts a verify keeps, plus its own token)."""
+    n, seq = agree.shape
+    if seq < k:
+        raise OptionError(f"calibration: sequences of {seq} tokens are shorter than draft_len {k}")
+    run = torch.zeros(n, seq - k + 1, dtype=torch.float64)
+    alive = torch.ones_like(run, dtype=torch.bool)
+    for i in range(k):
+        alive &= agree[:, i: i + seq - k + 1]
+        run += alive
+    return 1 + run.mean().item()
+
+
+@torch.no_grad()
+def plan_speculation(model: torch.nn.Module, calibration: torch.Tensor, *, exit_layer: int | str = "auto",
+                     draft_len: int | str = "auto", hardware: str = "auto") -> Plan:
+    """Fit exits on the first rows of calibration, measure agreement on the held-back rows, and pick the (E, k) the
+    cost model predicts fastest; declined when none beats plain decoding (predicted speedup ≤ 1)."""
+    parts = decoder_parts(model)
+    calibration = check_ids(calibration, "calibration")
+    if calibration.shape[0] < 2:
+        raise OptionError(f"calibration: {calibration.shape[0]} sequence(s); 'auto' needs ≥ 2 (it fits on some and "
+                          "measures acceptance on the others)")
+    held = max(1, calibration.shape[0] // 4)
+    exits = list(range(1, parts.num_layers)) if exit_layer == "auto" else [exit_layer]
+    lengths = list(range(1, AUTO_MAX_DRAFT_LEN + 1)) if draft_len == "auto" else [draft_len]
+    heads = fit_exit_heads(model, calibration[:-held], exits)
+    states = layer_states(model, calibration[-held:].to(parts.lm_head.weight.device))
+    full = parts.lm_head(parts.norm(states[-1])).argmax(-1)
+    costs = step_costs(model, hardware)
+    acceptance, speedup = {}, {}
+    for e in exits:
+        agree = (heads[e].logits(parts, states[e]).argmax(-1) == full).cpu()
+        acceptance[e] = agree.double().mean().item()
+        for k in lengths:
+            speedup[(e, k)] = predicted_speedup(tokens_per_step(agree, k), e, k, costs)
+    best = max(speedup, key=speedup.get)
+    if speedup[best] <= 1.0:
+        return Plan(None, None, acceptance, speedup,
+                    f"declined: no exit layer / draft length is predicted faster than plain decoding (best "
+                    f"{speedup[best]:.2f}× at exit {best[0]}, k={best[1]}, acceptance {acceptance[best[0]]:.2f})")
+    return Plan(best[0], best[1], acceptance, speedup, None)
