@@ -370,23 +370,23 @@ def test_whitened_per_expert_truncation_beats_plain_svd_on_held_out_routed_rows_
 
 @pytest.mark.fixtures
 def test_tiny_mixtral_at_80_percent_splits_attention_and_experts(tmp_path):
-    """svd-llm at 80 % of the attention and expert parameters (sequential, allocated, refit; 4 x 256 calibration
-    tokens): expert weights split, the budget met, perplexity on 2 held-out windows within +20 % of dense (+5.3 %
-    on 32 windows of 512 with 32 x 512 calibration tokens: benchmarks/lowrank_quality.py). About 5 minutes on a
-    contended 2-core CPU, most of it float64 SVDs (8 x 8 experts, twice)."""
+    """svd-llm at 80 % of the attention and expert parameters (sequential, allocated, refit; 8 x 256 calibration
+    tokens): expert weights split, the budget met, perplexity on 4 held-out windows within +20 % of dense (+5.3 %
+    on 32 windows of 512 with 32 x 512 calibration tokens: benchmarks/lowrank_quality.py; 4 x 256 calibration
+    tokens gave +31 %). 5-10 minutes on a contended 2-core CPU, most of it float64 SVDs (8 x 8 experts, twice)."""
     from llmcompress.testing.fixtures import corpus_windows, load_model, load_tokenizer, perplexity
 
     fixtures = _fixtures()
     tokenizer = load_tokenizer(fixtures)
-    cal = corpus_windows(fixtures, tokenizer, "train.txt", 4, 256)
-    windows = corpus_windows(fixtures, tokenizer, "validation.txt", 2, 256)
-    options = {"lowering": "eager", "calibration": cal, "calibration_samples": 4, "calibration_seq_len": 256,
+    cal = corpus_windows(fixtures, tokenizer, "train.txt", 8, 256)
+    windows = corpus_windows(fixtures, tokenizer, "validation.txt", 4, 256)
+    options = {"lowering": "eager", "calibration": cal, "calibration_samples": 8, "calibration_seq_len": 256,
                "report": str(tmp_path / "r.json"), "passes": _passes(method="svd-llm", ratio=0.8)}
     dense = perplexity(load_model(fixtures, "tiny-mixtral"), windows)
     with torch.no_grad():
         split = perplexity(_compile(load_model(fixtures, "tiny-mixtral"), options), windows)
     rec = _record(tmp_path / "r.json")
     experts = [d["rank"] for d in rec["decisions"] if len(d["rank"].get("shape", ())) == 3]
-    assert len(experts) == 2 * 4 and sum(d["rank"] != "dense" for d in experts) >= 2
+    assert len(experts) == 2 * 4 and sum(d["rank"] != "dense" for d in experts) >= 4
     assert 0.8 - 0.002 < rec["stats"]["params_kept_fraction"] <= 0.8
     assert split < 1.2 * dense, (split, dense)
