@@ -10,12 +10,14 @@ pass's defaults). `objective: memory` splits every layer that saves bytes: this 
 not which layers pay on this CPU (with `speed`, the default, the cost model decides that per layer).
 
 Targets (issue 14), tiny-llama svd-llm, relative to dense: 80 % kept <= +10 %, 60 % kept <= +35 %. svd and asvd
-rows beside them; tiny-mixtral svd-llm at 80 % is reported (attention only: MoE experts stay dense, see the report).
+rows beside them; tiny-mixtral svd-llm at 80 % is reported with attention and MoE experts (3-D weights) split.
+`--only tiny-mixtral` runs just that model's rows and merges them into the JSON, keeping the other rows (each merged
+row carries its own `run`: device, versions, windows, calibration).
 
 JSON (`--out`, default `benchmarks/results/lowrank_quality.json`): {"device", "versions", "method", "windows",
-"calibration", "results": [{model, method, ratio, perplexity, dense_perplexity, delta_pct, target_pct, met,
-params_kept_fraction (from the compile report), split_layers, seconds}]}; PNG beside it (`--png`): perplexity
-against kept fraction per method.
+"calibration", "results": [{model, method, ratio, split (what was targeted), perplexity, dense_perplexity, delta_pct,
+target_pct, met, params_kept_fraction (from the compile report), split_layers, split_experts, seconds}]}; PNG beside
+it (`--png`): perplexity against kept fraction per method.
 """
 
 from __future__ import annotations
@@ -42,14 +44,20 @@ DEFAULT_RUNS = ["tiny-llama:dense", *(f"tiny-llama:{m}:{r}" for r in CURVE for m
                 "tiny-mixtral:dense", "tiny-mixtral:svd-llm:0.8"]
 
 
-def _split(report: dict) -> tuple[float | None, int]:
-    """(params_kept_fraction, split layer count) from the lowrank-split record of the first graph."""
+def _split(report: dict) -> tuple[float | None, int, int]:
+    """(params_kept_fraction, split layer count, of them 3-D expert weights) from the lowrank-split record of the
+    first graph."""
     for g in report["graphs"][:1]:
         for pr in g.get("passes", []):
             if pr["name"] == "lowrank-split":
-                layers = sum(1 for d in pr["decisions"] if d.get("rank", {}).get("rank") != "dense")
-                return pr["stats"].get("params_kept_fraction"), layers
-    return None, 0
+                split = [d["rank"] for d in pr["decisions"] if d.get("rank", {}).get("rank") != "dense"]
+                experts = sum(1 for d in split if len(d.get("shape", ())) == 3)
+                return pr["stats"].get("params_kept_fraction"), len(split), experts
+    return None, 0, 0
+
+
+def _row_key(row: dict) -> tuple:
+    return row["model"], row["method"], row["ratio"], row.get("split")
 
 
 def plot(doc: dict, path: Path) -> None:
@@ -94,7 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lowrank_quality.json")
     p.add_argument("--png", type=Path, default=None, help="default: --out with .png")
     p.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON at --out")
+    p.add_argument("--only", nargs="+", metavar="MODEL", default=None,
+                   help="run only the rows of these models (e.g. tiny-mixtral) and merge them into --out, keeping "
+                        "its other rows")
     args = p.parse_args(argv)
+    if args.only:
+        models = sorted({r.split(":")[0] for r in args.runs})
+        bad = [m for m in args.only if m not in models]
+        if bad:
+            p.error(f"--only {bad[0]!r}: no row of that model; models in --runs: {', '.join(models)}")
+        args.runs = [r for r in args.runs if r.split(":")[0] in args.only]
     png = args.png or args.out.with_suffix(".png")
     if args.replot:
         plot(json.loads(args.out.read_text()), png)
@@ -128,15 +145,18 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("ignore", UserWarning)
             compiled = torch.compile(model, backend="llmcompress", options=options)
             ppl = perplexity(compiled, windows, args.batch)
-        kept, layers = _split(json.loads(report.read_text()))
+        kept, layers, experts = _split(json.loads(report.read_text()))
         report.unlink()
         if name not in dense:
             dense[name] = perplexity(load_model(args.fixtures, name), windows, args.batch)
         delta = 100 * (ppl / dense[name] - 1)
         target = TARGETS.get((name, method, ratio))
-        row = {"model": name, "method": method, "ratio": ratio, "perplexity": ppl, "dense_perplexity": dense[name],
+        row = {"model": name, "method": method, "ratio": ratio,
+               "split": "attention and experts" if _has_experts(model) else "decoder linears",
+               "perplexity": ppl, "dense_perplexity": dense[name],
                "delta_pct": delta, "target_pct": target, "met": None if target is None else delta <= target,
-               "params_kept_fraction": kept, "split_layers": layers, "seconds": round(time.perf_counter() - t0, 1)}
+               "params_kept_fraction": kept, "split_layers": layers, "split_experts": experts,
+               "seconds": round(time.perf_counter() - t0, 1)}
         results.append(row)
         print(f"{name:13s} {method:8s} {ratio:.2f} ppl {ppl:8.4f}  {delta:+7.2f} %  "
               f"{'' if target is None else f'target <= +{target:.0f} %: ' + ('met' if row['met'] else 'MISSED')}"
@@ -147,10 +167,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _has_experts(model: torch.nn.Module) -> bool:
+    return any(p.dim() == 3 for p in model.parameters())
+
+
 def _write(args: argparse.Namespace, windows: torch.Tensor, calibration: torch.Tensor, results: list[dict]) -> dict:
-    out = {"device": device_name(),
+    run = {"device": device_name(),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "python": platform.python_version()},
+           "windows": len(windows),
+           "calibration": {"source": "train.txt (first windows)", "samples": len(calibration), "seq_len": WINDOW}}
+    if args.only and args.out.exists():  # merge: this run's rows replace those with the same key, the rest stay
+        out = json.loads(args.out.read_text())
+        mine = [{**r, "run": run} for r in results]
+        keys = {_row_key(r) for r in mine}
+        out["results"] = [r for r in out["results"] if _row_key(r) not in keys] + mine
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        return out
+    out = {"device": run["device"],
+           "versions": run["versions"],
            "method": "fixtures README: float32, non-overlapping 512-token windows of validation.txt, mean loss over "
                      "511 predicted positions per window; lowrank-split objective memory, sequential calibration, "
                      "sensitivity-allocated ranks, refit",

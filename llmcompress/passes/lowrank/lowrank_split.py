@@ -13,6 +13,7 @@ Only where it pays: r must be below N K / (N + K) (else no bytes are saved and t
 `cache_key` (persisted), so recompiles reuse them. A split layer runs as `llmcompress::linear_lowrank` on CUDA (and
 with our Triton lowering), as two plain `aten.linear` nodes on the CPU and whenever `quantize-linear` follows, which
 then quantizes both factors (recipe `lowrank-svdllm-80-w8a16`); `lowrank-split` after `quantize-linear` raises.
+MoE experts stored as 3-D weights (grouped matmuls) are split per expert at one rank per weight: `experts.py`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from llmcompress.kernels import lowrank_linear  # noqa: F401  (registers llmcomp
 from llmcompress.kernels.linear_common import SUPPORTED_DTYPES
 from llmcompress.kernels.lowrank_path import choose_lowrank_path
 from llmcompress.passes.base import Pass, PassContext, PassResult
+from llmcompress.passes.lowrank import experts
 from llmcompress.passes.lowrank.allocate import LayerCurve, allocate_ranks, kept_params
 from llmcompress.passes.lowrank.asvd import asvd
 from llmcompress.passes.lowrank.factors import Decomposition, refit_u
@@ -126,14 +128,20 @@ class _Target:
     node: torch.fx.Node
     name: str
     weight: torch.Tensor
-    """(N, K): y = x @ W.T."""
+    """(N, K): y = x @ W.T; (E, N, K) for MoE experts (a grouped matmul's 3-D weight)."""
     method: str
     rank: int | None
     """Fixed by an override; None: allocated from `ratio`."""
+    grouped: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.weight.shape)
+        """(N, K) of the weight (of each expert)."""
+        return tuple(self.weight.shape[-2:])
+
+    @property
+    def experts(self) -> int:
+        return self.weight.shape[0] if self.grouped else 1
 
 
 def _module_name(weight_name: str) -> str:
@@ -162,11 +170,11 @@ class LowrankSplitPass(Pass):
         total = kept = 0
         for t in targets:
             n, k = t.shape
-            total += n * k
+            total += t.experts * n * k
             decision = _lower(gm, ctx, t, ranks[t.node], factors.get(t.node), self.options.objective)
             decisions.append(decision)
             r = decision["rank"]["rank"]
-            kept += n * k if r == "dense" else r * (n + k)
+            kept += t.experts * (n * k if r == "dense" else r * (n + k))
             changed |= r != "dense"
             label = f"split {t.method}" if r != "dense" else f"left dense: {decision['rank']['why']}"
             stats[label] = stats.get(label, 0) + 1
@@ -214,25 +222,23 @@ class LowrankSplitPass(Pass):
             if layer is None:
                 dense(node, name, "skip pattern", "skip pattern")
                 continue
-            if grouped:
-                dense(node, name, "MoE experts", "MoE experts (3-D weights): no grouped low-rank lowering; the "
-                      "attention linears of the model are split")
-                continue
             with unset_fake_temporarily():
                 try:
                     weight = ctx.weights.value(w_node)
                 except WeightReleasedError:
                     weight = w_node.meta["val"]  # its factors may be cached (`derive` raises again on a miss)
+                if grouped:
+                    weight = weight.transpose(-2, -1)  # grouped ops take (E, K, N)
             if weight.dtype not in _FLOAT_WEIGHTS:
                 dense(node, name, "dtype", f"weight dtype {weight.dtype}: lowrank-split factors float16 / bfloat16 / "
                       "float32 weights", warn=True)
                 continue
             method, rank = layer
-            n, k = weight.shape
+            n, k = weight.shape[-2:]
             if rank is not None and rank >= min(n, k):
                 raise OptionError(f"lowrank-split: rank {rank} for {name} ({n}x{k}) must be below min(N, K) = "
                                   f"{min(n, k)} (and below N K / (N + K) = {n * k / (n + k):.1f} to save bytes)")
-            targets.append(_Target(node, name, weight, method, rank))
+            targets.append(_Target(node, name, weight, method, rank, grouped))
         user_skip = [] if self.options.skip == _DEFAULT_SKIP else self.options.skip
         for pattern in [*user_skip, *self.options.overrides]:
             if names and not any(layer_matches(x, pattern) for x in names):
@@ -295,6 +301,9 @@ class LowrankSplitPass(Pass):
             if hit is not None:
                 curves[t.node] = hit["curve"]
         missing = [t for t in free if t.node not in curves]
+        if any(t.grouped for t in missing):
+            self._expert_curves(gm, ctx, cal, [t for t in missing if t.grouped], curves, stats)
+            missing = [t for t in missing if not t.grouped]
         if missing:
             observed = {}
             if cal is not None:
@@ -310,9 +319,9 @@ class LowrankSplitPass(Pass):
 
                 curves[t.node] = ctx.weights.derive(t.node.args[1], self._key(t, "curve", None, fp), curve,
                                                     persist=True)["curve"]
-        layers = [LayerCurve(*t.shape, curves[t.node]) for t in free]
-        total = sum(n * k for n, k in (t.shape for t in targets))
-        fixed = sum(r * (n + k) for t in targets if t.rank is not None for n, k, r in [(*t.shape, t.rank)])
+        layers = [LayerCurve(*t.shape, curves[t.node], t.experts) for t in free]
+        total = sum(t.experts * n * k for t in targets for n, k in [t.shape])
+        fixed = sum(t.experts * t.rank * (n + k) for t in targets if t.rank is not None for n, k in [t.shape])
         budget = int(self.options.ratio * total) - fixed
         try:
             allocated = allocate_ranks(layers, budget)
@@ -329,7 +338,7 @@ class LowrankSplitPass(Pass):
         """node -> (U (N, r), V (r, K)) in the weight's dtype for every layer with a rank."""
         o = self.options
         fp = cal.fingerprint if cal is not None else None
-        todo = [t for t in targets if ranks[t.node] is not None and ranks[t.node] * sum(t.shape) < t.weight.numel()]
+        todo = [t for t in targets if ranks[t.node] is not None and ranks[t.node] * sum(t.shape) < t.shape[0] * t.shape[1]]
         out: dict[torch.fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
         pending = []
         for t in todo:
@@ -344,8 +353,10 @@ class LowrankSplitPass(Pass):
             return out
         calibrated = cal is not None and (o.refit or any(t.method in _CALIBRATED for t in pending))
 
-        def factor(t: _Target, st: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        def factor(t: _Target, st: Any) -> tuple[torch.Tensor, torch.Tensor]:
             def compute(_w: torch.Tensor) -> dict[str, torch.Tensor]:
+                if t.grouped:
+                    return self._factor_experts(t, ranks[t.node], st, stats)
                 u, v = self._decompose(t, st).factors(ranks[t.node])
                 if o.refit and st is not None:
                     u = refit_u(t.weight, v, st["gram"], st.get("cross"))
@@ -361,7 +372,10 @@ class LowrankSplitPass(Pass):
                 factor(t, None)
             return out
         if not o.sequential:
-            observed = cal.observe(gm, statistics={t.node: ("gram", "absmean") for t in pending}).statistics
+            kinds = ("gram", "absmean")
+            observed = cal.observe(gm, statistics={t.node: kinds for t in pending if not t.grouped}).statistics
+            grouped = [t.node for t in pending if t.grouped]
+            observed.update(experts.observe_experts(cal, gm, grouped, kinds) if grouped else {})
             for t in pending:
                 factor(t, observed[t.node])
             return out
@@ -373,6 +387,9 @@ class LowrankSplitPass(Pass):
 
         def on_target(inputs: TargetInputs) -> Callable[..., torch.Tensor]:
             t = by_node[inputs.node]
+            if t.grouped:  # per expert; no `cross`: the float model routes its rows to other experts
+                u, v = factor(t, experts.expert_statistics(inputs, ("gram", "absmean")))
+                return experts.grouped_split(t.node, u, v)
             kinds = ("gram", "absmean", "cross") if o.refit else ("gram", "absmean")
             u, v = factor(t, inputs.statistics(*kinds))
             return lambda x, _w, *rest, **kw: F.linear(F.linear(x, v), u, *rest, **kw)
@@ -380,6 +397,29 @@ class LowrankSplitPass(Pass):
         cal.run_sequential(gm, list(by_node), on_target, float_shadow=o.refit)
         stats["sequential"] = len(pending)
         return out
+
+    def _expert_curves(self, gm: torch.fx.GraphModule, ctx: PassContext, cal: Calibration | None,
+                       targets: list[_Target], curves: dict[torch.fx.Node, torch.Tensor], stats: dict) -> None:
+        """The error curves of 3-D expert weights (`experts.experts_curve`) on the dense model's routed rows."""
+        fp = cal.fingerprint if cal is not None else None
+        observed = experts.observe_experts(cal, gm, [t.node for t in targets], ("gram", "absmean")) \
+            if cal is not None else {}
+        for t in targets:
+            st = observed.get(t.node)
+
+            def curve(_w: torch.Tensor, t: _Target = t, st: Any = st) -> dict[str, torch.Tensor]:
+                decs, _ = experts.decompose_experts(t.weight, t.method, st, self.options.alpha, self.options.damp)
+                return {"curve": experts.experts_curve(decs, st).float()}
+
+            curves[t.node] = ctx.weights.derive(t.node.args[1], self._key(t, "curve", None, fp), curve,
+                                                persist=True)["curve"]
+
+    def _factor_experts(self, t: _Target, rank: int, st: Any, stats: dict) -> dict[str, torch.Tensor]:
+        decs, few = experts.decompose_experts(t.weight, t.method, st, self.options.alpha, self.options.damp)
+        if few:
+            stats[experts.FEW_ROWS] = stats.get(experts.FEW_ROWS, 0) + len(few)
+            experts.warn_few_rows(t.name, few)
+        return experts.factor_experts(t.weight, decs, rank, st, self.options.refit)
 
 
 def _check_order(gm: torch.fx.GraphModule) -> None:
@@ -450,6 +490,9 @@ def _lower(gm: torch.fx.GraphModule, ctx: PassContext, t: _Target, rank: int | N
     bias on the second, as `_plan` says; every new node carries `LOWRANK_META`. A layer stays dense where the
     allocation kept it dense, where r >= N K / (N + K) (no bytes saved), or, with objective `speed`, where the cost
     model prices the split slower than dense at the compile's M (nothing is added to the graph then)."""
+    if t.grouped:
+        return experts.lower_experts(gm, ctx, t.node, t.name, t.method, t.weight, rank, factors, objective,
+                                     LOWRANK_META)
     node, (n, k) = t.node, t.shape
     elem = t.weight.element_size()
     info: dict[str, Any] = {"method": t.method, "shape": [n, k], "dense_bytes": n * k * elem}
