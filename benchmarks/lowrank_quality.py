@@ -13,7 +13,7 @@ Targets (issue 14), tiny-llama svd-llm, relative to dense: 80 % kept <= +10 %, 6
 rows beside them; tiny-mixtral svd-llm at 80 % is reported (attention only: MoE experts stay dense, see the report).
 
 JSON (`--out`, default `benchmarks/results/lowrank_quality.json`): {"device", "versions", "method", "windows",
-"calibration", "results": [{model, method, ratio, perplexity, dense_perplexity, delta_pct, target_pct, met,
+"calibration", "git": {commit, dirty}, "missing_runs" (requested rows not (yet) measured), "results": [{model, method, ratio, perplexity, dense_perplexity, delta_pct, target_pct, met,
 params_kept_fraction (from the compile report), split_layers, seconds}]}; PNG beside it (`--png`): perplexity
 against kept fraction per method.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import time
 import warnings
@@ -147,8 +148,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _git_commit() -> dict:
+    """The commit the run's code came from, and whether the package or this script differed from it (a run from
+    uncommitted code cannot be reproduced from the commit alone)."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], check=False, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--", "llmcompress", "benchmarks/lowrank_quality.py"))}
+
+
 def _write(args: argparse.Namespace, windows: torch.Tensor, calibration: torch.Tensor, results: list[dict]) -> dict:
+    done = {f"{r['model']}:{r['method']}:{r['ratio']}" for r in results}
+    missing = [e for e in args.runs if e.count(":") == 2 and f"{e.rsplit(':', 1)[0]}:{float(e.rsplit(':', 1)[1])}"
+               not in done]
     out = {"device": device_name(),
+           "git": _git_commit(),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "python": platform.python_version()},
            "method": "fixtures README: float32, non-overlapping 512-token windows of validation.txt, mean loss over "
@@ -157,6 +171,8 @@ def _write(args: argparse.Namespace, windows: torch.Tensor, calibration: torch.T
            "windows": len(windows),
            "calibration": {"source": "train.txt (first windows)", "samples": len(calibration), "seq_len": WINDOW},
            "results": results}
+    if missing:  # rewritten after every row: a run cut short says which rows it lacks
+        out["missing_runs"] = missing
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     return out
