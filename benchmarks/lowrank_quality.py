@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png", type=Path, default=None, help="default: --out with .png")
     p.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON at --out")
     args = p.parse_args(argv)
+    args.git = _git_commit()  # at the start: the code this process imported, not edits made while it runs
     png = args.png or args.out.with_suffix(".png")
     if args.replot:
         plot(json.loads(args.out.read_text()), png)
@@ -162,7 +163,7 @@ def _write(args: argparse.Namespace, windows: torch.Tensor, calibration: torch.T
     missing = [e for e in args.runs if e.count(":") == 2 and f"{e.rsplit(':', 1)[0]}:{float(e.rsplit(':', 1)[1])}"
                not in done]
     out = {"device": device_name(),
-           "git": _git_commit(),
+           "git": args.git,
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "python": platform.python_version()},
            "method": "fixtures README: float32, non-overlapping 512-token windows of validation.txt, mean loss over "
