@@ -176,14 +176,21 @@ def quality_figure(quality: Mapping[str, Any], dpi: int = 110) -> Any:
     """Perplexity against kept fraction (x inverted: less kept to the right), dense per model as a dashed line."""
     fig = _figure((7, 4.4), dpi)
     ax = fig.add_subplot(1, 1, 1)
-    for label, pts in quality_series(quality).items():
+    series = quality_series(quality)
+    for label, pts in series.items():
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
     dense = {r["model"]: r["dense_perplexity"] for r in quality["rows"] if r["dense_perplexity"] is not None}
-    for model, ppl in dense.items():
-        ax.axhline(ppl, color="gray", linestyle="--", lw=1, label=f"{model} dense {ppl:.2f}")
+    for (model, ppl), style in zip(dense.items(), ("--", ":", "-.", (0, (5, 5)))):
+        ax.axhline(ppl, color="gray", linestyle=style, lw=1, label=f"{model} dense {ppl:.2f}")
     ax.set_xlabel("kept fraction of the targeted linears' parameters")
     ax.set_ylabel("validation perplexity")
-    ax.set_yscale("log")
+    values = [y for pts in series.values() for _, y in pts] + list(dense.values())
+    if max(values) > 3 * min(values):  # a method that blows up would flatten the others on a linear axis
+        import matplotlib.ticker
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.invert_xaxis()
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -213,7 +220,7 @@ def curves_figure(layers: list[dict[str, Any]], dpi: int = 110) -> Any:
         i = kinds.index(_kind(x["layer"]))
         pts = [(k, e) for k, e in zip(c["kept_fraction"], c["relative_error"]) if e > 0]
         ax.plot([k for k, _ in pts], [e for _, e in pts], color=cmap(i % 10), lw=0.8, alpha=0.7)
-    chosen = [x["curve"]["chosen"] for x in layers if x["curve"]["chosen"]["relative_error"] > 0]
+    chosen = [x["curve"]["chosen"] for x in layers if x["rank"] != "dense" and x["curve"]["chosen"]["relative_error"] > 0]
     ax.scatter([c["kept_fraction"] for c in chosen], [c["relative_error"] for c in chosen], s=14, c="black", zorder=3,
                label=f"rank chosen ({len(chosen)} split)")
     for i, kind in enumerate(kinds):
@@ -224,7 +231,7 @@ def curves_figure(layers: list[dict[str, Any]], dpi: int = 110) -> Any:
     ax.set_xlim(0, 1)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    dense = len(layers) - len(chosen)
+    dense = sum(1 for x in layers if x["rank"] == "dense")
     ax.set_title(f"lowrank-split: error curves the rank allocation used, {len(layers)} layers"
                  f"{f' ({dense} left dense: not marked)' if dense else ''}", fontsize=9)
     return fig
