@@ -54,35 +54,15 @@ def _split(report: dict) -> tuple[float | None, int]:
 
 
 def plot(doc: dict, path: Path) -> None:
-    """Perplexity against kept fraction, one line per method, tiny-llama (dense as a horizontal line), from the JSON
-    this script writes; the device, versions and windows go into the title and the PNG's metadata."""
-    results = doc["results"]
-    import matplotlib
+    """Perplexity against kept fraction, one line per model and method, dense as dashed lines, from the JSON this
+    script writes: the plot of `llmcompress report --lowrank-quality` (`report/lowrank_plot.py`), with the device,
+    versions, windows, calibration and commit in the PNG's metadata."""
+    from llmcompress.report.lowrank_plot import parse_quality, quality_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    rows = [r for r in results if r["model"] == "tiny-llama"]
-    for method in METHODS:
-        pts = sorted((r["params_kept_fraction"], r["perplexity"]) for r in rows if r["method"] == method)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=method)
-    dense = [r["dense_perplexity"] for r in rows]
-    if dense:
-        ax.axhline(dense[0], color="gray", linestyle="--", label="dense")
-    ax.set_xlabel("kept fraction of the decoder linears' parameters")
-    ax.set_ylabel("validation perplexity")
-    ax.set_yscale("log")
-    ax.set_title(f"tiny-llama, lowrank-split (sequential, allocated ranks, refit)\n{doc['windows']} windows, "
-                 f"calibration {doc['calibration']['samples']} x {doc['calibration']['seq_len']}, {doc['device']}",
-                 fontsize=9)
-    ax.invert_xaxis()
-    ax.legend()
+    fig = quality_figure(parse_quality(doc, str(path.with_suffix(".json").name)))
+    info = {k: doc.get(k) for k in ("device", "versions", "windows", "calibration", "git", "missing_runs")}
     fig.tight_layout()
-    info = {k: doc[k] for k in ("device", "versions", "windows", "calibration")}
     fig.savefig(path, dpi=120, metadata={"Description": json.dumps(info), "Source": "benchmarks/lowrank_quality.py"})
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,8 +59,12 @@ def load_quality(path: str | Path) -> dict[str, Any]:
     [{model, method, ratio, kept_fraction, perplexity, dense_perplexity, delta_pct}], missing_runs}.
 
     kept_fraction is the row's measured `params_kept_fraction` (the compile report's), else its asked `ratio`."""
+    return parse_quality(_read_json(path, "low-rank quality JSON"), str(path))
+
+
+def parse_quality(doc: Any, path: str) -> dict[str, Any]:
+    """`load_quality` of a JSON document already read (`path`: where it came from, for messages and captions)."""
     what = "low-rank quality JSON"
-    doc = _read_json(path, what)
     results = doc.get("results") if isinstance(doc, dict) else None
     if not isinstance(results, list):
         raise LowrankInputError(f"{what} {str(path)!r} has no 'results' list: expected the JSON "
@@ -202,7 +206,8 @@ def _quality_title(quality: Mapping[str, Any]) -> str:
     cal = quality.get("calibration") or {}
     parts = [f"{quality['windows']} validation windows" if quality.get("windows") else None,
              f"calibration {cal['samples']} x {cal['seq_len']}" if cal.get("samples") else None,
-             str(quality["device"]) if quality.get("device") else None]
+             str(quality["device"]) if quality.get("device") else None,
+             f"commit {str(quality['git']['commit'])[:10]}" if (quality.get("git") or {}).get("commit") else None]
     return "lowrank-split: perplexity / kept fraction\n" + ", ".join(p for p in parts if p)
 
 
