@@ -15,9 +15,10 @@ rows beside them; tiny-mixtral svd-llm at 80 % is reported with attention and Mo
 row carries its own `run`: device, versions, windows, calibration).
 
 JSON (`--out`, default `benchmarks/results/lowrank_quality.json`): {"device", "versions", "method", "windows",
-"calibration", "results": [{model, method, ratio, split (what was targeted), perplexity, dense_perplexity, delta_pct,
-target_pct, met, params_kept_fraction (from the compile report), split_layers, split_experts, seconds}]}; PNG beside
-it (`--png`): perplexity against kept fraction per method.
+"calibration", "git": {commit, dirty}, "missing_runs" (requested rows not (yet) measured), "results": [{model, method,
+ratio, split (what was targeted), perplexity, dense_perplexity, delta_pct, target_pct, met, params_kept_fraction (from
+the compile report), split_layers, split_experts, seconds}]}; PNG beside it (`--png`): perplexity against kept
+fraction per method.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import time
 import warnings
@@ -61,35 +63,15 @@ def _row_key(row: dict) -> tuple:
 
 
 def plot(doc: dict, path: Path) -> None:
-    """Perplexity against kept fraction, one line per method, tiny-llama (dense as a horizontal line), from the JSON
-    this script writes; the device, versions and windows go into the title and the PNG's metadata."""
-    results = doc["results"]
-    import matplotlib
+    """Perplexity against kept fraction, one line per model and method, dense as dashed lines, from the JSON this
+    script writes: the plot of `llmcompress report --lowrank-quality` (`report/lowrank_plot.py`), with the device,
+    versions, windows, calibration and commit in the PNG's metadata."""
+    from llmcompress.report.lowrank_plot import parse_quality, quality_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    rows = [r for r in results if r["model"] == "tiny-llama"]
-    for method in METHODS:
-        pts = sorted((r["params_kept_fraction"], r["perplexity"]) for r in rows if r["method"] == method)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=method)
-    dense = [r["dense_perplexity"] for r in rows]
-    if dense:
-        ax.axhline(dense[0], color="gray", linestyle="--", label="dense")
-    ax.set_xlabel("kept fraction of the decoder linears' parameters")
-    ax.set_ylabel("validation perplexity")
-    ax.set_yscale("log")
-    ax.set_title(f"tiny-llama, lowrank-split (sequential, allocated ranks, refit)\n{doc['windows']} windows, "
-                 f"calibration {doc['calibration']['samples']} x {doc['calibration']['seq_len']}, {doc['device']}",
-                 fontsize=9)
-    ax.invert_xaxis()
-    ax.legend()
+    fig = quality_figure(parse_quality(doc, str(path.with_suffix(".json").name)))
+    info = {k: doc.get(k) for k in ("device", "versions", "windows", "calibration", "git", "missing_runs")}
     fig.tight_layout()
-    info = {k: doc[k] for k in ("device", "versions", "windows", "calibration")}
     fig.savefig(path, dpi=120, metadata={"Description": json.dumps(info), "Source": "benchmarks/lowrank_quality.py"})
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             p.error(f"--only {bad[0]!r}: no row of that model; models in --runs: {', '.join(models)}")
         args.runs = [r for r in args.runs if r.split(":")[0] in args.only]
+    args.git = _git_commit()  # at the start: the code this process imported, not edits made while it runs
     png = args.png or args.out.with_suffix(".png")
     if args.replot:
         plot(json.loads(args.out.read_text()), png)
@@ -171,8 +154,21 @@ def _has_experts(model: torch.nn.Module) -> bool:
     return any(p.dim() == 3 for p in model.parameters())
 
 
+def _git_commit() -> dict:
+    """The commit the run's code came from, and whether the package or this script differed from it (a run from
+    uncommitted code cannot be reproduced from the commit alone)."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], check=False, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--", "llmcompress", "benchmarks/lowrank_quality.py"))}
+
+
 def _write(args: argparse.Namespace, windows: torch.Tensor, calibration: torch.Tensor, results: list[dict]) -> dict:
+    done = {f"{r['model']}:{r['method']}:{r['ratio']}" for r in results}
+    missing = [e for e in args.runs if e.count(":") == 2 and f"{e.rsplit(':', 1)[0]}:{float(e.rsplit(':', 1)[1])}"
+               not in done]
     run = {"device": device_name(),
+           "git": args.git,
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "python": platform.python_version()},
            "windows": len(windows),
@@ -185,6 +181,7 @@ def _write(args: argparse.Namespace, windows: torch.Tensor, calibration: torch.T
         args.out.write_text(json.dumps(out, indent=1) + "\n")
         return out
     out = {"device": run["device"],
+           "git": run["git"],
            "versions": run["versions"],
            "method": "fixtures README: float32, non-overlapping 512-token windows of validation.txt, mean loss over "
                      "511 predicted positions per window; lowrank-split objective memory, sequential calibration, "
@@ -192,6 +189,8 @@ def _write(args: argparse.Namespace, windows: torch.Tensor, calibration: torch.T
            "windows": len(windows),
            "calibration": {"source": "train.txt (first windows)", "samples": len(calibration), "seq_len": WINDOW},
            "results": results}
+    if missing:  # rewritten after every row: a run cut short says which rows it lacks
+        out["missing_runs"] = missing
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     return out

@@ -54,17 +54,26 @@ def _hardware_name(text: str) -> str:
 def _report(args: argparse.Namespace) -> int:
     from llmcompress.errors import OptionError
     from llmcompress.report.cost_report import render, report_model
+    from llmcompress.report.lowrank_plot import LowrankInputError, lowrank_section
     from llmcompress.report.model_loading import ModelLoadError
 
     if args.kv_len is not None and args.seq not in (None, 1):
         args.parser.error(f"argument --seq: must be 1 with --kv-len (a report of one decode step), got {args.seq}")
     if args.output is not None and not Path(args.output).expanduser().resolve().parent.is_dir():
         args.parser.error(f"argument -o/--output: folder of {args.output!r} does not exist")
+    try:  # before the trace: a wrong file fails in a second, not after it
+        lowrank = lowrank_section(compile_report=args.compile_report, quality=args.lowrank_quality)
+    except LowrankInputError as e:
+        args.parser.error(str(e))  # names the file and what it lacks
+    if args.compile_report is not None and lowrank is None:
+        print(f"note: {args.compile_report} has no lowrank-split layer with an error curve: no low-rank section",
+              file=sys.stderr)
     try:
         report = report_model(args.model, batch=args.batch, seq=args.seq, kv_len=args.kv_len,
                               hardware=args.hardware, recipe=args.recipe, full_trace=args.full_trace)
     except (ModelLoadError, OptionError) as e:
         args.parser.error(str(e))  # exits 2, like any usage error
+    report["lowrank"] = lowrank
     text = render(report, args.format)
     if args.output is None:
         sys.stdout.write(text)
@@ -170,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="built-in recipe name or recipe file: adds before/after columns")
     report.add_argument("--format", choices=("text", "json", "html"), default="text", help="default text")
     report.add_argument("--full-trace", action="store_true", help=_full_trace_help())
+    report.add_argument("--compile-report", default=None, metavar="PATH",
+                        help="compile report JSON (options['report']) of a compile that ran lowrank-split with a "
+                             "ratio: the HTML plots its layers' error curves against kept fraction, chosen ranks "
+                             "marked (json: the 'lowrank' key)")
+    report.add_argument("--lowrank-quality", default=None, metavar="PATH",
+                        help="JSON of benchmarks/lowrank_quality.py (e.g. benchmarks/results/lowrank_quality_64.json):"
+                             " the HTML plots perplexity against kept fraction per method (svd, asvd, svd-llm)")
     report.add_argument("-o", "--output", default=None, metavar="PATH", help="write here (default stdout)")
     report.set_defaults(func=_report, parser=report)
     calibrate = sub.add_parser(

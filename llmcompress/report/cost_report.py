@@ -35,6 +35,10 @@ FLOPs and seconds, at the concrete sizes of `workload`:
 * `layers`: in graph order, each {layer (e.g. "model.layers.0", "model.embed_tokens", "lm_head"), kernels, flops,
   bytes, time_s, share (of totals.latency_s), time_s_before (with a recipe; else null), same_as (the first earlier
   layer whose rows are identical, else null)}.
+* `lowrank`: null, or (`llmcompress report --compile-report / --lowrank-quality`, `lowrank_plot.lowrank_section`)
+  {compile_report, layers: [{graph, layer, method, shape, rank, curve {kept_fraction, relative_error, chosen}}] or
+  null, quality: {source, device, windows, calibration, git, rows [{model, method, ratio, kept_fraction, perplexity,
+  dense_perplexity, delta_pct}], missing_runs} or null}: the HTML's "Low-rank quality / size" section.
 * `nodes`: every priced (non-free) node of the graph(s), in graph order, each {graph, node, layer, module (the
   nn.Module path that produced it), op, kind ('matmul', 'attention', 'pointwise', 'reduction', 'data', 'custom',
   'unknown'), shape ("1x128x4096" at workload sizes), shape_symbolic ("batchxseqx4096"), dtype, flops, bytes,
@@ -465,6 +469,7 @@ def build_report(traced: Sequence[Any], hardware: Hardware, *, profile: Mapping[
         "totals": totals,
         "totals_before": totals_before,
         "layers": _layers(rows, totals["latency_s"], rows_before if recipe is not None else None),
+        "lowrank": None,
         "nodes": rows,
     }
 
@@ -831,6 +836,10 @@ def render_html(report: Mapping[str, Any]) -> str:
     png = base64.b64encode(roofline_png(report)).decode("ascii")
     parts += ["<h2>Roofline</h2>", f'<figure><img alt="roofline plot" src="data:image/png;base64,{png}">',
               f"<figcaption>{e(roofline_caption(report))}</figcaption></figure>"]
+    if report.get("lowrank"):
+        from llmcompress.report.lowrank_plot import section_html
+
+        parts.append(section_html(report["lowrank"]))
 
     parts += ["<h2>Totals</h2>", "<table><tr><th></th>"
               + ('<th class="n">before</th><th class="n">after</th><th class="n">speedup</th>' if with_before

@@ -41,6 +41,7 @@ from llmcompress.passes.base import Pass, PassContext, PassResult
 from llmcompress.passes.lowrank import experts
 from llmcompress.passes.lowrank.allocate import LayerCurve, allocate_ranks, kept_params
 from llmcompress.passes.lowrank.asvd import asvd
+from llmcompress.passes.lowrank.error_curve import curve_points
 from llmcompress.passes.lowrank.factors import Decomposition, refit_u
 from llmcompress.passes.lowrank.svd import svd
 from llmcompress.passes.lowrank.svdllm import svd_llm
@@ -162,9 +163,10 @@ class LowrankSplitPass(Pass):
         targets = self._targets(gm, ctx, stats, decisions)
         if not targets:
             return PassResult(False, stats, decisions)
+        curves: dict[torch.fx.Node, torch.Tensor] = {}
         with unset_fake_temporarily():  # passes run inside AOT's fake mode; factoring computes for real
             cal = self._calibration(ctx, targets, stats)
-            ranks = self._ranks(gm, ctx, cal, targets, stats)
+            ranks = self._ranks(gm, ctx, cal, targets, stats, curves)
             factors = self._factor(gm, ctx, cal, targets, ranks, stats)
         changed = False
         total = kept = 0
@@ -174,6 +176,9 @@ class LowrankSplitPass(Pass):
             decision = _lower(gm, ctx, t, ranks[t.node], factors.get(t.node), self.options.objective)
             decisions.append(decision)
             r = decision["rank"]["rank"]
+            if t.node in curves:  # the allocation's curve, for the report's quality / size plot (real tensors)
+                with unset_fake_temporarily():
+                    decision["rank"]["error_curve"] = curve_points(curves[t.node], n, k, None if r == "dense" else r)
             kept += t.experts * (n * k if r == "dense" else r * (n + k))
             changed |= r != "dense"
             label = f"split {t.method}" if r != "dense" else f"left dense: {decision['rank']['why']}"
@@ -284,9 +289,10 @@ class LowrankSplitPass(Pass):
         return svd_llm(t.weight, statistics["gram"], self.options.damp)
 
     def _ranks(self, gm: torch.fx.GraphModule, ctx: PassContext, cal: Calibration | None, targets: list[_Target],
-               stats: dict) -> dict[torch.fx.Node, int | None]:
+               stats: dict, curves: dict[torch.fx.Node, torch.Tensor]) -> dict[torch.fx.Node, int | None]:
         """node -> rank (None: left dense by the allocation). Override ranks as given; the others allocated from
-        `ratio` on error curves measured on the dense model (cached per layer, so recompiles do not calibrate)."""
+        `ratio` on error curves measured on the dense model (cached per layer, so recompiles do not calibrate),
+        which it puts into `curves` (node -> curve) for the report."""
         ranks: dict[torch.fx.Node, int | None] = {t.node: t.rank for t in targets if t.rank is not None}
         free = [t for t in targets if t.rank is None]
         if not free:
@@ -295,7 +301,6 @@ class LowrankSplitPass(Pass):
             raise OptionError(f"lowrank-split: layers {free[0].name} ... have no rank (no override matches them) and "
                               "the pass has no 'ratio': give ratio, or skip them")
         fp = cal.fingerprint if cal is not None else None
-        curves: dict[torch.fx.Node, torch.Tensor] = {}
         for t in free:
             hit = ctx.weights.cached(t.node.args[1], self._key(t, "curve", None, fp))
             if hit is not None:
