@@ -37,7 +37,7 @@ def test_json_names_the_commit_and_the_missing_rows_and_replots(tmp_path):
     git = q._git_commit()
     assert re.fullmatch(r"[0-9a-f]{40}", git["commit"]) and isinstance(git["dirty"], bool)
     out = tmp_path / "q.json"
-    args = argparse.Namespace(out=out, git=git, runs=["tiny-llama:dense", "tiny-llama:svd-llm:0.80",
+    args = argparse.Namespace(out=out, git=git, only=None, runs=["tiny-llama:dense", "tiny-llama:svd-llm:0.80",
                                                       "tiny-llama:svd-llm:0.6", "tiny-llama:svd:0.8"])
     windows, calibration = torch.zeros(64, 512, dtype=torch.long), torch.zeros(64, 512, dtype=torch.long)
     doc = q._write(args, windows, calibration, [_row("svd-llm", 0.8, 17.4)])
