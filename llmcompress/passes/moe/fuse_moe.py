@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from llmcompress.cost.roofline import sym
 from llmcompress.errors import OptionError
-from llmcompress.fx_utils import call, finish_rewrite
+from llmcompress.fx_utils import call, finish_rewrite, grouped_matmul_ops
 from llmcompress.kernels import moe_experts as _experts_op  # noqa: F401  (registers llmcompress::moe_experts)
 from llmcompress.kernels import moe_route as _route_op  # noqa: F401  (registers llmcompress::moe_route)
 from llmcompress.kernels.linear_common import SUPPORTED_DTYPES
@@ -41,6 +41,14 @@ ops = torch.ops.llmcompress
 # eager experts round after each product, so a 16-bit block differs by a few of its ulps (2^-8 for bf16).
 _VERIFY_RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}
 FUSE_META = "llmcompress.moe"
+# On a CPU both sides are host loops over the experts, which one roofline launch per op does not price. Counted from
+# the code: `moe_experts`' CPU path runs 7 torch ops per expert that received tokens (gather x, gate-up mm, SiLU,
+# mul, down mm, weight mul, index_put) and `moe_route`'s about 10 (softmax, top-k, renormalise, the host-built
+# layout); transformers' `grouped_mm_fallback` runs 2 per such expert (a slice and a mm) in each grouped matmul.
+# Measured on tiny-mixtral before this was priced: fused 1.25x slower at decode, 1.18x at 128 tokens
+# (benchmarks/moe_cpu.py).
+_CPU_OPS_PER_HIT_EXPERT = {"fused": 7, "grouped_mm": 2}
+_CPU_ROUTE_OPS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +153,14 @@ class FuseMoePass(Pass):
                 lowering = getattr(ctx.config, "lowering", "inductor")
                 before = float(ctx.cost_model.lowered_cost(region.nodes, lowering, ctx.sizes).total("time_s"))
                 after = float(ctx.cost_model.lowered_cost([route, fused], lowering, ctx.sizes).total("time_s"))
+                if device == "cpu" and tokens is not None:
+                    hit = int(e) * (1 - (1 - block.k / int(e)) ** tokens)
+                    grouped = sum(n.target in grouped_matmul_ops() for n in region.nodes)
+                    loop = ctx.cost_model.kernel_time  # zero-work ops: their launches only
+                    before += loop(0.0, 0.0, dtype, launches=round(grouped * _CPU_OPS_PER_HIT_EXPERT["grouped_mm"]
+                                                                   * hit))
+                    after += loop(0.0, 0.0, dtype, launches=round(_CPU_OPS_PER_HIT_EXPERT["fused"] * hit
+                                                                  + _CPU_ROUTE_OPS))
             except Exception as err:  # noqa: BLE001 - a pricing gap must not fail the rewrite
                 before = after = None
                 info["predicted"] = {"error": f"{type(err).__name__}: {err}"}
