@@ -199,9 +199,16 @@ def layer_matches(name: str, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(m, pattern) or fnmatch.fnmatchcase(m, f"*.{pattern}") for m in member_names(name))
 
 
-def grouped_matmul_ops() -> set[Any]:
+_GROUPED_OPS: frozenset[Any] | None = None
+
+
+def grouped_matmul_ops() -> frozenset[Any]:
     """The ops MoE experts stored as 3-D weights run as: `aten._grouped_mm(x, w, offs)` and transformers'
-    `grouped_mm_fallback` (same arguments), w (E, K, N)."""
+    `grouped_mm_fallback` (same arguments), w (E, K, N). The cost model asks for every node it prices, so the set is
+    kept once transformers has registered its op (before that it is looked up again: it may be imported later)."""
+    global _GROUPED_OPS
+    if _GROUPED_OPS is not None:
+        return _GROUPED_OPS
     ops: set[Any] = set()
     op = getattr(torch.ops.aten, "_grouped_mm", None)
     if op is not None:
@@ -209,4 +216,5 @@ def grouped_matmul_ops() -> set[Any]:
     fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
     if fallback is not None:
         ops.add(fallback.default)
-    return ops
+        _GROUPED_OPS = frozenset(ops)
+    return frozenset(ops)
