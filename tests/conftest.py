@@ -14,6 +14,12 @@ import pytest  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*")
 
+# Under pytest-xdist (the README's `-n auto`) every worker would otherwise start one intra-op thread per core, so two
+# workers on 2 cores ran 4 busy threads; a share of the cores each keeps them from preempting one another.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
