@@ -39,7 +39,14 @@ from llmcompress.cascade import cascade_generate, evaluate
 from llmcompress.cost.device_profile import device_name
 from llmcompress.exit_gates import CascadeCosts, calibrate_cascade, cascade_costs
 from llmcompress.exit_heads import ExitHead, decoder_parts, fit_exit_heads, layer_states
-from llmcompress.testing.fixtures import corpus_windows, fixtures_dir, load_model, load_tokenizer, spread_windows
+from llmcompress.testing.fixtures import (
+    corpus_windows,
+    fixtures_dir,
+    load_model,
+    load_tokenizer,
+    perplexity,
+    spread_windows,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     full = evaluate(model, None, val)
+    full["perplexity_one_pass"] = perplexity(model, val, batch=4)  # the same number in one forward per window
     print(f"full model, token by token: perplexity {full['perplexity']:.3f} ({time.perf_counter() - t:.0f} s)",
           file=sys.stderr)
     costs = cascade_costs(model)
@@ -154,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                      "validation": f"{args.windows} x 512, token by token with the cascade's own KV cache",
                      "prompts": args.prompts, "new_tokens": args.new_tokens, "repeats": args.repeats,
                      "lowering": "eager (no torch.compile)", "costs_s": costs.__dict__},
-           "exits": exits, "full_perplexity": full["perplexity"], "cascades": cascades, "decode": decode}
+           "exits": exits, "full_perplexity": full["perplexity"],
+           "full_perplexity_one_pass": full["perplexity_one_pass"], "cascades": cascades, "decode": decode}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)

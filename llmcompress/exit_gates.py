@@ -80,18 +80,22 @@ class Gate:
 
 
 def gate_features(before: torch.Tensor, after: torch.Tensor, exit_logits: torch.Tensor | None = None) -> torch.Tensor:
-    """(..., hidden) × 2 [+ (..., vocab)] → (..., hidden + 3 [+ 3]) float32 features."""
+    """(..., hidden) × 2 [+ (..., vocab)] → (..., F) float32 features: the layer's log RMS, its update's log RMS and
+    cosine with its input, then either the RMS-normalised state (F = hidden + 3) or, given the exit's logits, their
+    top-5 log-probabilities and probabilities, top-1/top-2 margin and entropy (F = 15). The state is left out of the
+    logits features: with it the gates kept 0.993 agreement on held-back train.txt but 0.974 on validation.txt
+    (tiny-llama, 0.99 budget); without, 0.993 on validation.txt."""
     before, after = before.float(), after.float()
     rms = after.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
     update = (after - before).pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
     cos = torch.nn.functional.cosine_similarity(after, before, dim=-1, eps=1e-6).unsqueeze(-1)
-    feats = [after / rms, rms.log(), update.log(), cos]
-    if exit_logits is not None:
-        logp = torch.log_softmax(exit_logits.float(), -1)
-        top = logp.topk(2, dim=-1).values.exp()
-        entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
-        feats += [top[..., :1], top[..., :1] - top[..., 1:], entropy]
-    return torch.cat(feats, -1)
+    feats = [rms.log(), update.log(), cos]
+    if exit_logits is None:
+        return torch.cat([after / rms, *feats], -1)
+    logp = torch.log_softmax(exit_logits.float(), -1)
+    top = logp.topk(5, dim=-1).values
+    entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
+    return torch.cat([*feats, top, top.exp(), top[..., :1].exp() - top[..., 1:2].exp(), entropy], -1)
 
 
 def fit_gate(layer: int, features: torch.Tensor, labels: torch.Tensor, *, logits: bool, hidden_units: int = 0,
@@ -260,6 +264,29 @@ def _thresholds(exits: list[int], s: _Scores, costs: CascadeCosts, logits: bool,
     return thresholds, best
 
 
+def choose_exits(candidates: list[int], s: _Scores, costs: CascadeCosts, logits: bool, allowed: float,
+                 min_agreement: float) -> tuple[list[int], dict[int, float], float, dict[int, str]]:
+    """The exits the cost model keeps: thresholds for all candidates, then the exit whose removal lowers the
+    predicted time most is dropped, while one does; exits left with no threshold that saves time are dropped too.
+    Returns (exits, thresholds, predicted seconds per token, {dropped exit: reason})."""
+    exits, dropped = list(candidates), {}
+    thresholds, time = _thresholds(exits, s, costs, logits, allowed)
+    while len(exits) > 1:
+        trials = {e: _thresholds([x for x in exits if x != e], s, costs, logits, allowed) for e in exits}
+        e, (t_without, time_without) = min(trials.items(), key=lambda kv: kv[1][1])
+        if time_without >= time:
+            break
+        dropped[e] = (f"exit {e} dropped: the cascade is predicted {time * 1e6:.2f} µs/token with it, "
+                      f"{time_without * 1e6:.2f} without (its gate and head cost more than it saves)")
+        exits.remove(e)
+        thresholds, time = t_without, time_without
+    for e in list(exits):
+        if thresholds[e] == math.inf:
+            dropped[e] = f"exit {e} dropped: no threshold keeps the agreement ≥ {min_agreement} and saves time"
+            exits.remove(e)
+    return exits, {e: thresholds[e] for e in exits}, time, dropped
+
+
 @torch.no_grad()
 def calibrate_cascade(model: torch.nn.Module, calibration: torch.Tensor, *, min_agreement: float,
                       exit_layers: Sequence[int] | str = "auto", features: str = "auto", hidden_units: int = 32,
@@ -313,24 +340,10 @@ def calibrate_cascade(model: torch.nn.Module, calibration: torch.Tensor, *, min_
 
     best = None
     for k in kinds:
-        exits, dropped = list(candidates), {}
-        thresholds, time = _thresholds(exits, scores[k], costs, k == "logits", allowed)
-        while len(exits) > 1:  # drop the exit whose removal lowers the predicted time most, while one does
-            trials = {e: _thresholds([x for x in exits if x != e], scores[k], costs, k == "logits", allowed)
-                      for e in exits}
-            e, (t_without, time_without) = min(trials.items(), key=lambda kv: kv[1][1])
-            if time_without >= time:
-                break
-            dropped[e] = (f"exit {e} dropped: the cascade is predicted {time * 1e6:.2f} µs/token with it, "
-                          f"{time_without * 1e6:.2f} without (its gate and head cost more than it saves)")
-            exits.remove(e)
-            thresholds, time = t_without, time_without
-        for e in list(exits):
-            if thresholds[e] == math.inf:
-                dropped[e] = f"exit {e} dropped: no threshold keeps the agreement ≥ {min_agreement} and saves time"
-                exits.remove(e)
+        exits, thresholds, time, dropped = choose_exits(candidates, scores[k], costs, k == "logits", allowed,
+                                                        min_agreement)
         if best is None or time < best[1]:
-            best = (k, time, exits, {e: thresholds[e] for e in exits}, dropped)
+            best = (k, time, exits, thresholds, dropped)
     kind, time, exits, thresholds, dropped = best
     errors, _, exit_at = _simulate(exits, thresholds, scores[kind], costs, kind == "logits")
     skipped = torch.where(exit_at > 0, parts.num_layers - exit_at, 0).double().sum().item()

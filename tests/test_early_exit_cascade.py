@@ -6,6 +6,7 @@ model keeps exits on tiny-llama; bad input raises. Fixture tests (tiny-llama) ar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,9 +14,19 @@ import torch
 
 from llmcompress.cascade import cascade, cascade_generate, evaluate
 from llmcompress.errors import OptionError
-from llmcompress.exit_gates import CascadePlan, Gate, calibrate_cascade, check_min_agreement, fit_gate, teacher_forced
+from llmcompress.exit_gates import (
+    CascadeCosts,
+    CascadePlan,
+    Gate,
+    _Scores,
+    calibrate_cascade,
+    check_min_agreement,
+    choose_exits,
+    fit_gate,
+    teacher_forced,
+)
 from llmcompress.exit_heads import ExitHead, decoder_parts, fit_exit_heads
-from llmcompress.testing.fixtures import corpus_windows, fixtures_dir, load_model, load_tokenizer, missing
+from llmcompress.testing.fixtures import fixtures_dir, load_model, load_tokenizer, missing, spread_windows
 from llmcompress.testing.models import _COMMON_DECODER, VOCAB, example_ids, tiny_model
 
 HIDDEN = _COMMON_DECODER["hidden_size"]
@@ -41,9 +52,9 @@ def heads(llama4):
 
 
 def _gate(layer: int, threshold: float, seed: int = 0, logits: bool = False) -> Gate:
-    """A random gate over the hidden features (F = hidden + 3, + 3 with logits)."""
+    """A random gate over the state features (F = hidden + 3) or the logits features (F = 15)."""
     g = torch.Generator().manual_seed(seed)
-    f = HIDDEN + 3 + 3 * logits
+    f = 15 if logits else HIDDEN + 3
     return Gate(layer, torch.randn(f, generator=g), 0.0, torch.zeros(f), torch.ones(f), logits, threshold)
 
 
@@ -159,6 +170,43 @@ def test_logits_gate_and_fit_gate_separate_classes():
         assert ((p > 0.5) == y).double().mean() > 0.95
 
 
+def _scores(n: int = 1000) -> _Scores:
+    """Exit 1 agrees on the tokens whose score is > 0.7 (30 %), exit 3 on those > 0.4 (60 %); scores rank them."""
+    g = torch.Generator().manual_seed(0)
+    score = torch.rand(n, generator=g, dtype=torch.float64)
+    return _Scores({1: score, 3: score}, {1: score > 0.7, 3: score > 0.4})
+
+
+def test_choose_exits_keeps_what_pays_and_meets_the_budget():
+    costs = CascadeCosts(layer=1.0, head=1.0, translation=0.0, fill=0.1, gate_hidden=0.01, gate_logits=1.0,
+                         num_layers=4)
+    s = _scores()
+    exits, thresholds, time, dropped = choose_exits([1, 3], s, costs, False, allowed=0, min_agreement=1.0)
+    assert exits == [1, 3] and not dropped
+    assert 0.7 <= thresholds[1] and 0.4 <= thresholds[3] < 0.7  # no error allowed: each opens only where it agrees
+    p1 = (s.score[1] >= thresholds[1]).double().mean().item()
+    p3 = ((s.score[3] >= thresholds[3]) & (s.score[1] < thresholds[1])).double().mean().item()
+    assert p1 > 0.27 and p3 > 0.27  # the quantile grid (1 % steps) gets within a step of 30 % each
+    # p1 leave at 1 (1 layer + 3 fills + head), p3 at 3, the rest run all 4 layers + head; every token pays gate 1
+    assert time == pytest.approx(0.01 + p1 * (1 + 0.3 + 1) + (1 - p1) * 0.01 + p3 * (3 + 0.1 + 1)
+                                 + (1 - p1 - p3) * 5, rel=1e-6)
+
+
+def test_choose_exits_drops_exits_whose_gate_costs_more_than_they_save():
+    costs = CascadeCosts(layer=1.0, head=1.0, translation=0.0, fill=0.1, gate_hidden=0.01, gate_logits=1.0,
+                         num_layers=4)
+    # a logits gate costs its LM head (1 layer here) on every token reaching it; exit 1 alone saves 3.7 layers on
+    # 30 % (1.11), exit 3 alone 1.9 on 60 % (1.14), both: exit 3's gate then costs 0.7 for 1.9 on 30 %: drop exit 1
+    s = _scores()
+    exits, thresholds, time, dropped = choose_exits([1, 3], s, costs, True, allowed=0, min_agreement=1.0)
+    assert exits == [3] and "exit 1 dropped" in dropped[1] and "cost more than it saves" in dropped[1]
+    p3 = (s.score[3] >= thresholds[3]).double().mean().item()
+    assert time == pytest.approx(1.0 + p3 * 3.1 + (1 - p3) * 5, rel=1e-6) and time < costs.full
+    expensive = dataclasses.replace(costs, gate_logits=3.0)
+    exits, _, time, dropped = choose_exits([1, 3], _scores(), expensive, True, allowed=0, min_agreement=1.0)
+    assert time >= expensive.full or not exits
+
+
 @pytest.mark.parametrize("value", [0, 0.0, 1.5, -0.1, True, "0.99", math.nan])
 def test_budget_outside_0_1_raises(value):
     with pytest.raises(OptionError, match="min_agreement"):
@@ -217,13 +265,16 @@ def tiny_llama():
 def test_calibration_meets_budget_on_held_back_text(tiny_llama):
     model, tokenizer = tiny_llama
     f = fixtures_dir()
-    plan = calibrate_cascade(model, corpus_windows(f, tokenizer, "train.txt", 16), min_agreement=0.99)
-    assert plan.declined is None and plan.exits  # tiny-llama's exits pay at 0.99
-    assert plan.predicted["speedup"] > 1
-    held = teacher_forced(model, plan, corpus_windows(f, tokenizer, "validation.txt", 4))
-    assert held["agreement"] >= 0.99
-    assert held["skip_fraction"] > 0.05
-    strict = calibrate_cascade(model, corpus_windows(f, tokenizer, "train.txt", 8), min_agreement=1.0)
+    # layer counts as prices: every exit may stay, so the budget is what limits the gates
+    layers = CascadeCosts(1.0, 0.0, 0.0, 0.0, 0.0, 0.0, len(model.model.layers))
+    plan = calibrate_cascade(model, spread_windows(f, tokenizer, "train.txt", 16), min_agreement=0.99,
+                             features="logits", costs=layers)
+    assert plan.declined is None and plan.exits
+    assert plan.held_back["agreement"] >= 0.99
+    held = teacher_forced(model, plan, spread_windows(f, tokenizer, "validation.txt", 8))
+    assert held["agreement"] >= 0.99  # validation.txt: documents the thresholds never saw
+    assert held["skip_fraction"] > 0.03
+    strict = calibrate_cascade(model, spread_windows(f, tokenizer, "train.txt", 8), min_agreement=1.0)
     assert strict.declined and "budget 0.0" in strict.declined
 
 
