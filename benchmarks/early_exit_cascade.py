@@ -117,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
             v = evaluate(model, plan, val)
             v["perplexity_ratio"] = v["perplexity"] / full["perplexity"]
             row["validation"] = v
+            if name == "max-skip":  # the skipped layers' K/V from a state interpolated toward the exit's translation
+                vi = evaluate(model, plan, val, fill="interpolate")
+                vi["perplexity_ratio"] = vi["perplexity"] / full["perplexity"]
+                row["validation_fill_interpolate"] = vi
+                print(f"  fill=interpolate: agreement {vi['agreement']:.4f} perplexity {vi['perplexity']:.3f} "
+                      f"({100 * (vi['perplexity_ratio'] - 1):+.2f} %)", file=sys.stderr)
             print(f"cascade {name}: exits {plan.exits} ({plan.features} gates) skip {v['skip_fraction']:.3f} "
                   f"agreement {v['agreement']:.4f} perplexity {v['perplexity']:.3f} "
                   f"({100 * (v['perplexity_ratio'] - 1):+.2f} %), exits {v['exits']}", file=sys.stderr)

@@ -26,6 +26,7 @@ from llmcompress.exit_gates import CascadePlan
 from llmcompress.exit_heads import DecoderParts, check_ids, decoder_parts
 
 ROW_MODES = ("all", "each")
+FILL_MODES = ("exit", "interpolate")
 
 
 def check_layer_structure(parts: DecoderParts) -> None:
@@ -59,7 +60,7 @@ class _State:
 
 class _CascadeLayer(torch.nn.Module):
     def __init__(self, layer: torch.nn.Module, index: int, plan: CascadePlan, parts: DecoderParts, state: _State,
-                 rows: str, stats: dict[str, Any]):
+                 rows: str, stats: dict[str, Any], fill: str = "exit"):
         super().__init__()
         self.layer = layer
         self.index = index  # 0-based; the exit after this layer is index + 1
@@ -70,6 +71,7 @@ class _CascadeLayer(torch.nn.Module):
         self.parts = parts
         self.state = state
         self.rows = rows
+        self.fill = fill
         self.stats = stats
         self.rotate = sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
 
@@ -122,6 +124,8 @@ class _CascadeLayer(torch.nn.Module):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is None:
             return
+        if self.fill == "interpolate":
+            hidden = self._interpolate(hidden, rows)
         x = self.layer.input_layernorm(hidden)
         shape = (*x.shape[:-1], -1, attn.head_dim)
         k = attn.k_proj(x).view(shape).transpose(1, 2)
@@ -135,6 +139,17 @@ class _CascadeLayer(torch.nn.Module):
         layer.keys[rows, :, -1:] = k[rows].to(layer.keys.dtype)
         layer.values[rows, :, -1:] = v[rows].to(layer.values.dtype)
 
+    def _interpolate(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Layer index i's input estimated between the exit state (exact for the first skipped layer, i = E) and the
+        exit's translation (the predicted last-layer state): h + (i − E) / (L − E) · (A h + b − h), per exit."""
+        out = hidden.clone()
+        exit_layer = self.state.exit_layer
+        for e in exit_layer[rows].unique().tolist():
+            sel = exit_layer == e
+            w = (self.index - e) / (self.num_layers - e)
+            out[sel] = hidden[sel] + w * (self.heads[e].translate(hidden[sel]) - hidden[sel])
+        return out
+
     def _count(self, exit_layer: torch.Tensor) -> None:
         stats = self.stats
         stats["tokens"] = stats.get("tokens", 0) + exit_layer.numel()
@@ -146,9 +161,12 @@ class _CascadeLayer(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def cascade(model: torch.nn.Module, plan: CascadePlan, *, rows: str = "all", stats: dict[str, Any] | None = None):
+def cascade(model: torch.nn.Module, plan: CascadePlan, *, rows: str = "all", stats: dict[str, Any] | None = None,
+            fill: str = "exit"):
     """While open, the model's decode steps run the cascade; `stats` (a dict, filled in place) counts `tokens`
     (decode-step rows), `layers_skipped` and `exits` {E: tokens}. A declined plan raises: nothing would change."""
+    if fill not in FILL_MODES:
+        raise OptionError(f"fill: {fill!r}; expected one of {', '.join(FILL_MODES)}")
     if rows not in ROW_MODES:
         raise OptionError(f"rows: {rows!r}; expected one of {', '.join(ROW_MODES)}")
     if plan.declined:
@@ -164,7 +182,7 @@ def cascade(model: torch.nn.Module, plan: CascadePlan, *, rows: str = "all", sta
         raise OptionError("early-exit cascade: already open on this model")
     state, stats = _State(), ({} if stats is None else stats)
     for i, layer in enumerate(originals):
-        layers[i] = _CascadeLayer(layer, i, plan, parts, state, rows, stats)
+        layers[i] = _CascadeLayer(layer, i, plan, parts, state, rows, stats, fill)
     try:
         yield stats
     finally:
@@ -189,7 +207,8 @@ def cascade_generate(model: torch.nn.Module, input_ids: torch.Tensor, *, plan: C
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, plan: CascadePlan | None, windows: torch.Tensor) -> dict[str, Any]:
+def evaluate(model: torch.nn.Module, plan: CascadePlan | None, windows: torch.Tensor, *,
+             fill: str = "exit") -> dict[str, Any]:
     """Teacher-forced, token by token through a DynamicCache: windows (n, seq) → the cascade's own perplexity (its
     logits at each position, the filled cache included; the fixtures README's per-window mean), its top-1 agreement
     with the full model's logits on the same text, and the share of decoder-layer evaluations skipped. plan None:
@@ -202,7 +221,7 @@ def evaluate(model: torch.nn.Module, plan: CascadePlan | None, windows: torch.Te
     windows = windows.to(device)
     full = torch.cat([model(w[None]).logits.argmax(-1) for w in windows])
     stats: dict[str, Any] = {}
-    context = contextlib.nullcontext() if plan is None else cascade(model, plan, rows="each", stats=stats)
+    context = contextlib.nullcontext() if plan is None else cascade(model, plan, rows="each", stats=stats, fill=fill)
     losses = torch.zeros(windows.shape[0], dtype=torch.float64)
     agree = 0
     with context:
