@@ -141,12 +141,12 @@ def test_static_cache_matches_dynamic(llama4, heads):
     assert not torch.equal(dynamic, _generate(llama4, prompt, 9))  # the exits changed something
 
 
-def _batch_one_cascade(model, plan, window):
+def _batch_one_cascade(model, plan, window, fill):
     """The window token by token through the skipping cascade (rows="all", batch 1): mean NLL, top-1s, exits."""
     from transformers import DynamicCache
 
     cache, stats, nll, top = DynamicCache(config=model.config), {}, [], []
-    with cascade(model, plan, stats=stats):
+    with cascade(model, plan, stats=stats, fill=fill):
         for t in range(window.numel() - 1):
             logits = model(window[None, t: t + 1], cache=cache, use_cache=True).logits[0, -1]
             nll.append(torch.nn.functional.cross_entropy(logits[None], window[None, t + 1]).item())
@@ -154,14 +154,16 @@ def _batch_one_cascade(model, plan, window):
     return sum(nll) / len(nll), torch.tensor(top), stats.get("exits", {})
 
 
-def test_each_row_equals_batch_one(llama4, heads):
+@pytest.mark.parametrize("fill", ["exit", "interpolate"])
+def test_each_row_equals_batch_one(llama4, heads, fill):
     """rows="each" (measuring) computes what the skipping batch-1 cascade computes for each row, gates differing
-    per row."""
+    per row. (With fill="exit" an exited row's input to the skipped layers is the exit state, so their own K/V are
+    the fill; "interpolate" needs the overwrite.)"""
     windows = example_ids(3, 12, seed=8)
     gates = {1: _gate(1, 0.5, seed=1), 3: _gate(3, 0.5, seed=3)}
     plan = CascadePlan({1: heads[1], 3: heads[3]}, gates, 0.99, "hidden", {}, {}, {}, None)
-    batched = evaluate(llama4, plan, windows)
-    singles = [_batch_one_cascade(llama4, plan, w) for w in windows]
+    batched = evaluate(llama4, plan, windows, fill=fill)
+    singles = [_batch_one_cascade(llama4, plan, w, fill) for w in windows]
     full = llama4(windows).logits.argmax(-1)[:, :-1]
     assert batched["exits"] == {e: sum(s[2].get(e, 0) for s in singles) for e in (1, 3)}
     assert all(s[2] for s in singles) and 0 < batched["skip_fraction"] < 1  # rows exit, not all of them
