@@ -1,0 +1,241 @@
+"""Early-exit cascade at model level (issue 16): a calibrated `CascadePlan` (`exit_gates.calibrate_cascade`) run
+inside HF `generate` with any cache (dynamic or static). Entry points: `cascade_generate`, `cascade`, `evaluate`.
+
+`cascade(model, plan)` swaps the decoder layers for wrappers while it is open. At a decode step (one new token per
+row) the wrapper of a kept exit E scores its gate; when every row of the batch is confident the remaining layers do
+not run: each fills its key/value slot for the token by projecting the exit's hidden state through its own input
+norm, k_proj / v_proj and rotary embedding (state propagation, as in CALM), so later tokens attend to every layer,
+and the last one returns the exit's translation A_E h + b_E, which the model's final norm and LM head turn into the
+exit head's logits. Prefill runs every layer. `rows="each"` is for measuring: every row exits on its own gate,
+every layer still runs and the exited rows' outputs and cache slots are overwritten with the exit's (what a batch-1
+cascade computes for each row), with a DynamicCache only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+from typing import Any
+
+import torch
+
+from llmcompress.errors import OptionError
+from llmcompress.exit_gates import CascadePlan
+from llmcompress.exit_heads import DecoderParts, check_ids, decoder_parts
+
+ROW_MODES = ("all", "each")
+FILL_MODES = ("exit", "interpolate")
+
+
+def check_layer_structure(parts: DecoderParts) -> None:
+    """The K/V fill re-implements Llama attention's key/value path: input_layernorm → k_proj / v_proj → rotary.
+    Anything else (a q/k norm as in Qwen3, a missing projection) is refused with what is missing."""
+    for i, layer in enumerate(parts.layers):
+        attn = getattr(layer, "self_attn", None)
+        missing = [name for name, ok in (
+            ("input_layernorm", hasattr(layer, "input_layernorm")), ("self_attn", attn is not None),
+            ("self_attn.k_proj", hasattr(attn, "k_proj")), ("self_attn.v_proj", hasattr(attn, "v_proj")),
+            ("self_attn.head_dim", hasattr(attn, "head_dim")),
+            ("apply_rotary_pos_emb in its module", hasattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb")))
+            if not ok]
+        extra = [name for name in ("k_norm", "q_norm") if getattr(attn, name, None) is not None]
+        if missing or extra:
+            raise OptionError(f"early-exit cascade: decoder layer {i} ({type(layer).__name__}) "
+                              f"{'lacks ' + ', '.join(missing) if missing else 'has ' + ', '.join(extra)}; the K/V "
+                              "fill supports Llama-structured attention (input_layernorm → k_proj / v_proj → rotary), "
+                              "the model is left alone")
+
+
+@dataclasses.dataclass
+class _State:
+    """Shared by the wrappers during one forward. exit_layer: (batch,) 0 = running, else the exit taken;
+    exit_hidden: (batch, 1, hidden) the exit's layer state."""
+
+    exit_layer: torch.Tensor | None = None
+    exit_hidden: torch.Tensor | None = None
+    decode: bool = False
+
+
+class _CascadeLayer(torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module, index: int, plan: CascadePlan, parts: DecoderParts, state: _State,
+                 rows: str, stats: dict[str, Any], fill: str = "exit"):
+        super().__init__()
+        self.layer = layer
+        self.index = index  # 0-based; the exit after this layer is index + 1
+        self.num_layers = parts.num_layers
+        self.heads = plan.heads
+        self.head = plan.heads.get(index + 1)
+        self.gate = plan.gates.get(index + 1)
+        self.parts = parts
+        self.state = state
+        self.rows = rows
+        self.fill = fill
+        self.stats = stats
+        self.rotate = sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        state = self.state
+        if self.index == 0:
+            state.decode = hidden_states.shape[1] == 1
+            state.exit_layer = torch.zeros(hidden_states.shape[0], dtype=torch.long, device=hidden_states.device)
+            state.exit_hidden = None
+        exited = state.exit_layer > 0
+        if self.rows == "all" and state.decode and bool(exited.all()):
+            self._fill(state.exit_hidden, exited, kwargs, append=True)
+            return self._output(None, exited)
+        out = self.layer(hidden_states, *args, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        if self.rows == "each" and state.decode and bool(exited.any()):
+            self._fill(state.exit_hidden, exited, kwargs, append=False)
+        if self.gate is not None and state.decode and not bool(exited.all()):
+            logits = self.head.logits(self.parts, out) if self.gate.logits else None
+            confident = (self.gate.score(hidden_states, out, logits)[:, -1] >= self.gate.threshold) & ~exited
+            if self.rows == "all":
+                confident = confident if bool(confident.all()) else torch.zeros_like(confident)
+            if bool(confident.any()):
+                exit_hidden = out if state.exit_hidden is None else state.exit_hidden
+                state.exit_hidden = torch.where(confident[:, None, None], out, exit_hidden)
+                state.exit_layer = torch.where(confident, self.index + 1, state.exit_layer)
+                exited = state.exit_layer > 0
+        if self.index == self.num_layers - 1 and state.decode:
+            self._count(state.exit_layer)
+        return self._output(out, exited)
+
+    def _output(self, out: torch.Tensor | None, exited: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        if not bool(exited.any()):
+            return out
+        if self.index < self.num_layers - 1:
+            return state.exit_hidden if out is None else torch.where(exited[:, None, None], state.exit_hidden, out)
+        if out is None:
+            self._count(state.exit_layer)
+        # the last layer hands the model's final norm + LM head the exit's translation: its logits are the exit's
+        translated = torch.empty_like(state.exit_hidden)
+        for e in state.exit_layer[exited].unique().tolist():
+            rows = state.exit_layer == e
+            translated[rows] = self.heads[e].translate(state.exit_hidden[rows])
+        return translated if out is None else torch.where(exited[:, None, None], translated, out)
+
+    def _fill(self, hidden: torch.Tensor, rows: torch.Tensor, kwargs: dict[str, Any], *, append: bool) -> None:
+        """This layer's key/value slot of the current token from the exit's state (batch, 1, hidden)."""
+        attn = self.layer.self_attn
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None:
+            return
+        if self.fill == "interpolate":
+            hidden = self._interpolate(hidden, rows)
+        x = self.layer.input_layernorm(hidden)
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        _, k = self.rotate(k, k, cos, sin)
+        if append:
+            cache.update(k, v, attn.layer_idx, kwargs=kwargs)
+            return
+        layer = cache.layers[attn.layer_idx]
+        layer.keys[rows, :, -1:] = k[rows].to(layer.keys.dtype)
+        layer.values[rows, :, -1:] = v[rows].to(layer.values.dtype)
+
+    def _interpolate(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Layer index i's input estimated between the exit state (exact for the first skipped layer, i = E) and the
+        exit's translation (the predicted last-layer state): h + (i − E) / (L − E) · (A h + b − h), per exit."""
+        out = hidden.clone()
+        exit_layer = self.state.exit_layer
+        for e in exit_layer[rows].unique().tolist():
+            sel = exit_layer == e
+            w = (self.index - e) / (self.num_layers - e)
+            out[sel] = hidden[sel] + w * (self.heads[e].translate(hidden[sel]) - hidden[sel])
+        return out
+
+    def _count(self, exit_layer: torch.Tensor) -> None:
+        stats = self.stats
+        stats["tokens"] = stats.get("tokens", 0) + exit_layer.numel()
+        skipped = torch.where(exit_layer > 0, self.num_layers - exit_layer, 0)
+        stats["layers_skipped"] = stats.get("layers_skipped", 0) + int(skipped.sum())
+        by_exit = stats.setdefault("exits", {})
+        for e in exit_layer[exit_layer > 0].tolist():
+            by_exit[e] = by_exit.get(e, 0) + 1
+
+
+@contextlib.contextmanager
+def cascade(model: torch.nn.Module, plan: CascadePlan, *, rows: str = "all", stats: dict[str, Any] | None = None,
+            fill: str = "exit"):
+    """While open, the model's decode steps run the cascade; `stats` (a dict, filled in place) counts `tokens`
+    (decode-step rows), `layers_skipped` and `exits` {E: tokens}. A declined plan raises: nothing would change."""
+    if fill not in FILL_MODES:
+        raise OptionError(f"fill: {fill!r}; expected one of {', '.join(FILL_MODES)}")
+    if rows not in ROW_MODES:
+        raise OptionError(f"rows: {rows!r}; expected one of {', '.join(ROW_MODES)}")
+    if plan.declined:
+        raise OptionError(f"early-exit cascade: the plan was {plan.declined}")
+    parts = decoder_parts(model)
+    check_layer_structure(parts)
+    if max(plan.exits) >= parts.num_layers:
+        raise OptionError(f"early-exit cascade: the plan's exits {plan.exits} are outside this model's "
+                          f"{parts.num_layers} layers")
+    layers = model.model.layers
+    originals = list(layers)
+    if any(isinstance(m, _CascadeLayer) for m in originals):
+        raise OptionError("early-exit cascade: already open on this model")
+    state, stats = _State(), ({} if stats is None else stats)
+    for i, layer in enumerate(originals):
+        layers[i] = _CascadeLayer(layer, i, plan, parts, state, rows, stats, fill)
+    try:
+        yield stats
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+@torch.no_grad()
+def cascade_generate(model: torch.nn.Module, input_ids: torch.Tensor, *, plan: CascadePlan,
+                     return_stats: bool = False, **generate_kwargs: Any):
+    """`model.generate(input_ids, **generate_kwargs)` with the cascade on every decode step (a declined plan decodes
+    plainly, stats["declined"] says why). Returns the ids, or (ids, stats) with return_stats."""
+    input_ids = check_ids(input_ids, "input_ids")
+    generate_kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
+    if plan.declined:
+        ids = model.generate(input_ids, **generate_kwargs)
+        return (ids, {"declined": plan.declined}) if return_stats else ids
+    with cascade(model, plan) as stats:
+        ids = model.generate(input_ids, **generate_kwargs)
+    stats["declined"] = None
+    return (ids, stats) if return_stats else ids
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, plan: CascadePlan | None, windows: torch.Tensor, *,
+             fill: str = "exit") -> dict[str, Any]:
+    """Teacher-forced, token by token through a DynamicCache: windows (n, seq) → the cascade's own perplexity (its
+    logits at each position, the filled cache included; the fixtures README's per-window mean), its top-1 agreement
+    with the full model's logits on the same text, and the share of decoder-layer evaluations skipped. plan None:
+    the full model through the same loop (for the baseline)."""
+    from transformers import DynamicCache
+
+    windows = check_ids(windows, "windows")
+    parts = decoder_parts(model)
+    device = parts.lm_head.weight.device
+    windows = windows.to(device)
+    full = torch.cat([model(w[None]).logits.argmax(-1) for w in windows])
+    stats: dict[str, Any] = {}
+    context = contextlib.nullcontext() if plan is None else cascade(model, plan, rows="each", stats=stats, fill=fill)
+    losses = torch.zeros(windows.shape[0], dtype=torch.float64)
+    agree = 0
+    with context:
+        cache = DynamicCache(config=model.config)
+        out = model(windows[:, :1], cache=cache, use_cache=True)
+        for t in range(windows.shape[1] - 1):
+            if t > 0:
+                out = model(windows[:, t: t + 1], cache=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+            losses += torch.nn.functional.cross_entropy(logits, windows[:, t + 1], reduction="none").double().cpu()
+            agree += int((logits.argmax(-1) == full[:, t]).sum())
+    predicted = windows.shape[0] * (windows.shape[1] - 1)
+    losses /= windows.shape[1] - 1
+    decode_tokens = stats.get("tokens", 0)
+    return {"perplexity": math.exp(losses.mean().item()), "agreement": agree / predicted,
+            "skip_fraction": stats.get("layers_skipped", 0) / max(decode_tokens * parts.num_layers, 1),
+            "exits": dict(sorted(stats.get("exits", {}).items())), "tokens": predicted}

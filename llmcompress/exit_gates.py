@@ -1,0 +1,393 @@
+"""Confidence gates for an early-exit cascade (issue 16) and the choice of exits. Entry point: `calibrate_cascade`.
+
+A gate at exit E is a logistic regression predicting "the exit's top-1 equals the full model's top-1" from the
+layer-E state (RMS-normalised), its log RMS, the size of layer E's update and its cosine with layer E's input, and
+for `features="logits"` also the exit head's max probability, top-1/top-2 margin and entropy. It is fitted (LBFGS,
+float64, L2) on teacher-forced full-model states of the first ¾ of the calibration rows; the thresholds are set on
+the held-back ¼ so that the cascade's top-1 agreement there stays ≥ `min_agreement` with a one-sided 90 % bound
+(the allowed errors are shrunk by 1.28 binomial standard deviations, so the budget holds on text the thresholds did
+not see). The cost model (`CostModel.kernel_time`, M = 1 decode) prices every kept exit: a gate evaluated on each
+token that reaches it (a logits gate runs the exit's norm + LM head: on tiny-llama, vocab 4096 × 384, that is ≈ one
+decoder layer), and per exiting token the translation and the K/V projections that fill the skipped layers' cache.
+Exits are dropped greedily while that lowers the predicted time per token; the plan is declined, with the reason,
+when no set of exits is predicted faster than the full model.
+
+Model-level (drives HF modules through `exit_heads`); `cascade.py` runs the plan in HF `generate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+
+from llmcompress.cost.hardware import resolve
+from llmcompress.cost.roofline import CostModel
+from llmcompress.errors import OptionError
+from llmcompress.exit_heads import (
+    DecoderParts,
+    ExitHead,
+    check_exit_layer,
+    check_ids,
+    decoder_parts,
+    fit_exit_heads,
+    layer_states,
+)
+
+GATE_FEATURES = ("auto", "hidden", "logits")
+BUDGET_Z = 1.28
+"""One-sided 90 % normal bound on the held-back error count: with 6 × 512 held-back tokens at 0.99 it allows 23.6
+errors instead of 30.7, so a threshold that just meets the budget there still meets it on new text."""
+THRESHOLD_CANDIDATES = 96
+"""Quantiles of a gate's held-back scores tried as its threshold (plus "never"): finer changed skip by < 0.2 points."""
+
+
+def check_min_agreement(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise OptionError(f"min_agreement: {value!r} is outside (0, 1]; expected the share of tokens whose top-1 "
+                          "must equal the full model's, e.g. 0.99")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    """The gate at exit `layer`: sigmoid(standardised features · weight + bias) ≥ threshold means exit.
+
+    weight, mean, std: (F,) float32; logits: whether the features include the exit head's probabilities."""
+
+    layer: int
+    weight: torch.Tensor
+    bias: float
+    mean: torch.Tensor
+    std: torch.Tensor
+    logits: bool
+    threshold: float = math.inf
+    hidden_weight: torch.Tensor | None = None
+    hidden_bias: torch.Tensor | None = None
+
+    def score(self, before: torch.Tensor, after: torch.Tensor, exit_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """before, after: (..., hidden) layer E's input and output; exit_logits: (..., vocab) when `logits` →
+        (...) probability that the exit agrees with the full model."""
+        x = (gate_features(before, after, exit_logits if self.logits else None) - self.mean) / self.std
+        if self.hidden_weight is not None:
+            x = torch.nn.functional.gelu(x @ self.hidden_weight + self.hidden_bias)
+        return torch.sigmoid(x @ self.weight + self.bias)
+
+    def with_threshold(self, threshold: float) -> Gate:
+        return dataclasses.replace(self, threshold=float(threshold))
+
+
+def gate_features(before: torch.Tensor, after: torch.Tensor, exit_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., hidden) × 2 [+ (..., vocab)] → (..., F) float32 features: the layer's log RMS, its update's log RMS and
+    cosine with its input, then either the RMS-normalised state (F = hidden + 3) or, given the exit's logits, their
+    top-5 log-probabilities and probabilities, top-1/top-2 margin and entropy (F = 15). The state is left out of the
+    logits features: with it the gates kept 0.993 agreement on held-back train.txt but 0.974 on validation.txt
+    (tiny-llama, 0.99 budget); without, 0.993 on validation.txt."""
+    before, after = before.float(), after.float()
+    rms = after.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
+    update = (after - before).pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
+    cos = torch.nn.functional.cosine_similarity(after, before, dim=-1, eps=1e-6).unsqueeze(-1)
+    feats = [rms.log(), update.log(), cos]
+    if exit_logits is None:
+        return torch.cat([after / rms, *feats], -1)
+    logp = torch.log_softmax(exit_logits.float(), -1)
+    top = logp.topk(5, dim=-1).values
+    entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
+    return torch.cat([*feats, top, top.exp(), top[..., :1].exp() - top[..., 1:2].exp(), entropy], -1)
+
+
+def fit_gate(layer: int, features: torch.Tensor, labels: torch.Tensor, *, logits: bool, hidden_units: int = 0,
+             l2: float = 1e-2, steps: int = 100, seed: int = 0) -> Gate:
+    """Logistic regression (hidden_units = 0) or a one-hidden-layer GELU MLP of labels (n,) bool on features (n, F),
+    fitted by float64 LBFGS with L2 on the weights (per token)."""
+    x = features.double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    x = (x - mean) / std
+    y = labels.double()
+    gen = torch.Generator().manual_seed(seed)
+    width = hidden_units or x.shape[1]
+    w1 = (torch.randn(x.shape[1], hidden_units, generator=gen, dtype=torch.float64) / math.sqrt(x.shape[1])
+          if hidden_units else None)
+    b1 = torch.zeros(hidden_units, dtype=torch.float64) if hidden_units else None
+    w = torch.zeros(width, dtype=torch.float64)
+    b = torch.zeros((), dtype=torch.float64)
+    params = [t.requires_grad_() for t in (w, b, w1, b1) if t is not None]
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        h = x if w1 is None else torch.nn.functional.gelu(x @ w1 + b1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(h @ w + b, y) + l2 * w.pow(2).sum() / 2
+        if w1 is not None:
+            loss = loss + l2 * w1.pow(2).sum() / 2
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return Gate(layer, w.detach().float(), float(b.detach()), mean.float(), std.float(), logits,
+                hidden_weight=None if w1 is None else w1.detach().float(),
+                hidden_bias=None if b1 is None else b1.detach().float())
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadeCosts:
+    """Predicted seconds per token at decode (M = 1): one decoder layer (mean), the final norm + LM head, a
+    translation A_E h + b_E, the K/V fill of one skipped layer (input norm + k_proj + v_proj), a hidden gate and a
+    logits gate (hidden gate + the exit's norm + LM head)."""
+
+    layer: float
+    head: float
+    translation: float
+    fill: float
+    gate_hidden: float
+    gate_logits: float
+    num_layers: int
+
+    def gate(self, logits: bool) -> float:
+        return self.gate_logits if logits else self.gate_hidden
+
+    @property
+    def full(self) -> float:
+        return self.num_layers * self.layer + self.head
+
+
+def _weights_time(cost: CostModel, modules: Sequence[torch.nn.Module], dtype: torch.dtype) -> float:
+    """Roofline seconds of the modules at M = 1 (each weight read once, 2 FLOP per weight), one launch each."""
+    params = [p for m in modules for p in m.parameters()]
+    return cost.kernel_time(2 * sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params),
+                            dtype, rows=1, launches=len(modules))
+
+
+def cascade_costs(model: torch.nn.Module, hardware: str = "auto") -> CascadeCosts:
+    parts = decoder_parts(model)
+    weight = parts.lm_head.weight
+    dtype, hidden = weight.dtype, weight.shape[1]
+    cost = CostModel(resolve(hardware, weight.device))
+    leaves = [[m for m in layer.modules() if next(m.parameters(recurse=False), None) is not None]
+              for layer in parts.layers]
+    layer = sum(_weights_time(cost, ms, dtype) for ms in leaves) / len(leaves)
+    head = _weights_time(cost, [parts.norm, parts.lm_head], dtype)
+    fill = sum(_weights_time(cost, [lay.input_layernorm, lay.self_attn.k_proj, lay.self_attn.v_proj], dtype)
+               for lay in parts.layers) / len(parts.layers)
+    translation = cost.kernel_time(2 * hidden * hidden, hidden * (hidden + 1) * weight.element_size(), dtype, rows=1)
+    # features: ~6 elementwise passes over the state + one dot product of hidden + 3 weights
+    gate_hidden = cost.kernel_time(14 * hidden, 8 * hidden, torch.float32, launches=6)
+    # the logits gate also translates, normalises and runs the LM head, then softmax / top-2 / entropy over the vocab
+    vocab = weight.shape[0]
+    gate_logits = gate_hidden + translation + head + cost.kernel_time(6 * vocab, 8 * vocab, torch.float32, launches=4)
+    return CascadeCosts(layer, head, translation, fill, gate_hidden, gate_logits, parts.num_layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadePlan:
+    """What `calibrate_cascade` measured and chose.
+
+    heads, gates: the kept exits (gates carry their thresholds); features: "hidden" or "logits".
+    held_back: teacher-forced on the held-back rows: agreement, skip_fraction (share of decoder-layer evaluations
+    skipped), exit_share {E: share of tokens exiting at E}; predicted: seconds per token (cascade, full) and speedup.
+    dropped: {E: reason}; declined: why nothing is kept (None when the cascade runs)."""
+
+    heads: dict[int, ExitHead]
+    gates: dict[int, Gate]
+    min_agreement: float
+    features: str
+    held_back: dict[str, object]
+    predicted: dict[str, float]
+    dropped: dict[int, str]
+    declined: str | None
+
+    @property
+    def exits(self) -> list[int]:
+        return sorted(self.gates)
+
+
+@dataclasses.dataclass
+class _Scores:
+    """Held-back, per candidate exit E: gate score (n,) and whether the exit agrees with the full model (n,)."""
+
+    score: dict[int, torch.Tensor]
+    agree: dict[int, torch.Tensor]
+
+
+def _simulate(exits: list[int], thresholds: dict[int, float], s: _Scores, costs: CascadeCosts, logits: bool):
+    """Teacher-forced cascade on held-back tokens → (errors, mean seconds per token, exit layer per token (0: none))."""
+    n = next(iter(s.score.values())).shape[0]
+    exit_at = torch.zeros(n, dtype=torch.long)
+    time = torch.zeros(n, dtype=torch.float64)
+    wrong = torch.zeros(n, dtype=torch.bool)
+    alive = torch.ones(n, dtype=torch.bool)
+    for e in exits:
+        time += alive * costs.gate(logits)
+        go = alive & (s.score[e] >= thresholds[e])
+        exit_at[go] = e
+        wrong |= go & ~s.agree[e]
+        # a logits gate already computed the exit's logits; a hidden gate translates and runs the head now
+        exit_head = 0.0 if logits else costs.translation + costs.head
+        time += go * (e * costs.layer + (costs.num_layers - e) * costs.fill + exit_head)
+        alive &= ~go
+    time += alive * costs.full
+    return int(wrong.sum()), time.mean().item(), exit_at
+
+
+def _thresholds(exits: list[int], s: _Scores, costs: CascadeCosts, logits: bool, allowed: float):
+    """Thresholds for the least predicted time with at most `allowed` held-back errors.
+
+    First a Lagrangian sweep: exit E opens when the gate's P(agree) ≥ 1 − saving_E / λ (an error is worth λ seconds;
+    saving_E: the layers skipped minus their K/V fill and the exit's head), the λ with the least time that meets the
+    budget; then coordinate descent over each threshold (quantiles of its scores). Descent alone, from every gate
+    closed, let the first exit take the whole error budget: 7 % of layer evaluations skipped on tiny-llama at 0.99
+    where the sweep + descent finds more."""
+    closed = {e: math.inf for e in exits}
+    thresholds, best = closed, _simulate(exits, closed, s, costs, logits)[1]
+    head = 0.0 if logits else costs.translation
+    saving = {e: (costs.num_layers - e) * (costs.layer - costs.fill) - head + (costs.head if logits else 0.0)
+              for e in exits}
+    for lam in torch.logspace(-6, 2, 200).tolist():
+        trial = {e: (1 - saving[e] / lam) if saving[e] > 0 else math.inf for e in exits}
+        errors, time, _ = _simulate(exits, trial, s, costs, logits)
+        if errors <= allowed and time < best - 1e-15:
+            thresholds, best = trial, time
+    q = torch.linspace(0, 1, THRESHOLD_CANDIDATES, dtype=torch.float64)
+    for _ in range(3):
+        changed = False
+        for e in exits:
+            for t in [math.inf, *torch.quantile(s.score[e].double(), q).tolist()]:
+                trial = {**thresholds, e: t}
+                errors, time, _ = _simulate(exits, trial, s, costs, logits)
+                if errors <= allowed and time < best - 1e-15:
+                    thresholds, best, changed = trial, time, True
+        if not changed:
+            break
+    return thresholds, best
+
+
+def choose_exits(candidates: list[int], s: _Scores, costs: CascadeCosts, logits: bool, allowed: float,
+                 min_agreement: float) -> tuple[list[int], dict[int, float], float, dict[int, str]]:
+    """The exits the cost model keeps: thresholds for all candidates, then the exit whose removal lowers the
+    predicted time most is dropped, while one does; exits left with no threshold that saves time are dropped too.
+    Returns (exits, thresholds, predicted seconds per token, {dropped exit: reason})."""
+    exits, dropped = list(candidates), {}
+    thresholds, time = _thresholds(exits, s, costs, logits, allowed)
+    while len(exits) > 1:
+        trials = {e: _thresholds([x for x in exits if x != e], s, costs, logits, allowed) for e in exits}
+        e, (t_without, time_without) = min(trials.items(), key=lambda kv: kv[1][1])
+        if time_without >= time:
+            break
+        dropped[e] = (f"exit {e} dropped: the cascade is predicted {time * 1e6:.2f} µs/token with it, "
+                      f"{time_without * 1e6:.2f} without (its gate and head cost more than it saves)")
+        exits.remove(e)
+        thresholds, time = t_without, time_without
+    for e in list(exits):
+        if thresholds[e] == math.inf:
+            dropped[e] = f"exit {e} dropped: no threshold keeps the agreement ≥ {min_agreement} and saves time"
+            exits.remove(e)
+    return exits, {e: thresholds[e] for e in exits}, time, dropped
+
+
+@torch.no_grad()
+def calibrate_cascade(model: torch.nn.Module, calibration: torch.Tensor, *, min_agreement: float,
+                      exit_layers: Sequence[int] | str = "auto", features: str = "auto", hidden_units: int = 32,
+                      hardware: str = "auto", costs: CascadeCosts | None = None) -> CascadePlan:
+    """Fit exit heads and gates on the first ¾ of calibration (n, seq) token ids, set thresholds on the held-back ¼
+    (n ≥ 2), and keep the exits the cost model says pay. exit_layers: candidates (default every 1 … L−1);
+    features: "hidden", "logits" or "auto" (the one predicted faster); hidden_units: the gate MLP's width (0: logistic
+    regression; 32 let 10.5 % of tokens exit at tiny-llama's exit 3 at 0.99 against 7.4 % for logistic); costs: the
+    prices to optimise (default `cascade_costs(model, hardware)`; a benchmark passes layer counts to maximise skips)."""
+    parts = decoder_parts(model)
+    min_agreement = check_min_agreement(min_agreement)
+    calibration = check_ids(calibration, "calibration")
+    if features not in GATE_FEATURES:
+        raise OptionError(f"features: {features!r}; expected one of {', '.join(GATE_FEATURES)}")
+    if calibration.shape[0] < 2:
+        raise OptionError(f"calibration: {calibration.shape[0]} sequence(s); the cascade needs ≥ 2 (gates are fitted "
+                          "on some and their thresholds set on the others)")
+    candidates = list(range(1, parts.num_layers)) if exit_layers == "auto" else list(exit_layers)
+    if not candidates:
+        raise OptionError("exit_layers: empty; expected 'auto' or a list of decoder layers in "
+                          f"[1, {parts.num_layers - 1}]")
+    for e in candidates:
+        check_exit_layer(e, parts.num_layers)
+    candidates = sorted(set(candidates))
+    held = max(1, calibration.shape[0] // 4)
+    device = parts.lm_head.weight.device
+    fit_ids, held_ids = calibration[:-held].to(device), calibration[-held:].to(device)
+    heads = fit_exit_heads(model, fit_ids, candidates)
+    costs = cascade_costs(model, hardware) if costs is None else costs
+    kinds = ["hidden", "logits"] if features == "auto" else [features]
+
+    fit_states, held_states = layer_states(model, fit_ids), layer_states(model, held_ids)
+    scores = {k: _Scores({}, {}) for k in kinds}
+    gates: dict[str, dict[int, Gate]] = {k: {} for k in kinds}
+    fit_full = _top1(parts, fit_states[-1])
+    held_full = _top1(parts, held_states[-1])
+    for e in candidates:
+        fit_logits = _chunked_logits(parts, heads[e], fit_states[e])
+        held_logits = _chunked_logits(parts, heads[e], held_states[e])
+        fit_agree = (fit_logits.argmax(-1) == fit_full).flatten()
+        held_agree = (held_logits.argmax(-1) == held_full).flatten()
+        for k in kinds:
+            use = k == "logits"
+            x = gate_features(fit_states[e - 1], fit_states[e], fit_logits if use else None)
+            gates[k][e] = gate = fit_gate(e, x.flatten(0, -2), fit_agree, logits=use, hidden_units=hidden_units)
+            scores[k].score[e] = gate.score(held_states[e - 1], held_states[e], held_logits if use else None).flatten()
+            scores[k].agree[e] = held_agree
+        del fit_logits, held_logits
+    n = held_full.numel()
+    allowed = (1 - min_agreement) * n - BUDGET_Z * math.sqrt(max(min_agreement * (1 - min_agreement), 0.0) * n)
+
+    best = None
+    for k in kinds:
+        exits, thresholds, time, dropped = choose_exits(candidates, scores[k], costs, k == "logits", allowed,
+                                                        min_agreement)
+        if best is None or time < best[1]:
+            best = (k, time, exits, thresholds, dropped)
+    kind, time, exits, thresholds, dropped = best
+    errors, _, exit_at = _simulate(exits, thresholds, scores[kind], costs, kind == "logits")
+    skipped = torch.where(exit_at > 0, parts.num_layers - exit_at, 0).double().sum().item()
+    held_back = {"tokens": n, "allowed_errors": allowed, "agreement": 1 - errors / n,
+                 "skip_fraction": skipped / (n * parts.num_layers),
+                 "exit_share": {e: (exit_at == e).double().mean().item() for e in exits}}
+    predicted = {"cascade_s": time, "full_s": costs.full, "speedup": costs.full / time}
+    declined = None
+    if not exits or time >= costs.full:
+        declined = (f"declined: no exit is predicted to pay at min_agreement {min_agreement} (held-back error "
+                    f"budget {max(allowed, 0):.1f} of {n} tokens; gates '{kind}'; best {time * 1e6:.2f} µs/token "
+                    f"with exits {exits or 'none'} vs {costs.full * 1e6:.2f} for the full model; "
+                    f"{'; '.join(dropped.values()) or 'no exit'})")
+        exits = []
+    return CascadePlan({e: heads[e] for e in exits},
+                       {e: gates[kind][e].with_threshold(thresholds[e]) for e in exits}, min_agreement, kind,
+                       held_back, predicted, dropped, declined)
+
+
+def _top1(parts: DecoderParts, last: torch.Tensor) -> torch.Tensor:
+    return torch.cat([parts.lm_head(parts.norm(c)).argmax(-1) for c in last.split(4)])
+
+
+def _chunked_logits(parts: DecoderParts, head: ExitHead, states: torch.Tensor) -> torch.Tensor:
+    return torch.cat([head.logits(parts, c).float() for c in states.split(4)])
+
+
+@torch.no_grad()
+def teacher_forced(model: torch.nn.Module, plan: CascadePlan, ids: torch.Tensor) -> dict[str, object]:
+    """The plan's gates on the full model's states of ids (n, seq), as calibration sees them (no cache effects):
+    top-1 agreement with the full model, share of decoder-layer evaluations skipped, tokens exiting per exit."""
+    parts = decoder_parts(model)
+    ids = check_ids(ids, "ids").to(parts.lm_head.weight.device)
+    states = layer_states(model, ids)
+    full = _top1(parts, states[-1])
+    exit_at = torch.zeros_like(full)
+    wrong = torch.zeros_like(full, dtype=torch.bool)
+    for e in plan.exits:
+        gate = plan.gates[e]
+        logits = _chunked_logits(parts, plan.heads[e], states[e])
+        go = (exit_at == 0) & (gate.score(states[e - 1], states[e], logits if gate.logits else None)
+                               >= gate.threshold)
+        exit_at[go] = e
+        wrong |= go & (logits.argmax(-1) != full)
+    skipped = torch.where(exit_at > 0, parts.num_layers - exit_at, 0).double().sum().item()
+    return {"agreement": 1 - wrong.double().mean().item(), "skip_fraction": skipped / (full.numel() * parts.num_layers),
+            "exits": {e: int((exit_at == e).sum()) for e in plan.exits}}
