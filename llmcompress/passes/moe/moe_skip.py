@@ -93,7 +93,7 @@ class MoESkipPass(Pass):
                 skipped += s
             decisions.append(decision)
             if beta > 0:
-                _rewrite(gm, ctx, b, beta, o.renormalize)
+                mask_routing_weights(gm, ctx, b, beta, o.renormalize)
         stats["skipping layers"] = sum(1 for beta in betas if beta > 0)
         if curves is not None:
             stats["expert evaluations skipped"] = round(skipped / len(blocks), 6)
@@ -119,8 +119,11 @@ class MoESkipPass(Pass):
         return curves
 
 
-def _rewrite(gm: torch.fx.GraphModule, ctx: PassContext, b: MoEBlock, beta: float, renormalize: bool) -> None:
-    """w -> masked_fill(w, w < β·max(w), 0) (× sum(w) / sum(kept) with renormalize), for every reader of w."""
+def mask_routing_weights(gm: torch.fx.GraphModule, ctx: PassContext, b: MoEBlock, beta: float,
+                         renormalize: bool = False) -> None:
+    """Skipping applied to the routing weights, for every reader of them: w -> masked_fill(w, w < β·max(w), 0)
+    (× sum(w) / sum(kept) with renormalize). The experts still run (no speed-up); also `fuse-moe`'s fallback for a
+    block it does not fuse."""
     g, fm, w = gm.graph, ctx.fake_mode, b.weights
     users = list(w.users)
     order = {n: i for i, n in enumerate(g.nodes)}
