@@ -1,7 +1,7 @@
-"""`moe-skip` (interim): dynamic expert skipping applied to the routing weights, so its quality can be measured
-before `fuse-moe` exists. The issue makes skipping an option of `fuse-moe`, whose kernel will not evaluate a skipped
-(token, expert) pair; until then this pass zeroes the skipped slots' routing weights (the experts still run: no
-speed-up, the same outputs).
+"""`moe-skip` (interim, kept for comparison): dynamic expert skipping applied to the routing weights. Skipping is
+now an option of `fuse-moe` (`skip_beta`, `skip_budget` calibrated on the loss: `skip_option.py`), whose
+`moe_route` drops a skipped (token, expert) slot; for a block fuse-moe does not fuse it applies this pass's rewrite
+(`mask_routing_weights`: the skipped slots' routing weights zeroed, the experts still run, the same outputs).
 
 Rule (`skip.py`): slot j of a token is skipped when its routing weight < β × the token's top weight.
 Options:
