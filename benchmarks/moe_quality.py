@@ -1,14 +1,16 @@
-"""Perplexity of tiny-mixtral with experts pruned by `moe-prune` and skipped by `moe-skip`, beside the dense model
-and the issue's simple rules, in one run: `main`.
+"""Perplexity of tiny-mixtral with experts pruned by `moe-prune` and skipped by `fuse-moe`'s skipping options,
+beside the dense model and the issue's simple rules, in one run: `main`.
 
 The method of `sparse_quality.py`: float32 weights upcast from the stored bf16, non-overlapping 512-token windows of
 `pydoc-corpus/validation.txt` (the first `--windows`, 32 as in issue 15), loss averaged over the 511 predicted
 positions of each window. Calibration: `--calib-samples` windows of 512 tokens from the start of `train.txt` (issue
 15: 16). Each row compiles a fresh copy of the model (`lowering: eager`).
 
-Rows: `prune-6`, `prune-4` (moe-prune, reconstruction + router refit) beside `prune-6-routed-weight`,
-`prune-4-routed-weight` (the least routed weight removed, no refit: the issue's rule); `skip-budget` (a β per layer
-calibrated to `--skip-budget`) beside `skip-beta-0.2/0.3/0.5` (one β for every layer: the issue's rule). A skip row
+Rows: `prune-6`, `prune-4` (moe-prune defaults: reconstruction, router refit, down projections refit) beside
+`prune-*-no-down` (no down refit), `prune-*-routed-weight` (the least routed weight removed, no refit: the issue's
+rule) and `prune-*-global`; `skip-budget` (fuse-moe `skip_budget`: a β per layer calibrated on the calibration loss
+to `--skip-budget`) beside `skip-beta-0.2/0.3/0.5` (fuse-moe `skip_beta`, one β for every layer: the issue's rule).
+On a CPU fuse-moe declines the blocks and applies the rule to the routing weights: the same model. A skip row
 reports the fraction of expert evaluations (token × top-k slot) skipped on the validation windows, measured on the
 dense model's routing with each layer's β from the compile report, and on the calibration data (the pass's stats).
 
@@ -38,25 +40,30 @@ from llmcompress.testing.fixtures import WINDOW, corpus_windows, fixtures_dir, l
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-mixtral"
-# run -> (moe-prune options or None, moe-skip options or None, target: ("delta", pct) or ("skip", fraction, pct))
+# run -> (moe-prune options or None, fuse-moe options or None, target: ("delta", pct) or ("skip", fraction, pct))
 RUNS = {
     "prune-6": ({"keep": 6}, None, ("delta", 2.5)),
-    "prune-6-routed-weight": ({"keep": 6, "method": "routed-weight", "refit_router": False}, None, None),
+    "prune-6-no-down": ({"keep": 6, "correct_down": False}, None, None),
+    "prune-6-routed-weight": ({"keep": 6, "method": "routed-weight", "refit_router": False, "correct_down": False},
+                              None, None),
     "prune-6-global": ({"keep": 6, "allocate": "global"}, None, None),
     "prune-4": ({"keep": 4}, None, ("delta", 20.0)),
+    "prune-4-no-down": ({"keep": 4, "correct_down": False}, None, None),
     "prune-4-global": ({"keep": 4, "allocate": "global"}, None, None),
-    "prune-4-routed-weight": ({"keep": 4, "method": "routed-weight", "refit_router": False}, None, None),
+    "prune-4-routed-weight": ({"keep": 4, "method": "routed-weight", "refit_router": False, "correct_down": False},
+                              None, None),
     "skip-budget": (None, {}, ("skip", 0.20, 1.5)),
-    "skip-beta-0.2": (None, {"beta": 0.2}, None),
-    "skip-beta-0.3": (None, {"beta": 0.3}, None),
-    "skip-beta-0.5": (None, {"beta": 0.5}, None),
+    "skip-beta-0.2": (None, {"skip_beta": 0.2}, None),
+    "skip-beta-0.3": (None, {"skip_beta": 0.3}, None),
+    "skip-beta-0.5": (None, {"skip_beta": 0.5}, None),
 }
+DEFAULT_RUNS = ["dense", "prune-6", "prune-4", "skip-budget", "skip-beta-0.3"]
 
 
 def _spec(run: str) -> tuple:
     """RUNS[run], or for `skip-budget=<x>` the skip-budget row at budget x."""
     if run.startswith("skip-budget="):
-        return None, {"budget": float(run.split("=", 1)[1])}, RUNS["skip-budget"][2]
+        return None, {"skip_budget": float(run.split("=", 1)[1])}, RUNS["skip-budget"][2]
     return RUNS[run]
 
 
@@ -105,12 +112,13 @@ def skipped_on(model: torch.nn.Module, windows: torch.Tensor, betas: list[float]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fixtures", type=Path, default=fixtures_dir())
-    p.add_argument("--runs", nargs="+", default=["dense", *RUNS],
-                   help=f"dense, {', '.join(RUNS)}, skip-budget=<budget>")
+    p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS,
+                   help=f"dense, {', '.join(RUNS)}, skip-budget=<budget> (default: {' '.join(DEFAULT_RUNS)})")
     p.add_argument("--windows", type=int, default=32, help="validation windows (issue 15: 32)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--calib-samples", type=int, default=16, help="train.txt windows of 512 (issue 15: 16)")
-    p.add_argument("--skip-budget", type=float, default=0.01, help="moe-skip's budget for the skip-budget row")
+    p.add_argument("--skip-budget", type=float, default=0.02,
+                   help="fuse-moe's skip_budget (calibration perplexity increase) for the skip-budget row")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "moe_quality.json")
     p.add_argument("--merge", type=Path, nargs="+", help="only merge the results of these JSONs (runs of this "
                    "script with the same options, e.g. rows run in parallel) into --out")
@@ -143,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             passes: dict = {"canonicalize": {}}
             if prune is not None:
                 passes["moe-prune"] = prune
-            if skip is not None:
-                passes["moe-skip"] = {"budget": args.skip_budget, **skip} if run == "skip-budget" else skip
+            if skip is not None:  # a CPU: fuse-moe declines the blocks and skips on the routing weights (same model)
+                passes["fuse-moe"] = {"skip_budget": args.skip_budget, **skip} if run == "skip-budget" else skip
             report_path = args.out.with_suffix(f".{run}.report.json")
             options = {"lowering": "eager", "report": str(report_path), "passes": passes, "calibration": calibration,
                        "calibration_samples": len(calibration), "calibration_seq_len": WINDOW, "strict": True}
@@ -159,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
                 decisions, _ = _decisions(report, "moe-prune")
                 row["experts_kept"] = {d["layer"]: d["experts_kept"] for d in decisions}
                 row["reconstruction_error"] = {d["layer"]: [d.get("reconstruction_error", 0.0),
-                                                            d.get("reconstruction_error_refit")] for d in decisions}
+                                                            d.get("reconstruction_error_refit"),
+                                                            d.get("reconstruction_error_down")] for d in decisions}
             if skip is not None:
-                decisions, stats = _decisions(report, "moe-skip")
-                row["betas"] = [d["beta"] for d in decisions]
+                decisions, stats = _decisions(report, "fuse-moe")
+                row["betas"] = [d["moe"]["skip"]["beta"] for d in decisions]
+                row["skip_calibration_perplexity"] = stats.get("skip calibration perplexity (dense, skipped)")
                 row["skipped_calibration"] = stats.get("expert evaluations skipped")
                 row["skipped_validation"] = skipped_on(dense_model, windows, row["betas"], args.batch)
         delta = 100 * (ppl / dense - 1)

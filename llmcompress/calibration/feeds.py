@@ -61,6 +61,13 @@ def _size(x: Any, bind: dict) -> int | None:
     return int(e) if e.is_number else None
 
 
+def token_ids_position(example_inputs: Sequence[Any], input_names: Sequence[str]) -> int | None:
+    """The graph input holding the token ids (what the feeds put the calibration tokens in), or None."""
+    values = list(example_inputs)
+    names = list(input_names or [f"input {i}" for i in range(len(values))])
+    return _ids_position([input_key(n) for n in names], values)
+
+
 def _ids_position(keys: Sequence[str], values: Sequence[Any]) -> int | None:
     """The placeholder of the token ids: the integer (batch, seq) input named input_ids, else the only one not named
     as another model input."""

@@ -193,12 +193,15 @@ class Calibration:
 
     def run_sequential(self, gm: torch.fx.GraphModule, targets: Sequence[torch.fx.Node],
                        on_target: Callable[[TargetInputs], Callable[..., Any] | None], *, float_shadow: bool = False,
-                       progress: Callable[[int], None] | None = None) -> None:
+                       progress: Callable[[int], None] | None = None, watch: Sequence[torch.fx.Node] = (),
+                       on_value: Callable[[torch.fx.Node, list[Any]], None] | None = None) -> None:
         """Run `gm` on the feeds; at each target (in graph order) `on_target(TargetInputs)` returns the target's
         replacement, called with the node's arguments for the rest of the run (None keeps the node).
 
         float_shadow: run the float model beside it, so that `TargetInputs.float_inputs` holds each target's input
         in the float model (where it differs). Statistics are shared between targets of the same activation.
+        watch / on_value: `on_value(node, values)` gets each watched node's value in every chunk, after the
+        replacements before it (e.g. the logits, to price a rewrite in loss).
         """
         feeds = self._fed()
         shared: dict[Any, dict[str, Any]] = {}
@@ -206,7 +209,8 @@ class Calibration:
         def quantize(node: torch.fx.Node, calls: list, float_inputs: list | None = None) -> Any:
             return on_target(TargetInputs(node, calls, float_inputs, feeds.masks, shared))
 
-        run_sequential(gm, feeds.args, targets, quantize, progress=progress, float_inputs=float_shadow)
+        run_sequential(gm, feeds.args, targets, quantize, progress=progress, float_inputs=float_shadow, watch=watch,
+                       on_value=on_value)
 
     def observe(self, gm: torch.fx.GraphModule, *, statistics: dict[torch.fx.Node, Iterable[str]] | None = None,
                 hidden_states: Iterable[torch.fx.Node] = (), routing: Iterable[torch.fx.Node] = ()) -> Observed:

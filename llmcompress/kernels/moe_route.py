@@ -1,7 +1,7 @@
 """Fused MoE routing: router logits -> top-k weights and ids -> tokens sorted and block-aligned by expert.
 
 Entry point: `torch.ops.llmcompress.moe_route(router_logits, top_k, scoring="softmax", norm_topk_prob=True,
-block_m=16)` -> (topk_weights, topk_ids, sorted_ids, block_expert_ids, num_padded), the inputs of
+block_m=16, skip_beta=0.0)` -> (topk_weights, topk_ids, sorted_ids, block_expert_ids, num_padded), the inputs of
 `llmcompress::moe_experts` (`moe_experts.py`). CUDA runs `moe_route_triton` (two kernels, no host sync: every
 output size is a function of T, E, top_k and block_m only); CPU runs the opaque op `llmcompress::moe_route_cpu` (the
 reference's top-k, the layout built on the host by `moe_align_host`); `moe_route_reference` is the oracle.
@@ -14,10 +14,14 @@ Args of the op:
         a separate (1, H) linear the pass keeps beside these ops.
     norm_topk_prob: divide the k weights by their sum (Mixtral always; Qwen2-MoE and OLMoE per their config).
     block_m: rows of one block of the experts' grouped GEMM (16, 32, 64 or 128; `moe_path.choose_moe_path`).
+    skip_beta: dynamic expert skipping, in [0, 1): slot j of a token is dropped when its weight (after
+        `norm_topk_prob`) < skip_beta × the token's top weight: its id becomes E (out of range) and its weight 0, it
+        is in no block of the aligned layout, so `moe_experts` reads nothing for it; the kept slots' weights are not
+        rescaled. 0 skips nothing (the model's routing exactly).
 
 Returns:
     topk_weights: (T, top_k) float32, in rank order (highest score first).
-    topk_ids: (T, top_k) int32.
+    topk_ids: (T, top_k) int32 (E for a skipped slot).
     sorted_ids: (T·top_k + E·(block_m − 1),) int32: slot ids s = t·top_k + j grouped by expert (in slot order within
         an expert), each expert's run padded with the sentinel T·top_k to a multiple of block_m; past
         `num_padded`, sentinels. This is vLLM's `moe_align_block_size` layout.
@@ -29,8 +33,8 @@ Ties: top-k ranks the logits themselves (softmax and sigmoid are monotonic, so t
 logits takes the lowest expert index first. `torch.topk` does not promise an order on ties (on the CPU,
 topk([1, 3, 3, 2, 3], 3) gives indices [2, 4, 1]), so on exact ties the ids can differ from the eager model's in
 order, and where a tie straddles the k-th place, in which expert is kept; ties never occur between distinct
-logits. `moe_align_reference` leaves ids outside [0, E) unrouted (for a caller that drops slots); the align kernel
-only sees the top-k kernel's ids. NaN logits give unspecified ids, as in the eager model.
+logits. Ids outside [0, E) (a skipped slot's E) are in no expert's run of the layout, in the reference, the host
+layout and the align kernel alike. NaN logits give unspecified ids, as in the eager model.
 """
 
 from __future__ import annotations
@@ -59,8 +63,10 @@ def _moe_topk_kernel(
     E,
     stride_lt,
     stride_le,
+    skip_beta,
     SIGMOID: tl.constexpr,
     NORM: tl.constexpr,
+    SKIP: tl.constexpr,
     TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -95,6 +101,12 @@ def _moe_topk_kernel(
         i_tile = tl.where(rk[None, :] == j, idx[:, None], i_tile)
     if NORM:
         w_tile = w_tile / tl.sum(w_tile, axis=1)[:, None]
+    if SKIP:
+        # Column 0 holds the top weight (rank order); the padding columns past TOP_K are never stored.
+        top = tl.sum(tl.where(rk[None, :] == 0, w_tile, 0.0), axis=1)
+        skip = w_tile < skip_beta * top[:, None]
+        w_tile = tl.where(skip, 0.0, w_tile)
+        i_tile = tl.where(skip, E, i_tile)
     offs = rt64[:, None] * TOP_K + rk[None, :]
     o_mask = t_mask[:, None] & (rk < TOP_K)[None, :]
     tl.store(weights_ptr + offs, w_tile, mask=o_mask)
@@ -159,7 +171,7 @@ def padded_sizes(num_slots, num_experts: int, block_m: int):
     return max_padded, (max_padded + block_m - 1) // block_m
 
 
-def _check(router_logits, top_k, scoring, norm_topk_prob, block_m, name="moe_route") -> None:
+def _check(router_logits, top_k, scoring, norm_topk_prob, block_m, skip_beta=0.0, name="moe_route") -> None:
     if router_logits.dim() != 2:
         raise ValueError(f"{name}: router_logits must be (T, E), got {tuple(router_logits.shape)}")
     common.check_dtype(name, "router_logits", router_logits.dtype)
@@ -170,6 +182,9 @@ def _check(router_logits, top_k, scoring, norm_topk_prob, block_m, name="moe_rou
         raise ValueError(f"{name}: scoring must be one of {SCORINGS}, got {scoring!r}")
     if block_m not in BLOCK_MS:
         raise ValueError(f"{name}: block_m must be one of {BLOCK_MS}, got {block_m!r}")
+    if not isinstance(skip_beta, (int, float)) or not 0.0 <= skip_beta < 1.0:
+        raise ValueError(f"{name}: skip_beta must be a float in [0, 1) (a slot is skipped when its weight < "
+                         f"skip_beta × the top weight; 0 skips nothing), got {skip_beta!r}")
 
 
 def moe_align_reference(topk_ids: torch.Tensor, num_experts: int, block_m: int):
@@ -235,7 +250,7 @@ def moe_align_host(topk_ids: torch.Tensor, num_experts: int, block_m: int):
             torch.tensor([start], dtype=torch.int32, device=dev))
 
 
-def _topk_reference(router_logits, top_k, scoring, norm_topk_prob):
+def _topk_reference(router_logits, top_k, scoring, norm_topk_prob, skip_beta=0.0):
     s = router_logits.to(torch.promote_types(router_logits.dtype, torch.float32))
     ranked = torch.sort(s, dim=-1, descending=True, stable=True)
     ids = ranked.indices[:, :top_k]
@@ -245,24 +260,19 @@ def _topk_reference(router_logits, top_k, scoring, norm_topk_prob):
         w = torch.sigmoid(ranked.values[:, :top_k])
     if norm_topk_prob:
         w = w / w.sum(-1, keepdim=True)
+    if skip_beta > 0:
+        skip = w < skip_beta * w[:, :1]
+        w = w.masked_fill(skip, 0.0)
+        ids = ids.masked_fill(skip, s.shape[1])
     return w, ids.to(torch.int32)
 
 
 def moe_route_reference(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
-                        norm_topk_prob: bool = True, block_m: int = 16):
+                        norm_topk_prob: bool = True, block_m: int = 16, skip_beta: float = 0.0):
     """The op's result in plain torch (args and returns: module docstring): the kernels' oracle, static shapes.
     Scores in float32 (float64 for float64 logits); top-k by a stable descending sort of the logits."""
-    s = router_logits.to(torch.promote_types(router_logits.dtype, torch.float32))
-    ranked = torch.sort(s, dim=-1, descending=True, stable=True)
-    ids = ranked.indices[:, :top_k]
-    if scoring == "softmax":
-        w = torch.softmax(s, dim=-1).gather(1, ids)
-    else:
-        w = torch.sigmoid(ranked.values[:, :top_k])
-    if norm_topk_prob:
-        w = w / w.sum(-1, keepdim=True)
-    ids = ids.to(torch.int32)
-    return (w, ids, *moe_align_reference(ids, s.shape[1], block_m))
+    w, ids = _topk_reference(router_logits, top_k, scoring, norm_topk_prob, skip_beta)
+    return (w, ids, *moe_align_reference(ids, router_logits.shape[1], block_m))
 
 
 # Untuned guesses pending a GPU (none lent when this was written): 16 tokens of up to 64 experts per program hold
@@ -272,9 +282,9 @@ _ALIGN_TILE = 4096
 
 
 def moe_route_triton(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
-                     norm_topk_prob: bool = True, block_m: int = 16):
+                     norm_topk_prob: bool = True, block_m: int = 16, skip_beta: float = 0.0):
     """The op on a Triton device (CPU only under TRITON_INTERPRET=1); args and returns: module docstring."""
-    _check(router_logits, top_k, scoring, norm_topk_prob, block_m, "moe_route_triton")
+    _check(router_logits, top_k, scoring, norm_topk_prob, block_m, skip_beta, "moe_route_triton")
     common.check_launchable("moe_route_triton", router_logits, "moe_route_reference")
     t, e = router_logits.shape
     dev = router_logits.device
@@ -288,8 +298,8 @@ def moe_route_triton(router_logits: torch.Tensor, top_k: int, scoring: str = "so
     block_e = triton.next_power_of_2(e)
     if t > 0:
         common.wrap(_moe_topk_kernel)[(triton.cdiv(t, _TOPK_BLOCK_T),)](
-            router_logits, weights, ids, t, e, router_logits.stride(0), router_logits.stride(1),
-            SIGMOID=scoring == "sigmoid", NORM=norm_topk_prob, TOP_K=top_k, BLOCK_T=_TOPK_BLOCK_T, BLOCK_E=block_e,
+            router_logits, weights, ids, t, e, router_logits.stride(0), router_logits.stride(1), float(skip_beta),
+            SIGMOID=scoring == "sigmoid", NORM=norm_topk_prob, SKIP=skip_beta > 0, TOP_K=top_k, BLOCK_T=_TOPK_BLOCK_T, BLOCK_E=block_e,
             BLOCK_K=triton.next_power_of_2(top_k), num_warps=4)
     common.wrap(_moe_align_kernel)[(1,)](
         ids, sorted_ids, block_expert, num_padded, n, e, max_padded, max_blocks,
@@ -298,15 +308,16 @@ def moe_route_triton(router_logits: torch.Tensor, top_k: int, scoring: str = "so
 
 
 @torch.library.custom_op("llmcompress::moe_route_cpu", mutates_args=())
-def _moe_route_cpu_op(router_logits: torch.Tensor, top_k: int, scoring: str, norm_topk_prob: bool, block_m: int
+def _moe_route_cpu_op(router_logits: torch.Tensor, top_k: int, scoring: str, norm_topk_prob: bool, block_m: int,
+                      skip_beta: float = 0.0
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """moe_route's CPU path: the reference's top-k, the layout on the host (`moe_align_host`); opaque to tracing."""
-    w, ids = _topk_reference(router_logits, top_k, scoring, norm_topk_prob)
+    w, ids = _topk_reference(router_logits, top_k, scoring, norm_topk_prob, skip_beta)
     return (w, ids, *moe_align_host(ids, router_logits.shape[1], block_m))
 
 
 @_moe_route_cpu_op.register_fake
-def _(router_logits, top_k, scoring, norm_topk_prob, block_m):
+def _(router_logits, top_k, scoring, norm_topk_prob, block_m, skip_beta=0.0):
     t, e = router_logits.shape
     max_padded, max_blocks = padded_sizes(t * top_k, e, block_m)
     new = router_logits.new_empty
@@ -316,19 +327,20 @@ def _(router_logits, top_k, scoring, norm_topk_prob, block_m):
 
 @triton_op("llmcompress::moe_route", mutates_args=())
 def _moe_route_op(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax", norm_topk_prob: bool = True,
-                  block_m: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  block_m: int = 16, skip_beta: float = 0.0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # The body is also the fake impl and is inlined under torch.compile (see rms_norm.py): CPU and meta tensors go
     # to the opaque CPU op here too.
     if router_logits.device.type != "cuda":
-        _check(router_logits, top_k, scoring, norm_topk_prob, block_m)
-        return torch.ops.llmcompress.moe_route_cpu(router_logits, top_k, scoring, norm_topk_prob, block_m)
-    return moe_route_triton(router_logits, top_k, scoring, norm_topk_prob, block_m)
+        _check(router_logits, top_k, scoring, norm_topk_prob, block_m, skip_beta)
+        return torch.ops.llmcompress.moe_route_cpu(router_logits, top_k, scoring, norm_topk_prob, block_m, skip_beta)
+    return moe_route_triton(router_logits, top_k, scoring, norm_topk_prob, block_m, skip_beta)
 
 
 @_moe_route_op.register_kernel("cpu")
-def _moe_route_cpu(router_logits, top_k, scoring="softmax", norm_topk_prob=True, block_m=16):
-    _check(router_logits, top_k, scoring, norm_topk_prob, block_m)
-    return _moe_route_cpu_op(router_logits, top_k, scoring, norm_topk_prob, block_m)
+def _moe_route_cpu(router_logits, top_k, scoring="softmax", norm_topk_prob=True, block_m=16, skip_beta=0.0):
+    _check(router_logits, top_k, scoring, norm_topk_prob, block_m, skip_beta)
+    return _moe_route_cpu_op(router_logits, top_k, scoring, norm_topk_prob, block_m, skip_beta)
 
 
 @register_cost(torch.ops.llmcompress.moe_route_cpu.default)

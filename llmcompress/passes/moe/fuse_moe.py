@@ -35,6 +35,7 @@ from llmcompress.kernels.linear_common import SUPPORTED_DTYPES
 from llmcompress.kernels.moe_path import choose_moe_path
 from llmcompress.passes.base import Pass, PassContext, PassResult
 from llmcompress.passes.moe.blocks import MoEBlock, find_blocks
+from llmcompress.passes.moe.skip_option import apply_skip_fallback, skip_choices
 
 ops = torch.ops.llmcompress
 # The tolerance of `_verify` relative to the block output's scale: the ops accumulate in fp32 and round once, the
@@ -59,9 +60,25 @@ class FuseMoeOptions:
     verify: bool = True
     """Run each rewritten block beside the original on random hidden states and keep the rewrite only if they
     agree (expert ids equal, outputs within rounding). Off only to save compile time on blocks already checked."""
-    version: ClassVar[int] = 1
+    skip_beta: float | None = None
+    """Dynamic expert skipping, one β in [0, 1) for every MoE layer: a token's slot whose routing weight < β × its
+    top weight is dropped inside `moe_route` (`moe_experts` reads nothing for it)."""
+    skip_budget: float | None = None
+    """Dynamic expert skipping with a β per layer calibrated on calibration data so that the calibration
+    perplexity rises by at most this fraction (0.01: +1 %; `skip_calibration.py`)."""
+    version: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
+        if self.skip_beta is not None and not (isinstance(self.skip_beta, (int, float))
+                                               and 0.0 <= self.skip_beta < 1.0):
+            raise OptionError(f"pass 'fuse-moe': skip_beta must be in [0, 1) (a slot is skipped when its weight < "
+                              f"skip_beta × the token's top weight), got {self.skip_beta!r}")
+        if self.skip_budget is not None and not (isinstance(self.skip_budget, (int, float)) and self.skip_budget > 0):
+            raise OptionError(f"pass 'fuse-moe': skip_budget must be > 0 (the relative calibration perplexity "
+                              f"increase allowed, 0.01 = +1 %), got {self.skip_budget!r}")
+        if self.skip_beta is not None and self.skip_budget is not None:
+            raise OptionError("pass 'fuse-moe': give skip_beta (one β for every layer) or skip_budget (a β per layer "
+                              "calibrated to it), not both")
         if self.objective not in ("speed", "always"):
             raise OptionError(f"pass 'fuse-moe': key 'objective' got {self.objective!r}; expected 'speed' or 'always'")
         if not isinstance(self.verify, bool):
@@ -81,8 +98,14 @@ class FuseMoePass(Pass):
         stats: dict[str, Any] = {}
         decisions: list[dict[str, Any]] = []
         changed = False
-        for block in find_blocks(gm, ctx.weights):
-            decision = self._fuse(gm, ctx, block)
+        blocks = find_blocks(gm, ctx.weights)
+        skips = skip_choices(gm, ctx, blocks, self.options.skip_beta, self.options.skip_budget, stats)
+        for block in blocks:
+            skip = skips.get(block.router)
+            decision = self._fuse(gm, ctx, block, skip.beta if skip else 0.0)
+            if skip is not None:
+                decision["skip"] = apply_skip_fallback(gm, ctx, block, skip, decision["fused"])
+                changed |= not decision["fused"] and skip.beta > 0
             decisions.append({"node": block.router.name, "layer": block.name, "moe": decision})
             key = "fused" if decision["fused"] else f"left: {decision['why']}"
             stats[key] = stats.get(key, 0) + 1
@@ -91,7 +114,8 @@ class FuseMoePass(Pass):
             finish_rewrite(gm)
         return PassResult(changed, stats, decisions)
 
-    def _fuse(self, gm: torch.fx.GraphModule, ctx: PassContext, block: MoEBlock) -> dict[str, Any]:
+    def _fuse(self, gm: torch.fx.GraphModule, ctx: PassContext, block: MoEBlock, skip_beta: float = 0.0
+              ) -> dict[str, Any]:
         info: dict[str, Any] = {"fused": False, "experts": block.num_experts, "top_k": block.k,
                                 "norm_topk_prob": block.renormalize}
         if "quantize-linear" in ctx.pipeline:
@@ -173,6 +197,8 @@ class FuseMoePass(Pass):
             problem = _verify(ctx, block, out, x, region, tokens, parts[1], fused)
             if problem is not None:
                 return undo(f"verification failed: {problem} (left as it is)")
+        if skip_beta > 0:  # after `_verify`, which checks the exact routing
+            route.args = (*route.args, skip_beta)
         out.replace_all_uses_with(fused)
         info.update(fused=True, kernel=f"moe_route + moe_experts ({info['path']} at {tokens} tokens)")
         return info

@@ -8,6 +8,10 @@ Options:
   keeps those with the most routing weight summed over the tokens (the issue's simple rule, for comparison).
 * `refit_router` (default true), `refit_steps` (50), `refit_lr` (0.01 of the rows' RMS): Adam steps on the kept
   router rows towards the dense block's output (the best step is kept, so the calibration error never rises).
+* `correct_down` (default true), `down_ridge` (0.1): then the kept experts' down projections are refit jointly by
+  ridge least squares toward the dense block's output (`prune.correct_down`; the derived weight keeps the name
+  `<block>.experts.down_proj`). The later layers' calibration inputs see the refit router, not the refit downs.
+  tiny-mixtral, 8 -> 6, 32 windows: +3.69 % without, +2.48 % with (eager experiment, ridge 0.1).
 * `sequential` (default true): each layer is pruned on the inputs that reach it after the layers before it were.
 * `allocate`: `per-layer` (default) keeps `keep` experts in every layer; `global` keeps `keep` × layers experts in
   all, a layer whose experts are rarely needed giving up more (`prune.allocate_counts`), each layer keeping ≥ top-k.
@@ -38,8 +42,8 @@ from llmcompress.errors import OptionError
 from llmcompress.fx_utils import call, finish_rewrite
 from llmcompress.passes.base import Pass, PassContext, PassResult
 from llmcompress.passes.moe.blocks import MoEBlock, find_blocks
-from llmcompress.passes.moe.prune import allocate_counts, choose_experts, error_curve, refit_router
-from llmcompress.passes.moe.routing import expert_outputs
+from llmcompress.passes.moe.prune import allocate_counts, choose_experts, correct_down, error_curve, refit_router
+from llmcompress.passes.moe.routing import combine, expert_outputs, route
 
 aten = torch.ops.aten
 METHODS = ("reconstruction", "routed-weight")
@@ -53,11 +57,15 @@ class MoEPruneOptions:
     refit_router: bool = True
     refit_steps: int = 50
     refit_lr: float = 0.01
+    correct_down: bool = True
+    """Refit the kept experts' down projections toward the dense block's output (ridge least squares,
+    `prune.correct_down`), after the router refit."""
+    down_ridge: float = 0.1
     sequential: bool = True
     allocate: Literal["per-layer", "global"] = "per-layer"
     """`per-layer`: every layer keeps `keep`; `global`: the layers keep `keep` on average (the same experts in all),
     spread by each layer's reconstruction-error curve on the dense model's calibration activations."""
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
         where = "pass 'moe-prune'"
@@ -68,6 +76,9 @@ class MoEPruneOptions:
             raise OptionError(f"{where}: keep {self.keep} as a fraction must be in (0, 1); give an int for a count")
         if isinstance(self.keep, int) and self.keep < 1:
             raise OptionError(f"{where}: keep must be ≥ 1 (and ≥ top-k), got {self.keep}")
+        if not self.down_ridge > 0:
+            raise OptionError(f"{where}: down_ridge must be > 0 (the pull toward the original down projections, "
+                              f"relative to the Gram matrix's mean diagonal), got {self.down_ridge}")
         if self.refit_steps < 0 or self.refit_lr <= 0:
             raise OptionError(f"{where}: refit_steps must be ≥ 0 and refit_lr > 0 (got {self.refit_steps}, "
                               f"{self.refit_lr})")
@@ -127,6 +138,11 @@ class MoEPrunePass(Pass):
             new.meta.update({k: v for k, v in b.router.meta.items() if k in ("nn_module_stack", "stack_trace")})
             b.router.replace_all_uses_with(new)
             gm.graph.erase_node(b.router)
+            if "down" in r:  # the same name, so later passes (fuse-moe) find the block's experts beside the router
+                with gm.graph.inserting_before(b.down):
+                    down = ctx.weights.add(gm, r["down"], f"{b.name}.experts.down_proj")
+                b.down.replace_all_uses_with(down)
+                gm.graph.erase_node(b.down)
             decision = {"node": new.name, "layer": b.name, "experts_kept": kept,
                         "experts_removed": [e for e in range(b.num_experts) if e not in kept],
                         "num_experts": b.num_experts, "top_k": b.k, "method": o.method,
@@ -135,6 +151,9 @@ class MoEPrunePass(Pass):
                                "experts' grouped matmul offsets; expert weights not sliced"}
             if o.refit_router:
                 decision["reconstruction_error_refit"] = round(errors[1], 6)
+            if o.correct_down:
+                decision["reconstruction_error_down"] = round(errors[2], 6) if "down" in r else \
+                    "not corrected: the kept experts have more than 8192 features for the least squares"
             if b.router in load_dicts:
                 decision["load"] = load_dicts[b.router]
             decisions.append(decision)
@@ -235,5 +254,18 @@ def _prune_layer(values: list[torch.Tensor], x: torch.Tensor, b: MoEBlock, keep:
     mask = torch.full((b.num_experts,), float("-inf"), dtype=weight.dtype)
     mask[kept] = 0
     new_bias = mask if bias is None else bias.detach().clone() + mask
-    return {"weight": new_weight, "bias": new_bias, "kept": torch.tensor(kept, dtype=torch.int64),
-            "error": torch.tensor([error, refit_error], dtype=torch.float64)}
+    out = {"weight": new_weight, "bias": new_bias, "kept": torch.tensor(kept, dtype=torch.int64)}
+    down_error = refit_error
+    if o.correct_down:
+        pruned_logits = F.linear(x.float(), new_weight.float(), new_bias.float())
+        w, i = route(logits, b.k, b.renormalize)
+        target = combine(y, w, i)
+        new_down = correct_down(x, gate_up, down, pruned_logits, kept, b.k, b.renormalize, target, o.down_ridge)
+        if new_down is not None:
+            out["down"] = new_down
+            y_new = y.clone()
+            y_new[:, kept] = expert_outputs(x, gate_up[kept], new_down[kept])
+            wp, ip = route(pruned_logits, b.k, b.renormalize)
+            down_error = float(((combine(y_new, wp, ip) - target) ** 2).sum() / (target**2).sum().clamp_min(1e-30))
+    out["error"] = torch.tensor([error, refit_error, down_error], dtype=torch.float64)
+    return out

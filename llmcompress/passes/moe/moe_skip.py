@@ -1,7 +1,7 @@
-"""`moe-skip` (interim): dynamic expert skipping applied to the routing weights, so its quality can be measured
-before `fuse-moe` exists. The issue makes skipping an option of `fuse-moe`, whose kernel will not evaluate a skipped
-(token, expert) pair; until then this pass zeroes the skipped slots' routing weights (the experts still run: no
-speed-up, the same outputs).
+"""`moe-skip` (interim, kept for comparison): dynamic expert skipping applied to the routing weights. Skipping is
+now an option of `fuse-moe` (`skip_beta`, `skip_budget` calibrated on the loss: `skip_option.py`), whose
+`moe_route` drops a skipped (token, expert) slot; for a block fuse-moe does not fuse it applies this pass's rewrite
+(`mask_routing_weights`: the skipped slots' routing weights zeroed, the experts still run, the same outputs).
 
 Rule (`skip.py`): slot j of a token is skipped when its routing weight < β × the token's top weight.
 Options:
@@ -93,7 +93,7 @@ class MoESkipPass(Pass):
                 skipped += s
             decisions.append(decision)
             if beta > 0:
-                _rewrite(gm, ctx, b, beta, o.renormalize)
+                mask_routing_weights(gm, ctx, b, beta, o.renormalize)
         stats["skipping layers"] = sum(1 for beta in betas if beta > 0)
         if curves is not None:
             stats["expert evaluations skipped"] = round(skipped / len(blocks), 6)
@@ -119,8 +119,11 @@ class MoESkipPass(Pass):
         return curves
 
 
-def _rewrite(gm: torch.fx.GraphModule, ctx: PassContext, b: MoEBlock, beta: float, renormalize: bool) -> None:
-    """w -> masked_fill(w, w < β·max(w), 0) (× sum(w) / sum(kept) with renormalize), for every reader of w."""
+def mask_routing_weights(gm: torch.fx.GraphModule, ctx: PassContext, b: MoEBlock, beta: float,
+                         renormalize: bool = False) -> None:
+    """Skipping applied to the routing weights, for every reader of them: w -> masked_fill(w, w < β·max(w), 0)
+    (× sum(w) / sum(kept) with renormalize). The experts still run (no speed-up); also `fuse-moe`'s fallback for a
+    block it does not fuse."""
     g, fm, w = gm.graph, ctx.fake_mode, b.weights
     users = list(w.users)
     order = {n: i for i, n in enumerate(g.nodes)}

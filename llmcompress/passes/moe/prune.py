@@ -123,3 +123,43 @@ def allocate_counts(curves: list[dict[int, float]], total: int) -> list[int]:
                 if counts[i] - 1 in curves[i]]
         counts[min(cost)[1]] -= 1
     return counts
+
+
+# Joint least squares over the kept experts' down projections: a (kept · I)² float64 Gram matrix; 8192 features
+# (512 MiB) bounds it. tiny-mixtral keeps 6 × 256 = 1536 (18 MiB); Mixtral-8x7B's 6 × 14336 is past it.
+_CORRECT_MAX_FEATURES = 8192
+
+
+def correct_down(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, logits: torch.Tensor, kept: list[int],
+                 k: int, renormalize: bool, target: torch.Tensor, ridge: float) -> torch.Tensor | None:
+    """(E, H, I) down projections with the kept experts' rows refit jointly, by ridge least squares, so that the
+    pruned block's output on the calibration tokens approaches `target` (the dense block's); None when the
+    kept experts have too many features (`_CORRECT_MAX_FEATURES`).
+
+    The routing is the pruned router's (`logits` with the removed experts masked); the features of a token are
+    its kept experts' SiLU·up activations times their routing weights, so the block's output is linear in the
+    down projections. The ridge pulls toward the original weights: `ridge` × the Gram matrix's mean diagonal
+    (on tiny-mixtral, 8 -> 6, 32 windows: ridge 0.001 +2.93 %, 0.01 +2.73 %, 0.1 +2.48 %; the calibration tokens
+    are training text the model has seen, so a loose fit overfits them).
+    """
+    n, _, i = down.shape
+    if len(kept) * i > _CORRECT_MAX_FEATURES:
+        return None
+    allowed = torch.zeros(n, dtype=torch.bool)
+    allowed[kept] = True
+    w, idx = route(logits, k, renormalize, allowed)
+    xf = x.float()
+    feats = torch.empty(x.shape[0], len(kept) * i, dtype=torch.float64)
+    for j, e in enumerate(kept):
+        gate, up = torch.nn.functional.linear(xf, gate_up[e].float()).chunk(2, dim=-1)
+        weight = (w * (idx == e)).sum(-1, keepdim=True)
+        feats[:, j * i:(j + 1) * i] = (weight * torch.nn.functional.silu(gate) * up).double()
+    gram = feats.T @ feats
+    original = torch.cat([down[e].T for e in kept]).double()  # (kept · I, H)
+    reg = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
+    solved = torch.linalg.solve(gram + reg * torch.eye(gram.shape[0], dtype=torch.float64),
+                                feats.T @ target.double() + reg * original)
+    out = down.detach().clone()
+    for j, e in enumerate(kept):
+        out[e] = solved[j * i:(j + 1) * i].T.to(down.dtype)
+    return out

@@ -51,9 +51,9 @@ def _decisions(report_path, name="moe-prune"):
     return [d for g in graphs for p in g["passes"] if p["name"] == name for d in p["decisions"]]
 
 
-def _sliced(model, kept, routers):
+def _sliced(model, kept, routers, downs=None):
     """An eager copy with each layer's router rows and experts sliced to `kept[layer]` (router rows from `routers`,
-    the compiled graph's, when given)."""
+    down projections from `downs`, the compiled graph's, when given)."""
     pruned = copy.deepcopy(model)
     for i, layer in enumerate(pruned.model.layers):
         moe, ids = layer.mlp, kept[f"model.layers.{i}.mlp"]
@@ -61,7 +61,8 @@ def _sliced(model, kept, routers):
             w = (routers[i] if routers is not None else moe.gate.weight)[ids]
             moe.gate.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
             moe.experts.gate_up_proj = torch.nn.Parameter(moe.experts.gate_up_proj[ids].clone(), requires_grad=False)
-            moe.experts.down_proj = torch.nn.Parameter(moe.experts.down_proj[ids].clone(), requires_grad=False)
+            d = (downs[i] if downs is not None else moe.experts.down_proj)[ids]
+            moe.experts.down_proj = torch.nn.Parameter(d.clone(), requires_grad=False)
         for sub in moe.modules():
             if hasattr(sub, "num_experts"):
                 sub.num_experts = len(ids)
@@ -95,7 +96,8 @@ def test_other_families_pruned_equal_their_eagerly_pruned_copy(family, tmp_path)
     ids = example_ids()
     model = _family(family)
     compiled = torch.compile(model, backend="llmcompress",
-                             options=_options({"keep": 4, "refit_router": False}, tmp_path / "r.json"))
+                             options=_options({"keep": 4, "refit_router": False, "correct_down": False},
+                                              tmp_path / "r.json"))
     with torch.no_grad():
         out = compiled(ids).logits
         kept = {d["layer"]: d["experts_kept"] for d in _decisions(tmp_path / "r.json")}
@@ -111,7 +113,8 @@ def test_pruned_compiled_model_equals_the_eagerly_pruned_one(refit, tmp_path):
     ids = example_ids()
     graphs = []
     model = tiny_model("mixtral")
-    options = _options({"keep": 3, "refit_router": refit, "refit_steps": 20}, tmp_path / "r.json")
+    options = _options({"keep": 3, "refit_router": refit, "refit_steps": 20, "correct_down": refit},
+                       tmp_path / "r.json")
     compiled = torch.compile(model, backend=make_backend(on_graph=lambda b, a, ctx: graphs.append(a)),
                              options=options)
     with torch.no_grad():
@@ -119,14 +122,19 @@ def test_pruned_compiled_model_equals_the_eagerly_pruned_one(refit, tmp_path):
         dense = model(ids).logits
     kept = {d["layer"]: d["experts_kept"] for d in _decisions(tmp_path / "r.json")}
     assert sorted(kept) == ["model.layers.0.mlp", "model.layers.1.mlp"] and all(len(v) == 3 for v in kept.values())
-    routers = None
-    if refit:  # the refit rows live in the graph: read them from its pruned router constants
+    routers = downs = None
+    if refit:  # the refit rows and down projections live in the graph: read them from its derived constants
         gm = next(g for g in graphs if any("weight_pruned" in n.target for n in g.graph.find_nodes(op="get_attr")))
-        routers = [getattr(gm, n.target) for n in gm.graph.find_nodes(op="get_attr") if "weight_pruned" in n.target]
-        assert len(routers) == 2
+        attrs = [n.target for n in gm.graph.find_nodes(op="get_attr")]
+        routers = [getattr(gm, a) for a in attrs if "weight_pruned" in a]
+        downs = [getattr(gm, a) for a in attrs if "down_proj" in a]
+        assert len(routers) == 2 and len(downs) == 2
         assert not torch.equal(routers[0], model.model.layers[0].mlp.gate.weight)  # the refit moved them
+        assert not torch.equal(downs[0], model.model.layers[0].mlp.experts.down_proj)
+        errors = [(d["reconstruction_error_refit"], d["reconstruction_error_down"]) for d in _decisions(tmp_path / "r.json")]
+        assert all(down <= refit_error for refit_error, down in errors)
     with torch.no_grad():
-        expected = _sliced(model, kept, routers)(ids).logits
+        expected = _sliced(model, kept, routers, downs)(ids).logits
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert (out - dense).abs().max() > 1e-3  # pruning changed the model
 
@@ -163,6 +171,7 @@ def test_global_allocation_keeps_the_average(tmp_path):
     ({"keep": 1.5}, r"as a fraction must be in \(0, 1\)"),
     ({}, r"give option 'keep'"),
     ({"keep": 3, "method": "random"}, r"method"),
+    ({"keep": 3, "down_ridge": 0.0}, r"down_ridge must be > 0"),
 ])
 def test_bad_options_raise(prune, match):
     compiled = torch.compile(tiny_model("mixtral"), backend="llmcompress", options=_options(prune))
@@ -202,3 +211,31 @@ def test_tiny_mixtral_keeps_6_of_8_experts_per_layer(tmp_path):
     assert [len(d["experts_kept"]) for d in decisions] == [6, 6, 6, 6]
     assert transformers.MixtralConfig  # the fixture is a Mixtral
     assert dense < ppl < dense * 1.15, (dense, ppl)  # +3.7 % on 32 windows of 512 (benchmarks/moe_quality.py)
+
+
+def test_correct_down_recovers_reachable_targets_and_never_raises_the_error():
+    """Targets made by the kept experts with known down projections D*: a small ridge recovers D*; any ridge gives
+    an error no larger than the original downs' (they are a feasible point of the ridge objective)."""
+    from llmcompress.passes.moe.prune import correct_down
+    from llmcompress.passes.moe.routing import combine, expert_outputs, route
+
+    g = torch.Generator().manual_seed(0)
+    t, e, h, i, k, kept = 600, 5, 12, 7, 2, [0, 2, 3]
+    x = torch.randn(t, h, generator=g)
+    gate_up, down = torch.randn(e, 2 * i, h, generator=g) / h**0.5, torch.randn(e, h, i, generator=g) / i**0.5
+    logits = 3 * torch.randn(t, e, generator=g)
+    allowed = torch.zeros(e, dtype=torch.bool)
+    allowed[kept] = True
+    true_down = down + 0.3 * torch.randn(e, h, i, generator=g) / i**0.5
+    w, idx = route(logits, k, True, allowed)
+    target = combine(expert_outputs(x, gate_up, true_down), w, idx)
+
+    def error(d):
+        return float(((combine(expert_outputs(x, gate_up, d), w, idx) - target) ** 2).sum() / (target**2).sum())
+
+    got = correct_down(x, gate_up, down, logits, kept, k, True, target, 1e-9)
+    torch.testing.assert_close(got[kept], true_down[kept], atol=1e-4, rtol=1e-4)
+    assert torch.equal(got[[1, 4]], down[[1, 4]])  # removed experts untouched
+    before = error(down)
+    for ridge in (1e-3, 0.1, 10.0):
+        assert error(correct_down(x, gate_up, down, logits, kept, k, True, target, ridge)) < before
