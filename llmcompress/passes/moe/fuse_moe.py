@@ -94,9 +94,6 @@ class FuseMoePass(Pass):
     def _fuse(self, gm: torch.fx.GraphModule, ctx: PassContext, block: MoEBlock) -> dict[str, Any]:
         info: dict[str, Any] = {"fused": False, "experts": block.num_experts, "top_k": block.k,
                                 "norm_topk_prob": block.renormalize}
-        if "quantize-linear" in ctx.pipeline:
-            return {**info, "why": "quantize-linear follows: it quantizes the experts as grouped linears, which "
-                                   "moe_experts does not take yet (int8 / int4 experts: not yet)"}
         if block.why is not None:
             why = block.why
             if why.startswith("no 3-D experts"):
@@ -115,7 +112,8 @@ class FuseMoePass(Pass):
         dtype = x_val.dtype
         if dtype not in SUPPORTED_DTYPES or gate_up.dtype != dtype or down.dtype != dtype:
             return {**info, "why": f"activations {dtype}, experts {gate_up.dtype}: moe_experts takes float16 / "
-                                   "bfloat16 / float32 experts in the activations' dtype (quantized experts: not yet)"}
+                                   "bfloat16 / float32 experts in the activations' dtype (quantize-linear after "
+                                   "fuse-moe makes them int8 / int4)"}
         e, i2, h = gate_up.shape
         triton = getattr(ctx.config, "lowering", None) == "triton"
         device = "cuda" if gate_up.device.type == "cuda" or triton else "cpu"
