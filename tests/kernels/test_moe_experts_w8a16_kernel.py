@@ -10,7 +10,7 @@ import torch
 
 import llmcompress.kernels.moe_experts as mx  # registers the ops
 import llmcompress.kernels.moe_route as mr
-from llmcompress.formats.quantized import dequantize_int8, quantize_int8_per_channel, quantize_int4_rtn
+from llmcompress.formats.quantized import dequantize_int8, quantize_int4_rtn, quantize_int8_per_channel
 from llmcompress.testing.devices import DEVICE, needs_triton
 
 OP = torch.ops.llmcompress.moe_experts_w8a16.default
