@@ -68,12 +68,12 @@ __all__ = ["expected_experts_hit", "moe_experts_reference", "moe_experts_triton"
 def _weight_tile(rows, s_rows, z_rows, rk, mask, stride_wk, QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr):
     """An fp32 weight tile at K indices `rk` (broadcast against `rows`): QUANT = 0, stored in x's dtype; 1, packed int4
     (`formats/quantized.py`: k = 2i in the low nibble of byte i, w = (q - zero) * scale per GROUP_SIZE along K);
-    2, int8 with one scale per output row (`formats.quantize_int8_per_channel`: w = q * scale)."""
+    2, int8 codes (`formats.quantize_int8_per_channel`), unscaled: w = q * scale of the row, the scale applied to the
+    accumulator after the K loop (`_row_scale`; exact codes in the dot, and no scale tile staged beside the weight
+    tile: loaded as a (BLOCK_K, BLOCK_N) broadcast it took 45,056 B of shared memory at 16 x 32 x 64 on sm_90, the
+    launcher's estimate 26,624 B)."""
     if QUANT == 2:
-        q = tl.load(rows + rk * stride_wk, mask=mask, other=0).to(tl.float32)
-        # The row's scale, broadcast along K (rk * 0): one address per row, served by L1.
-        s = tl.load(s_rows + rk * 0, mask=mask, other=0.0).to(tl.float32)
-        return q * s
+        return tl.load(rows + rk * stride_wk, mask=mask, other=0).to(tl.float32)
     elif QUANT == 1:
         byte = tl.load(rows + (rk // 2) * stride_wk, mask=mask, other=0).to(tl.int32)
         q = ((byte >> ((rk % 2) * 4)) & 0xF).to(tl.float32)
@@ -83,6 +83,12 @@ def _weight_tile(rows, s_rows, z_rows, rk, mask, stride_wk, QUANT: tl.constexpr,
         return (q - z) * s
     else:
         return tl.load(rows + rk * stride_wk, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_scale(s_ptr, e64, rn, n_mask, stride_se, stride_sn):
+    """int8 experts: the per-row scales of expert e64 at output rows rn (1-D), fp32."""
+    return tl.load(s_ptr + e64 * stride_se + rn.to(tl.int64) * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -131,6 +137,9 @@ def _moe_gate_up_gemv_kernel(
                               w_mask, stride_wk, QUANT, GROUP_SIZE)
             acc_g += tl.sum(wg * xv[None, :], axis=1)
             acc_u += tl.sum(wu * xv[None, :], axis=1)
+        if QUANT == 2:
+            acc_g = acc_g * _row_scale(s_ptr, e64, rn, n_mask, stride_se, stride_sn)
+            acc_u = acc_u * _row_scale(s_ptr, e64, I + rn, n_mask, stride_se, stride_sn)
         h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
         tl.store(h_ptr + slot.to(tl.int64) * I + rn, h.to(h_ptr.dtype.element_ty), mask=n_mask)
 
@@ -181,6 +190,8 @@ def _moe_down_gemv_kernel(
                 wd = _weight_tile(w_rows, s_rows, z_rows, rk[None, :], n_mask[:, None] & k_mask[None, :], stride_wk,
                                   QUANT, GROUP_SIZE)
                 part += tl.sum(wd * hv[None, :], axis=1)
+            if QUANT == 2:
+                part = part * _row_scale(s_ptr, e64, rn, n_mask, stride_se, stride_sn)
             acc += part * tl.load(weights_ptr + slot)
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
@@ -241,6 +252,9 @@ def _moe_gate_up_gemm_kernel(
                               w_mask, stride_wk, QUANT, GROUP_SIZE).to(dt)
             acc_g = dot_fp32(a, bg, acc_g, UPCAST)
             acc_u = dot_fp32(a, bu, acc_u, UPCAST)
+        if QUANT == 2:
+            acc_g = acc_g * _row_scale(s_ptr, e, rn, n_mask, stride_se, stride_sn)[None, :]
+            acc_u = acc_u * _row_scale(s_ptr, e, I + rn, n_mask, stride_se, stride_sn)[None, :]
         h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
         h_out = h_ptr + slot.to(tl.int64)[:, None] * I + rn[None, :]
         tl.store(h_out, h.to(h_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -295,6 +309,8 @@ def _moe_down_gemm_kernel(
             b = _weight_tile(w_cols, s_cols, z_cols, rk[:, None], k_mask[:, None] & n_mask[None, :], stride_wk,
                              QUANT, GROUP_SIZE).to(dt)
             acc = dot_fp32(a, b, acc, UPCAST)
+        if QUANT == 2:
+            acc = acc * _row_scale(s_ptr, e, rn, n_mask, stride_se, stride_sn)[None, :]
         acc = acc * tl.load(weights_ptr + slot, mask=m_mask, other=0.0)[:, None]
         out = out_ptr + slot.to(tl.int64)[:, None] * H + rn[None, :]
         tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
