@@ -18,7 +18,7 @@ graph really holds the quantized fused ops (`fused_experts_ops` in the JSON) and
 JSON (`--out`, default `benchmarks/results/moe_quant_quality.json`): {device, versions, git, method, windows,
 calibration {source, samples, seq_len}, forced_by, results: [{run, recipe, fuse_moe, perplexity, dense_perplexity,
 delta_pct, fused_experts_ops, grouped_ops, quantized_layers, seconds}], comparison {w4a16-gptq: {grouped_delta_pct,
-fused_delta_pct, difference_pct_points}}}.
+fused_delta_pct, difference_pct_points}}, complete (false while the runs go on: the file is rewritten after each)}.
 """
 
 from __future__ import annotations
@@ -89,7 +89,29 @@ def main(argv: list[str] | None = None) -> int:
     grouped_ops = {str(ops.grouped_linear_w4a16.default), str(ops.grouped_linear_w8a16.default)}
 
     dense_ppl = None
-    results = []
+    results: list[dict] = []
+
+    def write(complete: bool) -> None:
+        by_run = {r["run"]: r for r in results}
+        comparison = {}
+        for recipe in ("w4a16-gptq", "w8a16"):
+            if recipe in by_run and f"{recipe} + fuse-moe" in by_run:
+                g, f = by_run[recipe]["delta_pct"], by_run[f"{recipe} + fuse-moe"]["delta_pct"]
+                comparison[recipe] = {"grouped_delta_pct": g, "fused_delta_pct": f, "difference_pct_points": f - g}
+        out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "python": platform.python_version()},
+               "git": _git(),
+               "method": "fixtures README: float32, non-overlapping 512-token windows of validation.txt, mean loss over "
+                         "511 predicted positions per window",
+               "windows": len(windows),
+               "calibration": {"source": "train.txt (first windows)", "samples": len(calibration), "seq_len": WINDOW},
+               "forced_by": "fuse-moe objective: always (the cost model declines it on a CPU); the fused ops run their "
+                            "PyTorch reference on the CPU",
+               "complete": complete, "results": results, "comparison": comparison}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+
     for run in args.runs:
         recipe, fuse = RUNS[run]
         t0 = time.perf_counter()
@@ -126,26 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                    seconds=round(time.perf_counter() - t0, 1))
         results.append(row)
         print(f"{run:22s} ppl {ppl:8.4f}  {row['delta_pct']:+7.3f} %  ({row['seconds']} s)", file=sys.stderr)
+        write(False)  # after every run: a run cut short keeps what it measured
 
-    by_run = {r["run"]: r for r in results}
-    comparison = {}
-    for recipe in ("w4a16-gptq", "w8a16"):
-        if recipe in by_run and f"{recipe} + fuse-moe" in by_run:
-            g, f = by_run[recipe]["delta_pct"], by_run[f"{recipe} + fuse-moe"]["delta_pct"]
-            comparison[recipe] = {"grouped_delta_pct": g, "fused_delta_pct": f, "difference_pct_points": f - g}
-    out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "python": platform.python_version()},
-           "git": _git(),
-           "method": "fixtures README: float32, non-overlapping 512-token windows of validation.txt, mean loss over "
-                     "511 predicted positions per window",
-           "windows": len(windows),
-           "calibration": {"source": "train.txt (first windows)", "samples": len(calibration), "seq_len": WINDOW},
-           "forced_by": "fuse-moe objective: always (the cost model declines it on a CPU); the fused ops run their "
-                        "PyTorch reference on the CPU",
-           "results": results, "comparison": comparison}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    write(True)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
