@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=None, help="validation windows (default: all)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--dense-perplexity", type=float, default=None,
+                   help="the dense model's perplexity on the same windows, measured earlier (skips that run)")
+    p.add_argument("--grouped-from", type=Path, default=None,
+                   help="quantized_quality.py's JSON: take the grouped (today's) rows of tiny-mixtral from it when "
+                        "this run does not measure them (same method, windows and calibration)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "moe_quant_quality.json")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -88,16 +93,25 @@ def main(argv: list[str] | None = None) -> int:
     fused_ops = {str(ops.moe_experts_w4a16.default), str(ops.moe_experts_w8a16.default)}
     grouped_ops = {str(ops.grouped_linear_w4a16.default), str(ops.grouped_linear_w8a16.default)}
 
-    dense_ppl = None
+    dense_ppl = args.dense_perplexity
     results: list[dict] = []
+    earlier = {}
+    if args.grouped_from is not None:
+        doc = json.loads(args.grouped_from.read_text())
+        if doc["windows"] != len(windows) or doc["calibration"]["samples"] != len(calibration):
+            raise SystemExit(f"{args.grouped_from}: {doc['windows']} windows / {doc['calibration']['samples']} "
+                             f"calibration samples, this run {len(windows)} / {len(calibration)}")
+        earlier = {r["recipe"]: {**r, "run": r["recipe"], "source": str(args.grouped_from)} for r in doc["results"]
+                   if r["model"] == "tiny-mixtral"}
 
     def write(complete: bool) -> None:
-        by_run = {r["run"]: r for r in results}
+        by_run = {**earlier, **{r["run"]: r for r in results}}
         comparison = {}
         for recipe in ("w4a16-gptq", "w8a16"):
             if recipe in by_run and f"{recipe} + fuse-moe" in by_run:
                 g, f = by_run[recipe]["delta_pct"], by_run[f"{recipe} + fuse-moe"]["delta_pct"]
-                comparison[recipe] = {"grouped_delta_pct": g, "fused_delta_pct": f, "difference_pct_points": f - g}
+                comparison[recipe] = {"grouped_delta_pct": g, "fused_delta_pct": f, "difference_pct_points": f - g,
+                                      "grouped_source": by_run[recipe].get("source", "this run")}
         out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                             "python": platform.python_version()},

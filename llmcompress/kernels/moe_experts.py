@@ -368,7 +368,8 @@ _SPILLS = {
 _SPILLS_INT4 = {"_moe_gate_up_gemm_kernel": {("sm_80", "16-bit"): {(64, 32, 64, 4), (64, 64, 64, 8)}},  # 4 B, 88 B
                 "_moe_down_gemm_kernel": {}}
 # As `_SPILLS` for int8 experts (benchmarks/gpu_compile.py --families moe-int8, the Mixtral-8x7B block).
-_SPILLS_INT8 = {"_moe_gate_up_gemm_kernel": {}, "_moe_down_gemm_kernel": {}}
+_SPILLS_INT8 = {"_moe_gate_up_gemm_kernel": {},
+                "_moe_down_gemm_kernel": {("sm_80", "16-bit"): {(64, 64, 32, 8)}}}  # 16 B
 
 
 def _gemm_choice(configs, nargs, capability):
