@@ -118,6 +118,7 @@ run_part() {
       timeout 360 python benchmarks/lowrank_linear.py --out "$out/lowrank_linear.json" 2>&1 | tail -40 ;;
     moe)
       timeout 150 python -m pytest -q tests/kernels/test_moe_route_kernel.py tests/kernels/test_moe_experts_kernel.py \
+        tests/kernels/test_moe_experts_w8a16_kernel.py tests/kernels/test_moe_load_counters.py \
         tests/kernels/test_moe_path.py 2>&1 | tee "$out/gpu_tests_moe.log" | tail -8
       timeout 420 python benchmarks/moe_block.py --out "$out/moe_block.json" --configs \
         llmcompress,llmcompress-cudagraph,llmcompress-gemv,llmcompress-gemm,llmcompress-int4,w4a16-grouped,hf-eager,hf-batched_mm,hf-grouped_mm \

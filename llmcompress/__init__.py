@@ -20,6 +20,7 @@ from llmcompress.errors import (
                      VerificationError,
                      WeightReleasedError,
 )
+from llmcompress.kernels.moe_load_counters import moe_load_counters, reset_moe_load_counters
 from llmcompress.passes import Pass, PassContext, PassManager, PassResult, get_pass, register_pass, registered_passes
 from llmcompress.recipes import builtin_recipes, load_recipe
 from llmcompress.speculative import self_speculative_generate
@@ -29,7 +30,8 @@ _configure_logging()
 _register_backend()
 
 __all__ = [
-    "__version__", "CompileConfig", "LLMCompressError", "OptionError", "Pass", "PassContext", "PassFailedError", "PassManager",
-    "PassOrderError", "PassResult", "RecipeError", "VerificationError", "WeightReleasedError", "builtin_recipes",
-    "get_pass", "llmcompress_backend", "load_recipe", "register_pass", "registered_passes", "self_speculative_generate",
+    "CompileConfig", "LLMCompressError", "OptionError", "Pass", "PassContext", "PassFailedError", "PassManager",
+    "PassOrderError", "PassResult", "RecipeError", "VerificationError", "WeightReleasedError", "__version__",
+    "builtin_recipes", "get_pass", "llmcompress_backend", "load_recipe", "moe_load_counters", "register_pass",
+    "registered_passes", "reset_moe_load_counters", "self_speculative_generate",
 ]

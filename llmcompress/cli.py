@@ -65,8 +65,12 @@ def _report(args: argparse.Namespace) -> int:
         lowrank = lowrank_section(compile_report=args.compile_report, quality=args.lowrank_quality)
     except LowrankInputError as e:
         args.parser.error(str(e))  # names the file and what it lacks
+    moe = _moe_load(args.compile_report)
     if args.compile_report is not None and lowrank is None:
         print(f"note: {args.compile_report} has no lowrank-split layer with an error curve: no low-rank section",
+              file=sys.stderr)
+    if args.compile_report is not None and moe is None:
+        print(f"note: {args.compile_report} has no MoE layer with load statistics: no MoE expert load section",
               file=sys.stderr)
     try:
         report = report_model(args.model, batch=args.batch, seq=args.seq, kv_len=args.kv_len,
@@ -74,6 +78,7 @@ def _report(args: argparse.Namespace) -> int:
     except (ModelLoadError, OptionError) as e:
         args.parser.error(str(e))  # exits 2, like any usage error
     report["lowrank"] = lowrank
+    report["moe_load"] = moe
     text = render(report, args.format)
     if args.output is None:
         sys.stdout.write(text)
@@ -81,6 +86,17 @@ def _report(args: argparse.Namespace) -> int:
         Path(args.output).expanduser().write_text(text, encoding="utf-8")
         print(f"wrote {args.output} ({args.format}, {len(report['nodes'])} nodes)", file=sys.stderr)
     return 0
+
+
+def _moe_load(path: str | None) -> dict | None:
+    """The MoE load statistics of a compile report file (`report/moe_heatmap.moe_load`), or None."""
+    if path is None:
+        return None
+    import json
+
+    from llmcompress.report.moe_heatmap import moe_load
+
+    return moe_load(json.loads(Path(path).expanduser().read_text(encoding="utf-8")))
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -182,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--compile-report", default=None, metavar="PATH",
                         help="compile report JSON (options['report']) of a compile that ran lowrank-split with a "
                              "ratio: the HTML plots its layers' error curves against kept fraction, chosen ranks "
-                             "marked (json: the 'lowrank' key)")
+                             "marked (json: the 'lowrank' key); of one with MoE load statistics (moe-prune, "
+                             "moe-skip): a per-layer per-expert load heat-map (json: the 'moe_load' key)")
     report.add_argument("--lowrank-quality", default=None, metavar="PATH",
                         help="JSON of benchmarks/lowrank_quality.py (e.g. benchmarks/results/lowrank_quality_64.json):"
                              " the HTML plots perplexity against kept fraction per method (svd, asvd, svd-llm)")

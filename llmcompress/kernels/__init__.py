@@ -44,6 +44,7 @@ from llmcompress.kernels import (
            int8_linear,
            lowrank_linear,
            moe_experts,
+           moe_load_counters,
            moe_route,
            quantized_embedding,
            rms_norm,
@@ -53,5 +54,5 @@ from llmcompress.kernels import (
 from llmcompress.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 
 __all__ = ["cpu_weight_only", "fp8_linear", "fused_linear", "grouped_linear", "int4_linear", "int8_linear",
-           "lowrank_linear", "moe_experts", "moe_route", "quantized_embedding", "rms_norm", "rms_norm_reference",
+           "lowrank_linear", "moe_experts", "moe_load_counters", "moe_route", "quantized_embedding", "rms_norm", "rms_norm_reference",
            "rms_norm_triton", "sparse_linear", "w8a8_linear"]

@@ -9,9 +9,14 @@ Entry points, both -> (T, H) in x's dtype, fed by `llmcompress::moe_route` (`moe
   (E, 2I, H // 2), sgate_up / zgate_up float16 (E, 2I, H // group_size); qdown (E, H, I // 2), sdown / zdown
   (E, H, I // group_size)), x float16 or bfloat16, dequantized in registers by the same kernels (`QUANT` = 1); CUDA
   `moe_experts_w4a16_triton`, CPU `moe_experts_w4a16_reference`.
+- `torch.ops.llmcompress.moe_experts_w8a16(x, qgate_up, sgate_up, qdown, sdown, topk_weights, ...,
+  gemv_max_tokens=0)`: int8 experts in `formats.quantize_int8_per_channel`'s layout per expert (qgate_up int8
+  (E, 2I, H), sgate_up float32 (E, 2I); qdown int8 (E, H, I), sdown float32 (E, H)), dequantized in registers
+  (`QUANT` = 2); CUDA `moe_experts_w8a16_triton`, CPU `moe_experts_w8a16_reference`.
+Quantized experts are what `quantize-linear` makes of a `moe_experts` node (`passes/quantize/experts.py`).
 The CPU paths loop over the experts that received tokens, behind the opaque ops `llmcompress::moe_experts_cpu` /
-`moe_experts_w4a16_cpu` (the loop's shapes depend on the routing, and a triton_op body is traced). int8 experts are
-not built.
+`moe_experts_w4a16_cpu` / `moe_experts_w8a16_cpu` (the loop's shapes depend on the routing, and a triton_op body is
+traced).
 
 Args:
     x: (T, H) float16/bfloat16/float32.
@@ -50,20 +55,26 @@ import triton.language as tl
 from torch.library import triton_op
 
 from llmcompress.cost.roofline import numel, register_cost, sym
-from llmcompress.formats.quantized import check_group_size, dequantize_int4
+from llmcompress.formats.quantized import check_group_size, dequantize_int4, dequantize_int8
 from llmcompress.kernels import linear_common as common
 from llmcompress.kernels.linear_common import dot_fp32, grouped_pid
 from llmcompress.kernels.moe_route import BLOCK_MS, padded_sizes
 
 __all__ = ["expected_experts_hit", "moe_experts_reference", "moe_experts_triton", "moe_experts_w4a16_reference",
-           "moe_experts_w4a16_triton"]
+           "moe_experts_w4a16_triton", "moe_experts_w8a16_reference", "moe_experts_w8a16_triton"]
 
 
 @triton.jit
 def _weight_tile(rows, s_rows, z_rows, rk, mask, stride_wk, QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr):
     """An fp32 weight tile at K indices `rk` (broadcast against `rows`): QUANT = 0, stored in x's dtype; 1, packed int4
-    (`formats/quantized.py`: k = 2i in the low nibble of byte i, w = (q - zero) * scale per GROUP_SIZE along K)."""
-    if QUANT:
+    (`formats/quantized.py`: k = 2i in the low nibble of byte i, w = (q - zero) * scale per GROUP_SIZE along K);
+    2, int8 codes (`formats.quantize_int8_per_channel`), unscaled: w = q * scale of the row, the scale applied to the
+    accumulator after the K loop (`_row_scale`; exact codes in the dot, and no scale tile staged beside the weight
+    tile: loaded as a (BLOCK_K, BLOCK_N) broadcast it took 45,056 B of shared memory at 16 x 32 x 64 on sm_90, the
+    launcher's estimate 26,624 B)."""
+    if QUANT == 2:
+        return tl.load(rows + rk * stride_wk, mask=mask, other=0).to(tl.float32)
+    elif QUANT == 1:
         byte = tl.load(rows + (rk // 2) * stride_wk, mask=mask, other=0).to(tl.int32)
         q = ((byte >> ((rk % 2) * 4)) & 0xF).to(tl.float32)
         # The group's scale and zero: gathered loads repeating GROUP_SIZE times along K, served by L1.
@@ -72,6 +83,12 @@ def _weight_tile(rows, s_rows, z_rows, rk, mask, stride_wk, QUANT: tl.constexpr,
         return (q - z) * s
     else:
         return tl.load(rows + rk * stride_wk, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_scale(s_ptr, e64, rn, n_mask, stride_se, stride_sn):
+    """int8 experts: the per-row scales of expert e64 at output rows rn (1-D), fp32."""
+    return tl.load(s_ptr + e64 * stride_se + rn.to(tl.int64) * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -120,6 +137,9 @@ def _moe_gate_up_gemv_kernel(
                               w_mask, stride_wk, QUANT, GROUP_SIZE)
             acc_g += tl.sum(wg * xv[None, :], axis=1)
             acc_u += tl.sum(wu * xv[None, :], axis=1)
+        if QUANT == 2:
+            acc_g = acc_g * _row_scale(s_ptr, e64, rn, n_mask, stride_se, stride_sn)
+            acc_u = acc_u * _row_scale(s_ptr, e64, I + rn, n_mask, stride_se, stride_sn)
         h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
         tl.store(h_ptr + slot.to(tl.int64) * I + rn, h.to(h_ptr.dtype.element_ty), mask=n_mask)
 
@@ -170,6 +190,8 @@ def _moe_down_gemv_kernel(
                 wd = _weight_tile(w_rows, s_rows, z_rows, rk[None, :], n_mask[:, None] & k_mask[None, :], stride_wk,
                                   QUANT, GROUP_SIZE)
                 part += tl.sum(wd * hv[None, :], axis=1)
+            if QUANT == 2:
+                part = part * _row_scale(s_ptr, e64, rn, n_mask, stride_se, stride_sn)
             acc += part * tl.load(weights_ptr + slot)
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
@@ -230,6 +252,9 @@ def _moe_gate_up_gemm_kernel(
                               w_mask, stride_wk, QUANT, GROUP_SIZE).to(dt)
             acc_g = dot_fp32(a, bg, acc_g, UPCAST)
             acc_u = dot_fp32(a, bu, acc_u, UPCAST)
+        if QUANT == 2:
+            acc_g = acc_g * _row_scale(s_ptr, e, rn, n_mask, stride_se, stride_sn)[None, :]
+            acc_u = acc_u * _row_scale(s_ptr, e, I + rn, n_mask, stride_se, stride_sn)[None, :]
         h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
         h_out = h_ptr + slot.to(tl.int64)[:, None] * I + rn[None, :]
         tl.store(h_out, h.to(h_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -284,6 +309,8 @@ def _moe_down_gemm_kernel(
             b = _weight_tile(w_cols, s_cols, z_cols, rk[:, None], k_mask[:, None] & n_mask[None, :], stride_wk,
                              QUANT, GROUP_SIZE).to(dt)
             acc = dot_fp32(a, b, acc, UPCAST)
+        if QUANT == 2:
+            acc = acc * _row_scale(s_ptr, e, rn, n_mask, stride_se, stride_sn)[None, :]
         acc = acc * tl.load(weights_ptr + slot, mask=m_mask, other=0.0)[:, None]
         out = out_ptr + slot.to(tl.int64)[:, None] * H + rn[None, :]
         tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
@@ -340,13 +367,17 @@ _SPILLS = {
 # As `_SPILLS` for int4 experts (benchmarks/gpu_compile.py --families moe-int4, the Mixtral-8x7B block).
 _SPILLS_INT4 = {"_moe_gate_up_gemm_kernel": {("sm_80", "16-bit"): {(64, 32, 64, 4), (64, 64, 64, 8)}},  # 4 B, 88 B
                 "_moe_down_gemm_kernel": {}}
+# As `_SPILLS` for int8 experts (benchmarks/gpu_compile.py --families moe-int8, the Mixtral-8x7B block).
+_SPILLS_INT8 = {"_moe_gate_up_gemm_kernel": {},
+                "_moe_down_gemm_kernel": {("sm_80", "16-bit"): {(64, 64, 32, 8)}}}  # 16 B
 
 
 def _gemm_choice(configs, nargs, capability):
     fp32 = nargs["x_ptr" if "x_ptr" in nargs else "h_ptr"].dtype == torch.float32
     kernel = "_moe_gate_up_gemm_kernel" if "x_ptr" in nargs else "_moe_down_gemm_kernel"
+    # int8 experts take int4's narrow tiles: one dequantized tile in registers beside the accumulators, as int4's.
     listed = _GEMM_CONFIGS_FP32 if fp32 else _GEMM_CONFIGS_INT4 if nargs["QUANT"] else _GEMM_CONFIGS
-    spills = (_SPILLS_INT4 if nargs["QUANT"] else _SPILLS)[kernel]
+    spills = (_SPILLS, _SPILLS_INT4, _SPILLS_INT8)[nargs["QUANT"]][kernel]
     return [c for c in configs if any(c is x for x in listed)
             and not common.spilling(spills, c, {**nargs, "x_ptr": nargs.get("x_ptr", nargs.get("h_ptr"))},
                                     capability)]
@@ -354,13 +385,15 @@ def _gemm_choice(configs, nargs, capability):
 
 def _shared_bytes(a_name, b_tiles):
     """`Tuned` shared_bytes: float experts stage their weight tiles as loaded; int4 experts stage the packed bytes
-    (half of BLOCK_K, one byte each) and the tile converted to x's dtype once more for the dot."""
+    (half of BLOCK_K, one byte each), int8 experts one byte per weight, and both the tile converted to x's dtype
+    once more for the dot."""
     def a_bytes(nargs):
         return nargs[a_name].element_size()
 
     float_tiles = common.tile_shared_bytes(a_bytes, a_bytes, 4, b_tiles=b_tiles)
     int4_tiles = common.tile_shared_bytes(a_bytes, 1, 4, b_tiles=b_tiles, converted_bytes=a_bytes, b_k_fraction=0.5)
-    return lambda config, nargs: (int4_tiles if nargs["QUANT"] else float_tiles)(config, nargs)
+    int8_tiles = common.tile_shared_bytes(a_bytes, 1, 4, b_tiles=b_tiles, converted_bytes=a_bytes)
+    return lambda config, nargs: (float_tiles, int4_tiles, int8_tiles)[nargs["QUANT"]](config, nargs)
 
 
 _gate_up_tuned = common.autotuned(
@@ -420,10 +453,9 @@ def _check(x, w_gate_up, w_down, topk_weights, topk_ids, sorted_ids, block_exper
 def _check_w4(x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdown, group_size, topk_weights, topk_ids, sorted_ids,
               block_expert_ids, num_padded, block_m, gemv_max_tokens, name="moe_experts_w4a16") -> None:
     _check_x(name, x)
-    if x.dtype == torch.float32:
-        # fp32 x: the in-register dequantization spilled in every GEMV and GEMM tile tried (424-2,148 B per thread,
-        # benchmarks/gpu_compile.py --families moe-int4); fp32 models use the float op.
-        raise ValueError(f"{name}: x must be float16 or bfloat16 for int4 experts, got {x.dtype}")
+    # fp32 x is taken (a float32 model quantized by quantize-linear, the quality benchmarks' setting) but untuned on
+    # a GPU: the in-register dequantization spilled in every GEMV and GEMM tile tried (424-2,148 B per thread,
+    # benchmarks/gpu_compile.py --families moe-int4).
     h = x.shape[1]
     if qgate_up.dim() != 3 or qgate_up.dtype != torch.uint8 or qgate_up.shape[1] % 2 or qgate_up.shape[2] * 2 != h:
         raise ValueError(f"{name}: qgate_up must be uint8 (E, 2 * I, H // 2) with H={h} (`formats.quantized` packed "
@@ -450,6 +482,26 @@ def _check_w4(x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdown, group_size, 
                    gemv_max_tokens)
     common.check_devices(name, x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdown, topk_weights, topk_ids,
                          sorted_ids, block_expert_ids, num_padded)
+
+
+def _check_w8(x, qgate_up, sgate_up, qdown, sdown, topk_weights, topk_ids, sorted_ids, block_expert_ids, num_padded,
+              block_m, gemv_max_tokens, name="moe_experts_w8a16") -> None:
+    _check_x(name, x)
+    h = x.shape[1]
+    if qgate_up.dim() != 3 or qgate_up.dtype != torch.int8 or qgate_up.shape[1] % 2 or qgate_up.shape[2] != h:
+        raise ValueError(f"{name}: qgate_up must be int8 (E, 2 * I, H={h}) (`formats.quantize_int8_per_channel` per "
+                         f"expert), got {qgate_up.dtype} {tuple(qgate_up.shape)}")
+    e, i = qgate_up.shape[0], qgate_up.shape[1] // 2
+    if qdown.dtype != torch.int8 or tuple(qdown.shape) != (e, h, i):
+        raise ValueError(f"{name}: qdown must be int8 (E, H, I) = ({e}, {h}, {i}), got {qdown.dtype} "
+                         f"{tuple(qdown.shape)}")
+    for t, what, shape in ((sgate_up, "sgate_up", (e, 2 * i)), (sdown, "sdown", (e, h))):
+        if t.dtype != torch.float32 or tuple(t.shape) != shape:
+            raise ValueError(f"{name}: {what} must be float32 {shape}, got {t.dtype} {tuple(t.shape)}")
+    _check_routing(name, x, e, topk_weights, topk_ids, sorted_ids, block_expert_ids, num_padded, block_m,
+                   gemv_max_tokens)
+    common.check_devices(name, x, qgate_up, sgate_up, qdown, sdown, topk_weights, topk_ids, sorted_ids,
+                         block_expert_ids, num_padded)
 
 
 def _experts_loop(x, gate_up_of, down_of, num_experts, i, topk_weights, topk_ids, compute_dtype):
@@ -491,6 +543,16 @@ def moe_experts_w4a16_reference(x, qgate_up, sgate_up, zgate_up, qdown, sdown, z
 
     return _experts_loop(x, gate_up_of, down_of, qgate_up.shape[0], qgate_up.shape[1] // 2, topk_weights, topk_ids,
                          compute_dtype)
+
+
+def moe_experts_w8a16_reference(x, qgate_up, sgate_up, qdown, sdown, topk_weights, topk_ids, sorted_ids=None,
+                                block_expert_ids=None, num_padded=None, block_m=16, gemv_max_tokens=0,
+                                compute_dtype=None) -> torch.Tensor:
+    """As `moe_experts_reference` with each hit expert's weights dequantized (`formats.quantized.dequantize_int8`,
+    exact in float32)."""
+    return _experts_loop(x, lambda e: dequantize_int8(qgate_up[e], sgate_up[e]),
+                         lambda e: dequantize_int8(qdown[e], sdown[e]), qgate_up.shape[0], qgate_up.shape[1] // 2,
+                         topk_weights, topk_ids, compute_dtype)
 
 
 def _stored(w, scales, zeros):
@@ -581,6 +643,18 @@ def moe_experts_w4a16_triton(x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdow
                 gemv_max_tokens, 1, group_size)
 
 
+def moe_experts_w8a16_triton(x, qgate_up, sgate_up, qdown, sdown, topk_weights, topk_ids, sorted_ids, block_expert_ids,
+                             num_padded, block_m=16, gemv_max_tokens=0) -> torch.Tensor:
+    """As `moe_experts_triton` with int8 experts (args: module docstring, `moe_experts_w8a16`)."""
+    _check_w8(x, qgate_up, sgate_up, qdown, sdown, topk_weights, topk_ids, sorted_ids, block_expert_ids, num_padded,
+              block_m, gemv_max_tokens, "moe_experts_w8a16_triton")
+    common.check_launchable("moe_experts_w8a16_triton", x, "moe_experts_w8a16_reference")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    return _run(x, _stored(qgate_up, sgate_up, sgate_up), _stored(qdown, sdown, sdown), qgate_up.shape[0],
+                qgate_up.shape[1] // 2, topk_weights, topk_ids, sorted_ids, block_expert_ids, num_padded, block_m,
+                gemv_max_tokens, 2, 1)
+
+
 @torch.library.custom_op("llmcompress::moe_experts_cpu", mutates_args=())
 def _moe_experts_cpu_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
                         topk_ids: torch.Tensor) -> torch.Tensor:
@@ -656,6 +730,39 @@ def _moe_experts_w4a16_cpu(x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdown,
     return moe_experts_w4a16_reference(*args)
 
 
+@torch.library.custom_op("llmcompress::moe_experts_w8a16_cpu", mutates_args=())
+def _moe_experts_w8a16_cpu_op(x: torch.Tensor, qgate_up: torch.Tensor, sgate_up: torch.Tensor, qdown: torch.Tensor,
+                              sdown: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """moe_experts_w8a16's CPU path, opaque to tracing."""
+    return moe_experts_w8a16_reference(x, qgate_up, sgate_up, qdown, sdown, topk_weights, topk_ids)
+
+
+@_moe_experts_w8a16_cpu_op.register_fake
+def _(x, qgate_up, sgate_up, qdown, sdown, topk_weights, topk_ids):
+    return x.new_empty(x.shape)
+
+
+@triton_op("llmcompress::moe_experts_w8a16", mutates_args=())
+def _moe_experts_w8a16_op(x: torch.Tensor, qgate_up: torch.Tensor, sgate_up: torch.Tensor, qdown: torch.Tensor,
+                          sdown: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                          sorted_ids: torch.Tensor, block_expert_ids: torch.Tensor, num_padded: torch.Tensor,
+                          block_m: int = 16, gemv_max_tokens: int = 0) -> torch.Tensor:
+    args = (x, qgate_up, sgate_up, qdown, sdown, topk_weights, topk_ids, sorted_ids, block_expert_ids, num_padded,
+            block_m, gemv_max_tokens)
+    if x.device.type != "cuda":
+        _check_w8(*args)
+        return torch.ops.llmcompress.moe_experts_w8a16_cpu(*args[:7])
+    return moe_experts_w8a16_triton(*args)
+
+
+@_moe_experts_w8a16_op.register_kernel("cpu")
+def _moe_experts_w8a16_cpu(x, qgate_up, sgate_up, qdown, sdown, topk_weights, topk_ids, sorted_ids, block_expert_ids,
+                           num_padded, block_m=16, gemv_max_tokens=0):
+    _check_w8(x, qgate_up, sgate_up, qdown, sdown, topk_weights, topk_ids, sorted_ids, block_expert_ids, num_padded,
+              block_m, gemv_max_tokens)
+    return moe_experts_w8a16_reference(x, qgate_up, sgate_up, qdown, sdown, topk_weights, topk_ids)
+
+
 def _experts_cost(node, weight_indices, ids_index):
     """(flops, bytes) of the experts for T tokens: 6·T·k·H·I FLOPs (gate, up and down per slot); bytes: the stored
     weights (and scales, zeros) of only the experts expected to be hit under uniform routing
@@ -676,3 +783,5 @@ for _op in (torch.ops.llmcompress.moe_experts.default, torch.ops.llmcompress.moe
     register_cost(_op)(lambda node: _experts_cost(node, (1, 2), 4))
 for _op in (torch.ops.llmcompress.moe_experts_w4a16.default, torch.ops.llmcompress.moe_experts_w4a16_cpu.default):
     register_cost(_op)(lambda node: _experts_cost(node, (1, 2, 3, 4, 5, 6), 9))
+for _op in (torch.ops.llmcompress.moe_experts_w8a16.default, torch.ops.llmcompress.moe_experts_w8a16_cpu.default):
+    register_cost(_op)(lambda node: _experts_cost(node, (1, 2, 3, 4), 6))

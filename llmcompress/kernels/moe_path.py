@@ -6,7 +6,7 @@ model (`CostModel.kernel_time`) at every T of `kernel_path.M_GRID` from the rout
 uniform routing, and returns the op's `gemv_max_tokens` and `moe_route`'s / the op's `block_m` (`MoePath`); it is the
 one place that decides them. What each path does is said here once; what that costs is the cost model's answer:
 
-* `gemv` (CUDA): each of the T·k slots streams its expert's 3·H·I weights once (`expert_bytes`: float or int4) (an expert hit by several slots is
+* `gemv` (CUDA): each of the T·k slots streams its expert's 3·H·I weights once (`expert_bytes`: float, int8 or int4) (an expert hit by several slots is
   counted as read again: the L2 may save it, the price does not assume so), FLOPs on CUDA cores (no `tl.dot`);
   two launches.
 * `gemm` (CUDA): the `expected_experts_hit` experts are read, once per GROUP_M (8) blocks of their rows; the
@@ -79,27 +79,35 @@ def _gemm_time(cost_model, t, h, i, e, k, es, w_bytes, block_m, dtype) -> float:
     return cost_model.kernel_time(flops, nbytes, dtype, rows=blocks * block_m, launches=3)
 
 
-def expert_bytes(hidden: int, intermediate: int, dtype: torch.dtype, group_size: int | None = None) -> float:
-    """Bytes of one expert's stored gate, up and down weights (3·H·I values): in `dtype`, or with `group_size` as
-    packed int4 (half a byte each) plus float16 scales and zeros per group (`moe_experts_w4a16`)."""
+def expert_bytes(hidden: int, intermediate: int, dtype: torch.dtype, group_size: int | None = None,
+                 scheme: str | None = None) -> float:
+    """Bytes of one expert's stored gate, up and down weights (3·H·I values): in `dtype`; with `group_size` (or
+    `scheme` "w4a16") as packed int4 (half a byte each) plus float16 scales and zeros per group
+    (`moe_experts_w4a16`); with `scheme` "w8a16" one byte each plus a float32 scale per output row (2·I + H rows,
+    `moe_experts_w8a16`)."""
     n = 3.0 * hidden * intermediate
+    if scheme == "w8a16":
+        return n + (2.0 * intermediate + hidden) * 4
+    if scheme not in (None, "w4a16"):
+        raise ValueError(f"expert_bytes: scheme must be None, 'w4a16' or 'w8a16', got {scheme!r}")
     if group_size is None:
         return n * torch.empty((), dtype=dtype).element_size()
     return n / 2 + n / group_size * 4
 
 
 def choose_moe_path(cost_model: Any, hidden: int, intermediate: int, num_experts: int, top_k: int,
-                    dtype: torch.dtype, device: Any, group_size: int | None = None) -> MoePath:
+                    dtype: torch.dtype, device: Any, group_size: int | None = None,
+                    scheme: str | None = None) -> MoePath:
     """The cheaper experts path at each T for experts of `hidden` (H) x `intermediate` (I), E = `num_experts`,
     k = `top_k`, activations in `dtype` on `device` (cuda or cpu), weights in `dtype` or, with `group_size`, int4
-    (`moe_experts_w4a16`). Without a cost model: the GEMM at every T with block_m 16 (correct everywhere; nothing
+    (`moe_experts_w4a16`), or with `scheme` "w8a16", int8 (`moe_experts_w8a16`). Without a cost model: the GEMM at every T with block_m 16 (correct everywhere; nothing
     says the GEMV pays)."""
     kind = _check(hidden, intermediate, num_experts, top_k, dtype, device)
     if cost_model is None:
         return MoePath(0, BLOCK_MS[0], {}, kind)
     h, i, e, k = hidden, intermediate, num_experts, top_k
     es = torch.empty((), dtype=dtype).element_size()
-    w_bytes = expert_bytes(h, i, dtype, group_size)
+    w_bytes = expert_bytes(h, i, dtype, group_size, scheme)
     gemv_max, gemv_wins, priced, gemm_tables = 0, True, {}, []
     for t in M_GRID:
         act = 2.0 * t * h * es + 2.0 * t * k * i * es + t * k * 8

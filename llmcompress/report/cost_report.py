@@ -39,6 +39,9 @@ FLOPs and seconds, at the concrete sizes of `workload`:
   {compile_report, layers: [{graph, layer, method, shape, rank, curve {kept_fraction, relative_error, chosen}}] or
   null, quality: {source, device, windows, calibration, git, rows [{model, method, ratio, kept_fraction, perplexity,
   dense_perplexity, delta_pct}], missing_runs} or null}: the HTML's "Low-rank quality / size" section.
+* `moe_load`: null, or (`llmcompress report --compile-report`, `moe_heatmap.moe_load`) {source ("calibration" or
+  "runtime counters"), layers, tokens, share, mean_weight (null when the compile report lacks it)}: per MoE layer
+  and expert, the HTML's "MoE expert load" heat-map.
 * `nodes`: every priced (non-free) node of the graph(s), in graph order, each {graph, node, layer, module (the
   nn.Module path that produced it), op, kind ('matmul', 'attention', 'pointwise', 'reduction', 'data', 'custom',
   'unknown'), shape ("1x128x4096" at workload sizes), shape_symbolic ("batchxseqx4096"), dtype, flops, bytes,
@@ -470,6 +473,7 @@ def build_report(traced: Sequence[Any], hardware: Hardware, *, profile: Mapping[
         "totals_before": totals_before,
         "layers": _layers(rows, totals["latency_s"], rows_before if recipe is not None else None),
         "lowrank": None,
+        "moe_load": None,
         "nodes": rows,
     }
 

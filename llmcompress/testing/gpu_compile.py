@@ -46,6 +46,7 @@ from llmcompress.kernels import (
     int8_linear,
     lowrank_linear,
     moe_experts,
+    moe_load_counters,
     moe_route,
     rms_norm,
     sparse_linear,
@@ -179,6 +180,33 @@ def _moe_int4_cases(dtype: str, full: bool) -> list[Case]:
     return out
 
 
+def _moe_int8_cases(dtype: str, full: bool) -> list[Case]:
+    """int8 experts (one scale per row) on the Mixtral-8x7B block: the same kernels with QUANT = 2 (x float16 /
+    bfloat16), and the load counters' kernel (`moe_load_counters.py`) on its routing."""
+    dt = DTYPES[dtype]
+    out = []
+    if dt == torch.float32:
+        return out
+    h, i, e, k = MOE_BLOCKS["mixtral-8x7b"]
+    q_gu, s_gu = _meta(e, 2 * i, h, dtype=torch.int8), _meta(e, 2 * i, dtype=torch.float32)
+    q_d, s_d = _meta(e, h, i, dtype=torch.int8), _meta(e, h, dtype=torch.float32)
+    for t, path, block_m in MOE_RUNS["full" if full else "reduced"]:
+        x, logits = _meta(t, h, dtype=dt), _meta(t, e, dtype=dt)
+
+        def call_w8(x=x, logits=logits, t=t, path=path, block_m=block_m):
+            routing = moe_route.moe_route_triton(logits, k, "softmax", True, block_m)
+            moe_experts.moe_experts_w8a16_triton(x, q_gu, s_gu, q_d, s_d, *routing, block_m,
+                                                 t if path == "gemv" else 0)
+
+        out.append(Case("moe", f"mixtral-8x7b int8, {path}, block_m {block_m}", dtype, (t, h, i), call_w8))
+    t = 512
+    ids, weights = _meta(t, k, dtype=torch.int32), _meta(t, k, dtype=torch.float32)
+    tokens, weight_sum = _meta(e, dtype=torch.int64), _meta(e, dtype=torch.float32)
+    out.append(Case("moe", f"load counters, {t} tokens top-{k}", dtype, (t, h, i),
+                    lambda: moe_load_counters.moe_count_load_triton(weights, ids, tokens, weight_sum)))
+    return out
+
+
 def _weight_cases(dtype: str, k: int, n: int) -> list[Case]:
     """Kernels that do not depend on M: dequantization (the dense path) and RMSNorm over rows of n."""
     dt = DTYPES[dtype]
@@ -264,7 +292,7 @@ def _codegen_case(name: str, dtype: str, m: int, n: int) -> Case:
     return Case("codegen", name, dtype, (m, None, n), call)
 
 
-FAMILIES = ("kernels", "sparse", "lowrank", "moe", "moe-int4", "codegen")
+FAMILIES = ("kernels", "sparse", "lowrank", "moe", "moe-int4", "moe-int8", "codegen")
 
 
 def cases(full: bool, families: tuple[str, ...] = FAMILIES, dtypes=tuple(DTYPES)) -> list[Case]:
@@ -286,6 +314,8 @@ def cases(full: bool, families: tuple[str, ...] = FAMILIES, dtypes=tuple(DTYPES)
             out += _moe_cases(dtype, full)
         if "moe-int4" in families:
             out += _moe_int4_cases(dtype, full)
+        if "moe-int8" in families:
+            out += _moe_int8_cases(dtype, full)
         if "codegen" in families:
             for name in GROUPS if full else REDUCED_GROUPS:
                 for m, n in ((1, 4096), (512, 4096), (3, 1000)) if full else ((512, 4096),):
@@ -503,9 +533,9 @@ def unsupported() -> str | None:
 
 
 def run_reduced(families: str, folder: str | os.PathLike, timeout: float = 900) -> list[dict]:
-    """The reduced set's rows for `families` ("kernels", "sparse", "lowrank", "moe", "moe-int4", "codegen"), compiled
-    in a subprocess without TRITON_INTERPRET (the tests' process runs the interpreter; compiling needs no GPU). Runs this checkout's package:
-    the subprocess starts in the directory above `llmcompress/`."""
+    """The reduced set's rows for `families` ("kernels", "sparse", "lowrank", "moe", "moe-int4", "moe-int8",
+    "codegen"), compiled in a subprocess without TRITON_INTERPRET (the tests' process runs the interpreter; compiling
+    needs no GPU). Runs this checkout's package: the subprocess starts in the directory above `llmcompress/`."""
     root = pathlib.Path(__file__).resolve().parents[2]
     out = pathlib.Path(folder) / f"gpu_compile_{families}.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -85,7 +85,7 @@ def test_json_keys_and_totals_add_up(prefill_json):
     r = prefill_json
     assert r["report_version"] == 1
     assert set(r) == {"report_version", "versions", "model", "workload", "hardware", "recipe", "trace", "graphs",
-                      "totals", "totals_before", "layers", "lowrank", "nodes"}
+                      "totals", "totals_before", "layers", "lowrank", "moe_load", "nodes"}
     assert r["workload"] == {"mode": "prefill", "batch": 2, "seq": 16, "kv_len": None, "tokens_per_step": 32}
     assert r["recipe"] is None and r["totals_before"] is None
     t, nodes = r["totals"], r["nodes"]

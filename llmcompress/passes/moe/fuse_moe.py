@@ -32,6 +32,7 @@ from llmcompress.fx_utils import call, finish_rewrite, grouped_matmul_ops
 from llmcompress.kernels import moe_experts as _experts_op  # noqa: F401  (registers llmcompress::moe_experts)
 from llmcompress.kernels import moe_route as _route_op  # noqa: F401  (registers llmcompress::moe_route)
 from llmcompress.kernels.linear_common import SUPPORTED_DTYPES
+from llmcompress.kernels.moe_load_counters import drop_counter, new_counter, zero_counter
 from llmcompress.kernels.moe_path import choose_moe_path
 from llmcompress.passes.base import Pass, PassContext, PassResult
 from llmcompress.passes.moe.blocks import MoEBlock, find_blocks
@@ -66,7 +67,10 @@ class FuseMoeOptions:
     skip_budget: float | None = None
     """Dynamic expert skipping with a β per layer calibrated on calibration data so that the calibration
     perplexity rises by at most this fraction (0.01: +1 %; `skip_calibration.py`)."""
-    version: ClassVar[int] = 2
+    load_counters: bool = False
+    """Count, on the device and without host syncs, the tokens routed to each expert of each fused block and their
+    routing weights (`kernels/moe_load_counters.py`); read with `llmcompress.moe_load_counters(model)`."""
+    version: ClassVar[int] = 3
 
     def __post_init__(self) -> None:
         if self.skip_beta is not None and not (isinstance(self.skip_beta, (int, float))
@@ -83,6 +87,9 @@ class FuseMoeOptions:
             raise OptionError(f"pass 'fuse-moe': key 'objective' got {self.objective!r}; expected 'speed' or 'always'")
         if not isinstance(self.verify, bool):
             raise OptionError(f"pass 'fuse-moe': key 'verify' got {self.verify!r}; expected true or false")
+        if not isinstance(self.load_counters, bool):
+            raise OptionError(f"pass 'fuse-moe': key 'load_counters' got {self.load_counters!r}; expected true or "
+                              "false")
 
 
 class FuseMoePass(Pass):
@@ -118,9 +125,6 @@ class FuseMoePass(Pass):
               ) -> dict[str, Any]:
         info: dict[str, Any] = {"fused": False, "experts": block.num_experts, "top_k": block.k,
                                 "norm_topk_prob": block.renormalize}
-        if "quantize-linear" in ctx.pipeline:
-            return {**info, "why": "quantize-linear follows: it quantizes the experts as grouped linears, which "
-                                   "moe_experts does not take yet (int8 / int4 experts: not yet)"}
         if block.why is not None:
             why = block.why
             if why.startswith("no 3-D experts"):
@@ -139,7 +143,8 @@ class FuseMoePass(Pass):
         dtype = x_val.dtype
         if dtype not in SUPPORTED_DTYPES or gate_up.dtype != dtype or down.dtype != dtype:
             return {**info, "why": f"activations {dtype}, experts {gate_up.dtype}: moe_experts takes float16 / "
-                                   "bfloat16 / float32 experts in the activations' dtype (quantized experts: not yet)"}
+                                   "bfloat16 / float32 experts in the activations' dtype (quantize-linear after "
+                                   "fuse-moe makes them int8 / int4)"}
         e, i2, h = gate_up.shape
         triton = getattr(ctx.config, "lowering", None) == "triton"
         device = "cuda" if gate_up.device.type == "cuda" or triton else "cpu"
@@ -158,9 +163,11 @@ class FuseMoePass(Pass):
                 item = gm.graph.call_function(operator.getitem, (route, idx))
                 item.meta["val"] = route.meta["val"][idx]
                 parts.append(item)
+            counted = self._count(gm, ctx, block, parts)
             fused = call(gm.graph, ctx.fake_mode, ops.moe_experts.default,
-                         (x, block.gate_up, block.down, *parts, path.block_m, path.gemv_max_tokens), {})
-        new_nodes = [route, *parts, fused]
+                         (x, block.gate_up, block.down, *parts[:1], counted or parts[1], *parts[2:], path.block_m,
+                          path.gemv_max_tokens), {})
+        new_nodes = [route, *parts, *([counted] if counted else []), fused]
         for n in new_nodes:
             for key in ("stack_trace", "nn_module_stack"):
                 if key in out.meta:
@@ -168,6 +175,8 @@ class FuseMoePass(Pass):
             n.meta[FUSE_META] = block.name
 
         def undo(why: str, **extra: Any) -> dict[str, Any]:
+            if counted is not None:
+                drop_counter(counted.args[2])
             for n in reversed(new_nodes):
                 gm.graph.erase_node(n)
             return {**info, "why": why, **extra}
@@ -199,9 +208,24 @@ class FuseMoePass(Pass):
                 return undo(f"verification failed: {problem} (left as it is)")
         if skip_beta > 0:  # after `_verify`, which checks the exact routing
             route.args = (*route.args, skip_beta)
+        if counted is not None:
+            with unset_fake_temporarily():
+                zero_counter(counted.args[2])  # the verification's random tokens counted
+            info["load_counter"] = counted.args[2]
         out.replace_all_uses_with(fused)
         info.update(fused=True, kernel=f"moe_route + moe_experts ({info['path']} at {tokens} tokens)")
         return info
+
+    def _count(self, gm: torch.fx.GraphModule, ctx: PassContext, block: MoEBlock, parts: list[torch.fx.Node]
+               ) -> torch.fx.Node | None:
+        """With `load_counters`, the `moe_count_load` node between the routing and the experts (its copy of the
+        ids feeds `moe_experts`), on a counter allocated now on the experts' device; else None."""
+        if not self.options.load_counters:
+            return None
+        with unset_fake_temporarily():  # real buffers: the pass runs in AOT's fake mode
+            weights = [ctx.weights.value(block.router.args[1]), ctx.weights.value(block.gate_up)]
+            key = new_counter(block.name, block.num_experts, weights[1].device, weights)
+        return call(gm.graph, ctx.fake_mode, ops.moe_count_load.default, (parts[0], parts[1], key), {})
 
 
 def _experts_output(block: MoEBlock) -> torch.fx.Node | None:

@@ -8,7 +8,8 @@ Schemes (option `scheme`) and the op each linear becomes:
   migrates activation outliers into the weights first (`alpha`).
 * `fp8`: e4m3 weights and activations, per-row scales -> `llmcompress::linear_fp8` (compute capability >= 8.9).
 MoE experts stored as 3-D weights (transformers' grouped matmuls) become `llmcompress::grouped_linear_w4a16` /
-`grouped_linear_w8a16`, one quantized matrix per expert.
+`grouped_linear_w8a16`, one quantized matrix per expert; experts `fuse-moe` fused (`llmcompress::moe_experts`)
+become `moe_experts_w4a16` / `moe_experts_w8a16` on the same formats (`experts.py`; AWQ there: not yet).
 
 Calibrated methods run the graph on the calibration data (`options["calibration"]`: token ids, text, or batches of
 the model's own inputs) through `ctx.calibration` (`calibration/service.py`), node by node, quantizing each layer from
@@ -46,6 +47,7 @@ from llmcompress.kernels.cpu_path import choose_cpu_kernel, packed_dtype_unsuppo
 from llmcompress.kernels.kernel_path import choose_kernel_path
 from llmcompress.kernels.linear_common import DENSE_OFF
 from llmcompress.passes.base import Pass, PassContext, PassResult
+from llmcompress.passes.quantize import experts as fused_experts
 from llmcompress.passes.quantize.embedding import EMBEDDING_FORMATS, quantize_embeddings
 from llmcompress.passes.weights import DerivedKey
 
@@ -142,6 +144,13 @@ class _Target:
     grouped: bool
     cpu: dict[str, Any] | None = None
     """The CPU kernel plan of a weight-only layer on the CPU: `packed` (bool), `dtype`, `reason`, `priced`."""
+    down: torch.Tensor | None = None
+    """Fused experts (`llmcompress::moe_experts`, grouped): the down weight (E, H, I); `weight` is gate-up's."""
+
+
+def _sources(t: _Target) -> Any:
+    """The weight node(s) a target's quantized tensors are derived from."""
+    return fused_experts.weight_nodes(t.node) if t.down is not None else t.node.args[1]
 
 
 _grouped_ops = grouped_matmul_ops
@@ -191,7 +200,7 @@ class QuantizeLinearPass(Pass):
                                    "rtn")
             elif t.node not in results:
                 key = self._key(t.layer, "rtn")
-                results[t.node] = (ctx.weights.derive(t.node.args[1], key, lambda _w, t=t: _rtn(t)), "rtn")
+                results[t.node] = (ctx.weights.derive(_sources(t), key, lambda _w, t=t: _rtn(t)), "rtn")
             elif packed:
                 tensors, method = results[t.node]
                 key = self.cache_key(*self._key(t.layer, method, fingerprint).parts, "cpu", t.cpu["dtype"], t.cpu["isa"])
@@ -241,6 +250,11 @@ class QuantizeLinearPass(Pass):
                 warnings.warn(f"llmcompress: quantize-linear left {name} dense: {reason}", UserWarning, stacklevel=4)
 
         for node in gm.graph.nodes:
+            if fused_experts.is_fused_experts(node):
+                target = self._fused_target(node, ctx, names, skip)
+                if target is not None:
+                    targets.append(target)
+                continue
             grouped = node.op == "call_function" and node.target in grouped_ops
             if not (node.op == "call_function" and (node.target is aten.linear.default or grouped)):
                 continue
@@ -290,6 +304,34 @@ class QuantizeLinearPass(Pass):
                               f"{ctx.graph_id} (layers: {names[0]} ... {names[-1]})", UserWarning, stacklevel=3)
         return targets
 
+    def _fused_target(self, node: torch.fx.Node, ctx: PassContext, names: list[str], skip: Callable[..., None]
+                      ) -> _Target | None:
+        """A `moe_experts` node's target (fused experts, named by their module `<block>.experts`), or None."""
+        w_nodes = fused_experts.weight_nodes(node)
+        if not all(ctx.weights.is_constant(w) for w in w_nodes):
+            return None
+        name = _module_name(ctx.weights.name(w_nodes[0]) or w_nodes[0].name).removesuffix(".gate_up_proj")
+        names.append(name)
+        layer = self._layer_options(name)
+        if layer is None:
+            skip(node, name, "skip pattern")
+            return None
+        if layer.scheme not in fused_experts.SCHEMES:
+            skip(node, name, f"3-D expert weights: scheme {layer.scheme} has no grouped kernel (w4a16 and w8a16 do)",
+                 warn=True)
+            return None
+        if layer.method == "awq":
+            raise OptionError(f"quantize-linear method awq on experts fuse-moe fused ({name}): the fused experts "
+                              "kernels do not apply AWQ's per-channel activation scales yet; use method gptq or rtn "
+                              "for them (overrides), or leave fuse-moe out")
+        with unset_fake_temporarily():
+            gate_up, down = (ctx.weights.value(w) for w in w_nodes)
+        if layer.scheme == "w4a16" and (gate_up.shape[-1] % layer.group_size or down.shape[-1] % layer.group_size):
+            skip(node, name, f"group size: group_size {layer.group_size} does not divide H={gate_up.shape[-1]} and "
+                 f"I={down.shape[-1]}", warn=True)
+            return None
+        return _Target(node, name, gate_up, layer, True, down=down)
+
     # --- calibration --------------------------------------------------------------------------------------------
 
     def _key(self, layer: _Layer, method: str | None = None, calibration: str | None = None) -> DerivedKey:
@@ -309,7 +351,7 @@ class QuantizeLinearPass(Pass):
         out: dict[torch.fx.Node, tuple[tuple[torch.Tensor, ...], str]] = {}
         pending = []
         for t in targets:
-            hit = ctx.weights.cached(t.node.args[1], self._key(t.layer, calibration=fp))
+            hit = ctx.weights.cached(_sources(t), self._key(t.layer, calibration=fp))
             if hit is not None:
                 out[t.node] = (hit, t.layer.method)
             else:
@@ -333,7 +375,7 @@ class QuantizeLinearPass(Pass):
         def quantize(inputs: TargetInputs) -> Callable[..., torch.Tensor]:
             t = by_node[inputs.node]
             # persist: GPTQ on tiny-llama takes minutes, loading its 42 layers well under a second.
-            tensors = ctx.weights.derive(t.node.args[1], self._key(t.layer, calibration=fp),
+            tensors = ctx.weights.derive(_sources(t), self._key(t.layer, calibration=fp),
                                          lambda _w: _calibrated(t, inputs, self.options), persist=True)
             out[t.node] = (tensors, t.layer.method)
             return lambda *args, **kwargs: _apply(t, tensors, args, kwargs)
@@ -359,8 +401,19 @@ class QuantizeLinearPass(Pass):
                                     "shape": list(t.weight.shape)}
         with gm.graph.inserting_before(node):
             suffixes = _SUFFIXES[f"{layer.scheme}_cpu" if t.cpu is not None and t.cpu["packed"] else layer.scheme]
-            consts = [ctx.weights.add(gm, c, f"{t.name}.{suffix}") for c, suffix in zip(tensors, suffixes)]
-            if t.grouped:
+            if t.down is not None:
+                gate_up, down = fused_experts.split(tensors, layer.scheme)
+                consts = [ctx.weights.add(gm, c, f"{t.name}.{proj}.{suffix}")
+                          for proj, part in (("gate_up_proj", gate_up), ("down_proj", down))
+                          for c, suffix in zip(part, suffixes)]
+            else:
+                consts = [ctx.weights.add(gm, c, f"{t.name}.{suffix}") for c, suffix in zip(tensors, suffixes)]
+            if t.down is not None:
+                gemv_max, priced = _choose_fused_path(ctx, t, dtype)
+                op, args = fused_experts.replacement(node, consts, layer.scheme, layer.group_size, gemv_max)
+                decision.update(kernel=f"fused experts {op.name()} (GEMV for T <= {gemv_max}, block_m "
+                                       f"{fused_experts.block_m_of(node)})", predicted_s=priced)
+            elif t.grouped:
                 offs = _offs(node.args, node.kwargs)
                 op = torch.ops.llmcompress.grouped_linear_w4a16.default if layer.scheme == "w4a16" else \
                     torch.ops.llmcompress.grouped_linear_w8a16.default
@@ -405,7 +458,7 @@ class QuantizeLinearPass(Pass):
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         decision["quantized_bytes"] = int(sum(c.numel() * c.element_size() for c in tensors))
-        decision["dense_bytes"] = int(t.weight.numel() * t.weight.element_size())
+        decision["dense_bytes"] = int(sum(w.numel() * w.element_size() for w in (t.weight, t.down) if w is not None))
         return decision
 
 
@@ -474,6 +527,8 @@ def _progress(total: int, desc: str) -> Any:
 def _rtn(t: _Target) -> tuple[torch.Tensor, ...]:
     """Round-to-nearest quantization of a target's weight (2-D, or per expert for 3-D)."""
     w, layer = t.weight, t.layer
+    if t.down is not None:
+        return (*_rtn(dataclasses.replace(t, down=None)), *_rtn(dataclasses.replace(t, weight=t.down, down=None)))
     if w.dim() == 3:
         parts = [_rtn(dataclasses.replace(t, weight=w[e], grouped=False)) for e in range(w.shape[0])]
         return tuple(torch.stack(p) for p in zip(*parts))
@@ -494,6 +549,11 @@ def _calibrated(t: _Target, inputs: TargetInputs, o: QuantizeLinearOptions) -> t
     layers reading the same activation); AWQ's also pull towards the float model's outputs where the layer's inputs
     differ from the float model's (`inputs.float_inputs`). MoE experts (3-D weights) are calibrated one by one on
     the rows routed to each (padding included: expert-sorted rows no longer say which token they hold)."""
+    if t.down is not None:
+        def quantize_3d(w, rows, offs):
+            return _calibrated_experts(dataclasses.replace(t, weight=w, down=None), rows, o, offs)
+        return fused_experts.calibrate(t.weight, t.down, inputs.calls, t.layer.scheme, t.layer.group_size,
+                                       quantize_3d)
     if t.grouped:
         k = t.weight.shape[-1]
         return _calibrated_experts(t, [x.reshape(-1, k) for x in inputs.inputs], o, inputs.offsets())
@@ -570,6 +630,8 @@ def _apply(t: _Target, tensors: tuple[torch.Tensor, ...], args: tuple, kwargs: d
     graph will call."""
     ops = torch.ops.llmcompress
     layer, x = t.layer, args[0]
+    if t.down is not None:
+        return fused_experts.apply(tensors, layer.scheme, layer.group_size, args)
     if t.grouped:
         offs = _offs(args, kwargs)
         if layer.scheme == "w4a16":
@@ -594,6 +656,20 @@ def _choose_kernels(ctx: PassContext, n: int, k: int, dtype: torch.dtype,
     packed = float(sum(c.numel() * c.element_size() for c in tensors))
     path = choose_kernel_path(ctx.cost_model, n, k, dtype, packed, dense=True)
     return path.gemv_max_m, path.dense_min_m, path.priced
+
+
+def _choose_fused_path(ctx: PassContext, t: _Target, dtype: torch.dtype) -> tuple[int, dict[str, Any]]:
+    """(gemv_max_tokens, priced) of fused experts in their quantized format: the kernels layer's choice
+    (`moe_path.choose_moe_path`), on the device the fused ops will run on (CUDA also under the Triton lowering)."""
+    from llmcompress.kernels.moe_path import choose_moe_path
+
+    e, i2, h = t.weight.shape
+    top_k = t.node.args[4].meta["val"].shape[1]
+    triton = getattr(ctx.config, "lowering", None) == "triton"
+    device = "cuda" if t.weight.device.type == "cuda" or triton else "cpu"
+    path = choose_moe_path(ctx.cost_model, int(h), int(i2) // 2, int(e), int(top_k), dtype, device,
+                           t.layer.group_size if t.layer.scheme == "w4a16" else None, t.layer.scheme)
+    return path.gemv_max_tokens, path.priced
 
 
 def _check_fp8(gm: torch.fx.GraphModule, targets: list[_Target]) -> None:
