@@ -22,7 +22,7 @@ from llmcompress.errors import (
 )
 from llmcompress.passes import Pass, PassContext, PassManager, PassResult, get_pass, register_pass, registered_passes
 from llmcompress.recipes import builtin_recipes, load_recipe
-from llmcompress.speculative import self_speculative_generate
+from llmcompress.speculative import SelfSpeculativeDecoding, self_speculative_generate
 from llmcompress.version import __version__
 
 _configure_logging()
@@ -30,6 +30,6 @@ _register_backend()
 
 __all__ = [
     "__version__", "CompileConfig", "LLMCompressError", "OptionError", "Pass", "PassContext", "PassFailedError", "PassManager",
-    "PassOrderError", "PassResult", "RecipeError", "VerificationError", "WeightReleasedError", "builtin_recipes",
+    "PassOrderError", "PassResult", "RecipeError", "SelfSpeculativeDecoding", "VerificationError", "WeightReleasedError", "builtin_recipes",
     "get_pass", "llmcompress_backend", "load_recipe", "register_pass", "registered_passes", "self_speculative_generate",
 ]

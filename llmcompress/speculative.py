@@ -17,15 +17,8 @@ import torch
 from llmcompress.cost.hardware import resolve
 from llmcompress.cost.roofline import CostModel
 from llmcompress.errors import OptionError
-from llmcompress.exit_heads import (
-    DecoderParts,
-    ExitHead,
-    check_exit_layer,
-    check_ids,
-    decoder_parts,
-    fit_exit_heads,
-    layer_states,
-)
+from llmcompress.exit_head_cache import cached_exit_heads
+from llmcompress.exit_heads import DecoderParts, ExitHead, check_exit_layer, check_ids, decoder_parts, layer_states
 
 AUTO_MAX_DRAFT_LEN = 8
 """Largest k "auto" considers: at acceptance 0.76 (tiny-llama's best exit) 0.76^8 ≈ 0.11 of the 8th draft survives."""
@@ -71,6 +64,19 @@ def self_speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, *
         raise OptionError(f"draft_len: {draft_len!r}; expected an int ≥ 1 or 'auto'")
     _check_attention(model)
 
+    eos = model.generation_config.eos_token_id
+
+    def plain() -> torch.Tensor:
+        return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                              do_sample=False)
+
+    ids, stats = _decode(model, parts, input_ids, max_new_tokens, calibration, exit_layer, draft_len, eos, plain)
+    return (ids, stats) if return_stats else ids
+
+
+def _decode(model, parts: DecoderParts, input_ids: torch.Tensor, max_new_tokens: int, calibration: torch.Tensor,
+            exit_layer: int | str, draft_len: int | str, eos: Any, plain) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Speculate at the explicit or planned (E, k), or `plain()` where "auto" declined."""
     stats: dict[str, Any] = {"drafted": 0, "accepted": 0, "acceptance_rate": 0.0, "verify_steps": 0,
                              "exit_layer": exit_layer, "draft_len": draft_len, "declined": None}
     if exit_layer == "auto" or draft_len == "auto":
@@ -80,15 +86,72 @@ def self_speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, *
                      predicted_speedup=plan.speedup.get((plan.exit_layer, plan.draft_len)) if not plan.declined
                      else max(plan.speedup.values(), default=None))
         if plan.declined:
-            ids = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False)
-            return (ids, stats) if return_stats else ids
-        head = fit_exit_heads(model, calibration, [plan.exit_layer])[plan.exit_layer]
-    else:
-        head = fit_exit_heads(model, calibration, [exit_layer])[exit_layer]
-    ids = _speculate(model, parts, head, input_ids, max_new_tokens, stats["draft_len"], stats)
+            return plain(), stats
+    head = cached_exit_heads(model, calibration, [stats["exit_layer"]])[stats["exit_layer"]]
+    ids = _speculate(model, parts, head, input_ids, max_new_tokens, stats["draft_len"], stats, eos)
     stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
-    return (ids, stats) if return_stats else ids
+    return ids, stats
+
+
+class SelfSpeculativeDecoding:
+    """Self-speculative decoding through HF `generate`: its `custom_generate` hook (transformers ≥ 4.56 takes a
+    callable that replaces the decoding loop after generate has prepared the inputs, the logits processors and
+    the stopping criteria), so `model.generate(ids, max_new_tokens=n, do_sample=False,
+    custom_generate=SelfSpeculativeDecoding(calibration, exit_layer=3, draft_len=2))` returns generate's own greedy
+    ids. `stats` holds the last call's counts (as `self_speculative_generate(..., return_stats=True)`).
+
+    Exact for greedy decoding with no logits processor (a repetition penalty, min_length, bad words ... would change
+    the verify's tokens and the drafts alike: rejected, not approximated) and max-length / EOS stopping only.
+    transformers' own `assistant_early_exit` is not used: it drafts with the plain logit lens (the exit without our
+    fitted translation) and keeps a separate cache for the draft."""
+
+    def __init__(self, calibration: torch.Tensor, *, exit_layer: int | str = "auto",
+                 draft_len: int | str = "auto") -> None:
+        self.calibration = check_ids(calibration, "calibration")
+        self.exit_layer, self.draft_len = exit_layer, draft_len
+        if draft_len != "auto" and (isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 1):
+            raise OptionError(f"draft_len: {draft_len!r}; expected an int ≥ 1 or 'auto'")
+        self.stats: dict[str, Any] = {}
+
+    def __call__(self, model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+        from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+        parts = decoder_parts(model)
+        if self.exit_layer != "auto":
+            check_exit_layer(self.exit_layer, parts.num_layers)
+        _check_attention(model)
+        if generation_config.do_sample or (generation_config.num_beams or 1) > 1:
+            raise OptionError(f"do_sample={generation_config.do_sample!r}, num_beams={generation_config.num_beams!r}"
+                              ": self-speculative decoding is exact for greedy decoding only; allowed: "
+                              "do_sample=False, num_beams=1")
+        if generation_config.return_dict_in_generate:
+            raise OptionError("return_dict_in_generate=True: self-speculative decoding returns the ids only")
+        if len(logits_processor):
+            raise OptionError(f"logits processors {', '.join(type(p).__name__ for p in logits_processor)}: "
+                              "self-speculative decoding keeps plain greedy decoding exact only; allowed: none")
+        others = [type(c).__name__ for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria,
+                                                                                     EosTokenCriteria))]
+        if others:
+            raise OptionError(f"stopping criteria {', '.join(others)}: self-speculative decoding stops at "
+                              "max_length / max_new_tokens and EOS only")
+        if input_ids.shape[0] != 1:
+            raise OptionError(f"input_ids: batch {input_ids.shape[0]}; self-speculative decoding supports batch 1")
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            raise OptionError("attention_mask: padded positions; self-speculative decoding takes an unpadded prompt")
+        cache = model_kwargs.get("cache")
+        if cache is not None and cache.get_seq_length() > 0:
+            raise OptionError("cache: a filled cache was passed; self-speculative decoding starts from the prompt")
+        max_new_tokens = generation_config.max_length - input_ids.shape[1]
+
+        def plain() -> torch.Tensor:
+            return type(model)._sample(model, input_ids, logits_processor=logits_processor,
+                                       stopping_criteria=stopping_criteria, generation_config=generation_config,
+                                       **model_kwargs)
+
+        ids, self.stats = _decode(model, parts, input_ids, max_new_tokens, self.calibration, self.exit_layer,
+                                  self.draft_len, generation_config.eos_token_id, plain)
+        return ids
 
 
 def _check_generate_kwargs(kwargs: dict[str, Any]) -> None:
@@ -132,11 +195,11 @@ def _run_layers(model: torch.nn.Module, parts: DecoderParts, hidden: torch.Tenso
 
 @torch.no_grad()
 def _speculate(model, parts: DecoderParts, head: ExitHead, input_ids: torch.Tensor, max_new_tokens: int, k: int,
-               stats: dict[str, Any]) -> torch.Tensor:
+               stats: dict[str, Any], eos: Any = None) -> torch.Tensor:
+    """eos: the id(s) that end decoding (None: none)."""
     from transformers import DynamicCache
 
     e, n_layers = head.layer, parts.num_layers
-    eos = model.generation_config.eos_token_id
     eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
     cache = DynamicCache(config=model.config)
     # Prefill the whole prompt as generate does; the cache then holds every position but the pending last token.
@@ -235,7 +298,7 @@ def plan_speculation(model: torch.nn.Module, calibration: torch.Tensor, *, exit_
     held = max(1, calibration.shape[0] // 4)
     exits = list(range(1, parts.num_layers)) if exit_layer == "auto" else [exit_layer]
     lengths = list(range(1, AUTO_MAX_DRAFT_LEN + 1)) if draft_len == "auto" else [draft_len]
-    heads = fit_exit_heads(model, calibration[:-held], exits)
+    heads = cached_exit_heads(model, calibration[:-held], exits)
     states = layer_states(model, calibration[-held:].to(parts.lm_head.weight.device))
     full = parts.lm_head(parts.norm(states[-1])).argmax(-1)
     costs = step_costs(model, hardware)
