@@ -1,6 +1,8 @@
 """Exact self-speculative decoding: the first E decoder layers + a fitted exit head draft k tokens, the full model
 verifies them in one forward and keeps the longest agreeing prefix plus its own next token, so the output is the
-model's own greedy output. Entry point: `self_speculative_generate`.
+model's own greedy output. Entry points: `self_speculative_generate`; `SelfSpeculativeDecoding`, the same through
+HF `generate(custom_generate=...)`; `measure_step_costs` times the parts the cost model (`cost/decode_step.py`)
+combines.
 
 The draft and the verify share one DynamicCache: a drafted token's key/values in layers < E are exactly what the
 full model computes there (those layers see only earlier layers), so the verify runs layers < E on the last draft
@@ -10,10 +12,13 @@ alone and layers ≥ E on all k + 1 positions from the saved layer-E states; a r
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import time
 from typing import Any
 
 import torch
 
+from llmcompress.cost import decode_step
 from llmcompress.cost.hardware import resolve
 from llmcompress.cost.roofline import CostModel
 from llmcompress.errors import OptionError
@@ -195,8 +200,9 @@ def _run_layers(model: torch.nn.Module, parts: DecoderParts, hidden: torch.Tenso
 
 @torch.no_grad()
 def _speculate(model, parts: DecoderParts, head: ExitHead, input_ids: torch.Tensor, max_new_tokens: int, k: int,
-               stats: dict[str, Any], eos: Any = None) -> torch.Tensor:
-    """eos: the id(s) that end decoding (None: none)."""
+               stats: dict[str, Any], eos: Any = None, timer: Timer | None = None) -> torch.Tensor:
+    """eos: the id(s) that end decoding (None: none); timer: records each part's time (`measure_step_costs`)."""
+    timed = timer or _untimed
     from transformers import DynamicCache
 
     e, n_layers = head.layer, parts.num_layers
@@ -211,12 +217,15 @@ def _speculate(model, parts: DecoderParts, head: ExitHead, input_ids: torch.Tens
         k_step = min(k, max_new_tokens - produced - 1)  # a step yields accepted + 1 ≤ k_step + 1 tokens
         token, states, drafts = seq[:, -1:], [], []
         for i in range(k_step):
-            states.append(_run_layers(model, parts, parts.embed(token), 0, e, cache, past + i))
-            token = head.logits(parts, states[-1]).argmax(-1)
+            x = parts.embed(token)
+            states.append(timed("draft", _run_layers, model, parts, x, 0, e, cache, past + i))
+            token = timed("exit_head", head.logits, parts, states[-1]).argmax(-1)
             drafts.append(token)
-        states.append(_run_layers(model, parts, parts.embed(token), 0, e, cache, past + k_step))
-        hidden = _run_layers(model, parts, torch.cat(states, dim=1), e, n_layers, cache, past)
-        greedy = parts.lm_head(parts.norm(hidden)).argmax(-1)  # (1, k_step + 1)
+        x = parts.embed(token)
+        states.append(timed("draft", _run_layers, model, parts, x, 0, e, cache, past + k_step))
+        hidden = timed(("verify", k_step + 1), _run_layers, model, parts, torch.cat(states, dim=1), e, n_layers,
+                       cache, past)
+        greedy = timed(("lm_head", k_step + 1), _final_logits, parts, hidden).argmax(-1)
         accepted = 0
         while accepted < k_step and drafts[accepted].item() == greedy[0, accepted].item():
             accepted += 1
@@ -245,8 +254,9 @@ def _module_time(cost: CostModel, module: torch.nn.Module, dtype: torch.dtype) -
 
 
 def step_costs(model: torch.nn.Module, hardware: str = "auto") -> dict[str, float]:
-    """Predicted seconds of one decoder layer (mean), the final norm + LM head, an exit head (translation + norm +
-    LM head) and one full decode forward, from `CostModel.kernel_time`."""
+    """Roofline seconds (`CostModel.kernel_time`) of one decoder layer (mean), the final norm + LM head, an exit
+    head (translation + norm + LM head), and one full decode forward, at one row: `cost.decode_step`'s inputs.
+    No host overhead: where that dominates (tiny models on a CPU) use `measure_step_costs`."""
     parts = decoder_parts(model)
     weight = parts.lm_head.weight
     cost = CostModel(resolve(hardware, weight.device))
@@ -255,20 +265,116 @@ def step_costs(model: torch.nn.Module, hardware: str = "auto") -> dict[str, floa
     lm_head = _module_time(cost, parts.lm_head, weight.dtype) + _module_time(cost, parts.norm, weight.dtype)
     translation = cost.kernel_time(2 * hidden * hidden, hidden * (hidden + 1) * weight.element_size(), weight.dtype,
                                    rows=1)
-    return {"layer": layer, "lm_head": lm_head, "exit_head": lm_head + translation,
+    return {"layer": layer, "lm_head": lm_head, "exit_head": lm_head + translation, "num_layers": parts.num_layers,
             "full": parts.num_layers * layer + lm_head}
 
 
 def predicted_speedup(tokens_per_step: float, exit_layer: int, draft_len: int, costs: dict[str, float]) -> float:
-    """tokens per verify step ÷ (k·E/L + 1 + k·head), E/L and head as shares of one full forward's time.
+    """`cost.decode_step.predicted_speedup`: tokens per verify step × plain step ÷ speculative step (k + 1 runs of
+    the first E layers, k exit heads, layers ≥ E and the LM head on k + 1 rows). Measured on tiny-llama (CPU,
+    contended, 64 new tokens, exit 5, k = 1): 0.85–0.90× plain; the issue's k·E/L + 1 − E/L + head predicted
+    1.49×, this one (roofline parts) 0.92×."""
+    return decode_step.predicted_speedup(tokens_per_step, exit_layer, draft_len, costs)
 
-    The issue writes the denominator k·E/L + 1 − E/L + head; a step here runs the first E layers k + 1 times (k
-    drafts, then the last draft inside the verify: layers ≥ E need its layer-E state), so + E/L more. Measured on
-    tiny-llama (CPU, contended, 64 new tokens, exit 5, k = 1): 0.85–0.90× plain; the issue's form predicted 1.49×,
-    this one 0.92×."""
-    share = exit_layer * costs["layer"] / costs["full"]
-    head = costs["exit_head"] / costs["full"]
-    return tokens_per_step / (draft_len * share + 1 + draft_len * head)
+
+class Timer:
+    """Times of the parts of `_speculate`'s loop, by part: "draft" (layers < E, one row), "exit_head",
+    ("verify", rows) (layers ≥ E), ("lm_head", rows)."""
+
+    def __init__(self, clock, device: torch.device) -> None:
+        self.clock, self.device = clock, device
+        self.times: dict[Any, list[float]] = {}
+
+    def __call__(self, part: Any, fn, *args):
+        _sync(self.device)
+        t = self.clock()
+        out = fn(*args)
+        _sync(self.device)
+        self.times.setdefault(part, []).append(self.clock() - t)
+        return out
+
+    def median(self, part: Any) -> float | None:
+        return statistics.median(self.times[part]) if self.times.get(part) else None
+
+
+def _untimed(part: Any, fn, *args):
+    return fn(*args)
+
+
+def _final_logits(parts: DecoderParts, hidden: torch.Tensor) -> torch.Tensor:
+    return parts.lm_head(parts.norm(hidden))
+
+
+@torch.no_grad()
+def measure_step_costs(model: torch.nn.Module, head: ExitHead, *, prompt_len: int = 16, new_tokens: int = 32,
+                       max_rows: int = AUTO_MAX_DRAFT_LEN + 1, clock=time.perf_counter) -> dict[str, Any]:
+    """`cost.decode_step`'s inputs measured on the model's device, through whatever its modules run (eager or
+    compiled), inside the loops they price: `_speculate` at head.layer = E for each k = 1 … max_rows − 1 on a
+    random prompt (medians of its draft slices, exit heads, verify slices and LM heads by rows; synchronised on
+    CUDA), and generate's step (the slope of its time over 8 vs 8 + new_tokens tokens). Timed in the loops, not
+    alone: alone, the parts find their weights in the caches; in the loop every other weight streams through them
+    between two calls (tiny-llama's exit head: 0.20 ms alone, 0.79 ms in the loop, CPU).
+
+    The host work of a call running a slice of layers (`run_overhead`) is timed alone (a call running none).
+    clock: `time.process_time` on a shared CPU counts this process's work only (at one torch thread: spinning
+    OpenMP workers count too)."""
+    from transformers import DynamicCache
+
+    parts = decoder_parts(model)
+    device = parts.lm_head.weight.device
+    e, n = head.layer, parts.num_layers
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(parts.lm_head.weight.shape[0], (1, prompt_len), generator=g).to(device)
+    timer = Timer(clock, device)
+    for k in range(1, max_rows):
+        _speculate(model, parts, head, prompt, new_tokens, k, {"drafted": 0, "accepted": 0, "verify_steps": 0},
+                   None, timer)
+    cache = DynamicCache(config=model.config)
+    x = parts.embed(prompt[:, :1])
+    run = statistics.median(_repeat(lambda: _run_layers(model, parts, x, 0, 0, cache, 0), clock, device, 20))
+    layer = max(timer.median("draft") - run, 0.0) / e
+    layer_at = {1: layer}
+    head_at = {}
+    for rows in range(2, max_rows + 1):
+        if timer.median(("verify", rows)) is not None:
+            layer_at[rows] = max(timer.median(("verify", rows)) - run, 0.0) / (n - e)
+            head_at[rows] = timer.median(("lm_head", rows))
+    lm_head = timer.median(("lm_head", 1)) or min(head_at.values())
+    head_at[1] = lm_head
+    top = max(layer_at)
+    costs = {"layer": layer, "layer_per_row": (layer_at[top] - layer) / max(top - 1, 1), "lm_head": lm_head,
+             "lm_head_per_row": (head_at[top] - lm_head) / max(top - 1, 1), "layer_at_rows": layer_at,
+             "lm_head_at_rows": head_at, "exit_head": timer.median("exit_head"), "run_overhead": run, "num_layers": n}
+
+    def generate(tokens: int) -> None:
+        model.generate(prompt[:, :8], attention_mask=torch.ones_like(prompt[:, :8]), max_new_tokens=tokens,
+                       do_sample=False)
+
+    eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None  # every call makes n
+    try:
+        short = statistics.median(_repeat(lambda: generate(8), clock, device, 3))
+        long = statistics.median(_repeat(lambda: generate(8 + new_tokens), clock, device, 3))
+    finally:
+        model.generation_config.eos_token_id = eos
+    costs["plain_overhead"] = max((long - short) / new_tokens - decode_step.plain_step_s(costs), 0.0)
+    costs["full"] = decode_step.plain_step_s(costs)
+    return costs
+
+
+def _repeat(fn, clock, device: torch.device, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = clock()
+        fn()
+        _sync(device)
+        times.append(clock() - t)
+    return times
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def tokens_per_step(agree: torch.Tensor, k: int) -> float:
@@ -287,9 +393,11 @@ def tokens_per_step(agree: torch.Tensor, k: int) -> float:
 
 @torch.no_grad()
 def plan_speculation(model: torch.nn.Module, calibration: torch.Tensor, *, exit_layer: int | str = "auto",
-                     draft_len: int | str = "auto", hardware: str = "auto") -> Plan:
+                     draft_len: int | str = "auto", hardware: str = "auto",
+                     costs: dict[str, float] | None = None) -> Plan:
     """Fit exits on the first rows of calibration, measure agreement on the held-back rows, and pick the (E, k) the
-    cost model predicts fastest; declined when none beats plain decoding (predicted speedup ≤ 1)."""
+    cost model predicts fastest; declined when none beats plain decoding (predicted speedup ≤ 1).
+    costs: `cost.decode_step`'s inputs (`measure_step_costs`); default the roofline's (`step_costs`)."""
     parts = decoder_parts(model)
     calibration = check_ids(calibration, "calibration")
     if calibration.shape[0] < 2:
@@ -301,7 +409,7 @@ def plan_speculation(model: torch.nn.Module, calibration: torch.Tensor, *, exit_
     heads = cached_exit_heads(model, calibration[:-held], exits)
     states = layer_states(model, calibration[-held:].to(parts.lm_head.weight.device))
     full = parts.lm_head(parts.norm(states[-1])).argmax(-1)
-    costs = step_costs(model, hardware)
+    costs = step_costs(model, hardware) if costs is None else costs
     acceptance, speedup = {}, {}
     for e in exits:
         agree = (heads[e].logits(parts, states[e]).argmax(-1) == full).cpu()

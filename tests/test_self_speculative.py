@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llmcompress import SelfSpeculativeDecoding, self_speculative_generate
+from llmcompress.cost import decode_step
 from llmcompress.errors import OptionError
 from llmcompress.exit_heads import ExitHead, decoder_parts, exit_agreement, exit_report, fit_exit_heads, layer_states
 from llmcompress.speculative import plan_speculation, predicted_speedup, step_costs, tokens_per_step
@@ -62,13 +63,13 @@ def test_stops_at_eos_like_generate(llama4):
     prompt = example_ids(1, 7, seed=3)
     full = _generate(llama4, prompt, 30)
     eos = full[0, prompt.shape[1] + 12].item()  # a token the model emits mid-way: generate stops there
-    llama4.generation_config.eos_token_id = eos
+    before, llama4.generation_config.eos_token_id = llama4.generation_config.eos_token_id, eos
     try:
         expected = _generate(llama4, prompt, 30)
         ids = self_speculative_generate(llama4, prompt, max_new_tokens=30, calibration=example_ids(4, 40),
                                         exit_layer=3, draft_len=4)
     finally:
-        llama4.generation_config.eos_token_id = None
+        llama4.generation_config.eos_token_id = before
     assert expected.shape[1] < full.shape[1]
     assert torch.equal(ids, expected)
 
@@ -96,9 +97,52 @@ def test_tokens_per_step_counts_agreeing_runs():
 
 
 def test_predicted_speedup_formula():
-    costs = {"layer": 1.0, "exit_head": 0.5, "full": 10.0}
-    # E = 4, k = 2: 2·0.4 + 1 + 2·0.05 = 1.9
-    assert predicted_speedup(2.5, 4, 2, costs) == pytest.approx(2.5 / 1.9)
+    costs = {"layer": 1.0, "lm_head": 4.0, "exit_head": 5.0, "num_layers": 6}  # a plain step: 6 + 4 = 10
+    # E = 4, k = 2 without host overheads: 2·0.4 + 1 + 2·0.5 = 2.8 plain steps
+    assert predicted_speedup(2.5, 4, 2, costs) == pytest.approx(2.5 / 2.8)
+    # host work: 3 slice calls of 0.5 (k + 1 = 3 rows: two calls of layers < E... plus the verify's), a plain step's
+    # 2; the verify's layers at 3 rows cost 1.5 each, its LM head 6
+    more = {**costs, "run_overhead": 0.5, "plain_overhead": 2.0, "layer_at_rows": {3: 1.5}, "lm_head_at_rows": {3: 6.0}}
+    spec = 3 * (4 * 1.0 + 0.5) + 2 * 5.0 + 2 * 1.5 + 0.5 + 6.0  # 33
+    assert decode_step.speculative_step_s(4, 2, more) == pytest.approx(spec)
+    assert decode_step.plain_step_s(more) == pytest.approx(12.0)
+    assert predicted_speedup(2.5, 4, 2, more) == pytest.approx(2.5 * 12.0 / spec)
+    assert decode_step.predicted_tokens_per_s(more) == pytest.approx(1 / 12.0)
+    assert decode_step.predicted_tokens_per_s(more, 4, 2, 2.5) == pytest.approx(2.5 / spec)
+    # per-row terms where no table holds the rows: 1 + 2·0.25 per verify layer, 4 + 2·1 for the LM head
+    rows = {**costs, "layer_per_row": 0.25, "lm_head_per_row": 1.0}
+    assert decode_step.speculative_step_s(4, 2, rows) == pytest.approx(3 * 4 + 2 * 5 + 2 * 1.5 + 6)
+
+
+def test_measured_step_costs_predict_the_loop(llama4):
+    """The parts timed inside the loops predict a speculative run's own time (same process, same model): within
+    25 % here on a shared CPU (CPU time), where the roofline's parts, which leave out the host work, do not."""
+    import time
+
+    import llmcompress.speculative as spec
+
+    head = fit_exit_heads(llama4, example_ids(4, 40), [2])[2]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU time counts waiting OpenMP workers too: at 2 threads a 2-row layer read 15x
+    try:
+        _measure_and_decode(spec, llama4, head, time)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_and_decode(spec, llama4, head, time):
+    costs = spec.measure_step_costs(llama4, head, new_tokens=16, max_rows=4, clock=time.process_time)
+    assert costs["num_layers"] == 4 and set(costs["layer_at_rows"]) == {1, 2, 3, 4}
+    assert all(costs[k] > 0 for k in ("layer", "lm_head", "exit_head", "run_overhead", "full"))
+    prompt, stats = example_ids(1, 8, seed=9), {"drafted": 0, "accepted": 0, "verify_steps": 0}
+    t = time.process_time()
+    for _ in range(3):
+        stats = {"drafted": 0, "accepted": 0, "verify_steps": 0}
+        ids = spec._speculate(llama4, decoder_parts(llama4), head, prompt, 40, 3, stats)
+    seconds = (time.process_time() - t) / 3
+    tps = (ids.shape[1] - prompt.shape[1] - 1) / stats["verify_steps"]
+    predicted = stats["verify_steps"] * decode_step.speculative_step_s(2, 3, costs)
+    assert predicted == pytest.approx(seconds, rel=0.25), (predicted, seconds, tps)
 
 
 def test_auto_declines_where_predicted_slower_and_keeps_tokens(llama4):
@@ -115,8 +159,8 @@ def test_auto_speculates_where_predicted_faster(llama4, monkeypatch):
     """Free exit heads and layers ≥ E make any acceptance pay: "auto" must then speculate, exactly."""
     import llmcompress.speculative as spec
 
-    monkeypatch.setattr(spec, "step_costs", lambda model, hardware="auto": {"layer": 0.01, "lm_head": 0.0,
-                                                                            "exit_head": 0.0, "full": 1.0})
+    monkeypatch.setattr(spec, "step_costs", lambda model, hardware="auto": {"layer": 0.01, "lm_head": 0.96,
+                                                                            "exit_head": 0.0, "num_layers": 4})
     prompt, cal = example_ids(1, 7, seed=3), example_ids(8, 40)
     ids, stats = self_speculative_generate(llama4, prompt, max_new_tokens=20, calibration=cal, return_stats=True)
     assert stats["declined"] is None and stats["drafted"] > 0 and stats["predicted_speedup"] > 1
@@ -125,7 +169,7 @@ def test_auto_speculates_where_predicted_faster(llama4, monkeypatch):
 
 def test_step_costs_price_layers_and_head(llama4):
     costs = step_costs(llama4, "cpu")
-    assert costs["full"] == pytest.approx(4 * costs["layer"] + costs["lm_head"])
+    assert costs["full"] == pytest.approx(4 * costs["layer"] + costs["lm_head"]) and costs["num_layers"] == 4
     assert costs["exit_head"] > costs["lm_head"] > 0
 
 
@@ -183,7 +227,7 @@ def test_hf_generate_hook_eos_and_auto(llama4):
     ({"do_sample": True}, r"greedy decoding only"),
     ({"num_beams": 2}, r"greedy decoding only"),
     ({"repetition_penalty": 1.3}, r"logits processors RepetitionPenaltyLogitsProcessor"),
-    ({"min_new_tokens": 5}, r"logits processors .*MinNewTokensLengthLogitsProcessor"),
+    ({"min_new_tokens": 5, "eos_token_id": 3}, r"logits processors .*MinNewTokensLengthLogitsProcessor"),
     ({"max_time": 10.0}, r"stopping criteria MaxTimeCriteria"),
     ({"return_dict_in_generate": True}, r"returns the ids only"),
     ({"inputs": example_ids(2, 5)}, r"batch 2; self-speculative decoding supports batch 1"),
