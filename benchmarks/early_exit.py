@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"compile + warm-up {compile_s:.0f} s")
 
     roofline = step_costs(model)
-    measured = measure_step_costs(model, heads[parts.num_layers - 1], clock=time.process_time)
+    # timed at the workload's own context lengths (24-token prompts, --new-tokens): attention and generate's host
+    # work grow with the context (measured at 16 + 32 tokens, plain decoding of 24 + 128 ran 15 % slower)
+    measured = measure_step_costs(model, heads[parts.num_layers - 1], prompt_len=24, new_tokens=args.new_tokens,
+                                  clock=time.process_time)
     log("measured step costs (ms, CPU time): " + ", ".join(f"{k} {v * 1e3:.3f}" for k, v in measured.items()
                                                           if isinstance(v, float)))
     log("layer at rows (ms): " + ", ".join(f"{q}: {v * 1e3:.3f}" for q, v in measured["layer_at_rows"].items()))
@@ -123,6 +126,29 @@ def main(argv: list[str] | None = None) -> int:
                             "predicted_speedup_roofline": decode_step.predicted_speedup(tps, e, k, roofline),
                             "predicted_speedup_measured": decode_step.predicted_speedup(tps, e, k, measured)})
 
+    decode, auto, targets, plain = [], None, None, None
+
+    def write(complete: bool = False) -> None:
+        """The JSON so far: rewritten after plain decoding and after every configuration, so a cut run keeps them."""
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip()
+        load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
+        out = {"device": device_name(), "commit": commit, "threads": args.threads, "load_average": load,
+               "complete": complete, "versions": {"torch": torch.__version__,
+                                                  "transformers": transformers.__version__,
+                                                  "python": platform.python_version()},
+               "setup": {"calibration": f"train.txt, {args.calib} x 512", "validation": f"{args.windows} x 512",
+                         "prompts": args.prompts, "prompt_tokens": 24, "new_tokens": args.new_tokens,
+                         "lowering": args.lowering if args.lowering == "eager" else
+                         f'layers, norm, lm_head: torch.compile(backend="{args.lowering}", dynamic=True)',
+                         "compile_and_warmup_s": compile_s, "command": " ".join(["python", *sys.argv])},
+               "exit_report": report, "teacher_forced": teacher,
+               "step_costs": {"roofline": roofline, "measured": measured}, "plain": plain, "decode": decode,
+               "auto": auto, "targets": targets}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        log(f"wrote {args.out}")
+
     def run(fn):
         wall, cpu = time.perf_counter(), time.process_time()
         out = [fn(p) for p in prompts]
@@ -133,10 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     n_tokens = sum(o.shape[1] - p.shape[1] for o, p in zip(plain_ids, prompts))
     plain = {"tokens": n_tokens, "tokens_per_s": n_tokens / plain_wall, "tokens_per_cpu_s": n_tokens / plain_cpu,
              "predicted_tokens_per_s": decode_step.predicted_tokens_per_s(measured)}
+    write()
     log(f"plain: {plain['tokens_per_s']:.1f} tok/s wall, {plain['tokens_per_cpu_s']:.1f} per CPU s, predicted "
         f"{plain['predicted_tokens_per_s']:.1f}")
-    decode = []
-
     def speculate(e: int, k: int) -> dict:
         stats = {"drafted": 0, "accepted": 0, "verify_steps": 0}
         ids, wall, cpu = run(lambda p: _speculate(model, parts, heads[e], p, args.new_tokens, k, stats, eos))
@@ -152,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                "predicted_speedup": decode_step.predicted_speedup(tps, e, k, measured),
                "prediction_error": tokens / cpu / predicted - 1}
         decode.append(row)
+        write()
         log(f"E={e} k={k}: identical {row['identical']} acceptance {row['acceptance_rate']:.3f} "
             f"{row['tokens_per_cpu_s']:.1f} tok/CPU s ({row['speedup_cpu']:.2f}x plain; predicted "
             f"{predicted:.1f}, {row['predicted_speedup']:.2f}x)")
@@ -190,22 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     for tgt in targets:
         log(f"target {tgt['name']}: {tgt['value']} -> {'met' if tgt['met'] else 'NOT met'}")
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
-    out = {"device": device_name(), "commit": commit, "threads": args.threads, "load_average": load,
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "python": platform.python_version()},
-           "setup": {"calibration": f"train.txt, {args.calib} x 512", "validation": f"{args.windows} x 512",
-                     "prompts": args.prompts, "prompt_tokens": 24, "new_tokens": args.new_tokens,
-                     "lowering": args.lowering if args.lowering == "eager" else
-                     f'layers, norm, lm_head: torch.compile(backend="{args.lowering}", dynamic=True)',
-                     "compile_and_warmup_s": compile_s, "command": " ".join(["python", *sys.argv])},
-           "exit_report": report, "teacher_forced": teacher, "step_costs": {"roofline": roofline, "measured": measured},
-           "plain": plain, "decode": decode, "auto": auto, "targets": targets}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
-    log(f"wrote {args.out}")
+    write(complete=True)
     return 0
 
 
