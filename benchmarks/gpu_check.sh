@@ -30,6 +30,9 @@
 #                         at T = 1, 16, 512 (ours, its CUDA graph, HF eager / batched_mm / grouped_mm; int4 ours and
 #                         today's at T = 1; GEMM autotuning of 2 kernels)                     ~3-5 min (not timed yet)
 #   moe-inductor          moe_block.py: the three HF implementations under Inductor (9 compiles) ~4-7 min (not timed yet)
+#   early-exit            speculative tests natively, then early_exit_gpu.py: 7B-shaped Llama, random weights, bf16:
+#                         draft / verify step times against the cost model, predicted speedup at
+#                         acceptance 0.6 / 0.8 (building the model dominates)                ~3-5 min (not timed yet)
 #
 # Groups (more than one call's worth: run their parts one per call where calls are limited to 10 minutes):
 #   backend = backend-forward backend-prefill backend-generate          ~14-16 min
@@ -42,7 +45,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
 PARTS=(tests compile costmodel backend-forward backend-prefill backend-generate fusion quant-kernels quant-model-forward
-       quant-model-generate quant-gptq sparse lowrank moe moe-inductor)
+       quant-model-generate quant-gptq sparse lowrank moe moe-inductor early-exit)
 BACKEND_CONFIGS=inductor-cudagraphs,llmcompress-cudagraphs,llmcompress-triton-cudagraphs
 
 usage() {
@@ -126,6 +129,10 @@ run_part() {
     moe-inductor)
       timeout 560 python benchmarks/moe_block.py --out "$out/moe_block_inductor.json" \
         --configs hf-eager-inductor,hf-batched_mm-inductor,hf-grouped_mm-inductor 2>&1 | tail -20 ;;
+    early-exit)
+      timeout 150 python -m pytest -q tests/test_self_speculative.py tests/test_exit_head_cache.py -m "not fixtures" \
+        2>&1 | tee "$out/gpu_tests_early_exit.log" | tail -8
+      timeout 420 python benchmarks/early_exit_gpu.py --out "$out/early_exit_gpu.json" 2>&1 | tail -20 ;;
     *) usage ;;
   esac
 }

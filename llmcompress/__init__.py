@@ -23,7 +23,7 @@ from llmcompress.errors import (
 from llmcompress.kernels.moe_load_counters import moe_load_counters, reset_moe_load_counters
 from llmcompress.passes import Pass, PassContext, PassManager, PassResult, get_pass, register_pass, registered_passes
 from llmcompress.recipes import builtin_recipes, load_recipe
-from llmcompress.speculative import self_speculative_generate
+from llmcompress.speculative import SelfSpeculativeDecoding, self_speculative_generate
 from llmcompress.version import __version__
 
 _configure_logging()
@@ -31,7 +31,7 @@ _register_backend()
 
 __all__ = [
     "CompileConfig", "LLMCompressError", "OptionError", "Pass", "PassContext", "PassFailedError", "PassManager",
-    "PassOrderError", "PassResult", "RecipeError", "VerificationError", "WeightReleasedError", "__version__",
-    "builtin_recipes", "get_pass", "llmcompress_backend", "load_recipe", "moe_load_counters", "register_pass",
-    "registered_passes", "reset_moe_load_counters", "self_speculative_generate",
+    "PassOrderError", "PassResult", "RecipeError", "SelfSpeculativeDecoding", "VerificationError",
+    "WeightReleasedError", "__version__", "builtin_recipes", "get_pass", "llmcompress_backend", "load_recipe",
+    "moe_load_counters", "register_pass", "registered_passes", "reset_moe_load_counters", "self_speculative_generate",
 ]

@@ -1,6 +1,7 @@
 """Exit heads for decoder-only HF models: the model's own final norm + LM head applied to an affine translation
 A_E h + b_E of layer E's hidden state, fitted in closed form (ridge least squares, float64) to predict the last
-layer's hidden state (a "tuned lens"). Entry points: `fit_exit_heads`, `exit_agreement`.
+layer's hidden state (a "tuned lens"). Entry points: `fit_exit_heads`, `exit_report` (agreement and perplexity
+of each exit, fitted vs logit lens), `exit_agreement`; `exit_head_cache.cached_exit_heads` fits each head once.
 
 Model-level (drives HF modules, not FX graphs): `speculative.py` drafts with these heads.
 """
@@ -129,16 +130,41 @@ def fit_exit_heads(model: torch.nn.Module, calibration: torch.Tensor, exit_layer
 def exit_agreement(model: torch.nn.Module, heads: dict[int, ExitHead], ids: torch.Tensor) -> dict[int, dict[str, float]]:
     """Top-1 agreement with the full model on ids (n, seq), per exit layer: `fitted` through the head's translation,
     `lens` through the identity (logit lens)."""
+    report = exit_report(model, heads, ids)
+    return {e: {name: row[name]["agreement"] for name in ("lens", "fitted")} for e, row in report["exits"].items()}
+
+
+@torch.no_grad()
+def exit_report(model: torch.nn.Module, heads: dict[int, ExitHead], ids: torch.Tensor) -> dict:
+    """Per exit layer, the exit alone (as if the model ended there) with and without the fitted translation, on
+    ids (n, seq), e.g. non-overlapping validation windows: {"full_perplexity": p, "exits": {E: {"lens" | "fitted":
+    {"agreement", "perplexity"}}}}. agreement: top-1 equal to the full model's at every position; perplexity:
+    exp of the mean next-token cross entropy over the seq − 1 predicted positions of each row (float32 logits)."""
     parts = decoder_parts(model)
     ids = check_ids(ids, "ids")
-    states = layer_states(model, ids.to(parts.lm_head.weight.device))
-    full = parts.lm_head(parts.norm(states[-1])).argmax(-1)
-    out = {}
+    if ids.shape[1] < 2:
+        raise OptionError(f"ids: sequences of {ids.shape[1]} token(s); perplexity needs ≥ 2")
+    ids = ids.to(parts.lm_head.weight.device)
+    states = layer_states(model, ids)
+    full_logits = parts.lm_head(parts.norm(states[-1]))
+    full = full_logits.argmax(-1)
+    out = {"full_perplexity": _perplexity(full_logits, ids), "exits": {}}
     for e, head in sorted(heads.items()):
         lens = ExitHead.identity(e, states[e].shape[-1], head.weight)
-        out[e] = {name: (h.logits(parts, states[e]).argmax(-1) == full).double().mean().item()
-                  for name, h in (("lens", lens), ("fitted", head))}
+        row = {}
+        for name, h in (("lens", lens), ("fitted", head)):
+            logits = h.logits(parts, states[e])
+            row[name] = {"agreement": (logits.argmax(-1) == full).double().mean().item(),
+                         "perplexity": _perplexity(logits, ids)}
+        out["exits"][e] = row
     return out
+
+
+def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """logits: (n, seq, vocab) predicting ids (n, seq) shifted by one."""
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             ids[:, 1:].reshape(-1))
+    return torch.exp(loss).item()
 
 
 def check_ids(ids: torch.Tensor, what: str) -> torch.Tensor:
