@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
 import time
@@ -48,12 +49,18 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: C
     `inline_inbuilt_nn_modules` (torch's default) parameters are graph inputs, not guarded by identity, so a graph
     traced inside one layer (after a graph break, e.g. transformers' eager experts loop) serves every layer. Each
     call therefore checks that its weight inputs are the tensors compiled in (`is`, a C-level loop) and compiles the
-    graph again for a set of weights it has not seen (once per set), never running it with stale constants."""
+    graph again for a set of weights it has not seen (once per set), never running it with stale constants.
+
+    That compile runs at call time, outside Dynamo's tracing context, so it re-enters a context on Dynamo's fake
+    mode: the first call's inputs keep their symbolic sizes there (a `dynamic=True` graph compiled without it came
+    out static at the first call's sizes and failed on the next size), and scalars Dynamo left unspecialised (an
+    RMSNorm epsilon read with `.item()`) stay symbolic instead of failing as data-dependent."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     at = [i for i, (n, x) in enumerate(zip(placeholders, example_inputs)) if is_weight_input(n, x)]
     first = _compile_graph_once(gm, example_inputs, config, on_graph)
     if not at:
         return first
+    tracing = torch._guards.TracingContext.try_get()
     compiled_in = [example_inputs[i] for i in at]
     variants: dict[tuple[int, ...], tuple[Callable[..., Any], list[Any]]] = {}
 
@@ -69,10 +76,30 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: C
             inputs = list(example_inputs)
             for i, w in zip(at, weights):
                 inputs[i] = w
-            hit = variants[key] = (_compile_graph_once(gm, inputs, config, on_graph), weights)
+            try:
+                with _like_dynamo_tracing(tracing):
+                    compiled = _compile_graph_once(gm, inputs, config, on_graph)
+            except Exception as e:  # noqa: BLE001 - even Inductor's fallback failed: run Dynamo's graph as is
+                if config.strict:
+                    raise
+                warnings.warn(f"llmcompress: a graph reused with other weights could not be compiled for them "
+                              f"({type(e).__name__}: {str(e)[:200]}); it runs uncompressed for them",
+                              FallbackWarning, stacklevel=2)
+                compiled = gm.forward
+            hit = variants[key] = (compiled, weights)
         return hit[0](*args)
 
     return dispatch
+
+
+def _like_dynamo_tracing(tracing: Any) -> Any:
+    """A fresh tracing context on the first compile's fake mode and its record of how each input was fakified
+    (symbolic sizes, unspecialised scalars), or nothing when the first compile had none."""
+    if tracing is None:
+        return contextlib.nullcontext()
+    fresh = torch._guards.TracingContext(tracing.fake_mode)
+    fresh.tensor_to_context = tracing.tensor_to_context
+    return torch._guards.tracing(fresh)
 
 
 def _compile_graph_once(gm: torch.fx.GraphModule, example_inputs: list[Any], config: CompileConfig,

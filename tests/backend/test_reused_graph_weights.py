@@ -6,6 +6,7 @@ each other set of weights, never run it with stale constants (the oracle is the 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -76,4 +77,42 @@ def test_transformers_eager_experts_loop_matches_the_eager_model():
         out = torch.compile(model, backend=make_backend(on_graph=lambda b, a, ctx: graphs.append(a)),
                             options={"lowering": "eager"})(ids).logits
     assert len(graphs) > 2  # the loop did break the graph
+    torch.testing.assert_close(out, expected)
+
+
+def test_weight_variants_of_a_dynamic_graph_stay_dynamic():
+    """The other layers' variants compile at call time, outside Dynamo's tracing context; compiled without it they
+    came out static at the first call's sizes and failed at the next size ("expected size 2==24")."""
+    model = _Stack().eval()
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(rows, 12, generator=gen) for rows in (5, 7, 2)]
+    with torch.no_grad():
+        expected = [model(x) for x in xs]
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="llmcompress", dynamic=True, options={"lowering": "inductor"})
+        outs = [compiled(x) for x in xs]
+    for out, exp in zip(outs, expected):
+        torch.testing.assert_close(out, exp)
+
+
+def test_a_variant_that_cannot_compile_runs_dynamos_graph_with_its_weights(monkeypatch):
+    """Where even Inductor's fallback fails for the other weights, the graph runs as Dynamo traced it, warned."""
+    from llmcompress.backend import pipeline
+
+    real = pipeline._compile_graph_once
+
+    def failing_after_first(*args, **kwargs):
+        if sys._getframe(1).f_code.co_name == "dispatch":  # a variant for other weights
+            raise RuntimeError("deliberate compile failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_compile_graph_once", failing_after_first)
+    model = _Stack().eval()
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="llmcompress", options={"lowering": "eager"})
+        with pytest.warns(pipeline.FallbackWarning, match="reused with other weights"):
+            out = compiled(x)
     torch.testing.assert_close(out, expected)
