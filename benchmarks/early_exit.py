@@ -11,9 +11,9 @@
    the modules both loops call, generate's forward and `speculative._speculate`'s slices of layers, so plain and
    speculative decoding run the same compiled layers). With `--lowering llmcompress` (torch 2.13) one Dynamo
    graph serves every layer (parameters are graph inputs) and the backend compiles it again for each layer's weights
-   inside the first compile's fake mode, so it stays dynamic; graphs where Dynamo left the RMSNorm epsilon an
-   unspecialised scalar fail our capture (DataDependentOutputException on its `.item()`) and run through Inductor
-   uncompressed, with a FallbackWarning. The committed run is eager. `--prompts` prompts (the first 24 tokens of validation windows) × `--new-tokens`
+   inside the first compile's fake mode, so it stays dynamic; where Dynamo left the RMSNorm epsilon an
+   unspecialised scalar, those compiles for the other layers' weights fail (DataDependentOutputException on its
+   `.item()`) and those layers run Dynamo's graph uncompressed, with a FallbackWarning. The committed run is eager. `--prompts` prompts (the first 24 tokens of validation windows) × `--new-tokens`
    greedy tokens: plain `generate(do_sample=False)`, then self-speculative at each `--configs` E:k; token identity
    with plain, measured acceptance, tokens/s and speedup over all prompts, one pass each (wall and CPU time).
 4. The cost model's inputs measured on this device (`speculative.measure_step_costs`, CPU time: on a shared CPU the
