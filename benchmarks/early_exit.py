@@ -9,11 +9,8 @@
 3. Decoding, eager (`--lowering eager`, default) or through the backend (`--lowering llmcompress`: every decoder
    layer, the final norm and the LM head compiled with `torch.compile(..., backend="llmcompress", dynamic=True)`,
    the modules both loops call, generate's forward and `speculative._speculate`'s slices of layers, so plain and
-   speculative decoding run the same compiled layers). With `--lowering llmcompress` (torch 2.13) one Dynamo
-   graph serves every layer (parameters are graph inputs) and the backend compiles it again for each layer's weights
-   inside the first compile's fake mode, so it stays dynamic; where Dynamo left the RMSNorm epsilon an
-   unspecialised scalar, those compiles for the other layers' weights fail (DataDependentOutputException on its
-   `.item()`) and those layers run Dynamo's graph uncompressed, with a FallbackWarning. The committed run is eager. `--prompts` prompts (the first 24 tokens of validation windows) × `--new-tokens`
+   speculative decoding run the same compiled layers). With `--lowering llmcompress` one Dynamo graph serves every layer
+   (parameters are graph inputs) and the backend compiles it again for each layer's weights (`compile_graph`). `--prompts` prompts (the first 24 tokens of validation windows) × `--new-tokens`
    greedy tokens: plain `generate(do_sample=False)`, then self-speculative at each `--configs` E:k; token identity
    with plain, measured acceptance, tokens/s and speedup over all prompts, one pass each (wall and CPU time).
 4. The cost model's inputs measured on this device (`speculative.measure_step_costs`, CPU time: on a shared CPU the

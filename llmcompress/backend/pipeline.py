@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import operator
 import time
@@ -78,7 +79,10 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: C
                 inputs[i] = w
             try:
                 with _like_dynamo_tracing(tracing):
-                    compiled = _compile_graph_once(gm, inputs, config, on_graph)
+                    inputs = _unspecialised_scalars_as_fakes(placeholders, inputs, tracing)
+                    compiled = _compile_graph_once(gm, inputs, dataclasses.replace(config, verify=False), on_graph)
+                if config.verify is not False:  # on this call's real inputs (the scalars above are fake)
+                    _verify.compare(gm, compiled, list(args), config)
             except Exception as e:  # noqa: BLE001 - even Inductor's fallback failed: run Dynamo's graph as is
                 if config.strict:
                     raise
@@ -90,6 +94,23 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: C
         return hit[0](*args)
 
     return dispatch
+
+
+def _unspecialised_scalars_as_fakes(placeholders: list[torch.fx.Node], inputs: list[Any], tracing: Any) -> list[Any]:
+    """Scalars Dynamo left unspecialised (a float module attribute such as an RMSNorm epsilon, passed as a 0-d
+    tensor the graph reads with `.item()`) as fakes of the backend's fake mode carrying Dynamo's symbolic value: by
+    the time a variant compiles, fakifying the real tensor again gives a fake without it, and `.item()` failed as
+    data-dependent."""
+    if tracing is None or tracing.fake_mode is None:
+        return inputs
+    out = list(inputs)
+    for i, (node, x) in enumerate(zip(placeholders, inputs)):
+        memo = getattr(node.meta.get("example_value"), "item_memo", None)
+        if isinstance(x, torch.Tensor) and x.dim() == 0 and memo is not None:
+            fake = tracing.fake_mode.from_tensor(x, static_shapes=True)
+            fake.item_memo = memo
+            out[i] = fake
+    return out
 
 
 def _like_dynamo_tracing(tracing: Any) -> Any:

@@ -116,3 +116,32 @@ def test_a_variant_that_cannot_compile_runs_dynamos_graph_with_its_weights(monke
         with pytest.warns(pipeline.FallbackWarning, match="reused with other weights"):
             out = compiled(x)
     torch.testing.assert_close(out, expected)
+
+
+class _Norm(torch.nn.Module):
+    """An RMSNorm with its epsilon a float attribute, which `dynamic=True` leaves an unspecialised scalar input."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(16, generator=torch.Generator().manual_seed(seed)))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def test_variants_of_a_graph_with_an_unspecialised_scalar_compile():
+    """Modules compiled one by one (regional compile) share Dynamo's graph; the other modules' compiles read the
+    epsilon with `.item()`, which failed as data-dependent (strict mode raises on any fallback)."""
+    norms = [_Norm(seed) for seed in range(3)]
+    gen = torch.Generator().manual_seed(6)
+    xs = [torch.randn(rows, 16, generator=gen) for rows in (5, 7, 2)]
+    with torch.no_grad():
+        expected = [[n(x) for n in norms] for x in xs]
+        torch._dynamo.reset()
+        for n in norms:
+            n.forward = torch.compile(n.forward, backend="llmcompress", dynamic=True, options={"strict": True})
+        outs = [[n(x) for n in norms] for x in xs]
+    for row, exp in zip(outs, expected):
+        for out, e in zip(row, exp):
+            torch.testing.assert_close(out, e)
