@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from llmcompress.cost.decode_step import weights_time
 from llmcompress.cost.hardware import resolve
 from llmcompress.cost.roofline import CostModel
 from llmcompress.errors import OptionError
@@ -154,13 +155,6 @@ class CascadeCosts:
         return self.num_layers * self.layer + self.head
 
 
-def _weights_time(cost: CostModel, modules: Sequence[torch.nn.Module], dtype: torch.dtype) -> float:
-    """Roofline seconds of the modules at M = 1 (each weight read once, 2 FLOP per weight), one launch each."""
-    params = [p for m in modules for p in m.parameters()]
-    return cost.kernel_time(2 * sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params),
-                            dtype, rows=1, launches=len(modules))
-
-
 def cascade_costs(model: torch.nn.Module, hardware: str = "auto") -> CascadeCosts:
     parts = decoder_parts(model)
     weight = parts.lm_head.weight
@@ -168,9 +162,9 @@ def cascade_costs(model: torch.nn.Module, hardware: str = "auto") -> CascadeCost
     cost = CostModel(resolve(hardware, weight.device))
     leaves = [[m for m in layer.modules() if next(m.parameters(recurse=False), None) is not None]
               for layer in parts.layers]
-    layer = sum(_weights_time(cost, ms, dtype) for ms in leaves) / len(leaves)
-    head = _weights_time(cost, [parts.norm, parts.lm_head], dtype)
-    fill = sum(_weights_time(cost, [lay.input_layernorm, lay.self_attn.k_proj, lay.self_attn.v_proj], dtype)
+    layer = sum(weights_time(cost, ms, dtype) for ms in leaves) / len(leaves)
+    head = weights_time(cost, [parts.norm, parts.lm_head], dtype)
+    fill = sum(weights_time(cost, [lay.input_layernorm, lay.self_attn.k_proj, lay.self_attn.v_proj], dtype)
                for lay in parts.layers) / len(parts.layers)
     translation = cost.kernel_time(2 * hidden * hidden, hidden * (hidden + 1) * weight.element_size(), dtype, rows=1)
     # features: ~6 elementwise passes over the state + one dot product of hidden + 3 weights

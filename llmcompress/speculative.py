@@ -243,16 +243,6 @@ def _speculate(model, parts: DecoderParts, head: ExitHead, input_ids: torch.Tens
     return seq
 
 
-def _module_time(cost: CostModel, module: torch.nn.Module, dtype: torch.dtype) -> float:
-    """Roofline seconds of `module` at M = 1 (a decode step reads every weight once, 2 FLOP per weight), one launch
-    per leaf module holding weights."""
-    params = list(module.parameters())
-    nbytes = sum(p.numel() * p.element_size() for p in params)
-    flops = 2 * sum(p.numel() for p in params)
-    launches = sum(1 for m in module.modules() if next(m.parameters(recurse=False), None) is not None)
-    return cost.kernel_time(flops, nbytes, dtype, rows=1, launches=max(launches, 1))
-
-
 def step_costs(model: torch.nn.Module, hardware: str = "auto") -> dict[str, float]:
     """Roofline seconds (`CostModel.kernel_time`) of one decoder layer (mean), the final norm + LM head, an exit
     head (translation + norm + LM head), and one full decode forward, at one row: `cost.decode_step`'s inputs.
@@ -261,8 +251,9 @@ def step_costs(model: torch.nn.Module, hardware: str = "auto") -> dict[str, floa
     weight = parts.lm_head.weight
     cost = CostModel(resolve(hardware, weight.device))
     hidden = weight.shape[1]
-    layer = sum(_module_time(cost, m, weight.dtype) for m in parts.layers) / parts.num_layers
-    lm_head = _module_time(cost, parts.lm_head, weight.dtype) + _module_time(cost, parts.norm, weight.dtype)
+    layer = sum(decode_step.weights_time(cost, [m], weight.dtype) for m in parts.layers) / parts.num_layers
+    lm_head = (decode_step.weights_time(cost, [parts.lm_head], weight.dtype)
+               + decode_step.weights_time(cost, [parts.norm], weight.dtype))
     translation = cost.kernel_time(2 * hidden * hidden, hidden * (hidden + 1) * weight.element_size(), weight.dtype,
                                    rows=1)
     return {"layer": layer, "lm_head": lm_head, "exit_head": lm_head + translation, "num_layers": parts.num_layers,

@@ -83,6 +83,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: C
                     compiled = _compile_graph_once(gm, inputs, dataclasses.replace(config, verify=False), on_graph)
                 if config.verify is not False:  # on this call's real inputs (the scalars above are fake)
                     _verify.compare(gm, compiled, list(args), config)
+            except LLMCompressError:
+                raise  # as in the first compile: a bad option or a verification beyond tolerance is the user's to see
             except Exception as e:  # noqa: BLE001 - even Inductor's fallback failed: run Dynamo's graph as is
                 if config.strict:
                     raise

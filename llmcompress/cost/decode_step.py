@@ -15,7 +15,13 @@ verify's k + 1: on a CPU one row runs a GEMV and two a GEMM, so the first extra 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmcompress.cost.roofline import CostModel
 
 
 def plain_step_s(costs: Mapping[str, float]) -> float:
@@ -55,3 +61,13 @@ def predicted_tokens_per_s(costs: Mapping[str, float], exit_layer: int | None = 
     if exit_layer is None:
         return 1.0 / plain_step_s(costs)
     return tokens_per_step / speculative_step_s(exit_layer, draft_len, costs)
+
+
+def weights_time(cost: CostModel, modules: Sequence[torch.nn.Module], dtype: torch.dtype) -> float:
+    """Roofline seconds of the modules at one row: a decode step reads every weight once and does 2 FLOP per
+    weight, one launch per leaf module holding weights. The roofline part of `speculative.step_costs` and of the
+    cascade's `exit_gates.cascade_costs`."""
+    leaves = [m for module in modules for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
+    params = [p for m in leaves for p in m.parameters(recurse=False)]
+    return cost.kernel_time(2 * sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params),
+                            dtype, rows=1, launches=max(len(leaves), 1))

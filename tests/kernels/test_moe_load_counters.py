@@ -97,3 +97,21 @@ def test_load_counters_option_is_checked():
 
     with pytest.raises(OptionError, match="key 'load_counters' got 'yes'; expected true or false"):
         FuseMoeOptions(load_counters="yes")
+
+
+def test_reset_zeroes_every_graphs_counter_of_a_block():
+    """One block compiled in two graphs (prefill and decode) has two counters under one name; reset zeroes both
+    (comparing counters field by field raised on their tensors)."""
+    model = torch.nn.Linear(4, 3)
+    keys = [mlc.new_counter("model.layers.0.mlp", 3, "cpu", [model.weight]) for _ in range(2)]
+    try:
+        for key in keys:
+            mlc.moe_count_load_reference(torch.full((2, 2), 0.5), torch.tensor([[0, 1], [1, 2]], dtype=torch.int32),
+                                         mlc.counter(key).tokens, mlc.counter(key).weight_sum)
+        assert llmcompress.moe_load_counters(model)["model.layers.0.mlp"]["tokens"].tolist() == [2, 4, 2]
+        llmcompress.reset_moe_load_counters(model)
+        assert all(int(mlc.counter(key).tokens.sum()) == 0 and float(mlc.counter(key).weight_sum.sum()) == 0
+                   for key in keys)
+    finally:
+        for key in keys:
+            mlc.drop_counter(key)
