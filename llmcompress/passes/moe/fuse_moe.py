@@ -106,7 +106,8 @@ class FuseMoePass(Pass):
         decisions: list[dict[str, Any]] = []
         changed = False
         blocks = find_blocks(gm, ctx.weights)
-        skips = skip_choices(gm, ctx, blocks, self.options.skip_beta, self.options.skip_budget, stats)
+        skips = skip_choices(gm, ctx, blocks, self.options.skip_beta, self.options.skip_budget, stats,
+                             self.cache_key)
         for block in blocks:
             skip = skips.get(block.router)
             decision = self._fuse(gm, ctx, block, skip.beta if skip else 0.0)

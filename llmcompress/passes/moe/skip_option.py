@@ -10,7 +10,7 @@ means the same model either way, and the decision says where it was applied.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -34,8 +34,11 @@ class SkipChoice:
 
 
 def skip_choices(gm: torch.fx.GraphModule, ctx: PassContext, blocks: Sequence[MoEBlock], beta: float | None,
-                 budget: float | None, stats: dict[str, Any]) -> dict[torch.fx.Node, SkipChoice]:
-    """{router: its layer's skipping} for the blocks that can be rewritten; {} when neither option is given."""
+                 budget: float | None, stats: dict[str, Any], cache_key: Callable[..., Any]
+                 ) -> dict[torch.fx.Node, SkipChoice]:
+    """{router: its layer's skipping} for the blocks that can be rewritten; {} when neither option is given.
+    `cache_key` is the pass's `cache_key`: the βs calibrated to a budget (about 30 runs of the graph on the
+    calibration data) are a derived result, computed once for generate's prefill and decode graphs and recompiles."""
     usable = [b for b in blocks if b.why is None]
     if (beta is None and budget is None) or not usable:
         return {}
@@ -46,10 +49,20 @@ def skip_choices(gm: torch.fx.GraphModule, ctx: PassContext, blocks: Sequence[Mo
             if not have_data:
                 raise OptionError("fuse-moe: skip_budget calibrates β on calibration data: give "
                                   "options['calibration'], or a fixed skip_beta in [0, 1)")
-            betas, info = calibrate_betas_by_loss(gm, ctx.calibration, weights, budget)
-            skipped: list[float | None] = list(info["skipped_fraction_per_layer"])
-            stats["skip calibration perplexity (dense, skipped)"] = info["calibration_perplexity"]
-            stats["skip calibration runs"] = info["calibration_runs"]
+            def calibrate(_: Any) -> dict[str, Any]:
+                betas, info = calibrate_betas_by_loss(gm, ctx.calibration, weights, budget)
+                return {"betas": torch.tensor(betas, dtype=torch.float64),
+                        "skipped": torch.tensor(info["skipped_fraction_per_layer"], dtype=torch.float64),
+                        "perplexity": torch.tensor(info["calibration_perplexity"], dtype=torch.float64),
+                        "runs": int(info["calibration_runs"])}
+
+            nodes = [n for b in usable for n in (b.router.args[1], b.gate_up, b.down)]
+            key = cache_key("skip_budget", float(budget), tuple(b.name for b in usable), ctx.calibration.fingerprint)
+            got = ctx.weights.derive(nodes, key, calibrate, persist=True)
+            betas = got["betas"].tolist()
+            skipped: list[float | None] = got["skipped"].tolist()
+            stats["skip calibration perplexity (dense, skipped)"] = got["perplexity"].tolist()
+            stats["skip calibration runs"] = got["runs"]
         else:
             betas = [float(beta)] * len(usable)
             skipped = [None] * len(usable)

@@ -147,3 +147,26 @@ def test_skip_budget_without_calibration_data_raises(tmp_path):
     while e.__cause__ is not None or getattr(e, "inner_exception", None) is not None:
         e = e.__cause__ or e.inner_exception
     assert isinstance(e, OptionError) and re.search("skip_budget calibrates β on calibration data", str(e)), repr(e)
+
+
+def test_recompiles_reuse_the_calibrated_betas(tmp_path, monkeypatch):
+    """The βs a budget calibrates (about 30 runs of the graph) are derived once; a recompile loads them."""
+    from llmcompress.passes.moe import skip_option
+
+    calls = []
+    real = skip_option.calibrate_betas_by_loss
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(skip_option, "calibrate_betas_by_loss", counted)
+    ids = _ids()
+    betas = []
+    for i in range(2):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            _compile({"objective": "always", "skip_budget": 0.02}, tmp_path / f"r{i}.json")(ids)
+        betas.append([d["skip"]["beta"] for d in _record(tmp_path / f"r{i}.json")[0]])
+    assert len(calls) == 1
+    assert betas[0] == betas[1] and any(b > 0 for b in betas[0])
