@@ -65,6 +65,7 @@ class _CascadeLayer(torch.nn.Module):
         self.layer = layer
         self.index = index  # 0-based; the exit after this layer is index + 1
         self.num_layers = parts.num_layers
+        self.plan = plan
         self.heads = plan.heads
         self.head = plan.heads.get(index + 1)
         self.gate = plan.gates.get(index + 1)
@@ -124,8 +125,7 @@ class _CascadeLayer(torch.nn.Module):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is None:
             return
-        if self.fill == "interpolate":
-            hidden = self._interpolate(hidden, rows)
+        hidden = self._interpolate(hidden, rows) if self.fill == "interpolate" else self._fill_state(hidden, rows)
         x = self.layer.input_layernorm(hidden)
         shape = (*x.shape[:-1], -1, attn.head_dim)
         k = attn.k_proj(x).view(shape).transpose(1, 2)
@@ -138,6 +138,17 @@ class _CascadeLayer(torch.nn.Module):
         layer = cache.layers[attn.layer_idx]
         layer.keys[rows, :, -1:] = k[rows].to(layer.keys.dtype)
         layer.values[rows, :, -1:] = v[rows].to(layer.values.dtype)
+
+    def _fill_state(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """This layer's input per exiting row from its exit's state (`CascadePlan.fill_state`)."""
+        if not self.plan.fill_maps:
+            return hidden
+        out = hidden.clone()
+        exit_layer = self.state.exit_layer
+        for e in exit_layer[rows].unique().tolist():
+            sel = exit_layer == e
+            out[sel] = self.plan.fill_state(e, self.index, hidden[sel])
+        return out
 
     def _interpolate(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Layer index i's input estimated between the exit state (exact for the first skipped layer, i = E) and the

@@ -192,10 +192,18 @@ class CascadePlan:
     predicted: dict[str, float]
     dropped: dict[int, str]
     declined: str | None
+    fill_maps: dict[tuple[int, int], ExitHead] = dataclasses.field(default_factory=dict)
 
     @property
     def exits(self) -> list[int]:
         return sorted(self.gates)
+
+    def fill_state(self, exit_layer: int, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The input of skipped decoder layer `layer` (0-based, ≥ exit_layer) estimated from exit `exit_layer`'s
+        state: its skipped key/value slot is projected from this. A fitted map where calibration fitted one
+        (fill_maps[(exit_layer, layer)]), else the exit state itself (state propagation, as in CALM)."""
+        fitted = self.fill_maps.get((exit_layer, layer))
+        return hidden if fitted is None else fitted.translate(hidden)
 
 
 @dataclasses.dataclass

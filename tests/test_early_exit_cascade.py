@@ -78,7 +78,7 @@ def test_closed_gates_are_the_model(llama4, heads):
         type(llama4.model.layers[0]).__name__ == "LlamaDecoderLayer"  # restored
 
 
-def _reference_step(model, heads, exit_layer, cache, token):
+def _reference_step(model, heads, exit_layer, cache, token, plan=None):
     """One decode step of the model where layers after exit E get E's output as input (their K/V slots are then what
     the cascade's fill must write) and the last returns the exit's translation; built from hooks on the real layers."""
     layers = model.model.layers
@@ -88,7 +88,8 @@ def _reference_step(model, heads, exit_layer, cache, token):
         saved["h"] = out[0] if isinstance(out, tuple) else out
 
     def feed(mod, args, kwargs):
-        return (saved["h"], *args[1:]), kwargs
+        h = saved["h"] if plan is None else plan.fill_state(exit_layer, list(layers).index(mod), saved["h"])
+        return (h, *args[1:]), kwargs
 
     def translate(mod, args, kwargs, out):
         return heads[exit_layer].translate(saved["h"])
@@ -101,6 +102,31 @@ def _reference_step(model, heads, exit_layer, cache, token):
     finally:
         for h in handles:
             h.remove()
+
+
+def test_fitted_fill_maps_feed_the_skipped_layers(llama4, heads):
+    """With fill maps, skipped layer i's K/V slot is projected from fill_maps[(E, i)](h_E), not from h_E."""
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(11)
+    maps = {(2, i): ExitHead(2, torch.eye(HIDDEN) + 0.3 * torch.randn(HIDDEN, HIDDEN, generator=g),
+                             torch.randn(HIDDEN, generator=g)) for i in (2, 3)}
+    plan = dataclasses.replace(_plan(heads, {2: -1.0}), fill_maps=maps)
+    prompt, tokens = example_ids(2, 6, seed=5), example_ids(2, 3, seed=6)
+    caches = {name: DynamicCache(config=llama4.config) for name in ("cascade", "reference", "unmapped")}
+    for cache in caches.values():
+        llama4(prompt, cache=cache, use_cache=True)
+    with cascade(llama4, plan):
+        for t in range(3):
+            llama4(tokens[:, t: t + 1], cache=caches["cascade"], use_cache=True)
+    for t in range(3):
+        _reference_step(llama4, heads, 2, caches["reference"], tokens[:, t: t + 1], plan=plan)
+        _reference_step(llama4, heads, 2, caches["unmapped"], tokens[:, t: t + 1])
+    for i in (2, 3):
+        got, want, unmapped = (caches[n].layers[i] for n in ("cascade", "reference", "unmapped"))
+        torch.testing.assert_close(got.keys, want.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.values, want.values, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got.values[:, :, 6:], unmapped.values[:, :, 6:], atol=1e-3)
 
 
 @pytest.mark.parametrize("exit_layer", [1, 2, 3])
