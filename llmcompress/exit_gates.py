@@ -33,7 +33,7 @@ from llmcompress.exit_heads import (
     check_exit_layer,
     check_ids,
     decoder_parts,
-    fit_exit_heads,
+    fit_heads_from_states,
     layer_states,
 )
 
@@ -316,11 +316,24 @@ def calibrate_cascade(model: torch.nn.Module, calibration: torch.Tensor, *, min_
     held = max(1, calibration.shape[0] // 4)
     device = parts.lm_head.weight.device
     fit_ids, held_ids = calibration[:-held].to(device), calibration[-held:].to(device)
-    heads = fit_exit_heads(model, fit_ids, candidates)
     costs = cascade_costs(model, hardware) if costs is None else costs
-    kinds = ["hidden", "logits"] if features == "auto" else [features]
+    return calibrate_from_states(parts, layer_states(model, fit_ids), layer_states(model, held_ids),
+                                 min_agreement=min_agreement, candidates=candidates, features=features,
+                                 hidden_units=hidden_units, costs=costs)
 
-    fit_states, held_states = layer_states(model, fit_ids), layer_states(model, held_ids)
+
+@torch.no_grad()
+def calibrate_from_states(parts: DecoderParts, fit_states: Sequence[torch.Tensor],
+                          held_states: Sequence[torch.Tensor], *, min_agreement: float, candidates: Sequence[int],
+                          features: str, hidden_units: int, costs: CascadeCosts) -> CascadePlan:
+    """`calibrate_cascade` on layer states already captured (`layer_states`' layout) for the fit rows and the
+    held-back rows; parts needs only norm, lm_head and the layer count. The FX pass feeds it the graph's
+    layer-boundary values."""
+    min_agreement = check_min_agreement(min_agreement)
+    if features not in GATE_FEATURES:
+        raise OptionError(f"features: {features!r}; expected one of {', '.join(GATE_FEATURES)}")
+    heads = fit_heads_from_states(fit_states, candidates, dtype=parts.lm_head.weight.dtype)
+    kinds = ["hidden", "logits"] if features == "auto" else [features]
     scores = {k: _Scores({}, {}) for k in kinds}
     gates: dict[str, dict[int, Gate]] = {k: {} for k in kinds}
     fit_full = _top1(parts, fit_states[-1])

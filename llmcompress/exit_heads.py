@@ -109,11 +109,18 @@ def fit_exit_heads(model: torch.nn.Module, calibration: torch.Tensor, exit_layer
     for e in layers:
         check_exit_layer(e, parts.num_layers)
     states = layer_states(model, calibration.to(parts.lm_head.weight.device))
+    return fit_heads_from_states(states, layers, ridge=ridge, dtype=parts.lm_head.weight.dtype)
+
+
+def fit_heads_from_states(states: Sequence[torch.Tensor], exit_layers: Iterable[int], *, ridge: float = 1e-2,
+                          dtype: torch.dtype | None = None) -> dict[int, ExitHead]:
+    """`fit_exit_heads` on states already captured (as `layer_states` returns them: the embeddings, then each
+    layer's output, the last before the final norm); the FX pass feeds it the graph's layer-boundary values."""
     y = states[-1].reshape(-1, states[-1].shape[-1]).double()
     y_mean = y.mean(0)
     eye = torch.eye(y.shape[-1], dtype=torch.float64, device=y.device)
     heads = {}
-    for e in layers:
+    for e in exit_layers:
         x = states[e].reshape(-1, y.shape[-1]).double()
         x_mean = x.mean(0)
         xc = x - x_mean
@@ -121,8 +128,8 @@ def fit_exit_heads(model: torch.nn.Module, calibration: torch.Tensor, exit_layer
         gram.diagonal().add_(ridge * gram.diagonal().mean().clamp_min(1e-12))
         a = eye + torch.linalg.solve(gram, xc.T @ (y - y_mean - xc)).T  # solve(G, Xc^T R) = D^T
         b = y_mean - a @ x_mean
-        dtype = parts.lm_head.weight.dtype
-        heads[e] = ExitHead(e, a.to(dtype), b.to(dtype))
+        out_dtype = states[e].dtype if dtype is None else dtype
+        heads[e] = ExitHead(e, a.to(out_dtype), b.to(out_dtype))
     return heads
 
 
