@@ -126,6 +126,8 @@ class FuseMoePass(Pass):
               ) -> dict[str, Any]:
         info: dict[str, Any] = {"fused": False, "experts": block.num_experts, "top_k": block.k,
                                 "norm_topk_prob": block.renormalize}
+        if block.originals:  # sliced by moe-prune: position -> original expert id
+            info["expert_ids"] = block.expert_ids
         if block.why is not None:
             why = block.why
             if why.startswith("no 3-D experts"):
@@ -225,7 +227,9 @@ class FuseMoePass(Pass):
             return None
         with unset_fake_temporarily():  # real buffers: the pass runs in AOT's fake mode
             weights = [ctx.weights.value(block.router.args[1]), ctx.weights.value(block.gate_up)]
-            key = new_counter(block.name, block.num_experts, weights[1].device, weights)
+            # A block moe-prune sliced holds copies: the module's own weights find the model.
+            weights += [ctx.weights.by_attr[a].tensor for a in block.originals if a in ctx.weights.by_attr]
+            key = new_counter(block.name, block.num_experts, weights[1].device, weights, block.expert_ids)
         return call(gm.graph, ctx.fake_mode, ops.moe_count_load.default, (parts[0], parts[1], key), {})
 
 
