@@ -380,8 +380,11 @@ def _verify(ctx: PassContext, block: MoEBlock, out: torch.fx.Node, x: torch.fx.N
             return f"could not run the block ({type(err).__name__}: {err})"
         if block.indices is not None and block.indices in env:
             model_ids = env[block.indices]
-            top = torch.topk(logits.float(), block.k + 1, dim=-1).values
-            clear = (top[:, block.k - 1] - top[:, block.k]) > 1e-4 * top.abs().amax(-1).clamp_min(1)
+            if block.k < logits.shape[-1]:
+                top = torch.topk(logits.float(), block.k + 1, dim=-1).values
+                clear = (top[:, block.k - 1] - top[:, block.k]) > 1e-4 * top.abs().amax(-1).clamp_min(1)
+            else:  # top-k of k experts (moe-prune kept top-k): every token picks all, no near ties
+                clear = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
             same = (torch.sort(model_ids.long(), -1).values == torch.sort(ids.long(), -1).values).all(-1)
             if not bool(same[clear].all()):
                 return f"expert ids differ on {int((~same & clear).sum())} of {tokens} tokens"

@@ -306,13 +306,14 @@ def test_release_weights_frees_the_removed_experts(tmp_path):
     assert experts.gate_up_proj.untyped_storage().nbytes() == 0 and experts.down_proj.untyped_storage().nbytes() == 0
 
 
-def test_prune_then_fuse_moe_runs_the_kept_experts_and_counts_by_original_id(tmp_path):
-    """fuse-moe after moe-prune fuses the sliced blocks (moe_experts on (3, ...) experts), equals the sliced
-    unfused graph, and its load counters name the original expert ids."""
+@pytest.mark.parametrize("keep", [3, 2])
+def test_prune_then_fuse_moe_runs_the_kept_experts_and_counts_by_original_id(keep, tmp_path):
+    """fuse-moe after moe-prune fuses the sliced blocks (moe_experts on (keep, ...) experts; keep = top-k leaves a
+    top-2 of 2), equals the sliced unfused graph, and its load counters name the original expert ids."""
     from llmcompress.kernels.moe_load_counters import moe_load_counters
 
     ids = example_ids()
-    prune = {"keep": 3, "refit_steps": 10}
+    prune = {"keep": keep, "refit_steps": 10}
     with torch.no_grad():
         expected = torch.compile(tiny_model("mixtral"), backend="llmcompress", options=_options(prune))(ids).logits
         torch._dynamo.reset()
@@ -324,12 +325,12 @@ def test_prune_then_fuse_moe_runs_the_kept_experts_and_counts_by_original_id(tmp
                             options=options)(ids).logits
     torch.testing.assert_close(out, expected)
     fused = [n for n in graphs[0].graph.nodes if n.target is torch.ops.llmcompress.moe_experts.default]
-    assert [tuple(n.args[1].meta["val"].shape) for n in fused] == [(3, 192, 64)] * 2
+    assert [tuple(n.args[1].meta["val"].shape) for n in fused] == [(keep, 192, 64)] * 2
     kept = {d["layer"]: d["experts_kept"] for d in _decisions(tmp_path / "r.json")}
     counters = moe_load_counters(model)
     assert sorted(counters) == sorted(kept)
     for layer, c in counters.items():
-        assert c["experts"] == kept[layer] and c["tokens"].shape == (3,)
+        assert c["experts"] == kept[layer] and c["tokens"].shape == (keep,)
         assert int(c["tokens"].sum()) == ids.numel() * 2  # every token, top-2, over the kept experts
 
 
