@@ -212,6 +212,7 @@ def test_tiny_mixtral_keeps_6_of_8_experts_per_layer(tmp_path):
     ppl = perplexity(torch.compile(load_model(fixtures, "tiny-mixtral"), backend="llmcompress", options=options), val)
     decisions = _decisions(tmp_path / "r.json")
     assert [len(d["experts_kept"]) for d in decisions] == [6, 6, 6, 6]
+    assert all(d["bytes"]["after"] * 8 == d["bytes"]["before"] * 6 for d in decisions)  # sliced to 6 of 8
     assert transformers.MixtralConfig  # the fixture is a Mixtral
     assert dense < ppl < dense * 1.15, (dense, ppl)  # +3.7 % on 32 windows of 512 (benchmarks/moe_quality.py)
 
