@@ -26,7 +26,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from llmcompress.fx_utils import call
+from llmcompress.fx_utils import fake_value
 from llmcompress.passes.base import PassContext
 from llmcompress.passes.moe.blocks import EXPERT_IDS, ORIGINALS, MoEBlock
 from llmcompress.passes.moe.fuse_moe import _VERIFY_RTOL, _concrete, _experts_output, _region
@@ -63,8 +63,8 @@ def remove_experts(gm: torch.fx.GraphModule, ctx: PassContext, block: MoEBlock, 
         with graph.inserting_before(out):
             consts = {k: ctx.weights.add(gm, t, _name(block, k)) for k, t in tensors.items() if t is not None}
             added += consts.values()
-            router = call(graph, fake, aten.linear.default, (block.router.args[0], consts["weight"],
-                                                             consts.get("bias")))
+            router = _traced(graph, fake, aten.linear.default, (block.router.args[0], consts["weight"],
+                                                                consts.get("bias")), {})
             added.append(router)
             env.update({block.router: router, block.gate_up: consts["gate_up"], block.down: consts["down"]})
             for n in region.nodes:
@@ -72,7 +72,7 @@ def remove_experts(gm: torch.fx.GraphModule, ctx: PassContext, block: MoEBlock, 
                 kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env.get(a, a))
                 if n.target is aten.histc.default:
                     args = _histc_args(args, e, kept_n)
-                copy = call(graph, fake, n.target, args, kwargs)
+                copy = _traced(graph, fake, n.target, args, kwargs)
                 added.append(copy)
                 copy.meta.update({k: v for k, v in n.meta.items() if k in _PROVENANCE})
                 env[n] = copy
@@ -89,6 +89,16 @@ def remove_experts(gm: torch.fx.GraphModule, ctx: PassContext, block: MoEBlock, 
         return problem
     out.replace_all_uses_with(env[out])
     return None
+
+
+def _traced(graph: torch.fx.Graph, fake: Any, target: Any, args: tuple, kwargs: dict) -> torch.fx.Node:
+    """`fx_utils.call`, but the node is inserted only once its fake value computed: a copy that does not trace
+    leaves nothing behind to undo."""
+    with fake:
+        value = target(*fake_value(args), **fake_value(kwargs))
+    node = graph.call_function(target, args, kwargs)
+    node.meta["val"] = value
+    return node
 
 
 def _name(block: MoEBlock, key: str) -> str:

@@ -363,3 +363,41 @@ def test_eager_experts_loop_is_left_with_a_hint(tmp_path):
         compiled(example_ids())
     decisions = _decisions(tmp_path / "r.json")
     assert decisions and all(d["experts_kept"] == "all" and "grouped_mm" in d["left as is"] for d in decisions)
+
+
+def test_greedy_generate_through_the_sliced_graphs_equals_the_eagerly_pruned_model(tmp_path):
+    """Prefill, decode and the dynamic-shape recompile are each sliced (the pruned layers cached from the first
+    graph) and greedy generate gives the eagerly sliced model's tokens."""
+    ids = example_ids(batch=1, seq=7)
+    model = tiny_model("mixtral")
+    model.forward = torch.compile(model.forward, backend="llmcompress",
+                                  options=_options({"keep": 3, "refit_router": False, "correct_down": False},
+                                                   tmp_path / "r.json"))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    decisions = _decisions(tmp_path / "r.json")
+    assert len(decisions) >= 4 and all("sliced" in d["how"] for d in decisions)  # 2 layers in each of >= 2 graphs
+    kept = {d["layer"]: d["experts_kept"] for d in decisions}
+    with torch.no_grad():
+        expected = _sliced(tiny_model("mixtral"), kept, None).generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, expected)
+
+
+def test_a_block_whose_slice_does_not_trace_is_masked_with_the_reason(tmp_path, monkeypatch):
+    """An expert count the slice does not know to change (here: the grouped matmul's histc bins left at E) makes the
+    copy fail to trace: the block is masked as before (every expert kept in the graph), never rewritten wrongly."""
+    from llmcompress.passes.moe import remove
+
+    monkeypatch.setattr(remove, "_histc_args", lambda args, e, n: args)
+    ids, prune = example_ids(), {"keep": 3, "refit_steps": 5}
+    with torch.no_grad():
+        out = torch.compile(tiny_model("mixtral"), backend="llmcompress",
+                            options=_options(prune, tmp_path / "r.json"))(ids).logits
+        torch._dynamo.reset()
+        expected = torch.compile(tiny_model("mixtral"), backend="llmcompress",
+                                 options=_options({**prune, "remove_experts": False}))(ids).logits
+    torch.testing.assert_close(out, expected)
+    decisions = _decisions(tmp_path / "r.json")
+    assert len(decisions) == 2
+    assert all("-inf" in d["how"] and "does not trace" in d["how"] and d["bytes"]["after"] == d["bytes"]["before"]
+               for d in decisions)
