@@ -30,8 +30,7 @@ def compile_report(tmp_path_factory) -> Path:
     options = {"lowering": "eager", "calibration": cal, "calibration_samples": 6, "calibration_seq_len": 24,
                "report": str(path), "passes": {"canonicalize": {}, "moe-prune": {"keep": 3}}}
     torch._dynamo.reset()
-    # A fresh derived-weight cache (the per-test one is not set yet for a module fixture): moe-prune reports the load
-    # only when it measures it, not when another process's pruned router comes from the disk cache.
+    # A fresh derived-weight cache (the per-test one is not set yet for a module fixture): nothing of another run's.
     with pytest.MonkeyPatch.context() as mp, torch.no_grad():
         mp.setenv("LLMCOMPRESS_CACHE_DIR", str(tmp_path_factory.mktemp("llmcompress-cache")))
         torch.compile(tiny_model("mixtral"), backend="llmcompress", options=options)(example_ids())
