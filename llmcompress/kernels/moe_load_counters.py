@@ -41,19 +41,26 @@ class LoadCounter:
     """(E,) float32: the sum of those slots' routing weights."""
     sources: list[Any]
     """Weak references to the block's frozen weights (router, experts): how `moe_load_counters` finds the model."""
+    experts: list[int]
+    """The original id of each counted expert, by position (`range(E)` unless `moe-prune` removed experts)."""
 
 
 _COUNTERS: dict[int, LoadCounter] = {}
 _KEYS = itertools.count()
 
 
-def new_counter(name: str, num_experts: int, device: torch.device | str, weights: list[torch.Tensor]) -> int:
+def new_counter(name: str, num_experts: int, device: torch.device | str, weights: list[torch.Tensor],
+                expert_ids: list[int] | None = None) -> int:
     """Allocate a block's zeroed counters on `device` and return the key `moe_count_load` takes; `weights` are the
-    block's frozen tensors (the module's own storage), by which `moe_load_counters(model)` finds it."""
+    block's frozen tensors (some of the module's own storage), by which `moe_load_counters(model)` finds it;
+    `expert_ids` the original id of each of the block's experts (default `range(num_experts)`)."""
+    ids = list(range(num_experts)) if expert_ids is None else [int(i) for i in expert_ids]
+    if len(ids) != num_experts:
+        raise ValueError(f"new_counter: {len(ids)} expert ids for {num_experts} experts")
     key = next(_KEYS)
     _COUNTERS[key] = LoadCounter(name, torch.zeros(num_experts, dtype=torch.int64, device=device),
                                  torch.zeros(num_experts, dtype=torch.float32, device=device),
-                                 [weakref.ref(w) for w in weights])
+                                 [weakref.ref(w) for w in weights], ids)
     return key
 
 
@@ -90,13 +97,18 @@ def _of(model: torch.nn.Module) -> list[LoadCounter]:
 
 
 def moe_load_counters(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
-    """{block: {"tokens": (E,) int64, "mean_weight": (E,) float32 (0 where no token came), "calls": graphs
-    counting}} of a model compiled with fuse-moe's `load_counters: true` (the compiled or the original module),
-    summed over the graphs that run the block (e.g. prefill and decode). Copies on the CPU: this read syncs."""
+    """{block: {"tokens": (E,) int64, "mean_weight": (E,) float32 (0 where no token came), "experts": the original
+    id of each position (E ids: the kept ones where `moe-prune` removed experts), "graphs": graphs counting}} of a
+    model compiled with fuse-moe's `load_counters: true` (the compiled or the original module), summed over the
+    graphs that run the block (e.g. prefill and decode). Copies on the CPU: this read syncs."""
     out: dict[str, dict[str, Any]] = {}
     for c in _of(model):
         entry = out.setdefault(c.name, {"tokens": torch.zeros_like(c.tokens, device="cpu"),
-                                        "weight_sum": torch.zeros_like(c.weight_sum, device="cpu"), "graphs": 0})
+                                        "weight_sum": torch.zeros_like(c.weight_sum, device="cpu"), "graphs": 0,
+                                        "experts": c.experts})
+        if entry["experts"] != c.experts:
+            raise ValueError(f"moe_load_counters: {c.name}'s graphs count different experts ({entry['experts']} "
+                             f"and {c.experts})")
         entry["tokens"] += c.tokens.cpu()
         entry["weight_sum"] += c.weight_sum.cpu()
         entry["graphs"] += 1

@@ -43,16 +43,21 @@ def moe_load(compile_report: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def moe_load_from_counters(counters: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
     """`moe_load`'s structure ("source": "runtime counters") from `llmcompress.moe_load_counters(model)`, or None
-    when it holds no block."""
+    when it holds no block. Columns are original expert ids (a block `moe-prune` sliced counts its kept experts by
+    position, `experts` giving their ids): an expert it removed reads 0."""
     if not counters:
         return None
     layers, share, tokens, mean_weight = [], [], [], []
     for layer, c in counters.items():
-        t = [int(v) for v in c["tokens"]]
+        ids = [int(i) for i in c.get("experts", range(len(c["tokens"])))]
+        width = max(ids) + 1 if ids else 0
+        t, w = [0] * width, [0.0] * width
+        for i, n, m in zip(ids, c["tokens"], c["mean_weight"]):
+            t[i], w[i] = int(n), round(float(m), 6)
         layers.append(layer)
         tokens.append(t)
         share.append([v / max(1, sum(t)) for v in t])
-        mean_weight.append([round(float(w), 6) for w in c["mean_weight"]])
+        mean_weight.append(w)
     return {"source": "runtime counters", "layers": layers, "share": share, "tokens": tokens,
             "mean_weight": mean_weight}
 

@@ -292,3 +292,20 @@ def test_corrupt_entry_is_recomputed_and_rewritten(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DiskCacheWarning)
         assert torch.equal(weights3.cached(n3, key), good)  # the rewritten file is whole
+
+
+def test_hashing_a_weight_leaves_it_releasable():
+    """`content_hash` reads the bytes without `Tensor.numpy()`, which would mark the storage not resizable for good
+    (release_weights then fails on it); the digest is the one of the bytes, contiguous or not."""
+    import hashlib
+
+    from llmcompress.passes.weight_store import content_hash
+
+    w = torch.randn(6, 5)
+    for t in (w, w.T):
+        digest = content_hash(t, 0)
+        assert digest == hashlib.sha256(f"float32{tuple(t.shape)};".encode()
+                                        + t.contiguous().view(torch.uint8).reshape(-1).clone().numpy().tobytes()
+                                        ).hexdigest()
+    assert w.untyped_storage().resizable()
+    w.untyped_storage().resize_(0)  # what release_weights does

@@ -30,8 +30,7 @@ def compile_report(tmp_path_factory) -> Path:
     options = {"lowering": "eager", "calibration": cal, "calibration_samples": 6, "calibration_seq_len": 24,
                "report": str(path), "passes": {"canonicalize": {}, "moe-prune": {"keep": 3}}}
     torch._dynamo.reset()
-    # A fresh derived-weight cache (the per-test one is not set yet for a module fixture): moe-prune reports the load
-    # only when it measures it, not when another process's pruned router comes from the disk cache.
+    # A fresh derived-weight cache (the per-test one is not set yet for a module fixture): nothing of another run's.
     with pytest.MonkeyPatch.context() as mp, torch.no_grad():
         mp.setenv("LLMCOMPRESS_CACHE_DIR", str(tmp_path_factory.mktemp("llmcompress-cache")))
         torch.compile(tiny_model("mixtral"), backend="llmcompress", options=options)(example_ids())
@@ -86,3 +85,13 @@ def test_section_from_runtime_counters():
     page = "\n".join(html_section(load))
     assert "runtime counters" in page and len(_pngs(page)) == 1
     assert moe_load_from_counters({}) is None
+
+
+def test_counters_of_a_pruned_block_land_on_their_original_expert_ids():
+    """A block moe-prune sliced to experts [0, 2, 3] counts them by position; the heat-map's columns are ids."""
+    counters = {"model.layers.0.mlp": {"tokens": torch.tensor([5, 7, 4]), "mean_weight": torch.tensor([0.5, 0.25, 0.75]),
+                                       "experts": [0, 2, 3], "graphs": 1}}
+    load = moe_load_from_counters(counters)
+    assert load["tokens"] == [[5, 0, 7, 4]]
+    assert load["mean_weight"] == [[0.5, 0.0, 0.25, 0.75]]
+    assert load["share"] == [[5 / 16, 0.0, 7 / 16, 4 / 16]]

@@ -1,7 +1,7 @@
 """Find transformers' softmax top-k MoE blocks in a captured graph: `find_blocks(gm, weights)`.
 
 A block is matched from its router: `aten.linear(x, W (E, H))` on a frozen weight → (casts) → softmax over the E
-logits → `aten.topk(k)` with k < E, the top-k values optionally renormalised by their sum (`norm_topk_prob`; Mixtral
+logits → `aten.topk(k)` with k ≤ E, the top-k values optionally renormalised by their sum (`norm_topk_prob`; Mixtral
 always). Its experts are the frozen 3-D weights `<block>.experts.gate_up_proj` (E, 2I, H) and
 `<block>.experts.down_proj` (E, H, I) beside the router `<block>.gate`, read by a SiLU MLP whatever the experts
 implementation runs them (eager loop, batched or grouped matmuls). A router without such experts is returned with
@@ -21,6 +21,10 @@ from llmcompress.passes.weights import FrozenWeights
 aten = torch.ops.aten
 _CASTS = (aten._to_copy.default, aten.view.default, aten.reshape.default, aten.clone.default)
 _SOFTMAX = (aten._softmax.default, aten.softmax.int)
+EXPERT_IDS = "llmcompress.moe_expert_ids"
+"""Meta key on the router node of a block `moe-prune` sliced: the original id of each kept expert, by position."""
+ORIGINALS = "llmcompress.moe_originals"
+"""Meta key beside it: the attributes of the module's own router and expert weights the sliced ones came from."""
 
 
 @dataclasses.dataclass
@@ -42,6 +46,10 @@ class MoEBlock:
     down: torch.fx.Node | None = None
     why: str | None = None
     """Why the block cannot be rewritten (None: it can)."""
+    expert_ids: list[int] = dataclasses.field(default_factory=list)
+    """The original id of each expert, by position (`range(E)` unless `moe-prune` sliced the block)."""
+    originals: list[str] = dataclasses.field(default_factory=list)
+    """Attributes of the module's own weights the block's sliced ones came from (empty: not sliced)."""
 
 
 def _through_casts(node: object) -> object:
@@ -93,13 +101,16 @@ def find_blocks(gm: torch.fx.GraphModule, weights: FrozenWeights) -> list[MoEBlo
             continue
         w_val = router.args[1].meta["val"]
         n_exp = w_val.shape[0]
-        if w_val.dim() != 2 or dim not in (-1, soft.meta["val"].dim() - 1) or soft.args[1] not in (-1, 1) or k >= n_exp:
+        # k == E: every expert on every token (a block moe-prune sliced to its top-k).
+        if w_val.dim() != 2 or dim not in (-1, soft.meta["val"].dim() - 1) or soft.args[1] not in (-1, 1) or k > n_exp:
             continue
         # `<block>.gate.weight` (or a derived `<block>.gate.weight_pruned`): the block is two levels up.
         name = (weights.name(router.args[1]) or router.args[1].name).rsplit(".", 2)[0]
         values, indices = _getitem(topk, 0), _getitem(topk, 1)
         renorm = values is not None and _renormalised(values)
-        block = MoEBlock(name, router, topk, values, indices, renorm or values, bool(renorm), k, n_exp)
+        block = MoEBlock(name, router, topk, values, indices, renorm or values, bool(renorm), k, n_exp,
+                         expert_ids=list(router.meta.get(EXPERT_IDS, range(n_exp))),
+                         originals=list(router.meta.get(ORIGINALS, ())))
         blocks.append(block)
         gate_up, down = by_name.get(f"{name}.experts.gate_up_proj"), by_name.get(f"{name}.experts.down_proj")
         h = w_val.shape[1]

@@ -126,6 +126,8 @@ class FuseMoePass(Pass):
               ) -> dict[str, Any]:
         info: dict[str, Any] = {"fused": False, "experts": block.num_experts, "top_k": block.k,
                                 "norm_topk_prob": block.renormalize}
+        if block.originals:  # sliced by moe-prune: position -> original expert id
+            info["expert_ids"] = block.expert_ids
         if block.why is not None:
             why = block.why
             if why.startswith("no 3-D experts"):
@@ -225,7 +227,9 @@ class FuseMoePass(Pass):
             return None
         with unset_fake_temporarily():  # real buffers: the pass runs in AOT's fake mode
             weights = [ctx.weights.value(block.router.args[1]), ctx.weights.value(block.gate_up)]
-            key = new_counter(block.name, block.num_experts, weights[1].device, weights)
+            # A block moe-prune sliced holds copies: the module's own weights find the model.
+            weights += [ctx.weights.by_attr[a].tensor for a in block.originals if a in ctx.weights.by_attr]
+            key = new_counter(block.name, block.num_experts, weights[1].device, weights, block.expert_ids)
         return call(gm.graph, ctx.fake_mode, ops.moe_count_load.default, (parts[0], parts[1], key), {})
 
 
@@ -376,8 +380,11 @@ def _verify(ctx: PassContext, block: MoEBlock, out: torch.fx.Node, x: torch.fx.N
             return f"could not run the block ({type(err).__name__}: {err})"
         if block.indices is not None and block.indices in env:
             model_ids = env[block.indices]
-            top = torch.topk(logits.float(), block.k + 1, dim=-1).values
-            clear = (top[:, block.k - 1] - top[:, block.k]) > 1e-4 * top.abs().amax(-1).clamp_min(1)
+            if block.k < logits.shape[-1]:
+                top = torch.topk(logits.float(), block.k + 1, dim=-1).values
+                clear = (top[:, block.k - 1] - top[:, block.k]) > 1e-4 * top.abs().amax(-1).clamp_min(1)
+            else:  # top-k of k experts (moe-prune kept top-k): every token picks all, no near ties
+                clear = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
             same = (torch.sort(model_ids.long(), -1).values == torch.sort(ids.long(), -1).values).all(-1)
             if not bool(same[clear].all()):
                 return f"expert ids differ on {int((~same & clear).sum())} of {tokens} tokens"

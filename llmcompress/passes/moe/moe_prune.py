@@ -19,12 +19,17 @@ Options:
   +29.4 %; 32 windows): the layers' relative output errors are not comparable (layer 0's MoE output is 40× its
   residual input's energy).
 
-The graph keeps its shapes: the router becomes `aten.linear(x, W', b)` with b = -inf on the removed experts' rows, so
-softmax gives them exactly 0 and the kept experts are renormalised exactly as if the router's rows were sliced;
-the top-k never picks them. The expert weights are not sliced (E is baked into the grouped matmul's histogram and
-offsets, the eager loop's one_hot): the memory of removed experts is not freed yet (`fuse-moe` will slice them).
-Each MoE layer's decision has `experts_kept` (ids), the reconstruction error and the layer's load statistics
-(tokens and mean routing weight per expert, dense model, calibration data).
+* `remove_experts` (default true): slice the removed experts out of the graph (`remove.py`): the router keeps
+  its kept rows (the softmax runs over the kept logits: the kept experts renormalised exactly as the −inf mask
+  did), the experts' 3-D weights their kept rows, and the block's expert count becomes the kept one, so later
+  passes (`fuse-moe`, `quantize-linear`) and the compiled graph hold only the kept experts (with `release_weights`
+  the originals' memory is freed). False keeps every expert in the graph and masks the removed ones with a −inf
+  router bias (the same model; for comparison). A block whose slice cannot be checked is masked, with the reason.
+
+Each MoE layer's decision has `experts_kept` (original ids), the reconstruction error, `bytes` (the router's and
+experts' weights in the graph before and after) and the layer's load statistics (tokens and mean routing weight per
+original expert, dense model, calibration data; cached with the result, so a compile served from the disk cache
+reports them too).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from llmcompress.fx_utils import call, finish_rewrite
 from llmcompress.passes.base import Pass, PassContext, PassResult
 from llmcompress.passes.moe.blocks import MoEBlock, find_blocks
 from llmcompress.passes.moe.prune import allocate_counts, choose_experts, correct_down, error_curve, refit_router
+from llmcompress.passes.moe.remove import remove_experts
 from llmcompress.passes.moe.routing import combine, expert_outputs, route
 
 aten = torch.ops.aten
@@ -65,7 +71,10 @@ class MoEPruneOptions:
     allocate: Literal["per-layer", "global"] = "per-layer"
     """`per-layer`: every layer keeps `keep`; `global`: the layers keep `keep` on average (the same experts in all),
     spread by each layer's reconstruction-error curve on the dense model's calibration activations."""
-    version: ClassVar[int] = 2
+    remove_experts: bool = True
+    """Slice the removed experts out of the graph (router rows, 3-D expert weights); false masks them with a −inf
+    router bias and keeps every expert's weights in the graph (the same model)."""
+    version: ClassVar[int] = 3
 
     def __post_init__(self) -> None:
         where = "pass 'moe-prune'"
@@ -79,6 +88,8 @@ class MoEPruneOptions:
         if not self.down_ridge > 0:
             raise OptionError(f"{where}: down_ridge must be > 0 (the pull toward the original down projections, "
                               f"relative to the Gram matrix's mean diagonal), got {self.down_ridge}")
+        if not isinstance(self.remove_experts, bool):
+            raise OptionError(f"{where}: remove_experts must be true or false, got {self.remove_experts!r}")
         if self.refit_steps < 0 or self.refit_lr <= 0:
             raise OptionError(f"{where}: refit_steps must be ≥ 0 and refit_lr > 0 (got {self.refit_steps}, "
                               f"{self.refit_lr})")
@@ -109,10 +120,19 @@ class MoEPrunePass(Pass):
         blocks = find_blocks(gm, ctx.weights)
         for b in blocks:
             if b.why is not None:
-                decisions.append({"node": b.router.name, "layer": b.name, "experts_kept": "all",
-                                  "left as is": b.why})
+                why = b.why
+                if why.startswith("no 3-D experts"):
+                    why += ("; transformers' `eager` experts loop breaks the graph there, so its experts never reach "
+                            "a graph: model.set_experts_implementation('grouped_mm') (or 'batched_mm') keeps the block "
+                            "whole")
+                decisions.append({"node": b.router.name, "layer": b.name, "experts_kept": "all", "left as is": why})
                 stats["left as is"] = stats.get("left as is", 0) + 1
-        usable = [b for b in blocks if b.why is None]
+        for b in blocks:
+            if b.why is None and b.k >= b.num_experts:
+                decisions.append({"node": b.router.name, "layer": b.name, "experts_kept": "all",
+                                  "left as is": f"top-{b.k} of {b.num_experts} experts: every token uses every one"})
+                stats["left as is"] = stats.get("left as is", 0) + 1
+        usable = [b for b in blocks if b.why is None and b.k < b.num_experts]
         if not usable:
             return PassResult(False, stats, decisions)
         counts = {b.router: kept_count(self.options.keep, b) for b in usable}
@@ -129,40 +149,69 @@ class MoEPrunePass(Pass):
                                   "experts_removed": [], "num_experts": b.num_experts, "top_k": b.k,
                                   "why": "global allocation kept every expert", "load": load_dicts.get(b.router)})
                 continue
-            r = results[b.router]
             kept, errors = plain[b.router]
-            with gm.graph.inserting_before(b.router):
-                w = ctx.weights.add(gm, r["weight"], f"{b.name}.gate.weight_pruned")
-                bias = ctx.weights.add(gm, r["bias"], f"{b.name}.gate.bias_pruned")
-                new = call(gm.graph, ctx.fake_mode, aten.linear.default, (b.router.args[0], w, bias))
-            new.meta.update({k: v for k, v in b.router.meta.items() if k in ("nn_module_stack", "stack_trace")})
-            b.router.replace_all_uses_with(new)
-            gm.graph.erase_node(b.router)
-            if "down" in r:  # the same name, so later passes (fuse-moe) find the block's experts beside the router
-                with gm.graph.inserting_before(b.down):
-                    down = ctx.weights.add(gm, r["down"], f"{b.name}.experts.down_proj")
-                b.down.replace_all_uses_with(down)
-                gm.graph.erase_node(b.down)
-            decision = {"node": new.name, "layer": b.name, "experts_kept": kept,
+            decision = {"layer": b.name, "experts_kept": kept,
                         "experts_removed": [e for e in range(b.num_experts) if e not in kept],
                         "num_experts": b.num_experts, "top_k": b.k, "method": o.method,
-                        "reconstruction_error": round(errors[0], 6),
-                        "how": "removed experts' router logits masked with -inf (bias): E is baked into the "
-                               "experts' grouped matmul offsets; expert weights not sliced"}
+                        "reconstruction_error": round(errors[0], 6)}
+            decision.update(self._rewrite(gm, ctx, b, results[b.router], kept))
             if o.refit_router:
                 decision["reconstruction_error_refit"] = round(errors[1], 6)
             if o.correct_down:
-                decision["reconstruction_error_down"] = round(errors[2], 6) if "down" in r else \
+                decision["reconstruction_error_down"] = round(errors[2], 6) if "down" in results[b.router] else \
                     "not corrected: the kept experts have more than 8192 features for the least squares"
             if b.router in load_dicts:
                 decision["load"] = load_dicts[b.router]
             decisions.append(decision)
             stats["pruned layers"] = stats.get("pruned layers", 0) + 1
             stats["experts removed"] = stats.get("experts removed", 0) + b.num_experts - len(kept)
+            removed = decision["bytes"]["before"] - decision["bytes"]["after"]
+            stats["bytes removed"] = stats.get("bytes removed", 0) + removed
+            if removed == 0:
+                stats["masked, not sliced"] = stats.get("masked, not sliced", 0) + 1
         if not stats.get("pruned layers"):
             return PassResult(False, stats, decisions)
         finish_rewrite(gm)
         return PassResult(True, stats, decisions)
+
+    def _rewrite(self, gm: torch.fx.GraphModule, ctx: PassContext, b: MoEBlock, r: dict[str, torch.Tensor],
+                 kept: list[int]) -> dict[str, Any]:
+        """Slice block `b` down to `kept` (`remove.py`), or mask the others with a −inf router bias; the
+        decision's `node`, `how` and `bytes` (router and experts in the graph, before → after)."""
+        bias_node = _bias(b)
+        with unset_fake_temporarily():
+            originals = {"weight": ctx.weights.value(b.router.args[1]), "gate_up": ctx.weights.value(b.gate_up),
+                         "down": ctx.weights.value(b.down),
+                         "bias": None if bias_node is None else ctx.weights.value(bias_node)}
+            masked = _masked(originals, r, kept)
+        before = _nbytes(originals.values())
+        why = "remove_experts: false"
+        if self.options.remove_experts:
+            def rows(node: torch.fx.Node | None) -> torch.Tensor | None:  # cached: prefill and decode share them
+                key = self.cache_key("kept rows", tuple(kept))
+                return None if node is None else ctx.weights.derive(node, key, lambda v: v[kept].clone())
+
+            sliced = {"weight": r["weight"], "bias": rows(bias_node), "gate_up": rows(b.gate_up),
+                      "down": r["down"] if "down" in r else rows(b.down)}
+            why = remove_experts(gm, ctx, b, kept, sliced, masked)
+            if why is None:
+                return {"node": b.router.name, "bytes": {"before": before, "after": _nbytes(sliced.values())},
+                        "how": f"router rows and experts sliced to the {len(kept)} kept (positions in "
+                               f"experts_kept order)"}
+        with gm.graph.inserting_before(b.router):
+            w = ctx.weights.add(gm, masked["weight"], f"{b.name}.gate.weight_pruned")
+            bias = ctx.weights.add(gm, masked["bias"], f"{b.name}.gate.bias_pruned")
+            new = call(gm.graph, ctx.fake_mode, aten.linear.default, (b.router.args[0], w, bias))
+        new.meta.update({k: v for k, v in b.router.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        b.router.replace_all_uses_with(new)
+        gm.graph.erase_node(b.router)
+        if "down" in r:  # the same name, so later passes (fuse-moe) find the block's experts beside the router
+            with gm.graph.inserting_before(b.down):
+                down = ctx.weights.add(gm, masked["down"], f"{b.name}.experts.down_proj")
+            b.down.replace_all_uses_with(down)
+            gm.graph.erase_node(b.down)
+        return {"node": new.name, "bytes": {"before": before, "after": before},
+                "how": f"removed experts' router logits masked with -inf (bias), expert weights not sliced: {why}"}
 
     def _calibrate(self, gm: torch.fx.GraphModule, ctx: PassContext, blocks: list[MoEBlock],
                    counts: dict[torch.fx.Node, int]
@@ -191,16 +240,24 @@ class MoEPrunePass(Pass):
 
         key_of = keys()
         results = {b.router: ctx.weights.cached(nodes(b), key_of[b.router]) for b in pruned()}
-        loads: dict[torch.fx.Node, ExpertLoad] = {}
-        if all(r is not None for r in results.values()) and (o.allocate != "global" or allocated is not None):
+        # The load statistics are cached beside the results (and persisted), so a compile that finds the results in
+        # memory or on disk still reports them.
+        load_key = {b.router: self.cache_key("load", b.name, b.num_experts, fingerprint) for b in blocks}
+        loads = {b.router: _as_load(ctx.weights.cached(nodes(b), load_key[b.router])) for b in blocks}
+        need_allocation = o.allocate == "global" and allocated is None
+        if (all(r is not None for r in results.values()) and all(v is not None for v in loads.values())
+                and not need_allocation):
             return results, loads, counts  # computed by an earlier graph (generate's decode after its prefill)
         feeds = cal.feeds()
         if isinstance(feeds, str):
             raise OptionError(f"moe-prune: calibration cannot feed this graph: {feeds}")
-        inputs = [b.router.args[0] for b in blocks] if allocated is None and o.allocate == "global" else []
-        seen = cal.hidden_states(gm, [n for b in blocks for n in (b.indices, b.weights)] + inputs)
-        for b in blocks:
-            loads[b.router] = expert_load(seen[b.indices], seen[b.weights], b.num_experts)
+        inputs = [b.router.args[0] for b in blocks] if need_allocation else []
+        if inputs or any(v is None for v in loads.values()):
+            seen = cal.hidden_states(gm, [n for b in blocks for n in (b.indices, b.weights)] + inputs)
+            for b in blocks:
+                load = expert_load(seen[b.indices], seen[b.weights], b.num_experts)
+                loads[b.router] = _as_load(ctx.weights.derive(nodes(b), load_key[b.router],
+                                                              lambda _, load=load: _load_dict(load), persist=True))
         if inputs:
             curves = []
             for b in blocks:
@@ -229,7 +286,14 @@ class MoEPrunePass(Pass):
             results[b.router] = r
             if not o.sequential:
                 return None
-            return lambda x, w, bias=None, r=r: F.linear(x, r["weight"].to(x.dtype), r["bias"].to(x.dtype))
+            kept = r["kept"].tolist()
+
+            def masked_router(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                              r: dict = r, kept: list[int] = kept) -> torch.Tensor:
+                m = _masked({"weight": w, "bias": bias, "down": None}, r, kept)
+                return F.linear(x, m["weight"].to(x.dtype), m["bias"].to(x.dtype))
+
+            return masked_router
 
         cal.run_sequential(gm, [b.router for b in pruned()], on_target)
         return results, loads, counts
@@ -239,9 +303,41 @@ def _bias(b: MoEBlock) -> Any:
     return b.router.args[2] if len(b.router.args) > 2 else None
 
 
+def _as_load(d: dict[str, torch.Tensor] | None) -> ExpertLoad | None:
+    return None if d is None else ExpertLoad(d["tokens"].cpu(), d["weight_sum"].cpu(), int(d["total"]))
+
+
+def _load_dict(load: ExpertLoad) -> dict[str, torch.Tensor]:
+    """What the cache keeps of a layer's load: tensors only, so it persists."""
+    return {"tokens": load.tokens, "weight_sum": load.weight_sum, "total": torch.tensor(load.total_tokens)}
+
+
+def _nbytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _masked(originals: dict[str, torch.Tensor | None], r: dict[str, torch.Tensor], kept: list[int]
+            ) -> dict[str, torch.Tensor | None]:
+    """The full-size tensors that mask the removed experts instead of slicing them: the router weight with the kept
+    rows refit, its bias 0 on the kept rows and −inf on the others (plus its own bias), and the down projections
+    with the kept experts' refit rows (the originals where not refit, None where not given)."""
+    weight = originals["weight"].detach().clone()
+    weight[kept] = r["weight"].to(weight.dtype)
+    mask = torch.full((weight.shape[0],), float("-inf"), dtype=weight.dtype, device=weight.device)
+    mask[kept] = 0
+    bias = mask if originals["bias"] is None else originals["bias"].detach().clone() + mask
+    down = originals["down"]
+    if down is not None and "down" in r:
+        down = down.detach().clone()
+        down[kept] = r["down"].to(down.dtype)
+    return {"weight": weight, "bias": bias, "down": down}
+
+
 def _prune_layer(values: list[torch.Tensor], x: torch.Tensor, b: MoEBlock, keep: int, load: ExpertLoad,
                  o: MoEPruneOptions) -> dict[str, torch.Tensor]:
-    """The pruned router of one layer: {weight (E, H), bias (E,) 0 / -inf, kept (keep,), error (2,)}."""
+    """One layer pruned, the kept experts' rows only (in increasing original id): {weight (keep, H) router rows
+    (refit), kept (keep,) original ids, error (3,) reconstruction error chosen / router refit / downs refit, and
+    down (keep, H, I) where the down projections were refit}."""
     weight, gate_up, down = values[:3]
     bias = values[3] if len(values) > 3 else None
     y = expert_outputs(x, gate_up, down)
@@ -251,21 +347,21 @@ def _prune_layer(values: list[torch.Tensor], x: torch.Tensor, b: MoEBlock, keep:
     if o.refit_router and o.refit_steps:
         new_weight, _, refit_error = refit_router(x, weight, bias, y, kept, b.k, b.renormalize, o.refit_steps,
                                                   o.refit_lr)
-    mask = torch.full((b.num_experts,), float("-inf"), dtype=weight.dtype)
-    mask[kept] = 0
-    new_bias = mask if bias is None else bias.detach().clone() + mask
-    out = {"weight": new_weight, "bias": new_bias, "kept": torch.tensor(kept, dtype=torch.int64)}
+    out = {"weight": new_weight[kept].clone(), "kept": torch.tensor(kept, dtype=torch.int64)}
     down_error = refit_error
     if o.correct_down:
-        pruned_logits = F.linear(x.float(), new_weight.float(), new_bias.float())
+        allowed = torch.zeros(b.num_experts, dtype=torch.bool)
+        allowed[kept] = True
+        pruned_logits = F.linear(x.float(), new_weight.float(), None if bias is None else bias.float())
         w, i = route(logits, b.k, b.renormalize)
         target = combine(y, w, i)
-        new_down = correct_down(x, gate_up, down, pruned_logits, kept, b.k, b.renormalize, target, o.down_ridge)
+        masked_logits = pruned_logits.masked_fill(~allowed, float("-inf"))
+        new_down = correct_down(x, gate_up, down, masked_logits, kept, b.k, b.renormalize, target, o.down_ridge)
         if new_down is not None:
-            out["down"] = new_down
+            out["down"] = new_down[kept].clone()
             y_new = y.clone()
             y_new[:, kept] = expert_outputs(x, gate_up[kept], new_down[kept])
-            wp, ip = route(pruned_logits, b.k, b.renormalize)
+            wp, ip = route(pruned_logits, b.k, b.renormalize, allowed)
             down_error = float(((combine(y_new, wp, ip) - target) ** 2).sum() / (target**2).sum().clamp_min(1e-30))
     out["error"] = torch.tensor([error, refit_error, down_error], dtype=torch.float64)
     return out

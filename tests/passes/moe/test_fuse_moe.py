@@ -159,7 +159,7 @@ def test_bad_options_say_what_is_allowed(opts, match):
 
 
 def test_after_moe_prune_the_fused_blocks_equal_the_pruned_unfused_model(tmp_path):
-    """moe-prune masks removed experts with a -inf router bias; fuse-moe after it routes on the masked logits."""
+    """moe-prune slices the removed experts out of the block; fuse-moe after it fuses the sliced block."""
     model, ids = _model("mixtral"), _ids()
     cal = torch.randint(2, 96, (4, 32), generator=torch.Generator().manual_seed(5))
     base = {"lowering": "eager", "calibration": cal, "calibration_samples": 4, "calibration_seq_len": 32}

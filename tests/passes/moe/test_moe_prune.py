@@ -53,15 +53,15 @@ def _decisions(report_path, name="moe-prune"):
 
 def _sliced(model, kept, routers, downs=None):
     """An eager copy with each layer's router rows and experts sliced to `kept[layer]` (router rows from `routers`,
-    down projections from `downs`, the compiled graph's, when given)."""
+    down projections from `downs`, the compiled graph's kept rows, when given)."""
     pruned = copy.deepcopy(model)
     for i, layer in enumerate(pruned.model.layers):
         moe, ids = layer.mlp, kept[f"model.layers.{i}.mlp"]
         with torch.no_grad():
-            w = (routers[i] if routers is not None else moe.gate.weight)[ids]
+            w = routers[i] if routers is not None else moe.gate.weight[ids]
             moe.gate.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
             moe.experts.gate_up_proj = torch.nn.Parameter(moe.experts.gate_up_proj[ids].clone(), requires_grad=False)
-            d = (downs[i] if downs is not None else moe.experts.down_proj)[ids]
+            d = downs[i] if downs is not None else moe.experts.down_proj[ids]
             moe.experts.down_proj = torch.nn.Parameter(d.clone(), requires_grad=False)
         for sub in moe.modules():
             if hasattr(sub, "num_experts"):
@@ -129,8 +129,9 @@ def test_pruned_compiled_model_equals_the_eagerly_pruned_one(refit, tmp_path):
         routers = [getattr(gm, a) for a in attrs if "weight_pruned" in a]
         downs = [getattr(gm, a) for a in attrs if "down_proj" in a]
         assert len(routers) == 2 and len(downs) == 2
-        assert not torch.equal(routers[0], model.model.layers[0].mlp.gate.weight)  # the refit moved them
-        assert not torch.equal(downs[0], model.model.layers[0].mlp.experts.down_proj)
+        first = kept["model.layers.0.mlp"]
+        assert not torch.equal(routers[0], model.model.layers[0].mlp.gate.weight[first])  # the refit moved them
+        assert not torch.equal(downs[0], model.model.layers[0].mlp.experts.down_proj[first])
         errors = [(d["reconstruction_error_refit"], d["reconstruction_error_down"]) for d in _decisions(tmp_path / "r.json")]
         assert all(down <= refit_error for refit_error, down in errors)
     with torch.no_grad():
@@ -151,7 +152,9 @@ def test_decisions_give_experts_kept_and_load(tmp_path):
         assert len(d["experts_kept"]) == 3 and len(d["experts_removed"]) == 1 and d["num_experts"] == 4
         assert sum(d["load"]["tokens"]) == cal.numel() * 2  # every calibration token, top-2
         assert abs(sum(d["load"]["share"]) - 1) < 1e-5
-        assert d["reconstruction_error"] >= 0 and "-inf" in d["how"]
+        assert d["reconstruction_error"] >= 0 and "sliced" in d["how"]
+        # fp32 router (4, 64), gate_up (4, 192, 64), down (4, 64, 96): 4 · 73984 bytes before, 3 · 73984 after
+        assert d["bytes"] == {"before": 4 * 73984, "after": 3 * 73984}
 
 
 def test_global_allocation_keeps_the_average(tmp_path):
@@ -209,6 +212,7 @@ def test_tiny_mixtral_keeps_6_of_8_experts_per_layer(tmp_path):
     ppl = perplexity(torch.compile(load_model(fixtures, "tiny-mixtral"), backend="llmcompress", options=options), val)
     decisions = _decisions(tmp_path / "r.json")
     assert [len(d["experts_kept"]) for d in decisions] == [6, 6, 6, 6]
+    assert all(d["bytes"]["after"] * 8 == d["bytes"]["before"] * 6 for d in decisions)  # sliced to 6 of 8
     assert transformers.MixtralConfig  # the fixture is a Mixtral
     assert dense < ppl < dense * 1.15, (dense, ppl)  # +3.7 % on 32 windows of 512 (benchmarks/moe_quality.py)
 
@@ -239,3 +243,161 @@ def test_correct_down_recovers_reachable_targets_and_never_raises_the_error():
     before = error(down)
     for ridge in (1e-3, 0.1, 10.0):
         assert error(correct_down(x, gate_up, down, logits, kept, k, True, target, ridge)) < before
+
+
+def _impl_model(impl, seed=0):
+    model = tiny_model("mixtral", seed=seed)
+    model.config._experts_implementation = impl
+    model.set_experts_implementation(impl)
+    return model
+
+
+def _expert_constants(gm):
+    """{shape[0] of each 3-D constant of the graph} (the experts' weights)."""
+    return [tuple(getattr(gm, n.target).shape) for n in gm.graph.find_nodes(op="get_attr")
+            if getattr(gm, n.target).dim() == 3]
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_sliced_graph_holds_only_the_kept_experts_and_equals_the_masked_one(impl, tmp_path):
+    """The graph's experts and router have the kept rows only; its output is the masked graph's (remove_experts:
+    false, every expert in the graph with a -inf router bias) and the eagerly sliced model's."""
+    ids = example_ids()
+    prune = {"keep": 3, "refit_steps": 10}
+    outs, graphs = {}, {}
+    for remove in (True, False):
+        torch._dynamo.reset()
+        seen = []
+        compiled = torch.compile(_impl_model(impl), backend=make_backend(on_graph=lambda b, a, ctx, seen=seen:
+                                                                         seen.append(a)),
+                                 options=_options({**prune, "remove_experts": remove}, tmp_path / f"{remove}.json"))
+        with torch.no_grad():
+            outs[remove] = compiled(ids).logits
+        graphs[remove] = seen[0]
+    assert _expert_constants(graphs[True]) == [(3, 192, 64), (3, 64, 96)] * 2
+    assert _expert_constants(graphs[False]) == [(4, 192, 64), (4, 64, 96)] * 2
+    routers = [getattr(graphs[True], n.target) for n in graphs[True].graph.find_nodes(op="get_attr")
+               if "weight_pruned" in n.target]
+    assert [tuple(r.shape) for r in routers] == [(3, 64), (3, 64)]
+    torch.testing.assert_close(outs[True], outs[False], atol=1e-5, rtol=1e-5)
+    sliced, masked = _decisions(tmp_path / "True.json"), _decisions(tmp_path / "False.json")
+    assert [d["experts_kept"] for d in sliced] == [d["experts_kept"] for d in masked]
+    assert all(d["bytes"]["after"] * 4 == d["bytes"]["before"] * 3 and "sliced" in d["how"] for d in sliced)
+    assert all(d["bytes"]["after"] == d["bytes"]["before"] and "-inf" in d["how"] for d in masked)
+    kept = {d["layer"]: d["experts_kept"] for d in sliced}
+    downs = [getattr(graphs[True], n.target) for n in graphs[True].graph.find_nodes(op="get_attr")
+             if "down_proj" in n.target]
+    with torch.no_grad():
+        expected = _sliced(_impl_model(impl), kept, routers, downs)(ids).logits
+    torch.testing.assert_close(outs[True], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_release_weights_frees_the_removed_experts(tmp_path):
+    """With release_weights the module's original expert tensors (all 4 experts) are freed: the graph reads only the
+    sliced copies, and still computes the pruned model."""
+    model, ids = tiny_model("mixtral"), example_ids()
+    with torch.no_grad():
+        expected = torch.compile(copy.deepcopy(model), backend="llmcompress",
+                                 options=_options({"keep": 3, "refit_router": False}))(ids).logits
+        torch._dynamo.reset()
+        options = {**_options({"keep": 3, "refit_router": False}), "release_weights": True}
+        out = torch.compile(model, backend="llmcompress", options=options)(ids).logits
+    torch.testing.assert_close(out, expected)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.untyped_storage().nbytes() == 0 and experts.down_proj.untyped_storage().nbytes() == 0
+
+
+@pytest.mark.parametrize("keep", [3, 2])
+def test_prune_then_fuse_moe_runs_the_kept_experts_and_counts_by_original_id(keep, tmp_path):
+    """fuse-moe after moe-prune fuses the sliced blocks (moe_experts on (keep, ...) experts; keep = top-k leaves a
+    top-2 of 2), equals the sliced unfused graph, and its load counters name the original expert ids."""
+    from llmcompress.kernels.moe_load_counters import moe_load_counters
+
+    ids = example_ids()
+    prune = {"keep": keep, "refit_steps": 10}
+    with torch.no_grad():
+        expected = torch.compile(tiny_model("mixtral"), backend="llmcompress", options=_options(prune))(ids).logits
+        torch._dynamo.reset()
+        graphs = []
+        model = tiny_model("mixtral")
+        options = _options(prune, tmp_path / "r.json")
+        options["passes"]["fuse-moe"] = {"objective": "always", "load_counters": True}
+        out = torch.compile(model, backend=make_backend(on_graph=lambda b, a, ctx: graphs.append(a)),
+                            options=options)(ids).logits
+    torch.testing.assert_close(out, expected)
+    fused = [n for n in graphs[0].graph.nodes if n.target is torch.ops.llmcompress.moe_experts.default]
+    assert [tuple(n.args[1].meta["val"].shape) for n in fused] == [(keep, 192, 64)] * 2
+    kept = {d["layer"]: d["experts_kept"] for d in _decisions(tmp_path / "r.json")}
+    counters = moe_load_counters(model)
+    assert sorted(counters) == sorted(kept)
+    for layer, c in counters.items():
+        assert c["experts"] == kept[layer] and c["tokens"].shape == (keep,)
+        assert int(c["tokens"].sum()) == ids.numel() * 2  # every token, top-2, over the kept experts
+
+
+def test_compile_served_from_the_disk_cache_reports_the_load(tmp_path):
+    """A second process (here: a fresh copy of the model, so nothing is in memory) loads the pruned layers from
+    the disk cache and still reports each layer's calibrated load."""
+    reports = []
+    for run in range(2):
+        torch._dynamo.reset()
+        path = tmp_path / f"r{run}.json"
+        compiled = torch.compile(tiny_model("mixtral"), backend="llmcompress",
+                                 options=_options({"keep": 3, "refit_steps": 5}, path))
+        with torch.no_grad():
+            compiled(example_ids())
+        reports.append(json.loads(path.read_text()))
+    derived = [r["graphs"][0]["derived_weights"] for r in reports]
+    # 2 layers' pruned results and loads from disk, nothing calibrated again (the misses: the kept rows sliced)
+    assert derived[0]["disk_hits"] == 0 and derived[1]["disk_hits"] == 4 and derived[1]["disk_writes"] == 0
+    first, second = (_decisions(tmp_path / f"r{run}.json") for run in range(2))
+    assert all("load" in d for d in second) and [d["load"] for d in second] == [d["load"] for d in first]
+    assert [d["experts_kept"] for d in second] == [d["experts_kept"] for d in first]
+
+
+def test_eager_experts_loop_is_left_with_a_hint(tmp_path):
+    """transformers' eager experts loop breaks the graph: the router's graph has no experts to slice."""
+    compiled = torch.compile(_impl_model("eager"), backend="llmcompress", options=_options({"keep": 3},
+                                                                                         tmp_path / "r.json"))
+    with torch.no_grad():
+        compiled(example_ids())
+    decisions = _decisions(tmp_path / "r.json")
+    assert decisions and all(d["experts_kept"] == "all" and "grouped_mm" in d["left as is"] for d in decisions)
+
+
+def test_greedy_generate_through_the_sliced_graphs_equals_the_eagerly_pruned_model(tmp_path):
+    """Prefill, decode and the dynamic-shape recompile are each sliced (the pruned layers cached from the first
+    graph) and greedy generate gives the eagerly sliced model's tokens."""
+    ids = example_ids(batch=1, seq=7)
+    model = tiny_model("mixtral")
+    model.forward = torch.compile(model.forward, backend="llmcompress",
+                                  options=_options({"keep": 3, "refit_router": False, "correct_down": False},
+                                                   tmp_path / "r.json"))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    decisions = _decisions(tmp_path / "r.json")
+    assert len(decisions) >= 4 and all("sliced" in d["how"] for d in decisions)  # 2 layers in each of >= 2 graphs
+    kept = {d["layer"]: d["experts_kept"] for d in decisions}
+    with torch.no_grad():
+        expected = _sliced(tiny_model("mixtral"), kept, None).generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, expected)
+
+
+def test_a_block_whose_slice_does_not_trace_is_masked_with_the_reason(tmp_path, monkeypatch):
+    """An expert count the slice does not know to change (here: the grouped matmul's histc bins left at E) makes the
+    copy fail to trace: the block is masked as before (every expert kept in the graph), never rewritten wrongly."""
+    from llmcompress.passes.moe import remove
+
+    monkeypatch.setattr(remove, "_histc_args", lambda args, e, n: args)
+    ids, prune = example_ids(), {"keep": 3, "refit_steps": 5}
+    with torch.no_grad():
+        out = torch.compile(tiny_model("mixtral"), backend="llmcompress",
+                            options=_options(prune, tmp_path / "r.json"))(ids).logits
+        torch._dynamo.reset()
+        expected = torch.compile(tiny_model("mixtral"), backend="llmcompress",
+                                 options=_options({**prune, "remove_experts": False}))(ids).logits
+    torch.testing.assert_close(out, expected)
+    decisions = _decisions(tmp_path / "r.json")
+    assert len(decisions) == 2
+    assert all("-inf" in d["how"] and "does not trace" in d["how"] and d["bytes"]["after"] == d["bytes"]["before"]
+               for d in decisions)
