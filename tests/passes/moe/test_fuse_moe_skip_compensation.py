@@ -169,8 +169,9 @@ def test_budget_calibrates_with_the_compensation(tmp_path):
     assert all(d["skip"].get("compensated") for d in decisions if d["skip"]["beta"] > 0)
     ppl = math.exp(float(F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), CAL[:, 1:].reshape(-1))))
     dense_ppl, skipped_ppl = stats["skip calibration perplexity (dense, skipped)"]
-    assert abs(skipped_ppl - ppl) < 1e-3 * ppl
-    assert skipped_ppl <= dense_ppl * (1 + budget) + 1e-3
+    # The stat is rounded to 4 decimals; the compensation moves this random model's perplexity by about 1e-3.
+    assert abs(skipped_ppl - ppl) < 1e-4
+    assert skipped_ppl <= dense_ppl * (1 + budget) + 1e-4
 
 
 def test_skip_beta_without_calibration_data_raises(tmp_path):
