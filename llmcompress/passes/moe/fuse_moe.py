@@ -32,11 +32,12 @@ from llmcompress.fx_utils import call, finish_rewrite, grouped_matmul_ops
 from llmcompress.kernels import moe_experts as _experts_op  # noqa: F401  (registers llmcompress::moe_experts)
 from llmcompress.kernels import moe_route as _route_op  # noqa: F401  (registers llmcompress::moe_route)
 from llmcompress.kernels.linear_common import SUPPORTED_DTYPES
+from llmcompress.kernels.moe_experts import KEPT_SLOTS_META
 from llmcompress.kernels.moe_load_counters import drop_counter, new_counter, zero_counter
 from llmcompress.kernels.moe_path import choose_moe_path
 from llmcompress.passes.base import Pass, PassContext, PassResult
 from llmcompress.passes.moe.blocks import MoEBlock, find_blocks
-from llmcompress.passes.moe.skip_option import apply_skip_fallback, skip_choices
+from llmcompress.passes.moe.skip_option import SkipChoice, apply_skip_fallback, skip_choices
 
 ops = torch.ops.llmcompress
 # The tolerance of `_verify` relative to the block output's scale: the ops accumulate in fp32 and round once, the
@@ -119,7 +120,7 @@ class FuseMoePass(Pass):
                              self.cache_key)
         for block in blocks:
             skip = skips.get(block.router)
-            decision, output = self._fuse(gm, ctx, block, skip.beta if skip else 0.0)
+            decision, output = self._fuse(gm, ctx, block, skip)
             if skip is not None:
                 decision["skip"] = apply_skip_fallback(gm, ctx, block, skip, decision["fused"],
                                                        output or outputs.get(block.router))
@@ -132,14 +133,15 @@ class FuseMoePass(Pass):
             finish_rewrite(gm)
         return PassResult(changed, stats, decisions)
 
-    def _fuse(self, gm: torch.fx.GraphModule, ctx: PassContext, block: MoEBlock, skip_beta: float = 0.0
+    def _fuse(self, gm: torch.fx.GraphModule, ctx: PassContext, block: MoEBlock, skip: SkipChoice | None = None
               ) -> tuple[dict[str, Any], torch.fx.Node | None]:
         """(the block's decision, the fused experts node or None where the block is left as it is)."""
-        info = self._fuse_block(gm, ctx, block, skip_beta)
+        info = self._fuse_block(gm, ctx, block, skip)
         return info, info.pop("_node", None)
 
-    def _fuse_block(self, gm: torch.fx.GraphModule, ctx: PassContext, block: MoEBlock, skip_beta: float = 0.0
+    def _fuse_block(self, gm: torch.fx.GraphModule, ctx: PassContext, block: MoEBlock, skip: SkipChoice | None
                     ) -> dict[str, Any]:
+        skip_beta = skip.beta if skip is not None else 0.0
         info: dict[str, Any] = {"fused": False, "experts": block.num_experts, "top_k": block.k,
                                 "norm_topk_prob": block.renormalize}
         if block.why is not None:
@@ -184,6 +186,8 @@ class FuseMoePass(Pass):
             fused = call(gm.graph, ctx.fake_mode, ops.moe_experts.default,
                          (x, block.gate_up, block.down, *parts[:1], counted or parts[1], *parts[2:], path.block_m,
                           path.gemv_max_tokens), {})
+        if skip_beta > 0 and skip.skipped is not None:  # priced on the experts still evaluated
+            fused.meta[KEPT_SLOTS_META] = block.k * (1 - skip.skipped)
         new_nodes = [route, *parts, *([counted] if counted else []), fused]
         for n in new_nodes:
             for key in ("stack_trace", "nn_module_stack"):
