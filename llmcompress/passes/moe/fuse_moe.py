@@ -71,7 +71,8 @@ class FuseMoeOptions:
     skip_compensate: bool = True
     """With skipping: a skipped slot adds its routing weight × its expert's mean output on the calibration tokens
     it would be skipped on (`skip_compensation.py`; needs calibration data), instead of nothing. On tiny-mixtral
-    it keeps 20.5 % of expert evaluations skipped within +1.5 % perplexity (benchmarks/results/moe_quality.json)."""
+    (32 validation windows) skip_budget 0.02 skips 20.3 % at +1.05 % with it, 19.7 % at +1.40 % without
+    (benchmarks/results/moe_quality.json)."""
     load_counters: bool = False
     """Count, on the device and without host syncs, the tokens routed to each expert of each fused block and their
     routing weights (`kernels/moe_load_counters.py`); read with `llmcompress.moe_load_counters(model)`."""
