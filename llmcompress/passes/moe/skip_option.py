@@ -74,6 +74,9 @@ def skip_choices(gm: torch.fx.GraphModule, ctx: PassContext, blocks: Sequence[Mo
             if not have_data:
                 raise OptionError("fuse-moe: skip_budget calibrates β on calibration data: give "
                                   "options['calibration'], or a fixed skip_beta in [0, 1)")
+            if isinstance(feeds, str):
+                raise OptionError(f"fuse-moe: skip_budget needs calibration that can feed this graph ({feeds}); "
+                                  "give skip_beta instead")
             def calibrate(_: Any) -> dict[str, Any]:
                 tables = {b.router: m for b, m in zip(compensated, means_at(GRID))}
                 comp = [Compensation(outputs[b.router], b.indices, tables[b.router]) if b.router in tables else None
