@@ -9,10 +9,12 @@ positions of each window. Calibration: `--calib-samples` windows of 512 tokens f
 Rows: `prune-6`, `prune-4` (moe-prune defaults: reconstruction, router refit, down projections refit) beside
 `prune-*-no-down` (no down refit), `prune-*-routed-weight` (the least routed weight removed, no refit: the issue's
 rule) and `prune-*-global`; `skip-budget` (fuse-moe `skip_budget`: a β per layer calibrated on the calibration loss
-to `--skip-budget`) beside `skip-beta-0.2/0.3/0.5` (fuse-moe `skip_beta`, one β for every layer: the issue's rule).
-On a CPU fuse-moe declines the blocks and applies the rule to the routing weights: the same model. A skip row
-reports the fraction of expert evaluations (token × top-k slot) skipped on the validation windows, measured on the
-dense model's routing with each layer's β from the compile report, and on the calibration data (the pass's stats).
+to `--skip-budget`) beside `skip-beta-0.2/0.3/0.5` (fuse-moe `skip_beta`, one β for every layer: the issue's rule),
+both with fuse-moe's default `skip_compensate` (a skipped slot adds its weight × the expert's calibrated mean output;
+`skip-*-no-compensate`: without). On a CPU fuse-moe may decline the blocks and apply the rule to the routing weights:
+the same model. A skip row reports the fraction of expert evaluations (token × top-k slot) skipped on the validation
+windows, measured on the dense model's routing with each layer's β from the compile report, and on the calibration
+data (the pass's stats).
 
 Targets (issue 15), relative to dense: prune-6 <= +2.5 %, prune-4 <= +20 %, skip-budget >= 20 % skipped at
 <= +1.5 %. JSON (`--out`, default `benchmarks/results/moe_quality.json`): {"device", "versions", "commit", "method",
@@ -56,6 +58,8 @@ RUNS = {
     "skip-beta-0.2": (None, {"skip_beta": 0.2}, None),
     "skip-beta-0.3": (None, {"skip_beta": 0.3}, None),
     "skip-beta-0.5": (None, {"skip_beta": 0.5}, None),
+    "skip-budget-no-compensate": (None, {"skip_compensate": False}, None),
+    "skip-beta-0.3-no-compensate": (None, {"skip_beta": 0.3, "skip_compensate": False}, None),
 }
 DEFAULT_RUNS = ["dense", "prune-6", "prune-4", "skip-budget", "skip-beta-0.3"]
 
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             if prune is not None:
                 passes["moe-prune"] = prune
             if skip is not None:  # a CPU: fuse-moe declines the blocks and skips on the routing weights (same model)
-                passes["fuse-moe"] = {"skip_budget": args.skip_budget, **skip} if run == "skip-budget" else skip
+                budget_row = run.startswith("skip-budget") and "skip_budget" not in skip
+                passes["fuse-moe"] = {"skip_budget": args.skip_budget, **skip} if budget_row else skip
             report_path = args.out.with_suffix(f".{run}.report.json")
             options = {"lowering": "eager", "report": str(report_path), "passes": passes, "calibration": calibration,
                        "calibration_samples": len(calibration), "calibration_seq_len": WINDOW, "strict": True}

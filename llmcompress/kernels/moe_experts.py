@@ -60,7 +60,7 @@ from llmcompress.kernels import linear_common as common
 from llmcompress.kernels.linear_common import dot_fp32, grouped_pid
 from llmcompress.kernels.moe_route import BLOCK_MS, padded_sizes
 
-__all__ = ["expected_experts_hit", "moe_experts_reference", "moe_experts_triton", "moe_experts_w4a16_reference",
+__all__ = ["KEPT_SLOTS_META", "expected_experts_hit", "moe_experts_reference", "moe_experts_triton", "moe_experts_w4a16_reference",
            "moe_experts_w4a16_triton", "moe_experts_w8a16_reference", "moe_experts_w8a16_triton"]
 
 
@@ -763,20 +763,27 @@ def _moe_experts_w8a16_cpu(x, qgate_up, sgate_up, qdown, sdown, topk_weights, to
     return moe_experts_w8a16_reference(x, qgate_up, sgate_up, qdown, sdown, topk_weights, topk_ids)
 
 
+KEPT_SLOTS_META = "llmcompress.moe_kept_slots"
+"""Meta key of a fused experts node under dynamic skipping: the slots per token expected to be evaluated, k × (1 −
+the calibrated skipped fraction), which its cost prices; absent: all k (`fuse-moe` sets it)."""
+
+
 def _experts_cost(node, weight_indices, ids_index):
     """(flops, bytes) of the experts for T tokens: 6·T·k·H·I FLOPs (gate, up and down per slot); bytes: the stored
     weights (and scales, zeros) of only the experts expected to be hit under uniform routing
-    (`expected_experts_hit`), x and y, and h written and read (T·k·I elements). The GEMM path's fp32 per-slot buffer
-    and padded rows are left out: the op's price is the path the chooser took (`moe_path`)."""
+    (`expected_experts_hit`), x and y, and h written and read (T·k·I elements). Under dynamic skipping k is the
+    expected kept slots per token (`KEPT_SLOTS_META`): skipped slots read no expert. The GEMM path's fp32 per-slot
+    buffer and padded rows are left out: the op's price is the path the chooser took (`moe_path`)."""
     x, ids = node.args[0].meta["val"], node.args[ids_index].meta["val"]
     weights = [node.args[i].meta["val"] for i in weight_indices]
     t, h = sym(x.shape[0]), sym(x.shape[1])
     e, k = int(weights[0].shape[0]), int(ids.shape[1])
     i = sym(weights[0].shape[1]) / 2
     per_expert = sum(numel(w) * w.element_size() for w in weights) / e
-    hit = expected_experts_hit(e, k, t)
+    kept = node.meta.get(KEPT_SLOTS_META, k)
+    hit = expected_experts_hit(e, kept, t)
     es = x.element_size()
-    return 6 * t * k * h * i, hit * per_expert + 2 * t * h * es + 2 * t * k * i * es + t * k * 8
+    return 6 * t * kept * h * i, hit * per_expert + 2 * t * h * es + 2 * t * kept * i * es + t * k * 8
 
 
 for _op in (torch.ops.llmcompress.moe_experts.default, torch.ops.llmcompress.moe_experts_cpu.default):

@@ -48,6 +48,7 @@ from llmcompress.kernels import (
     moe_experts,
     moe_load_counters,
     moe_route,
+    moe_skip_compensation,
     rms_norm,
     sparse_linear,
     w8a8_linear,
@@ -182,7 +183,8 @@ def _moe_int4_cases(dtype: str, full: bool) -> list[Case]:
 
 def _moe_int8_cases(dtype: str, full: bool) -> list[Case]:
     """int8 experts (one scale per row) on the Mixtral-8x7B block: the same kernels with QUANT = 2 (x float16 /
-    bfloat16), and the load counters' kernel (`moe_load_counters.py`) on its routing."""
+    bfloat16), and the load counters' and the skip compensation's kernels (`moe_load_counters.py`,
+    `moe_skip_compensation.py`) on its routing."""
     dt = DTYPES[dtype]
     out = []
     if dt == torch.float32:
@@ -204,6 +206,9 @@ def _moe_int8_cases(dtype: str, full: bool) -> list[Case]:
     tokens, weight_sum = _meta(e, dtype=torch.int64), _meta(e, dtype=torch.float32)
     out.append(Case("moe", f"load counters, {t} tokens top-{k}", dtype, (t, h, i),
                     lambda: moe_load_counters.moe_count_load_triton(weights, ids, tokens, weight_sum)))
+    y, means = _meta(t, h, dtype=dt), _meta(e, h, dtype=torch.float32)
+    out.append(Case("moe", f"skip compensation, {t} tokens top-{k}", dtype, (t, h, i),
+                    lambda: moe_skip_compensation.moe_skip_compensate_triton(y, weights, ids, means, 0.3)))
     return out
 
 

@@ -1,5 +1,6 @@
 """The MoE kernels (llmcompress/kernels/moe_route.py, moe_experts.py) compiled ahead of time for sm_90 and sm_80
-(llmcompress/testing/gpu_compile.py, families "moe", "moe-int4" and "moe-int8", with the load counters' kernel): one config per kernel, block shape, dtype and target, the one
+(llmcompress/testing/gpu_compile.py, families "moe", "moe-int4" and "moe-int8", with the load counters' and the skip
+compensation's kernels): one config per kernel, block shape, dtype and target, the one
 with the most shared memory the launcher offers; a compile error, shared memory over the limit or the estimate, or a
 spill fails."""
 
@@ -9,7 +10,7 @@ import inspect
 
 import pytest
 
-from llmcompress.kernels import moe_experts, moe_load_counters, moe_route
+from llmcompress.kernels import moe_experts, moe_load_counters, moe_route, moe_skip_compensation
 from llmcompress.testing.gpu_compile import check_row, run_reduced, unsupported
 
 pytestmark = pytest.mark.gpu_compile
@@ -26,7 +27,7 @@ INT4_VARIANTS = {"gemv": "mixtral-8x7b int4 g128, gemv, block_m 16", "gemm": "mi
 EXPECTED_INT4 = [(kernel, INT4_VARIANTS[path]) for path in ("gemv", "gemm") for kernel in KERNELS[path]]
 INT8_VARIANTS = {"gemv": "mixtral-8x7b int8, gemv, block_m 16", "gemm": "mixtral-8x7b int8, gemm, block_m 64"}
 EXPECTED_INT8 = [(kernel, INT8_VARIANTS[path]) for path in ("gemv", "gemm") for kernel in KERNELS[path]] + [
-    ("_moe_count_kernel", "load counters, 512 tokens top-2")]
+    ("_moe_count_kernel", "load counters, 512 tokens top-2"), ("_compensate_kernel", "skip compensation, 512 tokens top-2")]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,7 @@ def test_moe_int8_kernel_compiles_for_the_gpu(rows, kernel, variant, dtype, targ
 
 
 def test_every_moe_kernel_is_compiled(rows):
-    defined = {name for module in (moe_route, moe_experts, moe_load_counters) for name, obj in vars(module).items()
+    defined = {name for module in (moe_route, moe_experts, moe_load_counters, moe_skip_compensation)
+               for name, obj in vars(module).items()
                if name.endswith("_kernel") and hasattr(obj, "fn") and inspect.getmodule(obj.fn) is module}
-    assert len(defined) == 7 and defined <= {r["kernel"] for r in rows}, f"not compiled: {defined}"
+    assert len(defined) == 8 and defined <= {r["kernel"] for r in rows}, f"not compiled: {defined}"

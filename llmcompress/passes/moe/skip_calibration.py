@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from llmcompress.calibration.feeds import token_ids_position
 from llmcompress.errors import OptionError
+from llmcompress.kernels.moe_skip_compensation import moe_skip_compensate_reference
 from llmcompress.passes.moe.skip import skip_slots
 
 GRID = (0.0, 0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7)
@@ -98,10 +99,22 @@ def _flat(a: Any) -> list[Any]:
     return [a]
 
 
+@dataclasses.dataclass
+class Compensation:
+    """One layer's skip compensation during calibration (`skip_compensation.py`): the experts' output node, the
+    routing's ids node, and the means (len(GRID), E, H) at each β of `GRID`."""
+
+    output: torch.fx.Node
+    indices: torch.fx.Node
+    means: torch.Tensor
+
+
 def calibrate_betas_by_loss(gm: torch.fx.GraphModule, calibration: Any, weights: Sequence[torch.fx.Node],
-                            budget: float) -> tuple[list[float], dict[str, Any]]:
+                            budget: float, compensation: Sequence[Compensation | None] | None = None
+                            ) -> tuple[list[float], dict[str, Any]]:
     """(β per layer, what was measured) for the routing-weight nodes `weights` (T, k), one per MoE layer in graph
-    order, so that the calibration perplexity rises by at most `budget` (0.01: +1 %).
+    order, so that the calibration perplexity rises by at most `budget` (0.01: +1 %). With `compensation` (one per
+    layer, None where a layer has none) every run adds the skipped slots' compensation, as the compiled model will.
 
     The report dict: dense and final calibration perplexity, the layers' skipped fractions, the runs made."""
     ids_at, logits = _labels_and_logits(gm, calibration)
@@ -118,12 +131,40 @@ def calibrate_betas_by_loss(gm: torch.fx.GraphModule, calibration: Any, weights:
         beta_of = dict(zip(weights, betas))
         counts = {n: [0, 0] for n in weights}
         total = [0.0, 0]
+        # Per compensated layer: the chunks' routing weights (before skipping) and ids, in chunk order (the runner
+        # evaluates a node for every chunk before the next node), consumed at the experts' output.
+        seen: dict[torch.fx.Node, list[torch.Tensor]] = {}
+        comp: dict[torch.fx.Node, tuple[torch.fx.Node, Compensation]] = {}
+        for w_node, c in zip(weights, compensation or []):
+            if c is not None:
+                comp[c.output] = (w_node, c)
+                seen[w_node], seen[c.indices] = [], []
 
         def on_target(inputs: Any) -> Any:
-            node, beta = inputs.node, beta_of[inputs.node]
+            node = inputs.node
+            if node in comp:
+                w_node, c = comp[node]
+                beta = beta_of[w_node]
+                if beta == 0:
+                    return None
+
+                def compensated(*args: Any, **kwargs: Any) -> torch.Tensor:
+                    out = node.target(*args, **kwargs)
+                    w, ids = seen[w_node].pop(0), seen[c.indices].pop(0)
+                    return moe_skip_compensate_reference(out, w, ids, c.means[GRID.index(beta)], beta)
+                return compensated
+            if node not in beta_of:  # a compensated layer's ids, kept for its output
+                def keep_ids(*args: Any, **kwargs: Any) -> torch.Tensor:
+                    ids = node.target(*args, **kwargs)
+                    seen[node].append(ids)
+                    return ids
+                return keep_ids
+            beta = beta_of[node]
 
             def skipped(*args: Any, **kwargs: Any) -> torch.Tensor:
                 w = node.target(*args, **kwargs)
+                if node in seen:
+                    seen[node].append(w)
                 mask = skip_slots(w, beta)
                 counts[node][0] += int(mask.sum())
                 counts[node][1] += mask.numel()
@@ -142,7 +183,8 @@ def calibrate_betas_by_loss(gm: torch.fx.GraphModule, calibration: Any, weights:
                 total[0] += float(loss.sum())
                 total[1] += loss.numel()
 
-        calibration.run_sequential(gm, list(weights), on_target, watch=[logits], on_value=on_value)
+        extra = [n for c in (compensation or []) if c is not None for n in (c.indices, c.output)]
+        calibration.run_sequential(gm, [*weights, *extra], on_target, watch=[logits], on_value=on_value)
         return total[0] / max(1, total[1]), [c[0] / max(1, c[1]) for c in counts.values()]
 
     with torch.no_grad():

@@ -90,7 +90,8 @@ def test_skip_beta_equals_eager_with_the_rule_fused_or_not(objective, where, tmp
     the blocks (benchmarks/results/moe_cpu.json) and the same rule lands on the routing weights."""
     ids = _ids()
     with torch.no_grad():
-        out = _compile({"objective": objective, "skip_beta": 0.5}, tmp_path / "r.json")(ids).logits
+        out = _compile({"objective": objective, "skip_beta": 0.5, "skip_compensate": False},
+                       tmp_path / "r.json")(ids).logits
         dense = _model()(ids).logits
     expected, skipped, _ = _eager_with_rule(ids, [0.5, 0.5])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -105,7 +106,8 @@ def test_skip_budget_keeps_the_calibration_perplexity_within_it(tmp_path):
     ids = _ids()
     budget = 0.02
     with torch.no_grad():
-        out = _compile({"objective": "always", "skip_budget": budget}, tmp_path / "r.json")(ids).logits
+        out = _compile({"objective": "always", "skip_budget": budget, "skip_compensate": False},
+                       tmp_path / "r.json")(ids).logits
     decisions, stats = _record(tmp_path / "r.json")
     betas = [d["skip"]["beta"] for d in decisions]
     assert any(b > 0 for b in betas)
