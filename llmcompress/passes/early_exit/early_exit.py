@@ -37,8 +37,9 @@ from llmcompress.passes.early_exit.split import (
     closure,
     split_cascade,
 )
-from llmcompress.passes.early_exit.structure import DecoderGraph, find_decoder
+from llmcompress.passes.early_exit.structure import DecoderGraph, find_decoder, layer_of
 
+aten = torch.ops.aten
 GATES = ("calibrated", "open", "closed")
 HEADS = ("fitted", "lens")
 
@@ -104,9 +105,12 @@ class EarlyExitPass(Pass):
         if o.gate == "calibrated" or o.head == "fitted":
             plan = self._plan(gm, ctx, dg, exits, head_nodes, stats, decisions)
         if not decode:
+            why = ("; the plan is cached for the decode graph" if isinstance(plan, CascadePlan)
+                   else f"; no plan: {plan}" if isinstance(plan, str) else "")
             return _leave(stats, decisions, f"not a decode step (sequence length {seq}): prefill and longer runs go "
-                                            "through the full graph" + ("; the plan is cached for the decode graph"
-                                                                        if isinstance(plan, CascadePlan) else ""))
+                                            f"through the full graph{why}")
+        if dg.cannot_split:
+            return _leave(stats, decisions, dg.cannot_split)
         if isinstance(plan, str):
             return _leave(stats, decisions, plan)
         if plan is not None and plan.declined:
@@ -116,6 +120,7 @@ class EarlyExitPass(Pass):
             branches = split_cascade(gm, dg, parts, ctx.fake_mode)
         except UnsupportedGraph as e:
             return _leave(stats, decisions, str(e))
+        branches.plan = plan
         gm.meta[META_KEY] = branches
         stats["exits"] = branches.exits
         stats["pieces"] = len(branches.pieces())
@@ -148,8 +153,8 @@ class EarlyExitPass(Pass):
         ctx.calibration.require("early-exit (exit heads and gates are fitted on calibration data)")
         weights = list(dict.fromkeys(a for n in gm.graph.nodes if n.op == "call_function"
                                      for a in n.all_input_nodes if a.op == "get_attr"))
-        key = self.cache_key("cascade-plan", tuple(exits), ctx.calibration.fingerprint, ctx.hardware.name)
-        with unset_fake_temporarily():
+        with unset_fake_temporarily():  # passes run inside AOT's fake mode; calibration computes for real
+            key = self.cache_key("cascade-plan", tuple(exits), ctx.calibration.fingerprint, ctx.hardware.name)
             feeds = ctx.calibration.feeds()
             if isinstance(feeds, str):
                 got = ctx.weights.cached(weights, key)
@@ -158,8 +163,7 @@ class EarlyExitPass(Pass):
                             f"({feeds}): compile a prefill graph first (generate does), which calibrates it")
                 stats["plan"] = "cached (calibrated by an earlier graph)"
             else:
-                costs = graph_costs(gm, dg, ctx.cost_model, head_nodes,
-                                    [closure(w, {dg.states[i]}) for i, w in enumerate(dg.writes)])
+                costs = graph_costs(gm, dg, ctx.cost_model, head_nodes, [_kv_path(gm, dg, i) for i in range(dg.num_layers)])
 
                 def calibrate(_: Any) -> dict[str, Any]:
                     return _calibrate(gm, ctx, dg, exits, head_nodes, costs, o)
@@ -171,6 +175,16 @@ class EarlyExitPass(Pass):
         return plan
 
 
+def _kv_path(gm: torch.fx.GraphModule, dg: DecoderGraph, i: int) -> set[torch.fx.Node]:
+    """Layer i's K/V path for pricing the fill: the slice of its cache writes, or (a prefill graph that creates the
+    cache returns its tensors instead of writing them) the slice of its k_proj / v_proj linears."""
+    if dg.writes[i]:
+        return closure(dg.writes[i], {dg.states[i]})
+    kv = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default and layer_of(n) == i
+          and any(str(p).endswith(("k_proj", "v_proj")) for p, _ in n.meta.get("nn_module_stack", {}).values())]
+    return closure(kv, {dg.states[i]})
+
+
 def _leave(stats: dict[str, Any], decisions: list[dict[str, Any]], reason: str) -> PassResult:
     stats["left as is"] = 1
     decisions.append({"early-exit": "left as is", "reason": reason})
@@ -178,28 +192,38 @@ def _leave(stats: dict[str, Any], decisions: list[dict[str, Any]], reason: str) 
 
 
 class _GraphHead(torch.nn.Module):
-    """The graph's final norm + LM head as a module on (..., hidden) states (rows run as (rows, 1, hidden), the
-    decode layout): `DecoderParts.lm_head` for calibration, `weight` its LM head weight."""
+    """The graph's final norm + LM head as a module on (..., hidden) states: `DecoderParts.lm_head` for calibration
+    (`weight`: the LM head's). The norm is the graph's own nodes (per-row ops only); the head a plain linear, as the
+    graph's may be traced for its example's shape (generate's prefill keeps only the last position)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, weight: torch.Tensor):
+    def __init__(self, norm: torch.fx.GraphModule, weight: torch.Tensor):
         super().__init__()
-        self.gm = gm
+        self.norm = norm
         self.weight = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (out,) = self.gm(x.reshape(-1, 1, x.shape[-1]))
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        (normed,) = self.norm(x)
+        return torch.nn.functional.linear(normed, self.weight)
 
 
-def _head_module(gm: torch.fx.GraphModule, ctx: PassContext, dg: DecoderGraph,
-                 head_nodes: set[torch.fx.Node]) -> _GraphHead:
+_ROW_OPS = frozenset({aten.pow.Tensor_Scalar, aten.mean.dim, aten.add.Tensor, aten.add.Scalar, aten.rsqrt.default,
+                      aten.mul.Tensor, aten.mul.Scalar, aten._to_copy.default, aten.sub.Tensor, aten.div.Tensor,
+                      aten.sqrt.default, aten.alias.default})
+"""The final norm's ops the calibration head runs on any number of rows (RMSNorm's, LayerNorm-free)."""
+
+
+def _head_module(gm: torch.fx.GraphModule, ctx: PassContext, dg: DecoderGraph) -> _GraphHead:
+    norm = closure([dg.norm_out], {dg.states[-1]})
+    odd = sorted({str(n.target) for n in norm if n.target not in _ROW_OPS}
+                 | {str(n.target) for n in norm if n.target == aten.mean.dim and list(n.args[1]) not in ([-1],)})
+    if odd:
+        raise OptionError(f"early-exit: the final norm has ops {odd} the calibration cannot run per row; supported: "
+                          "RMSNorm (Llama, Mistral, Qwen2)")
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     b = PieceBuilder(gm, ctx.fake_mode, set())
     b.env[dg.states[-1]] = b.input("hidden", dg.states[-1].meta["val"])
-    b.copy(head_nodes, order)
-    if b.inputs != ["hidden"]:
-        raise OptionError(f"early-exit: the final norm + LM head read graph inputs {b.inputs[1:]}")
-    return _GraphHead(b.finish([b.env[dg.logits]]), ctx.weights.value(dg.head_weight))
+    b.copy(norm, order)
+    return _GraphHead(b.finish([b.env[dg.norm_out]]), ctx.weights.value(dg.head_weight))
 
 
 def _calibrate(gm: torch.fx.GraphModule, ctx: PassContext, dg: DecoderGraph, exits: list[int],
@@ -212,7 +236,7 @@ def _calibrate(gm: torch.fx.GraphModule, ctx: PassContext, dg: DecoderGraph, exi
                           "thresholds set on the others: give ≥ 2 (calibration_samples)")
     held = max(1, rows // 4)
     fit, back = [s[:-held] for s in states], [s[-held:] for s in states]
-    head = _head_module(gm, ctx, dg, head_nodes)
+    head = _head_module(gm, ctx, dg)
     parts = DecoderParts(None, [None] * dg.num_layers, torch.nn.Identity(), head, None)
     dtype = head.weight.dtype
     if o.gate == "calibrated":

@@ -70,6 +70,8 @@ class Branches:
     num_layers: int
     signature: str
     counts: dict[int, int] = dataclasses.field(default_factory=dict)
+    plan: Any = None
+    """The `exit_gates.CascadePlan` the pieces run (None for a forced gate with the logit lens)."""
 
     def pieces(self) -> list[Piece]:
         return [*self.segments, *self.skips, self.rest]

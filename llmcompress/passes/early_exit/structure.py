@@ -17,6 +17,8 @@ import re
 import torch
 import torch.fx
 
+from llmcompress.fx_utils import VIEW_OPS
+
 aten = torch.ops.aten
 _LAYER = re.compile(r"\.layers\.(\d+)$")
 
@@ -31,6 +33,10 @@ class DecoderGraph:
     writes: list[list[torch.fx.Node]]
     logits: torch.fx.Node
     head_weight: torch.fx.Node
+    norm_out: torch.fx.Node
+    """The final norm's output (what the LM head reads, maybe through a slice)."""
+    cannot_split: str | None = None
+    """Why the graph can be calibrated on but not cut into the cascade's pieces (other outputs, no cache writes)."""
 
     @property
     def num_layers(self) -> int:
@@ -55,15 +61,23 @@ def find_decoder(gm: torch.fx.GraphModule) -> DecoderGraph | str:
     nodes = list(gm.graph.nodes)
     output = nodes[-1]
     outs = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
-    if len(outs) != 1 or not isinstance(outs[0], torch.fx.Node):
-        return (f"the graph returns {len(outs)} values; the cascade rewrites graphs returning only the logits "
-                "(a decode step of a causal LM)")
-    logits = outs[0]
-    if logits.target != aten.linear.default or not any(p.endswith("lm_head") for p in _stack_paths(logits)):
-        return "the graph's output is not an LM head (aten.linear traced in a module named lm_head)"
-    head_weight = logits.args[1]
-    if not (isinstance(head_weight, torch.fx.Node) and head_weight.op == "get_attr"):
-        return "the LM head's weight is not a frozen constant"
+    heads = [o for o in outs if isinstance(o, torch.fx.Node) and _in_lm_head(_through_views(o))]
+    if len(heads) != 1:
+        return f"{len(heads)} of the graph's outputs are an LM head's (computed in a module named lm_head)"
+    logits = heads[0]
+    cannot_split = None
+    if len(outs) != 1:
+        # a prefill that creates the static cache (transformers' lazy initialisation) returns its tensors too
+        cannot_split = (f"the graph returns {len(outs)} values; the cascade rewrites decode graphs returning only the "
+                        "logits")
+    norm_out = _norm_output(logits)
+    if norm_out is None:
+        return "no final norm (a model-level module named ...norm) before the LM head"
+    weights = {a for n in _ancestors(logits, {norm_out}) for a in n.all_input_nodes
+               if a.op == "get_attr" and a.meta["val"].dim() == 2}
+    if len(weights) != 1:
+        return f"the LM head reads {len(weights)} 2-D constants; expected its one frozen weight"
+    (head_weight,) = weights
     by_layer: dict[int, list[torch.fx.Node]] = {}
     for n in nodes:
         i = layer_of(n)
@@ -73,7 +87,7 @@ def find_decoder(gm: torch.fx.GraphModule) -> DecoderGraph | str:
         return f"no decoder layers found (modules named ...layers.<i>: {sorted(by_layer)})"
     num_layers = len(by_layer)
     # The last layer's output: what the final norm reads from layer L - 1 (walk back from the LM head).
-    last = _last_state(logits, num_layers - 1)
+    last = _last_state(norm_out, num_layers - 1)
     if last is None:
         return "the LM head does not read the last decoder layer's output through a norm"
     shape = tuple(last.meta["val"].shape)
@@ -96,18 +110,59 @@ def find_decoder(gm: torch.fx.GraphModule) -> DecoderGraph | str:
         if n.target == aten.copy_.default and n.args[0].op == "placeholder":
             i = _writer_layer(n.args[1])
             if i is None:
-                return f"the graph writes input {n.args[0].name} from outside the decoder layers"
+                cannot_split = cannot_split or f"the graph writes input {n.args[0].name} from outside the decoder layers"
+                continue
             writes[i].append(n)
     missing = [i for i, w in enumerate(writes) if not w]
-    if missing:
-        return (f"decoder layer(s) {missing} write no static cache (no copy_ into a graph input): the cascade fills "
+    if missing and cannot_split is None:
+        cannot_split = (f"decoder layer(s) {missing} write no static cache (no copy_ into a graph input): the cascade fills "
                 "skipped layers' K/V slots of a static cache (pass a transformers StaticCache)")
-    return DecoderGraph(states, writes, logits, head_weight)
+    return DecoderGraph(states, writes, logits, head_weight, norm_out, cannot_split)
 
 
-def _last_state(logits: torch.fx.Node, last_layer: int) -> torch.fx.Node | None:
-    """The node of layer `last_layer` the final norm reads (the first one met walking back from the LM head)."""
-    seen, todo = set(), [logits.args[0]]
+def _through_views(n: torch.fx.Node) -> torch.fx.Node:
+    while n.op == "call_function" and n.target in VIEW_OPS and isinstance(n.args[0], torch.fx.Node):
+        n = n.args[0]
+    return n
+
+
+def _in_lm_head(n: torch.fx.Node) -> bool:
+    return n.op == "call_function" and any(p.endswith("lm_head") for p in _stack_paths(n))
+
+
+def _is_norm(n: torch.fx.Node) -> bool:
+    return n.op == "call_function" and layer_of(n) is None and any(p.endswith("norm") for p in _stack_paths(n))
+
+
+def _ancestors(start: torch.fx.Node, stop: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    out, todo = set(), [start]
+    while todo:
+        n = todo.pop()
+        if n in out or n in stop:
+            continue
+        out.add(n)
+        todo.extend(n.all_input_nodes)
+    return out
+
+
+def _norm_output(logits: torch.fx.Node) -> torch.fx.Node | None:
+    """The last final-norm node before the LM head (walking back through the head and views)."""
+    seen, todo = set(), [logits]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if _is_norm(n):
+            return n
+        if _in_lm_head(n) or n.target in VIEW_OPS:
+            todo.extend(a for a in n.all_input_nodes if a.op == "call_function")
+    return None
+
+
+def _last_state(norm_out: torch.fx.Node, last_layer: int) -> torch.fx.Node | None:
+    """The node of layer `last_layer` the final norm reads (the first one met walking back from its output)."""
+    seen, todo = set(), [norm_out]
     while todo:
         n = todo.pop()
         if n in seen or not isinstance(n, torch.fx.Node):
