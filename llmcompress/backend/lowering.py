@@ -25,6 +25,7 @@ import torch.fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from llmcompress._logging import logger
+from llmcompress.backend.branches import lower_branches, split_of
 from llmcompress.config import CompileConfig
 from llmcompress.errors import OptionError
 from llmcompress.fx_utils import fake_mode_of
@@ -175,6 +176,16 @@ def check_lowering_device(config: CompileConfig, example_inputs: Sequence[Any]) 
 
 def lower(gm: torch.fx.GraphModule, fake_inputs: Sequence[Any], config: CompileConfig,
           static_input_idxs: Sequence[int], graph_id: int) -> Callable[[list], Any]:
+    """The graph lowered as `config.lowering` says; a graph the early-exit pass cut into pieces lowers each piece so
+    and chooses between them at run time (`branches.py`)."""
+    branches = split_of(gm)
+    if branches is not None:
+        return lower_branches(branches, lambda piece, fakes: _lower_graph(piece, fakes, config, [], graph_id))
+    return _lower_graph(gm, fake_inputs, config, static_input_idxs, graph_id)
+
+
+def _lower_graph(gm: torch.fx.GraphModule, fake_inputs: Sequence[Any], config: CompileConfig,
+                 static_input_idxs: Sequence[int], graph_id: int) -> Callable[[list], Any]:
     if config.lowering == "inductor":
         return lower_inductor(gm, fake_inputs, config, static_input_idxs, graph_id)
     if config.lowering == "triton":

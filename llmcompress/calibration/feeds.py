@@ -257,7 +257,9 @@ def _derive_input(name: str, key: str, v: Any, bind: dict, chunk_shape: tuple[in
         return torch.zeros(shape, dtype=v.dtype, device=v.device)  # one segment, as tokenizers give one text
     if ("cache_position" in lname or "position_ids" in lname) and not v.is_floating_point() and shape[-1] == s:
         return torch.arange(s, dtype=v.dtype, device=v.device).expand(shape).contiguous()
-    if "past_key_values" in lname or (v.is_floating_point() and ("cache" in lname or not lname.startswith("l_"))):
+    # transformers 5's StaticCache passes each layer's fill counter (`cache_layers_<i>_cumulative_length`, int64)
+    if "past_key_values" in lname or (v.is_floating_point() and ("cache" in lname or not lname.startswith("l_"))) \
+            or ("cache" in lname and lname.endswith("cumulative_length")):
         # A KV cache, its fill counters, or another buffer the graph writes: fresh zeros, never the user's tensors.
         return torch.zeros(shape, dtype=v.dtype, device=v.device)
     hint = "; pass the model's inputs by keyword (model(input_ids=..., ...)) so that calibration data can match " \

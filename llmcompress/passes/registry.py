@@ -85,6 +85,7 @@ def load_plugins(force: bool = False) -> None:
 def builtin_passes() -> tuple[type[Pass], ...]:
     """The passes that ship with llmcompress, one family per sub-package (the registry sits above them)."""
     from llmcompress.passes.canonicalize import CanonicalizePass
+    from llmcompress.passes.early_exit.early_exit import EarlyExitPass
     from llmcompress.passes.fusion.epilogue import FuseLinearEpiloguePass
     from llmcompress.passes.fusion.fold import FoldIntoWeightsPass
     from llmcompress.passes.fusion.pointwise import FusePointwisePass
@@ -98,7 +99,7 @@ def builtin_passes() -> tuple[type[Pass], ...]:
 
     return (CanonicalizePass, FoldIntoWeightsPass, FuseSiblingLinearsPass, FuseLinearEpiloguePass,
             FusePointwisePass, QuantizeLinearPass, SparsifyLinearPass, LowrankSplitPass, MoEPrunePass, MoESkipPass,
-            FuseMoePass)
+            FuseMoePass, EarlyExitPass)
 
 
 def _load_builtins() -> None:

@@ -1,0 +1,45 @@
+"""`graph_costs`: the cascade's `exit_gates.CascadeCosts` priced from a decode graph's own weights (the model-level
+`exit_gates.cascade_costs` prices HF modules; the pass has only the graph). Same roofline terms: one row (M = 1),
+every weight read once, 2 FLOP per weight, one launch per weight."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.fx
+
+from llmcompress.cost.roofline import CostModel
+from llmcompress.exit_gates import CascadeCosts
+from llmcompress.passes.early_exit.structure import DecoderGraph, layer_of
+
+
+def _weights(nodes: Iterable[torch.fx.Node]) -> list[torch.fx.Node]:
+    return list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a.op == "get_attr"))
+
+
+def _time(cost: CostModel, weights: list[torch.fx.Node], dtype: torch.dtype) -> float:
+    vals = [w.meta["val"] for w in weights]
+    return cost.kernel_time(2 * sum(v.numel() for v in vals), sum(v.numel() * v.element_size() for v in vals), dtype,
+                            rows=1, launches=max(len(vals), 1))
+
+
+def graph_costs(gm: torch.fx.GraphModule, dg: DecoderGraph, cost: CostModel, head_nodes: Iterable[torch.fx.Node],
+                fill_nodes: list[set[torch.fx.Node]]) -> CascadeCosts:
+    """head_nodes: the final norm + LM head; fill_nodes[i]: layer i's K/V path (the backward slice of its writes)."""
+    weight = dg.head_weight.meta["val"]
+    dtype, hidden, vocab = weight.dtype, weight.shape[1], weight.shape[0]
+    by_layer: list[list[torch.fx.Node]] = [[] for _ in range(dg.num_layers)]
+    for n in gm.graph.nodes:
+        i = layer_of(n)
+        if i is not None and n.op == "call_function":
+            by_layer[i].append(n)
+    layer = sum(_time(cost, _weights(ns), dtype) for ns in by_layer) / dg.num_layers
+    head = _time(cost, _weights(head_nodes), dtype)
+    fill = sum(_time(cost, _weights(ns), dtype) for ns in fill_nodes) / dg.num_layers
+    translation = cost.kernel_time(2 * hidden * hidden, hidden * (hidden + 1) * weight.element_size(), dtype, rows=1)
+    # as exit_gates.cascade_costs: the features are ~6 elementwise passes over the state; a logits gate also
+    # translates, normalises, runs the LM head and a softmax / top-k / entropy over the vocabulary
+    gate_hidden = cost.kernel_time(14 * hidden, 8 * hidden, torch.float32, launches=6)
+    gate_logits = gate_hidden + translation + head + cost.kernel_time(6 * vocab, 8 * vocab, torch.float32, launches=4)
+    return CascadeCosts(layer, head, translation, fill, gate_hidden, gate_logits, dg.num_layers)
