@@ -393,6 +393,11 @@ _SPILLS = {
 # As `_SPILLS` for int4 experts (benchmarks/gpu_compile.py --families moe-int4, the Mixtral-8x7B block).
 _SPILLS_INT4 = {"_moe_gate_up_gemm_kernel": {("sm_80", "16-bit"): {(64, 32, 64, 4), (64, 64, 64, 8)}},  # 4 B, 88 B
                 "_moe_down_gemm_kernel": {}}
+# As `_SPILLS_INT4` for AWQ's int4 experts (HAS_ACT: the 1/s row gathered beside the x tile): the gate-up GEMM's
+# (64, 64, 64, 8 warps) spilled 8 B per thread on sm_90 (benchmarks/gpu_compile.py --families moe-int4).
+_SPILLS_INT4_AWQ = {"_moe_gate_up_gemm_kernel": {**_SPILLS_INT4["_moe_gate_up_gemm_kernel"],
+                                                 ("sm_90", "16-bit"): {(64, 64, 64, 8)}},
+                    "_moe_down_gemm_kernel": {}}
 # As `_SPILLS` for int8 experts (benchmarks/gpu_compile.py --families moe-int8, the Mixtral-8x7B block).
 _SPILLS_INT8 = {"_moe_gate_up_gemm_kernel": {},
                 "_moe_down_gemm_kernel": {("sm_80", "16-bit"): {(64, 64, 32, 8)}}}  # 16 B
@@ -403,7 +408,8 @@ def _gemm_choice(configs, nargs, capability):
     kernel = "_moe_gate_up_gemm_kernel" if "x_ptr" in nargs else "_moe_down_gemm_kernel"
     # int8 experts take int4's narrow tiles: one dequantized tile in registers beside the accumulators, as int4's.
     listed = _GEMM_CONFIGS_FP32 if fp32 else _GEMM_CONFIGS_INT4 if nargs["QUANT"] else _GEMM_CONFIGS
-    spills = (_SPILLS, _SPILLS_INT4, _SPILLS_INT8)[nargs["QUANT"]][kernel]
+    awq = nargs["QUANT"] == 1 and nargs.get("HAS_ACT", False)
+    spills = (_SPILLS_INT4_AWQ if awq else (_SPILLS, _SPILLS_INT4, _SPILLS_INT8)[nargs["QUANT"]])[kernel]
     return [c for c in configs if any(c is x for x in listed)
             and not common.spilling(spills, c, {**nargs, "x_ptr": nargs.get("x_ptr", nargs.get("h_ptr"))},
                                     capability)]
@@ -424,11 +430,11 @@ def _shared_bytes(a_name, b_tiles):
 
 _gate_up_tuned = common.autotuned(
     _moe_gate_up_gemm_kernel, _GEMM_CONFIGS + _GEMM_CONFIGS_FP32 + _GEMM_CONFIGS_INT4,
-    key=["BLOCK_M", "I", "H", "TOP_K", "QUANT"],
+    key=["BLOCK_M", "I", "H", "TOP_K", "QUANT", "HAS_ACT"],
     shared_bytes=_shared_bytes("x_ptr", 2), choose=_gemm_choice)
 _down_tuned = common.autotuned(
     _moe_down_gemm_kernel, _GEMM_CONFIGS + _GEMM_CONFIGS_FP32 + _GEMM_CONFIGS_INT4,
-    key=["BLOCK_M", "I", "H", "QUANT"],
+    key=["BLOCK_M", "I", "H", "QUANT", "HAS_ACT"],
     shared_bytes=_shared_bytes("h_ptr", 1), choose=_gemm_choice)
 
 
