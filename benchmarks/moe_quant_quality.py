@@ -1,6 +1,7 @@
-"""Quantized experts through the fused MoE ops (issue 15): tiny-mixtral's perplexity under `w4a16-gptq` (and `w8a16`)
-with the experts quantized as grouped matmuls (today's recipe) and as `llmcompress::moe_experts_w4a16` /
-`moe_experts_w8a16` behind `fuse-moe`, beside the dense model, in one run: `main`.
+"""Quantized experts through the fused MoE ops (issue 15): tiny-mixtral's perplexity under `w4a16-gptq` (and `w8a16`,
+`w4a16-awq`) with the experts quantized as grouped matmuls (today's recipe) and as `llmcompress::moe_experts_w4a16` /
+`moe_experts_w8a16` behind `fuse-moe`, beside the dense model, in one run: `main`. AWQ's fused experts carry their
+per-expert 1/s into the op (`act_gate_up`, `act_down`); the grouped path's act_scale does the same math.
 
 Target: int4 experts through moe_experts (GPTQ) equal to today's `w4a16-gptq` result within noise (+1.34 %,
 benchmarks/results/quantized_quality.json).
@@ -18,7 +19,7 @@ graph really holds the quantized fused ops (`fused_experts_ops` in the JSON) and
 JSON (`--out`, default `benchmarks/results/moe_quant_quality.json`): {device, versions, git, method, windows,
 calibration {source, samples, seq_len}, forced_by, results: [{run, recipe, fuse_moe, perplexity, dense_perplexity,
 delta_pct, fused_experts_ops, grouped_ops, quantized_layers, seconds}], comparison {w4a16-gptq: {grouped_delta_pct,
-fused_delta_pct, difference_pct_points}}, complete (false while the runs go on: the file is rewritten after each)}.
+fused_delta_pct, difference_pct_points}, w8a16 ..., w4a16-awq ...}, complete (false while the runs go on: the file is rewritten after each)}.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name: (recipe, fuse-moe in the pipeline)
 RUNS = {"dense": (None, False), "w4a16-gptq": ("w4a16-gptq", False), "w4a16-gptq + fuse-moe": ("w4a16-gptq", True),
-        "w8a16": ("w8a16", False), "w8a16 + fuse-moe": ("w8a16", True)}
+        "w8a16": ("w8a16", False), "w8a16 + fuse-moe": ("w8a16", True),
+        "w4a16-awq": ("w4a16-awq", False), "w4a16-awq + fuse-moe": ("w4a16-awq", True)}
 FORCED = {"fuse-moe": {"objective": "always"}}
 
 
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     def write(complete: bool) -> None:
         by_run = {**earlier, **{r["run"]: r for r in results}}
         comparison = {}
-        for recipe in ("w4a16-gptq", "w8a16"):
+        for recipe in ("w4a16-gptq", "w8a16", "w4a16-awq"):
             if recipe in by_run and f"{recipe} + fuse-moe" in by_run:
                 g, f = by_run[recipe]["delta_pct"], by_run[f"{recipe} + fuse-moe"]["delta_pct"]
                 comparison[recipe] = {"grouped_delta_pct": g, "fused_delta_pct": f, "difference_pct_points": f - g,

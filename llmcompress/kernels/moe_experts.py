@@ -5,10 +5,14 @@ Entry points, both -> (T, H) in x's dtype, fed by `llmcompress::moe_route` (`moe
   num_padded, block_m=16, gemv_max_tokens=0)`: float experts; CUDA runs `moe_experts_triton`, CPU
   `moe_experts_reference`.
 - `torch.ops.llmcompress.moe_experts_w4a16(x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdown, group_size,
-  topk_weights, ..., gemv_max_tokens=0)`: int4 experts in `formats/quantized.py`'s layout per expert (qgate_up uint8
-  (E, 2I, H // 2), sgate_up / zgate_up float16 (E, 2I, H // group_size); qdown (E, H, I // 2), sdown / zdown
-  (E, H, I // group_size)), x float16 or bfloat16, dequantized in registers by the same kernels (`QUANT` = 1); CUDA
-  `moe_experts_w4a16_triton`, CPU `moe_experts_w4a16_reference`.
+  topk_weights, ..., gemv_max_tokens=0, act_gate_up=None, act_down=None)`: int4 experts in `formats/quantized.py`'s
+  layout per expert (qgate_up uint8 (E, 2I, H // 2), sgate_up / zgate_up float16 (E, 2I, H // group_size); qdown
+  (E, H, I // 2), sdown / zdown (E, H, I // group_size)), x float16 or bfloat16, dequantized in registers by the same
+  kernels (`QUANT` = 1); CUDA `moe_experts_w4a16_triton`, CPU `moe_experts_w4a16_reference`. AWQ experts add their
+  per-input-channel 1/s, float32 act_gate_up (E, H) and act_down (E, I): the kernels multiply the x / h tile of
+  expert e by row e as it is loaded (`HAS_ACT`), in fp32, as `grouped_linear_w4a16`'s act_scale does. x's rows are
+  shared by all experts and h is made per slot in registers, so neither can be folded into an earlier op exactly
+  (folding 1/s into the up rows' float16 group scales would round them again).
 - `torch.ops.llmcompress.moe_experts_w8a16(x, qgate_up, sgate_up, qdown, sdown, topk_weights, ...,
   gemv_max_tokens=0)`: int8 experts in `formats.quantize_int8_per_channel`'s layout per expert (qgate_up int8
   (E, 2I, H), sgate_up float32 (E, 2I); qdown int8 (E, H, I), sdown float32 (E, H)), dequantized in registers
@@ -97,6 +101,7 @@ def _moe_gate_up_gemv_kernel(
     w_ptr,
     s_ptr,
     z_ptr,
+    act_ptr,
     ids_ptr,
     h_ptr,
     I,
@@ -108,9 +113,11 @@ def _moe_gate_up_gemv_kernel(
     stride_wk,
     stride_se,
     stride_sn,
+    stride_ae,
     TOP_K: tl.constexpr,
     QUANT: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
+    HAS_ACT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -131,6 +138,8 @@ def _moe_gate_up_gemv_kernel(
             rk = k0 + tl.arange(0, BLOCK_K)
             k_mask = rk < H
             xv = tl.load(x_row + rk, mask=k_mask, other=0.0).to(tl.float32)
+            if HAS_ACT:
+                xv = xv * tl.load(act_ptr + e64 * stride_ae + rk, mask=k_mask, other=0.0)
             w_mask = n_mask[:, None] & k_mask[None, :]
             wg = _weight_tile(g_rows, gs_rows, gz_rows, rk[None, :], w_mask, stride_wk, QUANT, GROUP_SIZE)
             wu = _weight_tile(g_rows + I * stride_wn, gs_rows + I * stride_sn, gz_rows + I * stride_sn, rk[None, :],
@@ -150,6 +159,7 @@ def _moe_down_gemv_kernel(
     w_ptr,
     s_ptr,
     z_ptr,
+    act_ptr,
     ids_ptr,
     weights_ptr,
     out_ptr,
@@ -161,10 +171,12 @@ def _moe_down_gemv_kernel(
     stride_wk,
     stride_se,
     stride_sn,
+    stride_ae,
     stride_ot,
     TOP_K: tl.constexpr,
     QUANT: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
+    HAS_ACT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -187,6 +199,8 @@ def _moe_down_gemv_kernel(
                 rk = k0 + tl.arange(0, BLOCK_K)
                 k_mask = rk < I
                 hv = tl.load(h_row + rk, mask=k_mask, other=0.0).to(tl.float32)
+                if HAS_ACT:
+                    hv = hv * tl.load(act_ptr + e64 * stride_ae + rk, mask=k_mask, other=0.0)
                 wd = _weight_tile(w_rows, s_rows, z_rows, rk[None, :], n_mask[:, None] & k_mask[None, :], stride_wk,
                                   QUANT, GROUP_SIZE)
                 part += tl.sum(wd * hv[None, :], axis=1)
@@ -202,6 +216,7 @@ def _moe_gate_up_gemm_kernel(
     w_ptr,
     s_ptr,
     z_ptr,
+    act_ptr,
     sorted_ptr,
     block_expert_ptr,
     num_padded_ptr,
@@ -216,9 +231,11 @@ def _moe_gate_up_gemm_kernel(
     stride_wk,
     stride_se,
     stride_sn,
+    stride_ae,
     TOP_K: tl.constexpr,
     QUANT: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
+    HAS_ACT: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -246,6 +263,10 @@ def _moe_gate_up_gemm_kernel(
             rk = k0 + tl.arange(0, BLOCK_K)
             k_mask = rk < H
             a = tl.load(x_rows + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if HAS_ACT:
+                # AWQ's 1/s of this expert, in fp32 as the tile is loaded, then x's dtype for the dot (as
+                # int4_linear's GEMM): x rows are shared by every expert, so no earlier op can carry it.
+                a = (a.to(tl.float32) * tl.load(act_ptr + e * stride_ae + rk, mask=k_mask, other=0.0)[None, :]).to(dt)
             w_mask = k_mask[:, None] & n_mask[None, :]
             bg = _weight_tile(g_cols, gs_cols, gz_cols, rk[:, None], w_mask, stride_wk, QUANT, GROUP_SIZE).to(dt)
             bu = _weight_tile(g_cols + I * stride_wn, gs_cols + I * stride_sn, gz_cols + I * stride_sn, rk[:, None],
@@ -266,6 +287,7 @@ def _moe_down_gemm_kernel(
     w_ptr,
     s_ptr,
     z_ptr,
+    act_ptr,
     sorted_ptr,
     block_expert_ptr,
     num_padded_ptr,
@@ -280,8 +302,10 @@ def _moe_down_gemm_kernel(
     stride_wk,
     stride_se,
     stride_sn,
+    stride_ae,
     QUANT: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
+    HAS_ACT: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -306,6 +330,8 @@ def _moe_down_gemm_kernel(
             rk = k0 + tl.arange(0, BLOCK_K)
             k_mask = rk < I
             a = tl.load(h_rows + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if HAS_ACT:
+                a = (a.to(tl.float32) * tl.load(act_ptr + e * stride_ae + rk, mask=k_mask, other=0.0)[None, :]).to(dt)
             b = _weight_tile(w_cols, s_cols, z_cols, rk[:, None], k_mask[:, None] & n_mask[None, :], stride_wk,
                              QUANT, GROUP_SIZE).to(dt)
             acc = dot_fp32(a, b, acc, UPCAST)
@@ -367,6 +393,11 @@ _SPILLS = {
 # As `_SPILLS` for int4 experts (benchmarks/gpu_compile.py --families moe-int4, the Mixtral-8x7B block).
 _SPILLS_INT4 = {"_moe_gate_up_gemm_kernel": {("sm_80", "16-bit"): {(64, 32, 64, 4), (64, 64, 64, 8)}},  # 4 B, 88 B
                 "_moe_down_gemm_kernel": {}}
+# As `_SPILLS_INT4` for AWQ's int4 experts (HAS_ACT: the 1/s row gathered beside the x tile): the gate-up GEMM's
+# (64, 64, 64, 8 warps) spilled 8 B per thread on sm_90 (benchmarks/gpu_compile.py --families moe-int4).
+_SPILLS_INT4_AWQ = {"_moe_gate_up_gemm_kernel": {**_SPILLS_INT4["_moe_gate_up_gemm_kernel"],
+                                                 ("sm_90", "16-bit"): {(64, 64, 64, 8)}},
+                    "_moe_down_gemm_kernel": {}}
 # As `_SPILLS` for int8 experts (benchmarks/gpu_compile.py --families moe-int8, the Mixtral-8x7B block).
 _SPILLS_INT8 = {"_moe_gate_up_gemm_kernel": {},
                 "_moe_down_gemm_kernel": {("sm_80", "16-bit"): {(64, 64, 32, 8)}}}  # 16 B
@@ -377,7 +408,8 @@ def _gemm_choice(configs, nargs, capability):
     kernel = "_moe_gate_up_gemm_kernel" if "x_ptr" in nargs else "_moe_down_gemm_kernel"
     # int8 experts take int4's narrow tiles: one dequantized tile in registers beside the accumulators, as int4's.
     listed = _GEMM_CONFIGS_FP32 if fp32 else _GEMM_CONFIGS_INT4 if nargs["QUANT"] else _GEMM_CONFIGS
-    spills = (_SPILLS, _SPILLS_INT4, _SPILLS_INT8)[nargs["QUANT"]][kernel]
+    awq = nargs["QUANT"] == 1 and nargs.get("HAS_ACT", False)
+    spills = (_SPILLS_INT4_AWQ if awq else (_SPILLS, _SPILLS_INT4, _SPILLS_INT8)[nargs["QUANT"]])[kernel]
     return [c for c in configs if any(c is x for x in listed)
             and not common.spilling(spills, c, {**nargs, "x_ptr": nargs.get("x_ptr", nargs.get("h_ptr"))},
                                     capability)]
@@ -398,11 +430,11 @@ def _shared_bytes(a_name, b_tiles):
 
 _gate_up_tuned = common.autotuned(
     _moe_gate_up_gemm_kernel, _GEMM_CONFIGS + _GEMM_CONFIGS_FP32 + _GEMM_CONFIGS_INT4,
-    key=["BLOCK_M", "I", "H", "TOP_K", "QUANT"],
+    key=["BLOCK_M", "I", "H", "TOP_K", "QUANT", "HAS_ACT"],
     shared_bytes=_shared_bytes("x_ptr", 2), choose=_gemm_choice)
 _down_tuned = common.autotuned(
     _moe_down_gemm_kernel, _GEMM_CONFIGS + _GEMM_CONFIGS_FP32 + _GEMM_CONFIGS_INT4,
-    key=["BLOCK_M", "I", "H", "QUANT"],
+    key=["BLOCK_M", "I", "H", "QUANT", "HAS_ACT"],
     shared_bytes=_shared_bytes("h_ptr", 1), choose=_gemm_choice)
 
 
@@ -451,7 +483,8 @@ def _check(x, w_gate_up, w_down, topk_weights, topk_ids, sorted_ids, block_exper
 
 
 def _check_w4(x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdown, group_size, topk_weights, topk_ids, sorted_ids,
-              block_expert_ids, num_padded, block_m, gemv_max_tokens, name="moe_experts_w4a16") -> None:
+              block_expert_ids, num_padded, block_m, gemv_max_tokens, name="moe_experts_w4a16", act_gate_up=None,
+              act_down=None) -> None:
     _check_x(name, x)
     # fp32 x is taken (a float32 model quantized by quantize-linear, the quality benchmarks' setting) but untuned on
     # a GPU: the in-register dequantization spilled in every GEMV and GEMM tile tried (424-2,148 B per thread,
@@ -478,10 +511,14 @@ def _check_w4(x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdown, group_size, 
                     (sdown, "sdown"), (zdown, "zdown")):
         if t.stride(2) != 1:
             raise ValueError(f"{name}: {what} must be contiguous along its last dimension")
+    for t, what, shape in ((act_gate_up, "act_gate_up", (e, h)), (act_down, "act_down", (e, i))):
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != shape or t.stride(1) != 1):
+            raise ValueError(f"{name}: {what} (AWQ's per-expert 1/s) must be float32 {shape} contiguous along its last "
+                             f"dimension, or None; got {t.dtype} {tuple(t.shape)}")
     _check_routing(name, x, e, topk_weights, topk_ids, sorted_ids, block_expert_ids, num_padded, block_m,
                    gemv_max_tokens)
     common.check_devices(name, x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdown, topk_weights, topk_ids,
-                         sorted_ids, block_expert_ids, num_padded)
+                         sorted_ids, block_expert_ids, num_padded, act_gate_up, act_down)
 
 
 def _check_w8(x, qgate_up, sgate_up, qdown, sdown, topk_weights, topk_ids, sorted_ids, block_expert_ids, num_padded,
@@ -504,16 +541,18 @@ def _check_w8(x, qgate_up, sgate_up, qdown, sdown, topk_weights, topk_ids, sorte
                          block_expert_ids, num_padded)
 
 
-def _experts_loop(x, gate_up_of, down_of, num_experts, i, topk_weights, topk_ids, compute_dtype):
+def _experts_loop(x, gate_up_of, down_of, num_experts, i, topk_weights, topk_ids, compute_dtype, acts=(None, None)):
     acc = compute_dtype or torch.promote_types(x.dtype, torch.float32)
     out = torch.zeros(x.shape, dtype=acc, device=x.device)
     for e in topk_ids.unique().tolist():  # the host reads the routing: fine on the CPU, the only path it serves
         if not 0 <= e < num_experts:
             continue
         tok, j = torch.where(topk_ids == e)
-        gu = x[tok].to(acc) @ gate_up_of(e).to(acc).T
+        a_gu, a_d = (None if a is None else a[e].to(acc) for a in acts)
+        xe = x[tok].to(acc)
+        gu = (xe if a_gu is None else xe * a_gu) @ gate_up_of(e).to(acc).T
         h = (F.silu(gu[:, :i]) * gu[:, i:]).to(x.dtype).to(acc)
-        y = h @ down_of(e).to(acc).T
+        y = (h if a_d is None else h * a_d) @ down_of(e).to(acc).T
         # index_put_ with accumulate, not index_add_: on torch 2.13's CPU build index_add_ of one (1, 384) row took
         # 22 ms (a scatter_add_ path), index_put_ 5 us.
         out.index_put_((tok,), y * topk_weights[tok, j].to(acc)[:, None], accumulate=True)
@@ -532,9 +571,11 @@ def moe_experts_reference(x, w_gate_up, w_down, topk_weights, topk_ids, sorted_i
 
 def moe_experts_w4a16_reference(x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdown, group_size, topk_weights,
                                 topk_ids, sorted_ids=None, block_expert_ids=None, num_padded=None, block_m=16,
-                                gemv_max_tokens=0, compute_dtype=None) -> torch.Tensor:
+                                gemv_max_tokens=0, act_gate_up=None, act_down=None,
+                                compute_dtype=None) -> torch.Tensor:
     """As `moe_experts_reference` with each hit expert's weights dequantized (`formats.quantized.dequantize_int4`,
-    exact in float32)."""
+    exact in float32); with AWQ's scales, expert e's x rows times act_gate_up[e] and its h rows times act_down[e]
+    before the projections (the grouped path's `grouped_linear_w4a16` with act_scale)."""
     def gate_up_of(e):
         return dequantize_int4(qgate_up[e], sgate_up[e], zgate_up[e], group_size)
 
@@ -542,7 +583,7 @@ def moe_experts_w4a16_reference(x, qgate_up, sgate_up, zgate_up, qdown, sdown, z
         return dequantize_int4(qdown[e], sdown[e], zdown[e], group_size)
 
     return _experts_loop(x, gate_up_of, down_of, qgate_up.shape[0], qgate_up.shape[1] // 2, topk_weights, topk_ids,
-                         compute_dtype)
+                         compute_dtype, (act_gate_up, act_down))
 
 
 def moe_experts_w8a16_reference(x, qgate_up, sgate_up, qdown, sdown, topk_weights, topk_ids, sorted_ids=None,
@@ -563,7 +604,12 @@ def _stored(w, scales, zeros):
     return (w, scales, zeros), (*w.stride(), scales.stride(0), scales.stride(1))
 
 
-def _gemv_path(x, gate_up, down, e, i, topk_weights, topk_ids, quant, group_size):
+def _act(act, x):
+    """An AWQ scale's kernel arguments (pointer, stride over experts, HAS_ACT): x stands in when there is none."""
+    return (x, 0, False) if act is None else (act, act.stride(0), True)
+
+
+def _gemv_path(x, gate_up, down, acts, e, i, topk_weights, topk_ids, quant, group_size):
     t, h = x.shape
     k = topk_ids.shape[1]
     cfg = _GEMV_INTERP if common.INTERPRETED else _GEMV_INT4 if quant else _GEMV
@@ -572,16 +618,17 @@ def _gemv_path(x, gate_up, down, e, i, topk_weights, topk_ids, quant, group_size
     ids = topk_ids.contiguous()
     gu_ptrs, gu_strides = gate_up
     d_ptrs, d_strides = down
+    (a_gu, sa_gu, has_gu), (a_d, sa_d, has_d) = (_act(a, x) for a in acts)
     common.wrap(_moe_gate_up_gemv_kernel)[(t * k, triton.cdiv(i, cfg["BLOCK_N"]))](
-        x, *gu_ptrs, ids, hbuf, i, h, e, x.stride(0), *gu_strides, TOP_K=k, QUANT=quant, GROUP_SIZE=group_size,
-        **cfg)
+        x, *gu_ptrs, a_gu, ids, hbuf, i, h, e, x.stride(0), *gu_strides, sa_gu, TOP_K=k, QUANT=quant,
+        GROUP_SIZE=group_size, HAS_ACT=has_gu, **cfg)
     common.wrap(_moe_down_gemv_kernel)[(t, triton.cdiv(h, cfg["BLOCK_N"]))](
-        hbuf, *d_ptrs, ids, topk_weights.contiguous(), out, i, h, e, *d_strides, out.stride(0), TOP_K=k, QUANT=quant,
-        GROUP_SIZE=group_size, **cfg)
+        hbuf, *d_ptrs, a_d, ids, topk_weights.contiguous(), out, i, h, e, *d_strides, sa_d, out.stride(0), TOP_K=k,
+        QUANT=quant, GROUP_SIZE=group_size, HAS_ACT=has_d, **cfg)
     return out
 
 
-def _gemm_path(x, gate_up, down, i, topk_weights, sorted_ids, block_expert_ids, num_padded, block_m, k, quant,
+def _gemm_path(x, gate_up, down, acts, i, topk_weights, sorted_ids, block_expert_ids, num_padded, block_m, k, quant,
                group_size):
     t, h = x.shape
     n_slots = t * k
@@ -592,28 +639,29 @@ def _gemm_path(x, gate_up, down, i, topk_weights, sorted_ids, block_expert_ids, 
     upcast = common.INTERPRETED
     gu_ptrs, gu_strides = gate_up
     d_ptrs, d_strides = down
+    (a_gu, sa_gu, has_gu), (a_d, sa_d, has_d) = (_act(a, x) for a in acts)
     interp = {**_GEMM_INTERP, "BLOCK_M": block_m}
     common.launch(
         _moe_gate_up_gemm_kernel, _gate_up_tuned, lambda meta: (n_blocks * triton.cdiv(i, meta["BLOCK_N"]),),
-        (x, *gu_ptrs, sorted_ids, block_expert_ids, num_padded, hbuf, n_slots, n_blocks, i, h, x.stride(0),
-         *gu_strides),
-        interp, TOP_K=k, QUANT=quant, GROUP_SIZE=group_size, UPCAST=upcast, BLOCK_M=block_m)
+        (x, *gu_ptrs, a_gu, sorted_ids, block_expert_ids, num_padded, hbuf, n_slots, n_blocks, i, h, x.stride(0),
+         *gu_strides, sa_gu),
+        interp, TOP_K=k, QUANT=quant, GROUP_SIZE=group_size, HAS_ACT=has_gu, UPCAST=upcast, BLOCK_M=block_m)
     common.launch(
         _moe_down_gemm_kernel, _down_tuned, lambda meta: (n_blocks * triton.cdiv(h, meta["BLOCK_N"]),),
-        (hbuf, *d_ptrs, sorted_ids, block_expert_ids, num_padded, topk_weights.contiguous(), slots, n_slots,
-         n_blocks, i, h, *d_strides),
-        interp, QUANT=quant, GROUP_SIZE=group_size, UPCAST=upcast, BLOCK_M=block_m)
+        (hbuf, *d_ptrs, a_d, sorted_ids, block_expert_ids, num_padded, topk_weights.contiguous(), slots, n_slots,
+         n_blocks, i, h, *d_strides, sa_d),
+        interp, QUANT=quant, GROUP_SIZE=group_size, HAS_ACT=has_d, UPCAST=upcast, BLOCK_M=block_m)
     return slots.view(t, k, h).sum(1).to(x.dtype)
 
 
 def _run(x, gate_up, down, e, i, topk_weights, topk_ids, sorted_ids, block_expert_ids, num_padded, block_m,
-         gemv_max_tokens, quant, group_size):
+         gemv_max_tokens, quant, group_size, acts=(None, None)):
     t = x.shape[0]
     if t == 0:
         return x.new_empty(x.shape)
     if t <= gemv_max_tokens:
-        return _gemv_path(x, gate_up, down, e, i, topk_weights, topk_ids, quant, group_size)
-    return _gemm_path(x, gate_up, down, i, topk_weights, sorted_ids, block_expert_ids, num_padded, block_m,
+        return _gemv_path(x, gate_up, down, acts, e, i, topk_weights, topk_ids, quant, group_size)
+    return _gemm_path(x, gate_up, down, acts, i, topk_weights, sorted_ids, block_expert_ids, num_padded, block_m,
                       topk_ids.shape[1], quant, group_size)
 
 
@@ -631,16 +679,17 @@ def moe_experts_triton(x, w_gate_up, w_down, topk_weights, topk_ids, sorted_ids,
 
 
 def moe_experts_w4a16_triton(x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdown, group_size, topk_weights,
-                             topk_ids, sorted_ids, block_expert_ids, num_padded, block_m=16,
-                             gemv_max_tokens=0) -> torch.Tensor:
+                             topk_ids, sorted_ids, block_expert_ids, num_padded, block_m=16, gemv_max_tokens=0,
+                             act_gate_up=None, act_down=None) -> torch.Tensor:
     """As `moe_experts_triton` with int4 experts (args: module docstring, `moe_experts_w4a16`)."""
     _check_w4(x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdown, group_size, topk_weights, topk_ids, sorted_ids,
-              block_expert_ids, num_padded, block_m, gemv_max_tokens, "moe_experts_w4a16_triton")
+              block_expert_ids, num_padded, block_m, gemv_max_tokens, "moe_experts_w4a16_triton", act_gate_up,
+              act_down)
     common.check_launchable("moe_experts_w4a16_triton", x, "moe_experts_w4a16_reference")
     x = x if x.stride(1) == 1 else x.contiguous()
     return _run(x, _stored(qgate_up, sgate_up, zgate_up), _stored(qdown, sdown, zdown), qgate_up.shape[0],
                 qgate_up.shape[1] // 2, topk_weights, topk_ids, sorted_ids, block_expert_ids, num_padded, block_m,
-                gemv_max_tokens, 1, group_size)
+                gemv_max_tokens, 1, group_size, (act_gate_up, act_down))
 
 
 def moe_experts_w8a16_triton(x, qgate_up, sgate_up, qdown, sdown, topk_weights, topk_ids, sorted_ids, block_expert_ids,
@@ -697,14 +746,17 @@ def expected_experts_hit(num_experts, top_k, tokens):
 @torch.library.custom_op("llmcompress::moe_experts_w4a16_cpu", mutates_args=())
 def _moe_experts_w4a16_cpu_op(x: torch.Tensor, qgate_up: torch.Tensor, sgate_up: torch.Tensor, zgate_up: torch.Tensor,
                               qdown: torch.Tensor, sdown: torch.Tensor, zdown: torch.Tensor, group_size: int,
-                              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+                              topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                              act_gate_up: torch.Tensor | None = None,
+                              act_down: torch.Tensor | None = None) -> torch.Tensor:
     """moe_experts_w4a16's CPU path, opaque to tracing."""
     return moe_experts_w4a16_reference(x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdown, group_size, topk_weights,
-                                       topk_ids)
+                                       topk_ids, act_gate_up=act_gate_up, act_down=act_down)
 
 
 @_moe_experts_w4a16_cpu_op.register_fake
-def _(x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdown, group_size, topk_weights, topk_ids):
+def _(x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdown, group_size, topk_weights, topk_ids, act_gate_up=None,
+      act_down=None):
     return x.new_empty(x.shape)
 
 
@@ -713,21 +765,24 @@ def _moe_experts_w4a16_op(x: torch.Tensor, qgate_up: torch.Tensor, sgate_up: tor
                           qdown: torch.Tensor, sdown: torch.Tensor, zdown: torch.Tensor, group_size: int,
                           topk_weights: torch.Tensor, topk_ids: torch.Tensor, sorted_ids: torch.Tensor,
                           block_expert_ids: torch.Tensor, num_padded: torch.Tensor, block_m: int = 16,
-                          gemv_max_tokens: int = 0) -> torch.Tensor:
+                          gemv_max_tokens: int = 0, act_gate_up: torch.Tensor | None = None,
+                          act_down: torch.Tensor | None = None) -> torch.Tensor:
     args = (x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdown, group_size, topk_weights, topk_ids, sorted_ids,
             block_expert_ids, num_padded, block_m, gemv_max_tokens)
     if x.device.type != "cuda":
-        _check_w4(*args)
-        return torch.ops.llmcompress.moe_experts_w4a16_cpu(*args[:10])
-    return moe_experts_w4a16_triton(*args)
+        _check_w4(*args, act_gate_up=act_gate_up, act_down=act_down)
+        return torch.ops.llmcompress.moe_experts_w4a16_cpu(*args[:10], act_gate_up, act_down)
+    return moe_experts_w4a16_triton(*args, act_gate_up, act_down)
 
 
 @_moe_experts_w4a16_op.register_kernel("cpu")
 def _moe_experts_w4a16_cpu(x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdown, group_size, topk_weights, topk_ids,
-                           sorted_ids, block_expert_ids, num_padded, block_m=16, gemv_max_tokens=0):
+                           sorted_ids, block_expert_ids, num_padded, block_m=16, gemv_max_tokens=0, act_gate_up=None,
+                           act_down=None):
     args = (x, qgate_up, sgate_up, zgate_up, qdown, sdown, zdown, group_size, topk_weights, topk_ids)
-    _check_w4(*args, sorted_ids, block_expert_ids, num_padded, block_m, gemv_max_tokens)
-    return moe_experts_w4a16_reference(*args)
+    _check_w4(*args, sorted_ids, block_expert_ids, num_padded, block_m, gemv_max_tokens, act_gate_up=act_gate_up,
+              act_down=act_down)
+    return moe_experts_w4a16_reference(*args, act_gate_up=act_gate_up, act_down=act_down)
 
 
 @torch.library.custom_op("llmcompress::moe_experts_w8a16_cpu", mutates_args=())
@@ -775,7 +830,8 @@ def _experts_cost(node, weight_indices, ids_index):
     expected kept slots per token (`KEPT_SLOTS_META`): skipped slots read no expert. The GEMM path's fp32 per-slot
     buffer and padded rows are left out: the op's price is the path the chooser took (`moe_path`)."""
     x, ids = node.args[0].meta["val"], node.args[ids_index].meta["val"]
-    weights = [node.args[i].meta["val"] for i in weight_indices]
+    # AWQ's per-expert scales (moe_experts_w4a16's last two arguments, when given) are read with their expert.
+    weights = [node.args[i].meta["val"] for i in weight_indices if i < len(node.args) and node.args[i] is not None]
     t, h = sym(x.shape[0]), sym(x.shape[1])
     e, k = int(weights[0].shape[0]), int(ids.shape[1])
     i = sym(weights[0].shape[1]) / 2
@@ -788,7 +844,9 @@ def _experts_cost(node, weight_indices, ids_index):
 
 for _op in (torch.ops.llmcompress.moe_experts.default, torch.ops.llmcompress.moe_experts_cpu.default):
     register_cost(_op)(lambda node: _experts_cost(node, (1, 2), 4))
-for _op in (torch.ops.llmcompress.moe_experts_w4a16.default, torch.ops.llmcompress.moe_experts_w4a16_cpu.default):
-    register_cost(_op)(lambda node: _experts_cost(node, (1, 2, 3, 4, 5, 6), 9))
+register_cost(torch.ops.llmcompress.moe_experts_w4a16.default)(
+    lambda node: _experts_cost(node, (1, 2, 3, 4, 5, 6, 15, 16), 9))
+register_cost(torch.ops.llmcompress.moe_experts_w4a16_cpu.default)(
+    lambda node: _experts_cost(node, (1, 2, 3, 4, 5, 6, 10, 11), 9))
 for _op in (torch.ops.llmcompress.moe_experts_w8a16.default, torch.ops.llmcompress.moe_experts_w8a16_cpu.default):
     register_cost(_op)(lambda node: _experts_cost(node, (1, 2, 3, 4), 6))

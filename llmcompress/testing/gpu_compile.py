@@ -160,7 +160,8 @@ def _moe_cases(dtype: str, full: bool) -> list[Case]:
 
 
 def _moe_int4_cases(dtype: str, full: bool) -> list[Case]:
-    """int4 experts (group 128) on the Mixtral-8x7B block: the same kernels with QUANT = 1 (x float16 / bfloat16)."""
+    """int4 experts (group 128) on the Mixtral-8x7B block: the same kernels with QUANT = 1 (x float16 / bfloat16),
+    without and with AWQ's per-expert scales."""
     dt = DTYPES[dtype]
     out = []
     if dt == torch.float32:
@@ -168,6 +169,7 @@ def _moe_int4_cases(dtype: str, full: bool) -> list[Case]:
     h, i, e, k = MOE_BLOCKS["mixtral-8x7b"]
     q_gu, s_gu = _meta(e, 2 * i, h // 2, dtype=torch.uint8), _meta(e, 2 * i, h // 128, dtype=torch.float16)
     q_d, s_d = _meta(e, h, i // 2, dtype=torch.uint8), _meta(e, h, i // 128, dtype=torch.float16)
+    a_gu, a_d = _meta(e, h, dtype=torch.float32), _meta(e, i, dtype=torch.float32)
     for t, path, block_m in MOE_RUNS["full" if full else "reduced"]:
         x, logits = _meta(t, h, dtype=dt), _meta(t, e, dtype=dt)
 
@@ -178,6 +180,15 @@ def _moe_int4_cases(dtype: str, full: bool) -> list[Case]:
 
         variant = f"mixtral-8x7b int4 g128, {path}, block_m {block_m}"
         out.append(Case("moe", variant, dtype, (t, h, i), call_w4))
+
+        def call_awq(x=x, logits=logits, t=t, path=path, block_m=block_m):
+            # AWQ experts: the same kernels with HAS_ACT, the x / h tile times the expert's float32 1/s.
+            routing = moe_route.moe_route_triton(logits, k, "softmax", True, block_m)
+            moe_experts.moe_experts_w4a16_triton(x, q_gu, s_gu, s_gu, q_d, s_d, s_d, 128, *routing, block_m,
+                                                 t if path == "gemv" else 0, a_gu, a_d)
+
+        out.append(Case("moe", f"mixtral-8x7b int4 g128 awq, {path}, block_m {block_m}", dtype, (t, h, i),
+                        call_awq))
     return out
 
 

@@ -1,6 +1,6 @@
 """The MoE kernels (llmcompress/kernels/moe_route.py, moe_experts.py) compiled ahead of time for sm_90 and sm_80
-(llmcompress/testing/gpu_compile.py, families "moe", "moe-int4" and "moe-int8", with the load counters' and the skip
-compensation's kernels): one config per kernel, block shape, dtype and target, the one
+(llmcompress/testing/gpu_compile.py, families "moe", "moe-int4" (with AWQ scales too) and "moe-int8", with the load
+counters' and the skip compensation's kernels): one config per kernel, block shape, dtype and target, the one
 with the most shared memory the launcher offers; a compile error, shared memory over the limit or the estimate, or a
 spill fails."""
 
@@ -24,7 +24,8 @@ VARIANTS = {"gemv": ("mixtral-8x7b (8 experts, top-2), gemv, block_m 16", "olmoe
                      "olmoe (64 experts, top-8), gemm, block_m 64")}
 EXPECTED = [(kernel, variant) for path in ("gemv", "gemm") for kernel in KERNELS[path] for variant in VARIANTS[path]]
 INT4_VARIANTS = {"gemv": "mixtral-8x7b int4 g128, gemv, block_m 16", "gemm": "mixtral-8x7b int4 g128, gemm, block_m 64"}
-EXPECTED_INT4 = [(kernel, INT4_VARIANTS[path]) for path in ("gemv", "gemm") for kernel in KERNELS[path]]
+EXPECTED_INT4 = [(kernel, INT4_VARIANTS[path]) for path in ("gemv", "gemm") for kernel in KERNELS[path]] + [
+    (kernel, INT4_VARIANTS[path].replace("g128", "g128 awq")) for path in ("gemv", "gemm") for kernel in KERNELS[path]]
 INT8_VARIANTS = {"gemv": "mixtral-8x7b int8, gemv, block_m 16", "gemm": "mixtral-8x7b int8, gemm, block_m 64"}
 EXPECTED_INT8 = [(kernel, INT8_VARIANTS[path]) for path in ("gemv", "gemm") for kernel in KERNELS[path]] + [
     ("_moe_count_kernel", "load counters, 512 tokens top-2"), ("_compensate_kernel", "skip compensation, 512 tokens top-2")]

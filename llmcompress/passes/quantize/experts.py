@@ -5,8 +5,9 @@ The order of the two passes is fixed once, by `fuse-moe` (it runs before `quanti
 sibling fusion, before `quantize-linear`, would merge a router with the linears beside it). So `quantize-linear`
 recognises the fused op, as it recognises the grouped matmuls, and is the one place that decides an expert's scheme
 and method. Calibration gives each expert the same rows the grouped path does (the tokens routed to it, its down
-projection the SiLU·up of the already-quantized gate-up, as the grouped ops compute it), so GPTQ's experts are the
-grouped path's, bit for bit up to the Gram sums' row order.
+projection the SiLU·up of the already-quantized gate-up, as the grouped ops compute it), so GPTQ's and AWQ's experts
+are the grouped path's, bit for bit up to the statistics' row order. AWQ's per-expert 1/s (act_scale, (E, H) for
+gate-up, (E, I) for down) rides along as the fused op's last two arguments, applied in-kernel as the grouped op does.
 
 Entry points used by `quantize_linear.py`: `is_fused_experts`, `calibrate`, `replacement`, `apply`.
 """
@@ -58,7 +59,7 @@ def _hidden(rows: torch.Tensor, offs: torch.Tensor, gate_up: Sequence[torch.Tens
     """SiLU(gate)·up of the expert-sorted rows through the quantized gate-up, in x's dtype, as the grouped path
     (a grouped quantized matmul, then transformers' SiLU and product) computes it."""
     if scheme == "w4a16":
-        gu = ops.grouped_linear_w4a16(rows, *gate_up[:3], group_size, offs, None)
+        gu = ops.grouped_linear_w4a16(rows, *gate_up[:3], group_size, offs, gate_up[3] if len(gate_up) > 3 else None)
     else:
         gu = ops.grouped_linear_w8a16(rows, *gate_up[:2], offs)
     i = gu.shape[1] // 2
@@ -81,9 +82,19 @@ def calibrate(gate_up: torch.Tensor, down: torch.Tensor, calls: list[tuple[tuple
 
 
 def split(tensors: Sequence[Any], scheme: str) -> tuple[tuple, tuple]:
-    """(gate-up's, down's) of `calibrate`'s / round to nearest's tensors: 3 each for w4a16, 2 for w8a16."""
-    n = 3 if scheme == "w4a16" else 2
+    """(gate-up's, down's) of `calibrate`'s / round to nearest's tensors: 3 each for w4a16 (4 with AWQ's act_scale),
+    2 for w8a16."""
+    n = len(tensors) // 2
+    if n not in ((3, 4) if scheme == "w4a16" else (2,)):
+        raise AssertionError(f"fused experts {scheme}: {len(tensors)} quantized tensors")
     return tuple(tensors[:n]), tuple(tensors[n:])
+
+
+def _w4a16_args(gu: Sequence[Any], dn: Sequence[Any]) -> tuple[tuple, tuple]:
+    """(stored tensors, AWQ scales) of moe_experts_w4a16: (q, s, z) of gate-up then down; (act_gate_up, act_down),
+    or () for round to nearest and GPTQ."""
+    acts = (gu[3], dn[3]) if len(gu) > 3 else ()
+    return (*gu[:3], *dn[:3]), acts
 
 
 def replacement(node: torch.fx.Node, consts: Sequence[Any], scheme: str, group_size: int, gemv_max_tokens: int
@@ -93,8 +104,8 @@ def replacement(node: torch.fx.Node, consts: Sequence[Any], scheme: str, group_s
     that block_m), the GEMV/GEMM switch the quantized format's."""
     x, routing, block_m = node.args[0], tuple(node.args[_ROUTING]), block_m_of(node)
     if scheme == "w4a16":
-        gu, dn = split(consts, scheme)
-        return ops.moe_experts_w4a16.default, (x, *gu, *dn, group_size, *routing, block_m, gemv_max_tokens)
+        stored, acts = _w4a16_args(*split(consts, scheme))
+        return ops.moe_experts_w4a16.default, (x, *stored, group_size, *routing, block_m, gemv_max_tokens, *acts)
     return ops.moe_experts_w8a16.default, (x, *consts, *routing, block_m, gemv_max_tokens)
 
 
@@ -104,8 +115,8 @@ def apply(tensors: Sequence[torch.Tensor], scheme: str, group_size: int, args: t
     routing = tuple(args[_ROUTING])
     block_m = args[8] if len(args) > 8 else 16
     if scheme == "w4a16":
-        gu, dn = split(tensors, scheme)
-        return ops.moe_experts_w4a16(args[0], *gu, *dn, group_size, *routing, block_m, 0)
+        stored, acts = _w4a16_args(*split(tensors, scheme))
+        return ops.moe_experts_w4a16(args[0], *stored, group_size, *routing, block_m, 0, *acts)
     return ops.moe_experts_w8a16(args[0], *tensors, *routing, block_m, 0)
 
 

@@ -9,7 +9,7 @@ Schemes (option `scheme`) and the op each linear becomes:
 * `fp8`: e4m3 weights and activations, per-row scales -> `llmcompress::linear_fp8` (compute capability >= 8.9).
 MoE experts stored as 3-D weights (transformers' grouped matmuls) become `llmcompress::grouped_linear_w4a16` /
 `grouped_linear_w8a16`, one quantized matrix per expert; experts `fuse-moe` fused (`llmcompress::moe_experts`)
-become `moe_experts_w4a16` / `moe_experts_w8a16` on the same formats (`experts.py`; AWQ there: not yet).
+become `moe_experts_w4a16` / `moe_experts_w8a16` on the same formats (`experts.py`; AWQ's 1/s applied in-kernel).
 
 Calibrated methods run the graph on the calibration data (`options["calibration"]`: token ids, text, or batches of
 the model's own inputs) through `ctx.calibration` (`calibration/service.py`), node by node, quantizing each layer from
@@ -320,10 +320,6 @@ class QuantizeLinearPass(Pass):
             skip(node, name, f"3-D expert weights: scheme {layer.scheme} has no grouped kernel (w4a16 and w8a16 do)",
                  warn=True)
             return None
-        if layer.method == "awq":
-            raise OptionError(f"quantize-linear method awq on experts fuse-moe fused ({name}): the fused experts "
-                              "kernels do not apply AWQ's per-channel activation scales yet; use method gptq or rtn "
-                              "for them (overrides), or leave fuse-moe out")
         with unset_fake_temporarily():
             gate_up, down = (ctx.weights.value(w) for w in w_nodes)
         if layer.scheme == "w4a16" and (gate_up.shape[-1] % layer.group_size or down.shape[-1] % layer.group_size):
