@@ -343,7 +343,7 @@ def recalibrate(model: torch.nn.Module, plan: CascadePlan, held: torch.Tensor, *
             f"running cascade over the held-back rows (budget {allowed:.1f} errors of {n}; fewest "
             f"{min(h['errors'] for h in history)})"))
     thresholds, time, row = best
-    kept = [e for e in exits if thresholds[e] != math.inf]
+    kept = [e for e in exits if thresholds[e] <= 1.0]  # a gate scores a probability: above 1 it never opens
     held_back["cascade"].update({k: row[k] for k in ("agreement", "skip_fraction", "errors")})
     dropped = {**plan.dropped, **{e: f"exit {e} dropped: closed by the thresholds set on the running cascade"
                                    for e in exits if e not in kept}}

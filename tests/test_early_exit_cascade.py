@@ -380,7 +380,7 @@ def test_calibration_on_the_running_cascade_meets_the_budget(tiny_llama):
     held = split_calibration(calibration)[1]
     layers = CascadeCosts(1.0, 0.0, 0.0, 0.0, 0.0, 0.0, len(model.model.layers))
     plan = calibrate_on_cascade(model, calibration, min_agreement=0.99, features="logits", costs=layers, rounds=2)
-    assert plan.declined is None and plan.exits and plan.fill_maps
+    assert plan.declined is None and plan.exits  # exit 5 alone needs no map: layer 5's input is its state
     assert all(e in plan.exits for e, _ in plan.fill_maps)
     # on held-back states every map estimates its layer's input better than the exit state (0.17 vs 0.21 at 4 → 5)
     errors = [row for by_layer in plan.held_back["fill_error"].values() for row in by_layer.values()]
