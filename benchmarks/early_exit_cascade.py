@@ -4,9 +4,12 @@
    (its head on the full model's layer-E states, teacher-forced): top-1 agreement with the full model and perplexity,
    logit lens vs fitted translation (heads fitted on the first ¾ of `--calib` 512-token windows spread over
    train.txt, default 32: 24 × 512 tokens as in the issue, as `exit_gates.calibrate_cascade` fits them).
-2. Cascades calibrated at `--min-agreement` (default 0.99) on those calibration windows: "cost" (the exits and gate
-   features the cost model keeps, `cascade_costs` on this machine), and "max-skip" (every exit kept, logits gates,
-   thresholds chosen to skip the most decoder layers: what the gates can do when exit heads are free).
+2. Cascades calibrated at `--min-agreement` (default 0.99) on those calibration windows, skipped layers' K/V filled
+   through fitted maps (`exit_gates.fit_fill_maps`), thresholds re-set on the running cascade over the held-back
+   rows (`cascade.calibrate_on_cascade`): "cost" (the exits and gate features the cost model keeps, `cascade_costs`
+   on this machine) and "max-skip" (layer counts as prices, logits gates: what the gates can do when exit heads are
+   free); "max-skip-teacher-forced" is max-skip with its teacher-forced thresholds (before `recalibrate`), measured
+   with fitted fill maps and with the exit state as fill (`validation_fill_exit`).
    Each runs token by token over the validation windows with its own filled KV cache (`cascade.evaluate`,
    rows="each"): perplexity of its own logits against the full model's through the same loop, top-1 agreement,
    share of decoder-layer evaluations skipped, tokens per exit.
@@ -23,6 +26,7 @@ JSON (`--out`, default `benchmarks/results/early_exit_cascade.json`): {"device",
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -35,9 +39,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from llmcompress.cascade import cascade_generate, evaluate
+from llmcompress.cascade import calibrate_on_cascade, cascade_generate, evaluate, recalibrate
 from llmcompress.cost.device_profile import device_name
-from llmcompress.exit_gates import CascadeCosts, calibrate_cascade, cascade_costs
+from llmcompress.exit_gates import CascadeCosts, calibrate_cascade, cascade_costs, split_calibration
 from llmcompress.exit_heads import ExitHead, decoder_parts, fit_exit_heads, layer_states
 from llmcompress.testing.fixtures import (
     corpus_windows,
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", type=int, default=32)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--min-agreement", type=float, default=0.99)
+    parser.add_argument("--rounds", type=int, default=3, help="recalibrate's rounds on the running cascade")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -104,25 +109,33 @@ def main(argv: list[str] | None = None) -> int:
     costs = cascade_costs(model)
     layers_only = CascadeCosts(1.0, 0.0, 0.0, 0.0, 0.0, 0.0, parts.num_layers)
     cascades, plans = {}, {}
-    for name, kwargs in (("cost", {}), ("max-skip", {"features": "logits", "costs": layers_only})):
+    t = time.perf_counter()
+    teacher = calibrate_cascade(model, train, min_agreement=args.min_agreement, features="logits", costs=layers_only)
+    calibrate_s = time.perf_counter() - t
+    for name, calibrate in (
+            ("cost", lambda: calibrate_on_cascade(model, train, min_agreement=args.min_agreement,
+                                                  rounds=args.rounds)),
+            ("max-skip-teacher-forced", lambda: teacher),
+            ("max-skip", lambda: recalibrate(model, teacher, split_calibration(train)[1], rounds=args.rounds))):
         t = time.perf_counter()
-        plan = plans[name] = calibrate_cascade(model, train, min_agreement=args.min_agreement, **kwargs)
+        plan = plans[name] = calibrate()
         row = {"min_agreement": plan.min_agreement, "exits": plan.exits, "features": plan.features,
                "thresholds": {e: g.threshold for e, g in plan.gates.items()}, "dropped": plan.dropped,
                "declined": plan.declined, "held_back": plan.held_back, "predicted": plan.predicted,
-               "calibrate_s": time.perf_counter() - t}
-        if name == "max-skip":  # its "predicted" counted layers, not seconds: price its exits on this machine
+               "fill_maps": len(plan.fill_maps), "calibrate_s": time.perf_counter() - t + (
+                   calibrate_s if name.startswith("max-skip") else 0.0)}
+        if name.startswith("max-skip"):  # its "predicted" counted layers, not seconds
             row["predicted"] = {"note": "optimised for layer count; see held_back.skip_fraction"}
         if not plan.declined:
             v = evaluate(model, plan, val)
             v["perplexity_ratio"] = v["perplexity"] / full["perplexity"]
             row["validation"] = v
-            if name == "max-skip":  # the skipped layers' K/V from a state interpolated toward the exit's translation
-                vi = evaluate(model, plan, val, fill="interpolate")
-                vi["perplexity_ratio"] = vi["perplexity"] / full["perplexity"]
-                row["validation_fill_interpolate"] = vi
-                print(f"  fill=interpolate: agreement {vi['agreement']:.4f} perplexity {vi['perplexity']:.3f} "
-                      f"({100 * (vi['perplexity_ratio'] - 1):+.2f} %)", file=sys.stderr)
+            if name == "max-skip-teacher-forced":  # the skipped layers' K/V from the exit state itself (CALM)
+                ve = evaluate(model, dataclasses.replace(plan, fill_maps={}), val)
+                ve["perplexity_ratio"] = ve["perplexity"] / full["perplexity"]
+                row["validation_fill_exit"] = ve
+                print(f"  fill from the exit state: agreement {ve['agreement']:.4f} perplexity {ve['perplexity']:.3f} "
+                      f"({100 * (ve['perplexity_ratio'] - 1):+.2f} %) skip {ve['skip_fraction']:.3f}", file=sys.stderr)
             print(f"cascade {name}: exits {plan.exits} ({plan.features} gates) skip {v['skip_fraction']:.3f} "
                   f"agreement {v['agreement']:.4f} perplexity {v['perplexity']:.3f} "
                   f"({100 * (v['perplexity_ratio'] - 1):+.2f} %), exits {v['exits']}", file=sys.stderr)
@@ -166,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
            "setup": {"calibration": f"train.txt, {args.calib} x 512 (heads and gates on the first {args.calib - held},"
                                     f" thresholds on the last {held})",
                      "validation": f"{args.windows} x 512, token by token with the cascade's own KV cache",
-                     "prompts": args.prompts, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                     "rounds": args.rounds, "prompts": args.prompts, "new_tokens": args.new_tokens, "repeats": args.repeats,
                      "lowering": "eager (no torch.compile)", "costs_s": costs.__dict__},
            "exits": exits, "full_perplexity": full["perplexity"],
            "full_perplexity_one_pass": full["perplexity_one_pass"], "cascades": cascades, "decode": decode}

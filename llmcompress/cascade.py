@@ -22,10 +22,20 @@ from typing import Any
 import torch
 
 from llmcompress.errors import OptionError
-from llmcompress.exit_gates import CascadePlan
+from llmcompress.exit_gates import (
+    CascadePlan,
+    GateScores,
+    allowed_errors,
+    calibrate_cascade,
+    cascade_costs,
+    fit_thresholds,
+    simulate_cascade,
+    split_calibration,
+)
 from llmcompress.exit_heads import DecoderParts, check_ids, decoder_parts
 
 ROW_MODES = ("all", "each")
+_RECORD = "record"  # `calibrate_on_cascade`'s run: "each", plus every gate's score and exit top-1 for every row
 FILL_MODES = ("exit", "interpolate")
 
 
@@ -88,11 +98,16 @@ class _CascadeLayer(torch.nn.Module):
             return self._output(None, exited)
         out = self.layer(hidden_states, *args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
-        if self.rows == "each" and state.decode and bool(exited.any()):
+        if self.rows != "all" and state.decode and bool(exited.any()):
             self._fill(state.exit_hidden, exited, kwargs, append=False)
-        if self.gate is not None and state.decode and not bool(exited.all()):
-            logits = self.head.logits(self.parts, out) if self.gate.logits else None
-            confident = (self.gate.score(hidden_states, out, logits)[:, -1] >= self.gate.threshold) & ~exited
+        record = self.rows == _RECORD and self.gate is not None and state.decode
+        if self.gate is not None and state.decode and (record or not bool(exited.all())):
+            logits = self.head.logits(self.parts, out) if self.gate.logits or record else None
+            score = self.gate.score(hidden_states, out, logits if self.gate.logits else None)[:, -1]
+            if record:
+                self.stats.setdefault("records", {}).setdefault(self.index + 1, []).append(
+                    (score, logits[:, -1].argmax(-1)))
+            confident = (score >= self.gate.threshold) & ~exited
             if self.rows == "all":
                 confident = confident if bool(confident.all()) else torch.zeros_like(confident)
             if bool(confident.any()):
@@ -109,6 +124,8 @@ class _CascadeLayer(torch.nn.Module):
         if not bool(exited.any()):
             return out
         if self.index < self.num_layers - 1:
+            if self.rows == _RECORD:  # exited rows go on through the layers: later gates' records need their states
+                return out
             return state.exit_hidden if out is None else torch.where(exited[:, None, None], state.exit_hidden, out)
         if out is None:
             self._count(state.exit_layer)
@@ -163,6 +180,8 @@ class _CascadeLayer(torch.nn.Module):
 
     def _count(self, exit_layer: torch.Tensor) -> None:
         stats = self.stats
+        if self.rows == _RECORD:
+            stats.setdefault("exit_at", []).append(exit_layer.clone())
         stats["tokens"] = stats.get("tokens", 0) + exit_layer.numel()
         skipped = torch.where(exit_layer > 0, self.num_layers - exit_layer, 0)
         stats["layers_skipped"] = stats.get("layers_skipped", 0) + int(skipped.sum())
@@ -178,7 +197,7 @@ def cascade(model: torch.nn.Module, plan: CascadePlan, *, rows: str = "all", sta
     (decode-step rows), `layers_skipped` and `exits` {E: tokens}. A declined plan raises: nothing would change."""
     if fill not in FILL_MODES:
         raise OptionError(f"fill: {fill!r}; expected one of {', '.join(FILL_MODES)}")
-    if rows not in ROW_MODES:
+    if rows not in (*ROW_MODES, _RECORD):
         raise OptionError(f"rows: {rows!r}; expected one of {', '.join(ROW_MODES)}")
     if plan.declined:
         raise OptionError(f"early-exit cascade: the plan was {plan.declined}")
@@ -217,6 +236,19 @@ def cascade_generate(model: torch.nn.Module, input_ids: torch.Tensor, *, plan: C
     return (ids, stats) if return_stats else ids
 
 
+def _token_by_token(model: torch.nn.Module, windows: torch.Tensor):
+    """Teacher-forced through one DynamicCache: yields (t, float32 logits (n, vocab) predicting windows[:, t + 1])."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for t in range(windows.shape[1] - 1):
+        yield t, model(windows[:, t: t + 1], cache=cache, use_cache=True).logits[:, -1].float()
+
+
+def _full_top1(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    return torch.cat([model(w[None]).logits.argmax(-1) for w in windows])
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, plan: CascadePlan | None, windows: torch.Tensor, *,
              fill: str = "exit") -> dict[str, Any]:
@@ -224,24 +256,17 @@ def evaluate(model: torch.nn.Module, plan: CascadePlan | None, windows: torch.Te
     logits at each position, the filled cache included; the fixtures README's per-window mean), its top-1 agreement
     with the full model's logits on the same text, and the share of decoder-layer evaluations skipped. plan None:
     the full model through the same loop (for the baseline)."""
-    from transformers import DynamicCache
-
     windows = check_ids(windows, "windows")
     parts = decoder_parts(model)
     device = parts.lm_head.weight.device
     windows = windows.to(device)
-    full = torch.cat([model(w[None]).logits.argmax(-1) for w in windows])
+    full = _full_top1(model, windows)
     stats: dict[str, Any] = {}
     context = contextlib.nullcontext() if plan is None else cascade(model, plan, rows="each", stats=stats, fill=fill)
     losses = torch.zeros(windows.shape[0], dtype=torch.float64)
     agree = 0
     with context:
-        cache = DynamicCache(config=model.config)
-        out = model(windows[:, :1], cache=cache, use_cache=True)
-        for t in range(windows.shape[1] - 1):
-            if t > 0:
-                out = model(windows[:, t: t + 1], cache=cache, use_cache=True)
-            logits = out.logits[:, -1].float()
+        for t, logits in _token_by_token(model, windows):
             losses += torch.nn.functional.cross_entropy(logits, windows[:, t + 1], reduction="none").double().cpu()
             agree += int((logits.argmax(-1) == full[:, t]).sum())
     predicted = windows.shape[0] * (windows.shape[1] - 1)
@@ -250,3 +275,97 @@ def evaluate(model: torch.nn.Module, plan: CascadePlan | None, windows: torch.Te
     return {"perplexity": math.exp(losses.mean().item()), "agreement": agree / predicted,
             "skip_fraction": stats.get("layers_skipped", 0) / max(decode_tokens * parts.num_layers, 1),
             "exits": dict(sorted(stats.get("exits", {}).items())), "tokens": predicted}
+
+
+@torch.no_grad()
+def calibrate_on_cascade(model: torch.nn.Module, calibration: torch.Tensor, *, min_agreement: float,
+                         rounds: int = 4, **calibrate_kwargs: Any) -> CascadePlan:
+    """`exit_gates.calibrate_cascade` (heads, gates, fill maps, exits), then `recalibrate` on its held-back rows:
+    thresholds that hold where they are used, on the cascade's own filled cache."""
+    calibration = check_ids(calibration, "calibration")
+    plan = calibrate_cascade(model, calibration, min_agreement=min_agreement, **calibrate_kwargs)
+    if plan.declined:
+        return plan
+    return recalibrate(model, plan, split_calibration(calibration)[1], rounds=rounds)
+
+
+@torch.no_grad()
+def recalibrate(model: torch.nn.Module, plan: CascadePlan, held: torch.Tensor, *, rounds: int = 4) -> CascadePlan:
+    """Re-set the plan's thresholds on the running cascade over held-back ids (n, seq), token by token.
+
+    Teacher-forced thresholds (full-model states, full KV) do not hold in the cascade: an exited token's filled K/V
+    drift the later tokens' states, and with them the gates' scores and the answers of tokens that never exit (on
+    tiny-llama, thresholds meeting 0.99 teacher-forced gave 0.949 on validation). Each round runs the cascade with
+    the current thresholds (rows="each" plus a record of every gate's score and exit's top-1 for every row, states
+    taken on through the layers), counts its real errors against the full model, and sets the next thresholds on the
+    recorded scores (`exit_gates.fit_thresholds`, the plan's costs) charging each approximate K/V fill the errors
+    per fill measured so far among tokens that did not exit (the drift; 96 errors from 693 approximate fills on
+    tiny-llama's held-back rows, so the re-set thresholds keep mostly exits whose fill is exact). The fastest round
+    (predicted time on its records) whose real errors were within the budget is kept; when none was, the plan is
+    declined with the numbers. held_back["cascade"]: the kept round's agreement, skip_fraction and errors, and every
+    round's."""
+    if rounds < 1:
+        raise OptionError(f"rounds: {rounds!r}; expected an int ≥ 1")
+    if plan.declined:
+        raise OptionError(f"early-exit cascade: the plan was {plan.declined}")
+    parts = decoder_parts(model)
+    num_layers = parts.num_layers
+    held = check_ids(held, "held").to(parts.lm_head.weight.device)
+    costs = plan.costs if plan.costs is not None else cascade_costs(model)
+    logits, exits = plan.features == "logits", plan.exits
+    full = _full_top1(model, held)[:, :-1]
+    n = full.numel()
+    allowed = allowed_errors(n, plan.min_agreement)
+    thresholds = {e: plan.gates[e].threshold for e in exits}
+    history: list[dict[str, Any]] = []
+    best, drift_per_fill = None, 0.0
+    for _ in range(rounds):
+        trial = dataclasses.replace(plan, gates={e: g.with_threshold(thresholds[e]) for e, g in plan.gates.items()})
+        top1, exit_at, scores = _record(model, trial, held, full)
+        errors = int((top1 != full).sum())
+        drift = errors - sum(int(((exit_at.flatten() == e) & ~scores.agree[e]).sum()) for e in exits)
+        fills = torch.where(exit_at > 0, num_layers - exit_at - 1, 0).sum().item()
+        time = simulate_cascade(exits, thresholds, scores, costs, logits)[1]
+        skipped = torch.where(exit_at > 0, num_layers - exit_at, 0).sum().item()
+        history.append({"thresholds": {e: None if t == math.inf else t for e, t in thresholds.items()}, "errors": errors, "drift_errors": drift,
+                        "approximate_fills": fills, "agreement": 1 - errors / n,
+                        "skip_fraction": skipped / (n * num_layers), "predicted_s": time})
+        if errors <= allowed and (best is None or time < best[1]):
+            best = (dict(thresholds), time, history[-1])
+        if fills:  # a round with no approximate fill says nothing about their drift: keep the last estimate
+            drift_per_fill = max(drift, 0) / fills
+        scores.drift_per_fill = drift_per_fill
+        thresholds, _ = fit_thresholds(exits, scores, costs, logits, allowed)
+    held_back = {**plan.held_back, "cascade": {"tokens": n, "allowed_errors": allowed, "rounds": history}}
+    if best is None:
+        return dataclasses.replace(plan, heads={}, gates={}, held_back=held_back, declined=(
+            f"declined: no thresholds tried in {rounds} rounds kept top-1 agreement ≥ {plan.min_agreement} on the "
+            f"running cascade over the held-back rows (budget {allowed:.1f} errors of {n}; fewest "
+            f"{min(h['errors'] for h in history)})"))
+    thresholds, time, row = best
+    kept = [e for e in exits if thresholds[e] <= 1.0]  # a gate scores a probability: above 1 it never opens
+    held_back["cascade"].update({k: row[k] for k in ("agreement", "skip_fraction", "errors")})
+    dropped = {**plan.dropped, **{e: f"exit {e} dropped: closed by the thresholds set on the running cascade"
+                                   for e in exits if e not in kept}}
+    return dataclasses.replace(
+        plan, heads={e: plan.heads[e] for e in kept}, gates={e: plan.gates[e].with_threshold(thresholds[e])
+                                                            for e in kept},
+        fill_maps={k: m for k, m in plan.fill_maps.items() if k[0] in kept}, held_back=held_back, dropped=dropped,
+        predicted={"cascade_s": time, "full_s": costs.full, "speedup": costs.full / time},
+        declined=None if kept else "declined: the running cascade's thresholds closed every exit")
+
+
+def _record(model: torch.nn.Module, plan: CascadePlan, windows: torch.Tensor, full: torch.Tensor):
+    """The cascade over windows (n, seq) with records → (its top-1 (n, seq − 1), exit per token (0: none),
+    `GateScores` of every gate on every token, agreement of each exit with `full` (n, seq − 1))."""
+    stats: dict[str, Any] = {}
+    top1 = []
+    with cascade(model, plan, rows=_RECORD, stats=stats):
+        for _, logits in _token_by_token(model, windows):
+            top1.append(logits.argmax(-1))
+    exit_at = torch.stack(stats["exit_at"], 1).flatten()
+    score, agree = {}, {}
+    for e, steps in stats["records"].items():
+        score[e] = torch.stack([s for s, _ in steps], 1).flatten().double()
+        agree[e] = torch.stack([a for _, a in steps], 1).flatten() == full.flatten()
+    return torch.stack(top1, 1), exit_at.view_as(full), GateScores(score, agree)
