@@ -25,7 +25,7 @@ import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from llmcompress.errors import OptionError
-from llmcompress.exit_gates import CascadePlan, Gate, calibrate_from_states, check_min_agreement
+from llmcompress.exit_gates import CascadePlan, Gate, calibrate_from_states, check_min_agreement, fit_fill_maps
 from llmcompress.exit_heads import DecoderParts, ExitHead, check_exit_layer, fit_heads_from_states
 from llmcompress.passes.base import Pass, PassContext, PassResult
 from llmcompress.passes.early_exit.costs import graph_costs
@@ -135,7 +135,8 @@ class EarlyExitPass(Pass):
             (e,) = exits
             head = None if plan is None else plan.heads[e]
             translation = None if head is None else (head.weight, head.bias)
-            return [ExitParts(e, translation, None, o.gate == "open", {})]
+            fills = {} if plan is None else {i: (m.weight, m.bias) for (x, i), m in plan.fill_maps.items() if x == e}
+            return [ExitParts(e, translation, None, o.gate == "open", fills)]
         out = []
         for e in plan.exits:
             fills = {i: (m.weight, m.bias) for (x, i), m in plan.fill_maps.items() if x == e}
@@ -242,9 +243,9 @@ def _calibrate(gm: torch.fx.GraphModule, ctx: PassContext, dg: DecoderGraph, exi
     if o.gate == "calibrated":
         plan = calibrate_from_states(parts, fit, back, min_agreement=o.min_agreement, candidates=exits,
                                      features=o.features, hidden_units=o.hidden_units, costs=costs)
-    else:  # forced gate: only the exit head, fitted on every row
+    else:  # forced gate: the exit head and the skipped layers' fill maps, fitted on every row
         plan = CascadePlan(fit_heads_from_states(states, exits, dtype=dtype), {}, o.min_agreement, "forced", {}, {},
-                           {}, None)
+                           {}, None, fit_fill_maps(states, exits, dtype=dtype))
     info: dict[str, Any] = {"calibration tokens": int(states[0].shape[0] * states[0].shape[1]),
                             "held-back tokens": int(held * states[0].shape[1]),
                             "exit agreement (held-back, lens vs fitted)": _agreement(parts, fit, back, exits, dtype)}

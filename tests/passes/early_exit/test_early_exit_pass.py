@@ -76,11 +76,11 @@ def _assert_caches_equal(got, want, atol=1e-5):
         assert int(g.cumulative_length) == int(w.cumulative_length), i
 
 
-def _open_plan(heads: dict[int, ExitHead]) -> CascadePlan:
+def _open_plan(heads: dict[int, ExitHead], fill_maps: dict | None = None) -> CascadePlan:
     """Every decode step exits at the head's layer (sigmoid ≥ −inf)."""
     f = HIDDEN + 3
     gates = {e: Gate(e, torch.zeros(f), 0.0, torch.zeros(f), torch.ones(f), False, -math.inf) for e in heads}
-    return CascadePlan(heads, gates, 0.99, "hidden", {}, {}, {}, None)
+    return CascadePlan(heads, gates, 0.99, "hidden", {}, {}, {}, None, fill_maps or {})
 
 
 def _decisions(report_path) -> list[list[dict]]:
@@ -125,10 +125,12 @@ def test_open_gate_is_the_model_level_cascade(exit_layer, head, lowering):
     assert branches.counts == {exit_layer: 4}
     heads = ({exit_layer: ExitHead.identity(exit_layer, HIDDEN, eager.lm_head.weight)} if head == "lens"
              else branches.plan.heads)
-    if head == "fitted":
+    fill_maps = {} if head == "lens" else branches.plan.fill_maps
+    if head == "fitted":  # fitted head and fill maps (skipped layers 3 … L-1 fed the map of the exit state)
         assert not torch.allclose(heads[exit_layer].weight, torch.eye(HIDDEN))
+        assert sorted(fill_maps) == [(exit_layer, i) for i in range(exit_layer + 1, LAYERS)]
     stats: dict = {}
-    with cascade(eager, _open_plan(heads), stats=stats):
+    with cascade(eager, _open_plan(heads, fill_maps), stats=stats):
         want, want_cache = _steps(eager, prompt, tokens, _static(eager))
     assert stats["layers_skipped"] == 2 * 4 * (LAYERS - exit_layer)
     torch.testing.assert_close(torch.cat(got), torch.cat(want), rtol=1e-4, atol=1e-4)
