@@ -158,7 +158,7 @@ class CascadeCosts:
 def cascade_costs(model: torch.nn.Module, hardware: str = "auto") -> CascadeCosts:
     parts = decoder_parts(model)
     weight = parts.lm_head.weight
-    dtype, hidden = weight.dtype, weight.shape[1]
+    dtype = weight.dtype
     cost = CostModel(resolve(hardware, weight.device))
     leaves = [[m for m in layer.modules() if next(m.parameters(recurse=False), None) is not None]
               for layer in parts.layers]
@@ -166,13 +166,22 @@ def cascade_costs(model: torch.nn.Module, hardware: str = "auto") -> CascadeCost
     head = weights_time(cost, [parts.norm, parts.lm_head], dtype)
     fill = sum(weights_time(cost, [lay.input_layernorm, lay.self_attn.k_proj, lay.self_attn.v_proj], dtype)
                for lay in parts.layers) / len(parts.layers)
-    translation = cost.kernel_time(2 * hidden * hidden, hidden * (hidden + 1) * weight.element_size(), dtype, rows=1)
+    return priced_cascade(cost, weight, layer=layer, head=head, fill=fill, num_layers=parts.num_layers)
+
+
+def priced_cascade(cost: CostModel, lm_head_weight: torch.Tensor, *, layer: float, head: float, fill: float,
+                   num_layers: int) -> CascadeCosts:
+    """The cascade's prices from the measured-by-weights parts (a layer, the final norm + LM head, one K/V fill):
+    the translation and gate terms priced in one place, for HF modules (`cascade_costs`) and for a graph's weights
+    (the `early-exit` pass). lm_head_weight: (vocab, hidden), a real or fake tensor (its shape and dtype)."""
+    dtype, (vocab, hidden) = lm_head_weight.dtype, lm_head_weight.shape
+    translation = cost.kernel_time(2 * hidden * hidden, hidden * (hidden + 1) * lm_head_weight.element_size(), dtype,
+                                   rows=1)
     # features: ~6 elementwise passes over the state + one dot product of hidden + 3 weights
     gate_hidden = cost.kernel_time(14 * hidden, 8 * hidden, torch.float32, launches=6)
     # the logits gate also translates, normalises and runs the LM head, then softmax / top-2 / entropy over the vocab
-    vocab = weight.shape[0]
     gate_logits = gate_hidden + translation + head + cost.kernel_time(6 * vocab, 8 * vocab, torch.float32, launches=4)
-    return CascadeCosts(layer, head, translation, fill, gate_hidden, gate_logits, parts.num_layers)
+    return CascadeCosts(layer, head, translation, fill, gate_hidden, gate_logits, num_layers)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """`graph_costs`: the cascade's `exit_gates.CascadeCosts` priced from a decode graph's own weights (the model-level
 `exit_gates.cascade_costs` prices HF modules; the pass has only the graph). Same roofline terms: one row (M = 1),
-every weight read once, 2 FLOP per weight, one launch per weight."""
+every weight read once, 2 FLOP per weight, one launch per weight; the translation and gates are priced by
+`exit_gates.priced_cascade`, as for the modules."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import torch.fx
 
 from llmcompress.cost.roofline import CostModel
-from llmcompress.exit_gates import CascadeCosts
+from llmcompress.exit_gates import CascadeCosts, priced_cascade
 from llmcompress.passes.early_exit.structure import DecoderGraph, layer_of
 
 
@@ -28,7 +29,7 @@ def graph_costs(gm: torch.fx.GraphModule, dg: DecoderGraph, cost: CostModel, hea
                 fill_nodes: list[set[torch.fx.Node]]) -> CascadeCosts:
     """head_nodes: the final norm + LM head; fill_nodes[i]: layer i's K/V path (the backward slice of its writes)."""
     weight = dg.head_weight.meta["val"]
-    dtype, hidden, vocab = weight.dtype, weight.shape[1], weight.shape[0]
+    dtype = weight.dtype
     by_layer: list[list[torch.fx.Node]] = [[] for _ in range(dg.num_layers)]
     for n in gm.graph.nodes:
         i = layer_of(n)
@@ -37,9 +38,4 @@ def graph_costs(gm: torch.fx.GraphModule, dg: DecoderGraph, cost: CostModel, hea
     layer = sum(_time(cost, _weights(ns), dtype) for ns in by_layer) / dg.num_layers
     head = _time(cost, _weights(head_nodes), dtype)
     fill = sum(_time(cost, _weights(ns), dtype) for ns in fill_nodes) / dg.num_layers
-    translation = cost.kernel_time(2 * hidden * hidden, hidden * (hidden + 1) * weight.element_size(), dtype, rows=1)
-    # as exit_gates.cascade_costs: the features are ~6 elementwise passes over the state; a logits gate also
-    # translates, normalises, runs the LM head and a softmax / top-k / entropy over the vocabulary
-    gate_hidden = cost.kernel_time(14 * hidden, 8 * hidden, torch.float32, launches=6)
-    gate_logits = gate_hidden + translation + head + cost.kernel_time(6 * vocab, 8 * vocab, torch.float32, launches=4)
-    return CascadeCosts(layer, head, translation, fill, gate_hidden, gate_logits, dg.num_layers)
+    return priced_cascade(cost, weight, layer=layer, head=head, fill=fill, num_layers=dg.num_layers)
