@@ -3,7 +3,7 @@
 `moe-prune` chooses the experts; this takes the others out of the graph. The router becomes `aten.linear(x, W[kept])`
 (kept, H), so the softmax runs over the kept logits only (the kept experts renormalised, exactly as the −inf mask
 did) and the top-k picks positions in the kept list; the experts' 3-D weights become their kept rows; and the
-block's nodes between the router and the experts' output (`fuse_moe._experts_output`, `_region`) are copied onto
+block's nodes between the router and the experts' output (`region.experts_output`, `block_region`) are copied onto
 them, their fake values recomputed and the one count of experts they carry as a constant (the grouped matmul's
 `histc` bins, transformers' `torch.histc(ids, bins=E, min=0, max=E - 1)`) set to the kept count. Whatever reads the
 new block (`fuse-moe`, `quantize-linear`) sees an ordinary block of `len(kept)` experts; the router node's meta
@@ -29,7 +29,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from llmcompress.fx_utils import fake_value
 from llmcompress.passes.base import PassContext
 from llmcompress.passes.moe.blocks import EXPERT_IDS, ORIGINALS, MoEBlock
-from llmcompress.passes.moe.fuse_moe import _VERIFY_RTOL, _concrete, _experts_output, _region
+from llmcompress.passes.moe.region import VERIFY_RTOL, Region, block_region, concrete_size, experts_output, run_nodes
 
 aten = torch.ops.aten
 _PROVENANCE = ("nn_module_stack", "stack_trace")
@@ -44,10 +44,10 @@ def remove_experts(gm: torch.fx.GraphModule, ctx: PassContext, block: MoEBlock, 
     masked: what the −inf mask would put in the graph, the reference of the check: {"weight": (E, H), "bias": (E,)
       0 / −inf (plus the router's own bias), "down": (E, H, I)}.
     """
-    out = _experts_output(block)
+    out = experts_output(block)
     if out is None:
         return "no single node carries the experts' output (unknown block shape)"
-    region = _region(block, out)
+    region = block_region(block, out)
     if region is None:
         return "the block reads graph inputs other than its hidden states (unknown block shape)"
     inside = set(region.nodes)
@@ -122,10 +122,10 @@ def _undo(gm: torch.fx.GraphModule, ctx: PassContext, added: list[torch.fx.Node]
             delattr(gm, n.target)
 
 
-def _check(ctx: PassContext, block: MoEBlock, region: Any, out: torch.fx.Node, env: dict[torch.fx.Node, Any],
+def _check(ctx: PassContext, block: MoEBlock, region: Region, out: torch.fx.Node, env: dict[torch.fx.Node, Any],
            masked: dict[str, torch.Tensor | None]) -> str | None:
     """Run the masked block and its sliced copy on random hidden states; None when they agree."""
-    shape = [_concrete(d, ctx) for d in region.source.meta["val"].shape]
+    shape = [concrete_size(d, ctx) for d in region.source.meta["val"].shape]
     if None in shape:
         return "the hidden states' shape is unknown at compile time (the slice cannot be checked)"
     x = block.router.args[0]
@@ -134,37 +134,20 @@ def _check(ctx: PassContext, block: MoEBlock, region: Any, out: torch.fx.Node, e
         device = ctx.weights.value(block.gate_up).device
         xs = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
         try:
-            values = _run(ctx, region.to_router, {region.source: xs})
+            values = run_nodes(ctx, region.to_router, {region.source: xs})
             rdtype = block.router.meta["val"].dtype
             bias = None if masked["bias"] is None else masked["bias"].to(rdtype)
             reference = {**values, block.router: F.linear(values[x], masked["weight"].to(rdtype), bias),
                          block.down: masked["down"]}
-            expected = _run(ctx, region.nodes, reference)[out]
-            sliced = _run(ctx, [env[block.router], *(env[n] for n in region.nodes)], dict(values))
+            expected = run_nodes(ctx, region.nodes, reference)[out]
+            sliced = run_nodes(ctx, [env[block.router], *(env[n] for n in region.nodes)], dict(values))
             got = sliced[env[out]]
         except Exception as err:  # noqa: BLE001 - a block we cannot run is a block we do not slice
             return f"the sliced block could not be checked ({type(err).__name__}: {err})"
         scale = float(expected.float().abs().amax().clamp_min(1e-6))
         err = float((got.float() - expected.float()).abs().amax()) / scale
-        tolerance = _VERIFY_RTOL.get(dtype, 1e-4)
+        tolerance = VERIFY_RTOL.get(dtype, 1e-4)
         if err > tolerance:
             return f"the sliced block differs from the masked one by {err:.2e} of its max (tolerance {tolerance:.0e})"
     return None
 
-
-def _run(ctx: PassContext, nodes: list[torch.fx.Node], env: dict[torch.fx.Node, Any]) -> dict[torch.fx.Node, Any]:
-    """Evaluate `nodes` in order on real tensors; constants from `ctx.weights`, size symbols from `ctx.sizes`."""
-    def value(a: torch.fx.Node) -> Any:
-        if a not in env:
-            if a.op == "get_attr":
-                env[a] = ctx.weights.value(a)
-            elif a.op == "placeholder":
-                env[a] = _concrete(a.meta["val"], ctx)
-            else:
-                raise KeyError(f"{a.name} is computed outside the block")
-        return env[a]
-
-    for n in nodes:
-        if n not in env:
-            env[n] = n.target(*torch.fx.node.map_arg(n.args, value), **torch.fx.node.map_arg(n.kwargs, value))
-    return env
