@@ -3,11 +3,12 @@
 
 Blocks come from `blocks.find_blocks` (a softmax top-k router on a frozen (E, H) weight, and frozen 3-D experts
 `<block>.experts.gate_up_proj` (E, 2I, H) / `down_proj` (E, H, I) beside it). The experts' output is the node every
-path from the expert weights to the rest of the graph goes through (`_experts_output`: the post-dominator of the two
-weights), so a shared expert added after it (Qwen2-MoE) stays as it is. Every rewrite is checked before it is kept:
-the block's original subgraph and the two ops run on random hidden states at the compile's sizes, and the expert
-ids and outputs must agree (`_verify`); a block that does not, or whose subgraph reads anything but the hidden
-states and constants, is left as it is with the reason in the report — never rewritten wrongly.
+path from the expert weights to the rest of the graph goes through (`region.experts_output`: the post-dominator of
+the two weights), so a shared expert added after it (Qwen2-MoE) stays as it is. Every rewrite is checked before it
+is kept: the block's original subgraph and the two ops run on random hidden states at the compile's sizes
+(`region.run_nodes`), and the expert ids and outputs must agree (`_verify`); a block that does not, or whose
+subgraph reads anything but the hidden states and constants, is left as it is with the reason in the report — never
+rewritten wrongly.
 
 Where it pays: `kernels/moe_path.choose_moe_path` gives the op's GEMV/GEMM switch and block size; with `objective:
 speed` (default) the cost model must price the two ops no slower than the nodes they replace at the compile's sizes
@@ -21,12 +22,10 @@ import dataclasses
 import operator
 from typing import Any, ClassVar, Literal
 
-import sympy
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from llmcompress.cost.roofline import sym
 from llmcompress.errors import OptionError
 from llmcompress.fx_utils import call, finish_rewrite, grouped_matmul_ops
 from llmcompress.kernels import moe_experts as _experts_op  # noqa: F401  (registers llmcompress::moe_experts)
@@ -37,12 +36,10 @@ from llmcompress.kernels.moe_load_counters import drop_counter, new_counter, zer
 from llmcompress.kernels.moe_path import choose_moe_path
 from llmcompress.passes.base import Pass, PassContext, PassResult
 from llmcompress.passes.moe.blocks import MoEBlock, find_blocks
+from llmcompress.passes.moe.region import VERIFY_RTOL, Region, block_region, concrete_size, experts_output, run_nodes
 from llmcompress.passes.moe.skip_option import SkipChoice, apply_skip_fallback, skip_choices
 
 ops = torch.ops.llmcompress
-# The tolerance of `_verify` relative to the block output's scale: the ops accumulate in fp32 and round once, the
-# eager experts round after each product, so a 16-bit block differs by a few of its ulps (2^-8 for bf16).
-_VERIFY_RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}
 FUSE_META = "llmcompress.moe"
 # On a CPU both sides are host loops over the experts, which one roofline launch per op does not price. Counted from
 # the code: `moe_experts`' CPU path runs 7 torch ops per expert that received tokens (gather x, gate-up mm, SiLU,
@@ -116,7 +113,7 @@ class FuseMoePass(Pass):
         changed = False
         blocks = find_blocks(gm, ctx.weights)
         o = self.options
-        outputs = {b.router: _experts_output(b) for b in blocks if b.why is None}
+        outputs = {b.router: experts_output(b) for b in blocks if b.why is None}
         skips = skip_choices(gm, ctx, blocks, o.skip_beta, o.skip_budget, o.skip_compensate, outputs, stats,
                              self.cache_key)
         for block in blocks:
@@ -153,7 +150,7 @@ class FuseMoePass(Pass):
                 why += ("; if the model runs transformers' `eager` experts loop, its graph breaks there and the experts "
                         "never reach this graph: model.set_experts_implementation('grouped_mm') keeps the block whole")
             return {**info, "why": why}
-        out = _experts_output(block)
+        out = experts_output(block)
         if out is None:
             return {**info, "why": "no single node carries the experts' output (unknown block shape)"}
         x = block.router.args[0]
@@ -171,10 +168,10 @@ class FuseMoePass(Pass):
         triton = getattr(ctx.config, "lowering", None) == "triton"
         device = "cuda" if gate_up.device.type == "cuda" or triton else "cpu"
         path = choose_moe_path(ctx.cost_model, int(h), int(i2) // 2, int(e), block.k, dtype, device)
-        tokens = _concrete(x_val.shape[0], ctx)
+        tokens = concrete_size(x_val.shape[0], ctx)
         info.update(device=device, tokens=tokens, block_m=path.block_m, gemv_max_tokens=path.gemv_max_tokens,
                     path=path.path_at(max(tokens or 1, 1)), priced=path.priced)
-        region = _region(block, out)
+        region = block_region(block, out)
         if region is None:
             return {**info, "why": "the block reads graph inputs other than its hidden states (unknown block shape)"}
         with gm.graph.inserting_before(out):
@@ -254,107 +251,7 @@ class FuseMoePass(Pass):
         return call(gm.graph, ctx.fake_mode, ops.moe_count_load.default, (parts[0], parts[1], key), {})
 
 
-def _experts_output(block: MoEBlock) -> torch.fx.Node | None:
-    """The first node, in graph order, that every path from the expert weights to the rest of the graph passes
-    through: the experts' combined (T, H) output. Walks the weights' descendants keeping the set of nodes whose
-    users are not all visited; the first node that is the only one left, after the down projection was read, with
-    the router input's (T, H) shape (before it: the per-slot (T·k, H) products), is it."""
-    graph_nodes = list(block.router.graph.nodes)
-    order = {n: i for i, n in enumerate(graph_nodes)}
-    sources = {block.gate_up, block.down}
-    reached = set(sources)
-    live = set(sources)
-    seen_down = False
-    start = min(order[u] for s in sources for u in s.users)
-    for n in graph_nodes[start:]:
-        if not any(isinstance(a, torch.fx.Node) and a in reached for a in n.all_input_nodes):
-            continue
-        reached.add(n)
-        seen_down |= block.down in n.all_input_nodes
-        live.add(n)
-        live = {m for m in live if any(order[u] > order[n] for u in m.users)}
-        if seen_down and live == {n} and n.op == "call_function" and _same_shape(n, block.router.args[0]):
-            return n
-        if not live:
-            return None
-    return None
-
-
-def _same_shape(a: torch.fx.Node, b: torch.fx.Node) -> bool:
-    va, vb = a.meta.get("val"), b.meta.get("val")
-    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and tuple(va.shape) == tuple(vb.shape)
-
-
-def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
-    seen: set[torch.fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
-
-
-@dataclasses.dataclass
-class _Region:
-    nodes: list[torch.fx.Node]
-    """What the rewrite replaces: `out`'s ancestors down to the block input, the router linear and constants
-    excluded (the ops read those), in graph order."""
-    source: torch.fx.Node
-    """The one tensor the block's nodes read from before it (the hidden states, often (B, S, H) before the views
-    the router and the experts each take of it)."""
-    to_router: list[torch.fx.Node]
-    """The nodes from `source` to the router input, in graph order (the views), for `_verify`."""
-
-
-def _region(block: MoEBlock, out: torch.fx.Node) -> _Region | None:
-    """The block's region, or None when it reads any tensor computed before it other than one source of the
-    router input (e.g. a graph input, or a second tensor)."""
-    x = block.router.args[0]
-    before = _ancestors(x)
-    region: set[torch.fx.Node] = set()
-    frontier: set[torch.fx.Node] = set()
-    stack = [out]
-    while stack:
-        n = stack.pop()
-        if n in region or n is block.router:
-            continue
-        if n in before:
-            if isinstance(n.meta.get("val"), torch.Tensor):
-                frontier.add(n)
-            continue
-        if n.op == "placeholder":
-            if isinstance(n.meta.get("val"), torch.Tensor):
-                return None
-            continue  # a size symbol (dynamic shapes): bound from the example sizes in `_verify`
-        if n.op == "get_attr":
-            continue
-        region.add(n)
-        stack.extend(n.all_input_nodes)
-    # The frontier lies on the router input's ancestry (the hidden states and the views of them the router and the
-    # experts each take): its most upstream node is the source, and every other frontier node derives from it.
-    source = next((f for f in frontier if all(f in _ancestors(g) for g in frontier)), None)
-    if source is None:
-        return None
-    chain = {n for n in before if source in _ancestors(n)} - {source} if source is not x else set()
-    for n in chain:
-        for a in n.all_input_nodes:
-            if not (a in chain or a is source or a.op == "get_attr"
-                    or (a.op == "placeholder" and not isinstance(a.meta.get("val"), torch.Tensor))):
-                return None  # the views read another tensor: not a block we can run alone
-    order = list(out.graph.nodes)
-    return _Region([n for n in order if n in region], source, [n for n in order if n in chain])
-
-
-def _concrete(x: Any, ctx: PassContext) -> int | None:
-    expr = sym(x)
-    if ctx.sizes:
-        expr = expr.subs({(sympy.Symbol(k) if isinstance(k, str) else k): v for k, v in ctx.sizes.items()})
-    return None if expr.free_symbols else int(expr)
-
-
-def _verify(ctx: PassContext, block: MoEBlock, out: torch.fx.Node, x: torch.fx.Node, region: _Region,
+def _verify(ctx: PassContext, block: MoEBlock, out: torch.fx.Node, x: torch.fx.Node, region: Region,
             tokens: int | None, new_ids: torch.fx.Node, fused: torch.fx.Node) -> str | None:
     """Run the original region and the inserted nodes (the two ops, with the very arguments they got) on random
     hidden states; None when they agree, else what differs.
@@ -364,39 +261,18 @@ def _verify(ctx: PassContext, block: MoEBlock, out: torch.fx.Node, x: torch.fx.N
     if tokens is None:
         return "token count unknown at compile time"
     val, src = x.meta["val"], region.source.meta["val"]
-    shape = [_concrete(d, ctx) for d in src.shape]
+    shape = [concrete_size(d, ctx) for d in src.shape]
     if None in shape:
         return "the hidden states' shape is unknown at compile time"
     with unset_fake_temporarily():
         gen = torch.Generator().manual_seed(0)
         xs = torch.randn(shape, generator=gen).to(src.dtype)
         env: dict[torch.fx.Node, Any] = {region.source: xs.to(ctx.weights.value(block.gate_up).device)}
-
-        def value(a: Any) -> Any:
-            if isinstance(a, torch.fx.Node):
-                if a not in env:
-                    if a.op == "get_attr":
-                        env[a] = ctx.weights.value(a)
-                    elif a.op == "placeholder":
-                        env[a] = _concrete(a.meta["val"], ctx)
-                    else:
-                        env[a] = run(a)
-                return env[a]
-            if isinstance(a, (list, tuple)):
-                return type(a)(value(b) for b in a)
-            if isinstance(a, dict):
-                return {k: value(b) for k, b in a.items()}
-            return a
-
-        def run(n: torch.fx.Node) -> Any:
-            return n.target(*value(n.args), **value(n.kwargs))
-
-        try:
-            for n in [*region.to_router, block.router, *region.nodes]:
-                env[n] = run(n)
+        try:  # the inserted ops last: `run_nodes` evaluates their arguments (routing, counter) on demand
+            run_nodes(ctx, [*region.to_router, block.router, *region.nodes, fused, new_ids], env)
             expected = env[out]
             logits = env[block.router]
-            got, ids = value(fused), value(new_ids)
+            got, ids = env[fused], env[new_ids]
         except Exception as err:  # noqa: BLE001 - a block we cannot run is a block we do not rewrite
             return f"could not run the block ({type(err).__name__}: {err})"
         if block.indices is not None and block.indices in env:
@@ -411,8 +287,8 @@ def _verify(ctx: PassContext, block: MoEBlock, out: torch.fx.Node, x: torch.fx.N
                 return f"expert ids differ on {int((~same & clear).sum())} of {tokens} tokens"
         scale = float(expected.float().abs().amax().clamp_min(1e-6))
         err = float((got.float() - expected.float()).abs().amax()) / scale
-        if err > _VERIFY_RTOL[val.dtype]:
-            return f"outputs differ by {err:.2e} of their max (tolerance {_VERIFY_RTOL[val.dtype]:.0e})"
+        if err > VERIFY_RTOL[val.dtype]:
+            return f"outputs differ by {err:.2e} of their max (tolerance {VERIFY_RTOL[val.dtype]:.0e})"
     return None
 
 
