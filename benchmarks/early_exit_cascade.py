@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", type=int, default=32)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--min-agreement", type=float, default=0.99)
+    parser.add_argument("--max-perplexity-increase", type=float, default=0.02,
+                        help="the perplexity budget of the 'cost' and 'max-skip' cascades (0.02: +2 %%)")
     parser.add_argument("--rounds", type=int, default=3, help="recalibrate's rounds on the running cascade")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -110,16 +112,22 @@ def main(argv: list[str] | None = None) -> int:
     layers_only = CascadeCosts(1.0, 0.0, 0.0, 0.0, 0.0, 0.0, parts.num_layers)
     cascades, plans = {}, {}
     t = time.perf_counter()
-    teacher = calibrate_cascade(model, train, min_agreement=args.min_agreement, features="logits", costs=layers_only)
+    budget = args.max_perplexity_increase
+    teacher = calibrate_cascade(model, train, min_agreement=args.min_agreement, features="logits", costs=layers_only,
+                                max_perplexity_increase=budget)
     calibrate_s = time.perf_counter() - t
     for name, calibrate in (
             ("cost", lambda: calibrate_on_cascade(model, train, min_agreement=args.min_agreement,
-                                                  rounds=args.rounds)),
+                                                  rounds=args.rounds, max_perplexity_increase=budget)),
             ("max-skip-teacher-forced", lambda: teacher),
-            ("max-skip", lambda: recalibrate(model, teacher, split_calibration(train)[1], rounds=args.rounds))):
+            ("max-skip", lambda: recalibrate(model, teacher, split_calibration(train)[1], rounds=args.rounds)),
+            ("max-skip-agreement-only", lambda: recalibrate(
+                model, dataclasses.replace(teacher, max_perplexity_increase=None),
+                split_calibration(train)[1], rounds=args.rounds))):
         t = time.perf_counter()
         plan = plans[name] = calibrate()
-        row = {"min_agreement": plan.min_agreement, "exits": plan.exits, "features": plan.features,
+        row = {"min_agreement": plan.min_agreement, "max_perplexity_increase": plan.max_perplexity_increase,
+               "temperatures": plan.temperatures, "exits": plan.exits, "features": plan.features,
                "thresholds": {e: g.threshold for e, g in plan.gates.items()}, "dropped": plan.dropped,
                "declined": plan.declined, "held_back": plan.held_back, "predicted": plan.predicted,
                "fill_maps": len(plan.fill_maps), "calibrate_s": time.perf_counter() - t + (

@@ -26,9 +26,11 @@ from llmcompress.exit_gates import (
     CascadePlan,
     GateScores,
     allowed_errors,
+    allowed_nll,
     calibrate_cascade,
     cascade_costs,
     fit_thresholds,
+    kl_to_full,
     simulate_cascade,
     split_calibration,
 )
@@ -105,8 +107,11 @@ class _CascadeLayer(torch.nn.Module):
             logits = self.head.logits(self.parts, out) if self.gate.logits or record else None
             score = self.gate.score(hidden_states, out, logits if self.gate.logits else None)[:, -1]
             if record:
+                target = self.stats.get("target_logp")
+                kl = None if target is None else kl_to_full(
+                    target, self.plan.output_logits(self.index + 1, logits[:, -1]))
                 self.stats.setdefault("records", {}).setdefault(self.index + 1, []).append(
-                    (score, logits[:, -1].argmax(-1)))
+                    (score, logits[:, -1].argmax(-1), kl))
             confident = (score >= self.gate.threshold) & ~exited
             if self.rows == "all":
                 confident = confident if bool(confident.all()) else torch.zeros_like(confident)
@@ -213,9 +218,23 @@ def cascade(model: torch.nn.Module, plan: CascadePlan, *, rows: str = "all", sta
     state, stats = _State(), ({} if stats is None else stats)
     for i, layer in enumerate(originals):
         layers[i] = _CascadeLayer(layer, i, plan, parts, state, rows, stats, fill)
+
+    def tempered(module: torch.nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        """An exited row's logits are its exit's divided by the exit's temperature (`CascadePlan.output_logits`)."""
+        if not state.decode or state.exit_layer is None or not plan.temperatures or not bool(
+                (state.exit_layer > 0).any()):
+            return out
+        out = out.clone()
+        for e in state.exit_layer[state.exit_layer > 0].unique().tolist():
+            rows = state.exit_layer == e
+            out[rows] = plan.output_logits(e, out[rows])
+        return out
+
+    handle = parts.lm_head.register_forward_hook(tempered)
     try:
         yield stats
     finally:
+        handle.remove()
         for i, layer in enumerate(originals):
             layers[i] = layer
 
@@ -236,13 +255,21 @@ def cascade_generate(model: torch.nn.Module, input_ids: torch.Tensor, *, plan: C
     return (ids, stats) if return_stats else ids
 
 
-def _token_by_token(model: torch.nn.Module, windows: torch.Tensor):
-    """Teacher-forced through one DynamicCache: yields (t, float32 logits (n, vocab) predicting windows[:, t + 1])."""
+def _token_by_token(model: torch.nn.Module, windows: torch.Tensor, before_step: Any = None):
+    """Teacher-forced through one DynamicCache: yields (t, float32 logits (n, vocab) predicting windows[:, t + 1]);
+    before_step(t), when given, is called before step t's forward."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     for t in range(windows.shape[1] - 1):
+        if before_step is not None:
+            before_step(t)
         yield t, model(windows[:, t: t + 1], cache=cache, use_cache=True).logits[:, -1].float()
+
+
+def _full_logp(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """(n, seq − 1, vocab) float32 log-probabilities of the full model at every position but the last."""
+    return torch.cat([torch.log_softmax(model(w[None]).logits[:, :-1].float(), -1) for w in windows])
 
 
 def _full_top1(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
@@ -316,35 +343,50 @@ def recalibrate(model: torch.nn.Module, plan: CascadePlan, held: torch.Tensor, *
     full = _full_top1(model, held)[:, :-1]
     n = full.numel()
     allowed = allowed_errors(n, plan.min_agreement)
+    budget_kl = plan.max_perplexity_increase is not None
+    allowed_kl = allowed_nll(n, plan.max_perplexity_increase)
+    full_logp = _full_logp(model, held) if budget_kl else None
     thresholds = {e: plan.gates[e].threshold for e in exits}
     history: list[dict[str, Any]] = []
-    best, drift_per_fill = None, 0.0
+    best, drift_per_fill, drift_kl_per_fill = None, 0.0, 0.0
     for _ in range(rounds):
         trial = dataclasses.replace(plan, gates={e: g.with_threshold(thresholds[e]) for e, g in plan.gates.items()})
-        top1, exit_at, scores = _record(model, trial, held, full)
+        top1, exit_at, scores, nll = _record(model, trial, held, full, full_logp)
         errors = int((top1 != full).sum())
         drift = errors - sum(int(((exit_at.flatten() == e) & ~scores.agree[e]).sum()) for e in exits)
         fills = torch.where(exit_at > 0, num_layers - exit_at - 1, 0).sum().item()
         time = simulate_cascade(exits, thresholds, scores, costs, logits)[1]
         skipped = torch.where(exit_at > 0, num_layers - exit_at, 0).sum().item()
-        history.append({"thresholds": {e: None if t == math.inf else t for e, t in thresholds.items()}, "errors": errors, "drift_errors": drift,
-                        "approximate_fills": fills, "agreement": 1 - errors / n,
-                        "skip_fraction": skipped / (n * num_layers), "predicted_s": time})
-        if errors <= allowed and (best is None or time < best[1]):
+        history.append({"thresholds": {e: None if t == math.inf else t for e, t in thresholds.items()},
+                        "errors": errors, "drift_errors": drift, "approximate_fills": fills,
+                        "agreement": 1 - errors / n, "skip_fraction": skipped / (n * num_layers), "predicted_s": time})
+        drift_kl = 0.0
+        if budget_kl:
+            own = sum(scores.kl[e][exit_at.flatten() == e].double().sum().item() for e in exits)
+            drift_kl = nll - own
+            history[-1].update({"perplexity_increase": math.expm1(nll / n), "drift_nll": drift_kl})
+        if errors <= allowed and nll <= allowed_kl and (best is None or time < best[1]):
             best = (dict(thresholds), time, history[-1])
         if fills:  # a round with no approximate fill says nothing about their drift: keep the last estimate
             drift_per_fill = max(drift, 0) / fills
+            drift_kl_per_fill = max(drift_kl, 0.0) / fills
         scores.drift_per_fill = drift_per_fill
-        thresholds, _ = fit_thresholds(exits, scores, costs, logits, allowed)
+        scores.drift_kl_per_fill = drift_kl_per_fill
+        thresholds, _ = fit_thresholds(exits, scores, costs, logits, allowed, allowed_kl)
     held_back = {**plan.held_back, "cascade": {"tokens": n, "allowed_errors": allowed, "rounds": history}}
+    if budget_kl:
+        held_back["cascade"]["allowed_nll"] = allowed_kl
     if best is None:
+        ppl = (f" and perplexity within +{100 * plan.max_perplexity_increase:g} % (least "
+               f"{100 * min(h['perplexity_increase'] for h in history):+.2f} %)" if budget_kl else "")
         return dataclasses.replace(plan, heads={}, gates={}, held_back=held_back, declined=(
-            f"declined: no thresholds tried in {rounds} rounds kept top-1 agreement ≥ {plan.min_agreement} on the "
-            f"running cascade over the held-back rows (budget {allowed:.1f} errors of {n}; fewest "
+            f"declined: no thresholds tried in {rounds} rounds kept top-1 agreement ≥ {plan.min_agreement}{ppl} on "
+            f"the running cascade over the held-back rows (budget {allowed:.1f} errors of {n}; fewest "
             f"{min(h['errors'] for h in history)})"))
     thresholds, time, row = best
     kept = [e for e in exits if thresholds[e] <= 1.0]  # a gate scores a probability: above 1 it never opens
-    held_back["cascade"].update({k: row[k] for k in ("agreement", "skip_fraction", "errors")})
+    held_back["cascade"].update({k: row[k] for k in ("agreement", "skip_fraction", "errors", "perplexity_increase")
+                                 if k in row})
     dropped = {**plan.dropped, **{e: f"exit {e} dropped: closed by the thresholds set on the running cascade"
                                    for e in exits if e not in kept}}
     return dataclasses.replace(
@@ -355,17 +397,30 @@ def recalibrate(model: torch.nn.Module, plan: CascadePlan, held: torch.Tensor, *
         declined=None if kept else "declined: the running cascade's thresholds closed every exit")
 
 
-def _record(model: torch.nn.Module, plan: CascadePlan, windows: torch.Tensor, full: torch.Tensor):
+def _record(model: torch.nn.Module, plan: CascadePlan, windows: torch.Tensor, full: torch.Tensor,
+            full_logp: torch.Tensor | None = None):
     """The cascade over windows (n, seq) with records → (its top-1 (n, seq − 1), exit per token (0: none),
-    `GateScores` of every gate on every token, agreement of each exit with `full` (n, seq − 1))."""
+    `GateScores` of every gate on every token (agreement of each exit with `full` (n, seq − 1); with full_logp
+    (n, seq − 1, vocab) also each exit's KL), the nats its own logits add to the full model's NLL in expectation
+    (Σ KL(full ‖ cascade); 0 without full_logp))."""
     stats: dict[str, Any] = {}
-    top1 = []
+    top1, nll = [], 0.0
+
+    def target(t: int) -> None:
+        if full_logp is not None:
+            stats["target_logp"] = full_logp[:, t]
+
     with cascade(model, plan, rows=_RECORD, stats=stats):
-        for _, logits in _token_by_token(model, windows):
+        for t, logits in _token_by_token(model, windows, target):
             top1.append(logits.argmax(-1))
+            if full_logp is not None:
+                nll += kl_to_full(full_logp[:, t], logits).double().sum().item()
     exit_at = torch.stack(stats["exit_at"], 1).flatten()
-    score, agree = {}, {}
+    score, agree, kl = {}, {}, {}
     for e, steps in stats["records"].items():
-        score[e] = torch.stack([s for s, _ in steps], 1).flatten().double()
-        agree[e] = torch.stack([a for _, a in steps], 1).flatten() == full.flatten()
-    return torch.stack(top1, 1), exit_at.view_as(full), GateScores(score, agree)
+        score[e] = torch.stack([s for s, _, _ in steps], 1).flatten().double()
+        agree[e] = torch.stack([a for _, a, _ in steps], 1).flatten() == full.flatten()
+        if full_logp is not None:
+            kl[e] = torch.stack([k for _, _, k in steps], 1).flatten().double()
+    scores = GateScores(score, agree, kl=kl if full_logp is not None else None)
+    return torch.stack(top1, 1), exit_at.view_as(full), scores, nll

@@ -45,6 +45,19 @@ THRESHOLD_CANDIDATES = 96
 """Quantiles of a gate's held-back scores tried as its threshold (plus "never"): finer changed skip by < 0.2 points."""
 
 
+TEMPERATURES = torch.logspace(math.log10(0.5), math.log10(4.0), 31, dtype=torch.float64).tolist()
+"""Exit temperatures tried (`fit_temperature`): 0.5 … 4, 7 % apart."""
+
+
+def check_max_perplexity_increase(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0.0:
+        raise OptionError(f"max_perplexity_increase: {value!r}; expected a share > 0 (0.02: at most +2 % perplexity "
+                          "against the full model) or None (no bound)")
+    return float(value)
+
+
 def check_min_agreement(value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
         raise OptionError(f"min_agreement: {value!r} is outside (0, 1]; expected the share of tokens whose top-1 "
@@ -205,6 +218,10 @@ class CascadePlan:
     fill_maps: dict[tuple[int, int], ExitHead] = dataclasses.field(default_factory=dict)
     costs: CascadeCosts | None = None
     """The prices the exits and thresholds were chosen with (`cascade.calibrate_on_cascade` re-chooses with them)."""
+    temperatures: dict[int, float] = dataclasses.field(default_factory=dict)
+    """{E: T}: an exiting token's logits are the exit head's divided by T (`fit_temperature`); 1 when absent."""
+    max_perplexity_increase: float | None = None
+    """The perplexity budget the thresholds were set to (None: top-1 agreement only)."""
 
     @property
     def exits(self) -> list[int]:
@@ -217,10 +234,16 @@ class CascadePlan:
         fitted = self.fill_maps.get((exit_layer, layer))
         return hidden if fitted is None else fitted.translate(hidden)
 
+    def output_logits(self, exit_layer: int, logits: torch.Tensor) -> torch.Tensor:
+        """The logits an exiting token returns: the exit head's, divided by the exit's fitted temperature."""
+        t = self.temperatures.get(exit_layer, 1.0)
+        return logits if t == 1.0 else logits / t
+
 
 @dataclasses.dataclass
 class GateScores:
-    """Held-back, per candidate exit E: gate score (n,) and whether the exit agrees with the full model (n,).
+    """Held-back, per candidate exit E: gate score (n,), whether the exit agrees with the full model (n,) and, for a
+    perplexity budget, the KL an exit there costs (n,).
 
     drift_per_fill: errors expected among the tokens that follow per approximate K/V fill (a skipped layer after the
     first: the first one's input is the exit state itself), as measured on the running cascade; 0 teacher-forced."""
@@ -228,6 +251,11 @@ class GateScores:
     score: dict[int, torch.Tensor]
     agree: dict[int, torch.Tensor]
     drift_per_fill: float = 0.0
+    kl: dict[int, torch.Tensor] | None = None
+    """Per candidate exit, KL(full model ‖ the exit's tempered output) (n,) in nats: what an exiting token adds to
+    the expected negative log-likelihood (None: no perplexity budget)."""
+    drift_kl_per_fill: float = 0.0
+    """Like drift_per_fill, for the KL of the tokens that follow."""
 
 
 def simulate_cascade(exits: list[int], thresholds: dict[int, float], s: GateScores, costs: CascadeCosts, logits: bool):
@@ -254,7 +282,23 @@ def simulate_cascade(exits: list[int], thresholds: dict[int, float], s: GateScor
     return errors, time.mean().item(), exit_at
 
 
-def fit_thresholds(exits: list[int], s: GateScores, costs: CascadeCosts, logits: bool, allowed: float):
+def excess_nll(s: GateScores, exit_at: torch.Tensor, num_layers: int) -> float:
+    """Expected negative log-likelihood added over the held-back tokens (nats, summed) by the exits taken
+    (exit_at from `simulate_cascade`): each exiting token's KL plus `s.drift_kl_per_fill` per approximate fill."""
+    if s.kl is None:
+        return 0.0
+    total = sum(s.kl[e][exit_at == e].double().sum().item() for e in s.kl)
+    fills = torch.where(exit_at > 0, num_layers - exit_at - 1, 0).sum().item()
+    return total + s.drift_kl_per_fill * fills
+
+
+def allowed_nll(tokens: int, max_perplexity_increase: float | None) -> float:
+    """Nats the cascade may add over `tokens` tokens: perplexity is exp(mean NLL), so +p % is log(1 + p) each."""
+    return math.inf if max_perplexity_increase is None else tokens * math.log1p(max_perplexity_increase)
+
+
+def fit_thresholds(exits: list[int], s: GateScores, costs: CascadeCosts, logits: bool, allowed: float,
+                   allowed_kl: float = math.inf):
     """Thresholds for the least predicted time with at most `allowed` held-back errors.
 
     First a Lagrangian sweep: exit E opens when the gate's P(agree) ≥ 1 − saving_E / λ + drift_E (an error is worth
@@ -263,6 +307,9 @@ def fit_thresholds(exits: list[int], s: GateScores, costs: CascadeCosts, logits:
     budget; then coordinate descent over each threshold (quantiles of its scores). Descent alone, from every gate
     closed, let the first exit take the whole error budget: 7 % of layer evaluations skipped on tiny-llama at 0.99
     where the sweep + descent finds more."""
+    def within(errors: float, exit_at: torch.Tensor) -> bool:
+        return errors <= allowed and (allowed_kl == math.inf or excess_nll(s, exit_at, costs.num_layers) <= allowed_kl)
+
     closed = {e: math.inf for e in exits}
     thresholds, best = closed, simulate_cascade(exits, closed, s, costs, logits)[1]
     head = 0.0 if logits else costs.translation
@@ -271,8 +318,8 @@ def fit_thresholds(exits: list[int], s: GateScores, costs: CascadeCosts, logits:
     for lam in torch.logspace(-6, 2, 200).tolist():
         trial = {e: (1 - saving[e] / lam + s.drift_per_fill * (costs.num_layers - e - 1)) if saving[e] > 0
                  else math.inf for e in exits}
-        errors, time, _ = simulate_cascade(exits, trial, s, costs, logits)
-        if errors <= allowed and time < best - 1e-15:
+        errors, time, exit_at = simulate_cascade(exits, trial, s, costs, logits)
+        if time < best - 1e-15 and within(errors, exit_at):
             thresholds, best = trial, time
     q = torch.linspace(0, 1, THRESHOLD_CANDIDATES, dtype=torch.float64)
     for _ in range(3):
@@ -280,8 +327,8 @@ def fit_thresholds(exits: list[int], s: GateScores, costs: CascadeCosts, logits:
         for e in exits:
             for t in [math.inf, *torch.quantile(s.score[e].double(), q).tolist()]:
                 trial = {**thresholds, e: t}
-                errors, time, _ = simulate_cascade(exits, trial, s, costs, logits)
-                if errors <= allowed and time < best - 1e-15:
+                errors, time, exit_at = simulate_cascade(exits, trial, s, costs, logits)
+                if time < best - 1e-15 and within(errors, exit_at):
                     thresholds, best, changed = trial, time, True
         if not changed:
             break
@@ -289,14 +336,16 @@ def fit_thresholds(exits: list[int], s: GateScores, costs: CascadeCosts, logits:
 
 
 def choose_exits(candidates: list[int], s: GateScores, costs: CascadeCosts, logits: bool, allowed: float,
-                 min_agreement: float) -> tuple[list[int], dict[int, float], float, dict[int, str]]:
+                 min_agreement: float, allowed_kl: float = math.inf
+                 ) -> tuple[list[int], dict[int, float], float, dict[int, str]]:
     """The exits the cost model keeps: thresholds for all candidates, then the exit whose removal lowers the
     predicted time most is dropped, while one does; exits left with no threshold that saves time are dropped too.
     Returns (exits, thresholds, predicted seconds per token, {dropped exit: reason})."""
     exits, dropped = list(candidates), {}
-    thresholds, time = fit_thresholds(exits, s, costs, logits, allowed)
+    thresholds, time = fit_thresholds(exits, s, costs, logits, allowed, allowed_kl)
     while len(exits) > 1:
-        trials = {e: fit_thresholds([x for x in exits if x != e], s, costs, logits, allowed) for e in exits}
+        trials = {e: fit_thresholds([x for x in exits if x != e], s, costs, logits, allowed, allowed_kl)
+                  for e in exits}
         e, (t_without, time_without) = min(trials.items(), key=lambda kv: kv[1][1])
         if time_without >= time:
             break
@@ -306,7 +355,8 @@ def choose_exits(candidates: list[int], s: GateScores, costs: CascadeCosts, logi
         thresholds, time = t_without, time_without
     for e in list(exits):
         if thresholds[e] == math.inf:
-            dropped[e] = f"exit {e} dropped: no threshold keeps the agreement ≥ {min_agreement} and saves time"
+            dropped[e] = (f"exit {e} dropped: no threshold keeps the agreement ≥ {min_agreement}"
+                          f"{'' if allowed_kl == math.inf else ' and the perplexity budget'} and saves time")
             exits.remove(e)
     return exits, {e: thresholds[e] for e in exits}, time, dropped
 
@@ -315,13 +365,14 @@ def choose_exits(candidates: list[int], s: GateScores, costs: CascadeCosts, logi
 def calibrate_cascade(model: torch.nn.Module, calibration: torch.Tensor, *, min_agreement: float,
                       exit_layers: Sequence[int] | str = "auto", features: str = "auto", hidden_units: int = 32,
                       hardware: str = "auto", costs: CascadeCosts | None = None,
-                      fill_maps: bool = True) -> CascadePlan:
+                      fill_maps: bool = True, max_perplexity_increase: float | None = None) -> CascadePlan:
     """Fit exit heads and gates on the first ¾ of calibration (n, seq) token ids, set thresholds on the held-back ¼
     (n ≥ 2), and keep the exits the cost model says pay. exit_layers: candidates (default every 1 … L−1);
     features: "hidden", "logits" or "auto" (the one predicted faster); hidden_units: the gate MLP's width (0: logistic
     regression; 32 let 10.5 % of tokens exit at tiny-llama's exit 3 at 0.99 against 7.4 % for logistic); costs: the
     prices to optimise (default `cascade_costs(model, hardware)`; a benchmark passes layer counts to maximise skips);
-    fill_maps: fit `fit_fill_maps` for the kept exits (False: the skipped layers' K/V from the exit state itself).
+    fill_maps: fit `fit_fill_maps` for the kept exits (False: the skipped layers' K/V from the exit state itself);
+    max_perplexity_increase: also keep the held-back expected perplexity within 1 + this (0.02: +2 %; None: no bound).
     Thresholds set here hold teacher-forced; `cascade.calibrate_on_cascade` re-sets them on the running cascade."""
     parts = decoder_parts(model)
     min_agreement = check_min_agreement(min_agreement)
@@ -343,18 +394,22 @@ def calibrate_cascade(model: torch.nn.Module, calibration: torch.Tensor, *, min_
     costs = cascade_costs(model, hardware) if costs is None else costs
     return calibrate_from_states(parts, layer_states(model, fit_ids), layer_states(model, held_ids),
                                  min_agreement=min_agreement, candidates=candidates, features=features,
-                                 hidden_units=hidden_units, costs=costs, fill_maps=fill_maps)
+                                 hidden_units=hidden_units, costs=costs, fill_maps=fill_maps,
+                                 max_perplexity_increase=max_perplexity_increase)
 
 
 @torch.no_grad()
 def calibrate_from_states(parts: DecoderParts, fit_states: Sequence[torch.Tensor],
                           held_states: Sequence[torch.Tensor], *, min_agreement: float, candidates: Sequence[int],
                           features: str, hidden_units: int, costs: CascadeCosts, fill_maps: bool = True,
-                          ridge: float = 1e-2) -> CascadePlan:
+                          ridge: float = 1e-2, max_perplexity_increase: float | None = None) -> CascadePlan:
     """`calibrate_cascade` on layer states already captured (`layer_states`' layout) for the fit rows and the
     held-back rows; parts needs only norm, lm_head and the layer count. The FX pass feeds it the graph's
-    layer-boundary values. With fill_maps each skipped layer's K/V fill also pays a map (priced as a translation)."""
+    layer-boundary values. With fill_maps each skipped layer's K/V fill also pays a map (priced as a translation).
+    Each exit's temperature is fitted on the fit rows (`fit_temperature`); with max_perplexity_increase the held-back
+    KL of the tokens that exit is held within the budget (`excess_nll`) as the errors are."""
     min_agreement = check_min_agreement(min_agreement)
+    max_perplexity_increase = check_max_perplexity_increase(max_perplexity_increase)
     if features not in GATE_FEATURES:
         raise OptionError(f"features: {features!r}; expected one of {', '.join(GATE_FEATURES)}")
     heads = fit_heads_from_states(fit_states, candidates, dtype=parts.lm_head.weight.dtype)
@@ -363,34 +418,46 @@ def calibrate_from_states(parts: DecoderParts, fit_states: Sequence[torch.Tensor
     gates: dict[str, dict[int, Gate]] = {k: {} for k in kinds}
     fit_full = _top1(parts, fit_states[-1])
     held_full = _top1(parts, held_states[-1])
+    held_full_logp = (None if max_perplexity_increase is None else
+                      torch.cat([torch.log_softmax(parts.lm_head(parts.norm(c)).float(), -1)
+                                 for c in held_states[-1].split(4)]))
+    temperatures = {}
     for e in candidates:
         fit_logits = _chunked_logits(parts, heads[e], fit_states[e])
         held_logits = _chunked_logits(parts, heads[e], held_states[e])
         fit_agree = (fit_logits.argmax(-1) == fit_full).flatten()
         held_agree = (held_logits.argmax(-1) == held_full).flatten()
+        temperatures[e] = fit_temperature(parts, fit_logits, fit_states[-1], fit_agree)
         for k in kinds:
             use = k == "logits"
             x = gate_features(fit_states[e - 1], fit_states[e], fit_logits if use else None)
             gates[k][e] = gate = fit_gate(e, x.flatten(0, -2), fit_agree, logits=use, hidden_units=hidden_units)
             scores[k].score[e] = gate.score(held_states[e - 1], held_states[e], held_logits if use else None).flatten()
             scores[k].agree[e] = held_agree
+            if held_full_logp is not None:
+                if scores[k].kl is None:
+                    scores[k].kl = {}
+                scores[k].kl[e] = scores[kinds[0]].kl[e] if k != kinds[0] else kl_to_full(
+                    held_full_logp, held_logits / temperatures[e]).flatten()
         del fit_logits, held_logits
+    del held_full_logp
     n = held_full.numel()
     allowed = allowed_errors(n, min_agreement)
+    allowed_kl = allowed_nll(n, max_perplexity_increase)
     if fill_maps:
         costs = dataclasses.replace(costs, fill=costs.fill + costs.translation)
 
     best = None
     for k in kinds:
         exits, thresholds, time, dropped = choose_exits(candidates, scores[k], costs, k == "logits", allowed,
-                                                        min_agreement)
+                                                        min_agreement, allowed_kl)
         if best is None or time < best[1]:
             best = (k, time, exits, thresholds, dropped)
     kind, time, exits, thresholds, dropped = best
     errors, _, exit_at = simulate_cascade(exits, thresholds, scores[kind], costs, kind == "logits")
     skipped = torch.where(exit_at > 0, parts.num_layers - exit_at, 0).double().sum().item()
     held_back = {"tokens": n, "allowed_errors": allowed, "agreement": 1 - errors / n,
-                 "skip_fraction": skipped / (n * parts.num_layers),
+                 "skip_fraction": skipped / (n * parts.num_layers), "temperatures": temperatures,
                  "exit_share": {e: (exit_at == e).double().mean().item() for e in exits}}
     predicted = {"cascade_s": time, "full_s": costs.full, "speedup": costs.full / time}
     declined = None
@@ -403,9 +470,40 @@ def calibrate_from_states(parts: DecoderParts, fit_states: Sequence[torch.Tensor
     maps = fit_fill_maps(fit_states, exits, ridge=ridge, dtype=parts.lm_head.weight.dtype) if fill_maps else {}
     if maps:
         held_back["fill_error"] = fill_errors(held_states, maps)
+    if max_perplexity_increase is not None:
+        excess = excess_nll(scores[kind], exit_at, parts.num_layers)
+        held_back.update({"allowed_nll": allowed_kl, "perplexity_increase": math.expm1(excess / n)})
     return CascadePlan({e: heads[e] for e in exits},
                        {e: gates[kind][e].with_threshold(thresholds[e]) for e in exits}, min_agreement, kind,
-                       held_back, predicted, dropped, declined, maps, costs)
+                       held_back, predicted, dropped, declined, maps, costs,
+                       {e: temperatures[e] for e in exits}, max_perplexity_increase)
+
+
+def kl_to_full(full_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(..., vocab) log-probabilities of the full model and logits of an exit → (...) KL(full ‖ exit) in nats: the
+    negative log-likelihood the exit adds in expectation over the full model's next tokens."""
+    logq = torch.log_softmax(logits.float(), -1)
+    return (full_logp.exp() * (full_logp - logq)).sum(-1).clamp_min(0.0)
+
+
+@torch.no_grad()
+def fit_temperature(parts: DecoderParts, exit_logits: torch.Tensor, last_states: torch.Tensor,
+                    agree: torch.Tensor, *, sample: int = 8192, seed: int = 0) -> float:
+    """The T in `TEMPERATURES` that minimises the mean KL(full ‖ softmax(exit logits / T)) over (a seeded sample of
+    up to `sample`) tokens whose exit agrees with the full model: the ones a gate lets exit. A least-squares head
+    is overconfident where it is wrong about the tail; on tiny-llama T ≈ 1.1–1.2 cut exit 5's added NLL on its
+    confident tokens by half (validation.txt). exit_logits: (..., vocab); last_states: (..., hidden) the last
+    layer's output on the same tokens; agree: (n,) bool."""
+    idx = agree.nonzero().flatten()
+    if idx.numel() == 0:
+        return 1.0
+    if idx.numel() > sample:
+        idx = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(seed))[:sample]]
+    z = exit_logits.reshape(-1, exit_logits.shape[-1])[idx].float()
+    full_logp = torch.log_softmax(parts.lm_head(parts.norm(last_states.reshape(-1, last_states.shape[-1])[idx]))
+                                  .float(), -1)
+    kl = [kl_to_full(full_logp, z / t).mean().item() for t in TEMPERATURES]
+    return TEMPERATURES[min(range(len(kl)), key=kl.__getitem__)]
 
 
 def allowed_errors(tokens: int, min_agreement: float) -> float:

@@ -25,7 +25,14 @@ import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from llmcompress.errors import OptionError
-from llmcompress.exit_gates import CascadePlan, Gate, calibrate_from_states, check_min_agreement, fit_fill_maps
+from llmcompress.exit_gates import (
+    CascadePlan,
+    Gate,
+    calibrate_from_states,
+    check_max_perplexity_increase,
+    check_min_agreement,
+    fit_fill_maps,
+)
 from llmcompress.exit_heads import DecoderParts, ExitHead, check_exit_layer, fit_heads_from_states
 from llmcompress.passes.base import Pass, PassContext, PassResult
 from llmcompress.passes.early_exit.costs import graph_costs
@@ -56,12 +63,15 @@ class EarlyExitOptions:
     """The exit's translation: fitted by ridge least squares (tuned lens) or the identity (logit lens)."""
     features: Literal["auto", "hidden", "logits"] = "auto"
     hidden_units: int = 32
-    version: ClassVar[int] = 1
+    max_perplexity_increase: float | None = None
+    """Also hold the held-back expected perplexity within 1 + this (0.02: +2 %; null: top-1 agreement only)."""
+    version: ClassVar[int] = 2  # 2: exit temperatures in the plan
 
     def __post_init__(self) -> None:
         where = "pass 'early-exit'"
         try:
             check_min_agreement(self.min_agreement)
+            check_max_perplexity_increase(self.max_perplexity_increase)
         except OptionError as e:
             raise OptionError(f"{where}: {e}") from None
         if self.exit_layers != "auto" and (not self.exit_layers or any(
@@ -140,7 +150,8 @@ class EarlyExitPass(Pass):
         out = []
         for e in plan.exits:
             fills = {i: (m.weight, m.bias) for (x, i), m in plan.fill_maps.items() if x == e}
-            out.append(ExitParts(e, (plan.heads[e].weight, plan.heads[e].bias), plan.gates[e], None, fills))
+            out.append(ExitParts(e, (plan.heads[e].weight, plan.heads[e].bias), plan.gates[e], None, fills,
+                                 plan.temperatures.get(e, 1.0)))
         return out
 
     def _plan(self, gm: torch.fx.GraphModule, ctx: PassContext, dg: DecoderGraph, exits: list[int],
@@ -242,7 +253,8 @@ def _calibrate(gm: torch.fx.GraphModule, ctx: PassContext, dg: DecoderGraph, exi
     dtype = head.weight.dtype
     if o.gate == "calibrated":
         plan = calibrate_from_states(parts, fit, back, min_agreement=o.min_agreement, candidates=exits,
-                                     features=o.features, hidden_units=o.hidden_units, costs=costs)
+                                     features=o.features, hidden_units=o.hidden_units, costs=costs,
+                                     max_perplexity_increase=o.max_perplexity_increase)
     else:  # forced gate: the exit head and the skipped layers' fill maps, fitted on every row
         plan = CascadePlan(fit_heads_from_states(states, exits, dtype=dtype), {}, o.min_agreement, "forced", {}, {},
                            {}, None, fit_fill_maps(states, exits, dtype=dtype))
@@ -280,7 +292,8 @@ def _save_plan(plan: CascadePlan, info: dict[str, Any]) -> dict[str, Any]:
     for (e, i), m in plan.fill_maps.items():
         out[f"fill.{e}.{i}.weight"], out[f"fill.{e}.{i}.bias"] = m.weight, m.bias
     meta = {"heads": sorted(plan.heads), "gates": sorted(plan.gates), "fills": sorted(plan.fill_maps),
-            "min_agreement": plan.min_agreement, "features": plan.features, "declined": plan.declined,
+            "temperatures": {str(e): t for e, t in plan.temperatures.items()},
+            "max_perplexity_increase": plan.max_perplexity_increase, "min_agreement": plan.min_agreement, "features": plan.features, "declined": plan.declined,
             "held_back": plan.held_back, "predicted": plan.predicted,
             "dropped": {str(k): v for k, v in plan.dropped.items()}, **info}
     out["info"] = json.dumps(meta, default=lambda x: {str(k): v for k, v in x.items()} if isinstance(x, dict) else str(x))
@@ -298,6 +311,8 @@ def _load_plan(got: dict[str, Any]) -> tuple[CascadePlan, dict[str, Any]]:
                         got.get(f"gate.{e}.hidden_weight"), got.get(f"gate.{e}.hidden_bias"))
     fills = {(e, i): ExitHead(e, got[f"fill.{e}.{i}.weight"], got[f"fill.{e}.{i}.bias"]) for e, i in meta["fills"]}
     plan = CascadePlan(heads, gates, meta["min_agreement"], meta["features"], meta["held_back"], meta["predicted"],
-                       meta["dropped"], meta["declined"], fills)
-    info = {k: v for k, v in meta.items() if k not in ("heads", "gates", "fills")}
+                       meta["dropped"], meta["declined"], fills,
+                       temperatures={int(e): t for e, t in meta.get("temperatures", {}).items()},
+                       max_perplexity_increase=meta.get("max_perplexity_increase"))
+    info = {k: v for k, v in meta.items() if k not in ("heads", "gates", "fills", "temperatures")}
     return plan, info

@@ -90,13 +90,16 @@ def graph_signature(gm: torch.fx.GraphModule) -> str:
 
 @dataclasses.dataclass
 class ExitParts:
-    """The constants of one kept exit: translation (A, b), the gate's (None: forced), fill maps {layer: (W, b)}."""
+    """The constants of one kept exit: translation (A, b), the gate's (None: forced), fill maps {layer: (W, b)},
+    the temperature the exit's returned logits are divided by (`CascadePlan.output_logits`; the gate reads them
+    untempered, as it was fitted)."""
 
     layer: int
     translation: tuple[torch.Tensor, torch.Tensor] | None
     gate: Gate | None
     forced: bool | None
     fill_maps: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    temperature: float = 1.0
 
 
 class UnsupportedGraph(Exception):
@@ -340,6 +343,8 @@ def _skip(gm: torch.fx.GraphModule, dg: DecoderGraph, ex: ExitParts, fake_mode: 
         logits = b.input(f"_exit_logits_{e}", dg.logits.meta["val"])
     else:
         logits = _exit_logits(b, gm, dg, ex, h, order, available)
+    if ex.temperature != 1.0:
+        logits = b.call(aten.div.Tensor, (logits, ex.temperature), like=dg.logits)
     outs = output.args[0]
     result = (logits,) if not isinstance(outs, (tuple, list)) else tuple(logits for _ in outs)
     return b.finish(result), b.inputs
