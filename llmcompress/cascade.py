@@ -31,6 +31,7 @@ from llmcompress.exit_gates import (
     cascade_costs,
     fit_thresholds,
     kl_to_full,
+    nll_bound,
     simulate_cascade,
     split_calibration,
 )
@@ -351,7 +352,8 @@ def recalibrate(model: torch.nn.Module, plan: CascadePlan, held: torch.Tensor, *
     best, drift_per_fill, drift_kl_per_fill = None, 0.0, 0.0
     for _ in range(rounds):
         trial = dataclasses.replace(plan, gates={e: g.with_threshold(thresholds[e]) for e, g in plan.gates.items()})
-        top1, exit_at, scores, nll = _record(model, trial, held, full, full_logp)
+        top1, exit_at, scores, added = _record(model, trial, held, full, full_logp)
+        nll, nll_upper = float(added.sum()), nll_bound(added)
         errors = int((top1 != full).sum())
         drift = errors - sum(int(((exit_at.flatten() == e) & ~scores.agree[e]).sum()) for e in exits)
         fills = torch.where(exit_at > 0, num_layers - exit_at - 1, 0).sum().item()
@@ -364,8 +366,9 @@ def recalibrate(model: torch.nn.Module, plan: CascadePlan, held: torch.Tensor, *
         if budget_kl:
             own = sum(scores.kl[e][exit_at.flatten() == e].double().sum().item() for e in exits)
             drift_kl = nll - own
-            history[-1].update({"perplexity_increase": math.expm1(nll / n), "drift_nll": drift_kl})
-        if errors <= allowed and nll <= allowed_kl and (best is None or time < best[1]):
+            history[-1].update({"perplexity_increase": math.expm1(nll / n),
+                                "perplexity_increase_bound": math.expm1(nll_upper / n), "drift_nll": drift_kl})
+        if errors <= allowed and nll_upper <= allowed_kl and (best is None or time < best[1]):
             best = (dict(thresholds), time, history[-1])
         if fills:  # a round with no approximate fill says nothing about their drift: keep the last estimate
             drift_per_fill = max(drift, 0) / fills
@@ -377,16 +380,16 @@ def recalibrate(model: torch.nn.Module, plan: CascadePlan, held: torch.Tensor, *
     if budget_kl:
         held_back["cascade"]["allowed_nll"] = allowed_kl
     if best is None:
-        ppl = (f" and perplexity within +{100 * plan.max_perplexity_increase:g} % (least "
-               f"{100 * min(h['perplexity_increase'] for h in history):+.2f} %)" if budget_kl else "")
+        ppl = (f" and perplexity within +{100 * plan.max_perplexity_increase:g} % at 90 % confidence (least "
+               f"{100 * min(h['perplexity_increase_bound'] for h in history):+.2f} %)" if budget_kl else "")
         return dataclasses.replace(plan, heads={}, gates={}, held_back=held_back, declined=(
             f"declined: no thresholds tried in {rounds} rounds kept top-1 agreement ≥ {plan.min_agreement}{ppl} on "
             f"the running cascade over the held-back rows (budget {allowed:.1f} errors of {n}; fewest "
             f"{min(h['errors'] for h in history)})"))
     thresholds, time, row = best
     kept = [e for e in exits if thresholds[e] <= 1.0]  # a gate scores a probability: above 1 it never opens
-    held_back["cascade"].update({k: row[k] for k in ("agreement", "skip_fraction", "errors", "perplexity_increase")
-                                 if k in row})
+    kept_keys = ("agreement", "skip_fraction", "errors", "perplexity_increase", "perplexity_increase_bound")
+    held_back["cascade"].update({k: row[k] for k in kept_keys if k in row})
     dropped = {**plan.dropped, **{e: f"exit {e} dropped: closed by the thresholds set on the running cascade"
                                    for e in exits if e not in kept}}
     return dataclasses.replace(
@@ -402,9 +405,9 @@ def _record(model: torch.nn.Module, plan: CascadePlan, windows: torch.Tensor, fu
     """The cascade over windows (n, seq) with records → (its top-1 (n, seq − 1), exit per token (0: none),
     `GateScores` of every gate on every token (agreement of each exit with `full` (n, seq − 1); with full_logp
     (n, seq − 1, vocab) also each exit's KL), the nats its own logits add to the full model's NLL in expectation
-    (Σ KL(full ‖ cascade); 0 without full_logp))."""
+    per token (KL(full ‖ cascade), flattened; zeros without full_logp))."""
     stats: dict[str, Any] = {}
-    top1, nll = [], 0.0
+    top1, nll = [], []
 
     def target(t: int) -> None:
         if full_logp is not None:
@@ -414,7 +417,7 @@ def _record(model: torch.nn.Module, plan: CascadePlan, windows: torch.Tensor, fu
         for t, logits in _token_by_token(model, windows, target):
             top1.append(logits.argmax(-1))
             if full_logp is not None:
-                nll += kl_to_full(full_logp[:, t], logits).double().sum().item()
+                nll.append(kl_to_full(full_logp[:, t], logits).double().cpu())
     exit_at = torch.stack(stats["exit_at"], 1).flatten()
     score, agree, kl = {}, {}, {}
     for e, steps in stats["records"].items():
@@ -423,4 +426,5 @@ def _record(model: torch.nn.Module, plan: CascadePlan, windows: torch.Tensor, fu
         if full_logp is not None:
             kl[e] = torch.stack([k for _, _, k in steps], 1).flatten().double()
     scores = GateScores(score, agree, kl=kl if full_logp is not None else None)
-    return torch.stack(top1, 1), exit_at.view_as(full), scores, nll
+    per_token = torch.stack(nll, 1).flatten() if nll else torch.zeros(full.numel(), dtype=torch.float64)
+    return torch.stack(top1, 1), exit_at.view_as(full), scores, per_token

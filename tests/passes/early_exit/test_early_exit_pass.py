@@ -182,7 +182,8 @@ def test_declined_plan_leaves_the_graph_with_the_reason(tmp_path):
 def test_recipe_loads_and_reports_its_decision(tmp_path):
     recipe = load_recipe("early-exit-cascade")
     assert [(s.name, s.options) for s in recipe.passes] == [("canonicalize", {}),
-                                                            ("early-exit", {"min_agreement": 0.99})]
+                                                            ("early-exit", {"min_agreement": 0.99,
+                                                                            "max_perplexity_increase": 0.02})]
     model, eager = _llama4(), _llama4()
     report = tmp_path / "r.json"
     _compile(model, {**_calibration(), "recipe": "early-exit-cascade", "report": str(report)})
