@@ -3,19 +3,22 @@
 1. Per exit layer E, on `--windows` non-overlapping 512-token windows of validation.txt (default 16), the exit alone
    (its head on the full model's layer-E states, teacher-forced): top-1 agreement with the full model and perplexity,
    logit lens vs fitted translation (heads fitted on the first ¾ of `--calib` 512-token windows spread over
-   train.txt, default 32: 24 × 512 tokens as in the issue, as `exit_gates.calibrate_cascade` fits them).
-2. Cascades calibrated at `--min-agreement` (default 0.99) on those calibration windows, skipped layers' K/V filled
-   through fitted maps (`exit_gates.fit_fill_maps`), thresholds re-set on the running cascade over the held-back
-   rows (`cascade.calibrate_on_cascade`): "cost" (the exits and gate features the cost model keeps, `cascade_costs`
-   on this machine) and "max-skip" (layer counts as prices, logits gates: what the gates can do when exit heads are
+   train.txt, default 64: 48 × 512 tokens, as `exit_gates.calibrate_cascade` fits them; the gates need the data).
+2. Cascades calibrated at `--min-agreement` (default 0.99) and `--max-perplexity-increase` (default 0.02) on those
+   calibration windows, skipped layers' K/V filled through fitted maps (`exit_gates.fit_fill_maps`), exit logits
+   divided by fitted temperatures, thresholds re-set on the running cascade over the held-back rows
+   (`cascade.calibrate_on_cascade`): "cost" (the exits and gate features the cost model keeps, `cascade_costs` on
+   this machine) and "max-skip" (layer counts as prices, logits gates: what the gates can do when exit heads are
    free); "max-skip-teacher-forced" is max-skip with its teacher-forced thresholds (before `recalibrate`), measured
-   with fitted fill maps and with the exit state as fill (`validation_fill_exit`).
+   with fitted fill maps and with the exit state as fill (`validation_fill_exit`); "max-skip-agreement-only" drops
+   the perplexity budget; "max-skip A/P" re-sets max-skip's thresholds to the `--frontier` budgets (where the skip
+   grows as the budgets loosen).
    Each runs token by token over the validation windows with its own filled KV cache (`cascade.evaluate`,
    rows="each"): perplexity of its own logits against the full model's through the same loop, top-1 agreement,
    share of decoder-layer evaluations skipped, tokens per exit.
 3. Decode speed, eager (no torch.compile), batch 1: `--prompts` prompts (24 tokens from the start of validation
    windows) × `--new-tokens` greedy tokens, `generate` vs `cascade_generate` with the "cost" plan (median of
-   `--repeats`), against the cost model's predicted speedup.
+   `--repeats`), against the cost model's predicted speedup (skipped when the cost model declines).
 
 JSON (`--out`, default `benchmarks/results/early_exit_cascade.json`): {"device", "versions", "commit", "threads",
 "setup", "exits": {E: {agreement_lens, agreement_fitted, perplexity_lens, perplexity_fitted}}, "full_perplexity",
@@ -79,12 +82,15 @@ def exit_quality(model, heads: dict[int, ExitHead], windows: torch.Tensor) -> di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calib", type=int, default=32)
+    parser.add_argument("--calib", type=int, default=64)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--min-agreement", type=float, default=0.99)
     parser.add_argument("--max-perplexity-increase", type=float, default=0.02,
                         help="the perplexity budget of the 'cost' and 'max-skip' cascades (0.02: +2 %%)")
     parser.add_argument("--rounds", type=int, default=3, help="recalibrate's rounds on the running cascade")
+    parser.add_argument("--frontier", default="0.98:0.05,0.95:0.1,0.9:none",
+                        help="further budgets min_agreement:max_perplexity_increase (none: no perplexity bound), each "
+                             "re-set on the running cascade from the max-skip plan's gates: where the skip grows")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -116,14 +122,22 @@ def main(argv: list[str] | None = None) -> int:
     teacher = calibrate_cascade(model, train, min_agreement=args.min_agreement, features="logits", costs=layers_only,
                                 max_perplexity_increase=budget)
     calibrate_s = time.perf_counter() - t
+    held_rows = split_calibration(train)[1]
+
+    def budget_point(agreement: float, ppl: float | None):
+        return lambda: recalibrate(model, dataclasses.replace(teacher, min_agreement=agreement,
+                                                              max_perplexity_increase=ppl), held_rows,
+                                   rounds=args.rounds)
+
+    frontier = [(float(a), None if p == "none" else float(p))
+                for a, p in (x.split(":") for x in args.frontier.split(",") if x)]
     for name, calibrate in (
             ("cost", lambda: calibrate_on_cascade(model, train, min_agreement=args.min_agreement,
                                                   rounds=args.rounds, max_perplexity_increase=budget)),
             ("max-skip-teacher-forced", lambda: teacher),
-            ("max-skip", lambda: recalibrate(model, teacher, split_calibration(train)[1], rounds=args.rounds)),
-            ("max-skip-agreement-only", lambda: recalibrate(
-                model, dataclasses.replace(teacher, max_perplexity_increase=None),
-                split_calibration(train)[1], rounds=args.rounds))):
+            ("max-skip", lambda: recalibrate(model, teacher, held_rows, rounds=args.rounds)),
+            ("max-skip-agreement-only", budget_point(args.min_agreement, None)),
+            *((f"max-skip {a}/{'none' if p is None else p}", budget_point(a, p)) for a, p in frontier)):
         t = time.perf_counter()
         plan = plans[name] = calibrate()
         row = {"min_agreement": plan.min_agreement, "max_perplexity_increase": plan.max_perplexity_increase,
