@@ -4,7 +4,7 @@ fixture against the same model compiled without it, in one run through the same 
 Both copies run `generate` (static cache, greedy, batch 1) on `--prompts` prompts of `--prompt-len` tokens from
 validation.txt windows, `--new-tokens` new tokens, `--repeats` timed runs after one warm-up (which compiles). The
 cascade calibrates on `--calib` windows of train.txt (generate's prefill graph is fed; its static shape cuts them into
-prompt-length chunks) at `--min-agreement`. Reported: decode tokens/s of both (median over repeats), measured speedup
+prompt-length chunks) at `--min-agreement` and `--max-perplexity-increase`. Reported: decode tokens/s of both (median over repeats), measured speedup
 against the plan's predicted speedup (cost model), share of decoder-layer evaluations skipped (the decode graph's
 run-time counts), share of generated tokens equal to plain greedy decoding, and the pass's plan (exits, held-back
 agreement and skip fraction, exit heads' agreement lens vs fitted).
@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib", type=int, default=16)
     parser.add_argument("--min-agreement", type=float, default=0.99)
+    parser.add_argument("--max-perplexity-increase", default="0.02",
+                        help="the pass's perplexity budget (the recipe's 0.02), or 'none'")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=24)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "early_exit_compiled.json")
     args = parser.parse_args(argv)
+    ppl = None if args.max_perplexity_increase == "none" else float(args.max_perplexity_increase)
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     fixtures = fixtures_dir()
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {}
     for name, options in (("plain", {"passes": ["canonicalize"]}),
                           ("cascade", {"passes": {"canonicalize": {}, "early-exit": {
-                              "min_agreement": args.min_agreement}},
+                              "min_agreement": args.min_agreement, "max_perplexity_increase": ppl}},
                               "calibration": train, "calibration_samples": args.calib,
                               "calibration_seq_len": train.shape[1], "report": str(report)})):
         model = load_model(fixtures, "tiny-llama")
@@ -116,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {"device": device_name(), "commit": commit, "threads": args.threads,
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "python": platform.python_version()},
-           "setup": {"calibration": f"train.txt, {args.calib} x {train.shape[1]}", "prompts": args.prompts,
+           "setup": {"min_agreement": args.min_agreement, "max_perplexity_increase": ppl,
+                     "calibration": f"train.txt, {args.calib} x {train.shape[1]}", "prompts": args.prompts,
                      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
                      "lowering": args.lowering, "compile_s": compile_s},
            "plan": plan, "decode": decode}

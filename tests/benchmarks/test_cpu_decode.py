@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ("eager", "inductor", "default", "w8a16", "w4a16")
+CONFIGS = ("eager", "default", "w4a16")
+"""The smoke test's subset: plain eager, the backend's default recipe, and a weight-only quantized one (`inductor` and
+`w8a16` run the same code in the script, each in one more child process that costs ~25 s of CI)."""
 
 
 @pytest.mark.slow
@@ -20,7 +22,8 @@ def test_cpu_decode_small(tmp_path):
     # warm-compiler test below.
     # --repeats 1: one timed call is enough to check the keys; the numbers are not judged here.
     subprocess.run([sys.executable, "benchmarks/cpu_decode.py", "--small", "--keep-weights", "--repeats", "1",
-                    "--out", str(out)], cwd=ROOT, check=True, timeout=900, capture_output=True)
+                    "--configs", ",".join(CONFIGS), "--out", str(out)], cwd=ROOT, check=True, timeout=900,
+                   capture_output=True)
     doc = json.loads(out.read_text())
 
     assert doc["complete"] is True
@@ -37,13 +40,13 @@ def test_cpu_decode_small(tmp_path):
     for name in CONFIGS[1:]:  # compiled: a prefill graph and a decode graph, and no recompile per decode step
         assert doc["results"][name]["dynamo"]["unique_graphs"] == 2, (name, doc["results"][name]["dynamo"])
     assert doc["ratios"]["default_vs_best_of_eager_inductor"] > 0
-    assert [t["met"] for t in doc["targets"]] == [None] * 5  # judged on the 483 M shape only
+    assert [t["met"] for t in doc["targets"]] == [None] * len(doc["targets"])  # judged on the 483 M shape only
 
     # default changes numerics only by rounding: eager's greedy tokens.
     assert doc["results"]["default"]["tokens_equal_eager"], doc["results"]["default"]
     assert doc["checks"]["default_tokens_equal_eager"] is True
     # Weight-only quantized: logits close to eager's wherever the contexts agree (step 0 at least).
-    for name in ("w8a16", "w4a16"):
+    for name in ("w4a16",):
         r = doc["results"][name]
         assert r["quantization"].get(f"{name} rtn", 0) > 0, r["quantization"]
         assert r["sqnr_steps"] >= 1
