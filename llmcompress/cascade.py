@@ -32,6 +32,7 @@ from llmcompress.exit_gates import (
     fit_thresholds,
     kl_to_full,
     nll_bound,
+    nll_contributions,
     simulate_cascade,
     split_calibration,
 )
@@ -268,13 +269,16 @@ def _token_by_token(model: torch.nn.Module, windows: torch.Tensor, before_step: 
         yield t, model(windows[:, t: t + 1], cache=cache, use_cache=True).logits[:, -1].float()
 
 
-def _full_logp(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """(n, seq − 1, vocab) float32 log-probabilities of the full model at every position but the last."""
-    return torch.cat([torch.log_softmax(model(w[None]).logits[:, :-1].float(), -1) for w in windows])
-
-
-def _full_top1(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    return torch.cat([model(w[None]).logits.argmax(-1) for w in windows])
+def _full_top1(model: torch.nn.Module, windows: torch.Tensor, *, logp: bool = False):
+    """The full model's top-1 (n, seq); with logp also (n, seq − 1, vocab) float32 log-probabilities at every
+    position but the last, from the same forward."""
+    top1, out = [], []
+    for w in windows:
+        logits = model(w[None]).logits
+        top1.append(logits.argmax(-1))
+        if logp:
+            out.append(torch.log_softmax(logits[:, :-1].float(), -1))
+    return (torch.cat(top1), torch.cat(out)) if logp else torch.cat(top1)
 
 
 @torch.no_grad()
@@ -341,12 +345,12 @@ def recalibrate(model: torch.nn.Module, plan: CascadePlan, held: torch.Tensor, *
     held = check_ids(held, "held").to(parts.lm_head.weight.device)
     costs = plan.costs if plan.costs is not None else cascade_costs(model)
     logits, exits = plan.features == "logits", plan.exits
-    full = _full_top1(model, held)[:, :-1]
+    budget_kl = plan.max_perplexity_increase is not None
+    full, full_logp = _full_top1(model, held, logp=True) if budget_kl else (_full_top1(model, held), None)
+    full = full[:, :-1]
     n = full.numel()
     allowed = allowed_errors(n, plan.min_agreement)
-    budget_kl = plan.max_perplexity_increase is not None
     allowed_kl = allowed_nll(n, plan.max_perplexity_increase)
-    full_logp = _full_logp(model, held) if budget_kl else None
     thresholds = {e: plan.gates[e].threshold for e in exits}
     history: list[dict[str, Any]] = []
     best, drift_per_fill, drift_kl_per_fill = None, 0.0, 0.0
@@ -363,9 +367,8 @@ def recalibrate(model: torch.nn.Module, plan: CascadePlan, held: torch.Tensor, *
                         "errors": errors, "drift_errors": drift, "approximate_fills": fills,
                         "agreement": 1 - errors / n, "skip_fraction": skipped / (n * num_layers), "predicted_s": time})
         drift_kl = 0.0
-        if budget_kl:
-            own = sum(scores.kl[e][exit_at.flatten() == e].double().sum().item() for e in exits)
-            drift_kl = nll - own
+        if budget_kl:  # what the exits' own KL does not explain (scores.drift_kl_per_fill is 0 in a new record)
+            drift_kl = nll - float(nll_contributions(scores, exit_at, num_layers).sum())
             history[-1].update({"perplexity_increase": math.expm1(nll / n),
                                 "perplexity_increase_bound": math.expm1(nll_upper / n), "drift_nll": drift_kl})
         if errors <= allowed and nll_upper <= allowed_kl and (best is None or time < best[1]):

@@ -35,18 +35,9 @@ from llmcompress.testing.models import _COMMON_DECODER, VOCAB, example_ids, tiny
 HIDDEN = _COMMON_DECODER["hidden_size"]
 
 
-def _llama4() -> torch.nn.Module:
-    import transformers
-
-    config = transformers.LlamaConfig(**{**_COMMON_DECODER, "num_hidden_layers": 4})
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval().requires_grad_(False)
-
-
 @pytest.fixture(scope="module")
 def llama4():
-    return _llama4()
+    return tiny_model("llama", layers=4)
 
 
 @pytest.fixture(scope="module")

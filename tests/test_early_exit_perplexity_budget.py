@@ -22,25 +22,16 @@ from llmcompress.exit_gates import (
     GateScores,
     allowed_nll,
     check_max_perplexity_increase,
-    excess_nll,
     fit_temperature,
     fit_thresholds,
     kl_to_full,
+    nll_contributions,
     simulate_cascade,
 )
 from llmcompress.exit_heads import DecoderParts, decoder_parts, fit_exit_heads, layer_states
-from llmcompress.testing.models import _COMMON_DECODER, example_ids
+from llmcompress.testing.models import _COMMON_DECODER, example_ids, tiny_model
 
 HIDDEN = _COMMON_DECODER["hidden_size"]
-
-
-def _llama4() -> torch.nn.Module:
-    import transformers
-
-    config = transformers.LlamaConfig(**{**_COMMON_DECODER, "num_hidden_layers": 4})
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
 def test_kl_to_full_matches_float64():
@@ -106,12 +97,12 @@ def test_thresholds_hold_the_perplexity_budget():
     _, _, exit_at = simulate_cascade([1, 3], bound, s, costs, True)
     per_token = torch.where(exit_at == 1, s.kl[1], torch.where(exit_at == 3, s.kl[3], 0.0))
     assert _excess(s, bound) + 1.28 * per_token.std(correction=0).item() * math.sqrt(len(per_token)) <= budget
-    assert excess_nll(s, exit_at, 4) == pytest.approx(_excess(s, bound), rel=1e-9)
+    assert nll_contributions(s, exit_at, 4).sum().item() == pytest.approx(_excess(s, bound), rel=1e-9)
     assert bool((exit_at > 0).any()) and time < costs.full  # and it still skips
     # drift: every approximate fill (layers after the first skipped one) is charged
     drifted = dataclasses.replace(s, drift_kl_per_fill=0.01)
     fills = torch.where(exit_at > 0, 4 - exit_at - 1, 0).sum().item()
-    assert excess_nll(drifted, exit_at, 4) == pytest.approx(_excess(s, bound) + 0.01 * fills, rel=1e-9)
+    assert nll_contributions(drifted, exit_at, 4).sum().item() == pytest.approx(_excess(s, bound) + 0.01 * fills, rel=1e-9)
 
 
 def test_allowed_nll_is_the_log_of_the_perplexity_ratio():
@@ -136,7 +127,7 @@ def test_cascade_returns_the_tempered_exit_logits():
     full model's layer-2 state of that token, divided by 1.7 (layers ≤ 2 and the prefill's cache are exact)."""
     from transformers import DynamicCache
 
-    model = _llama4()
+    model = tiny_model("llama", layers=4)
     parts = decoder_parts(model)
     heads = fit_exit_heads(model, example_ids(4, 40), [2])
     prompt, token = example_ids(2, 6, seed=5), example_ids(2, 1, seed=6)
@@ -169,7 +160,7 @@ def test_recalibrate_holds_the_perplexity_budget_on_the_running_cascade():
     """Re-set on a random model's running cascade: with a third of the perplexity increase the agreement-only thresholds
     give as its budget, the KL its own logits add over the held-back rows (recomputed here token by token against
     the full model) is within the budget, and exits still open."""
-    model = _llama4()
+    model = tiny_model("llama", layers=4)
     heads = fit_exit_heads(model, example_ids(4, 40), [1, 2, 3])
     held = example_ids(3, 24, seed=9)
     g = torch.Generator().manual_seed(4)
@@ -196,7 +187,7 @@ def test_compiled_cascade_returns_the_tempered_exit_logits():
     from llmcompress.passes.early_exit.split import META_KEY
     from llmcompress.testing.models import VOCAB
 
-    eager, model = _llama4(), _llama4()
+    eager, model = tiny_model("llama", layers=4), tiny_model("llama", layers=4)
     splits: list = []
     hook = lambda before, after, ctx: splits.append(after.meta.get(META_KEY))
     calibration = torch.randint(2, VOCAB, (8, 32), generator=torch.Generator().manual_seed(3))

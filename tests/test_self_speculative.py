@@ -15,18 +15,7 @@ from llmcompress.errors import OptionError
 from llmcompress.exit_heads import ExitHead, decoder_parts, exit_agreement, exit_report, fit_exit_heads, layer_states
 from llmcompress.speculative import plan_speculation, predicted_speedup, step_costs, tokens_per_step
 from llmcompress.testing.fixtures import corpus_windows, fixtures_dir, load_model, load_tokenizer, missing
-from llmcompress.testing.models import _COMMON_DECODER, example_ids, tiny_model
-
-
-def _llama4() -> torch.nn.Module:
-    """A random 4-layer tiny Llama (testing's has 2, which leaves one exit): exits 1-3 disagree often enough to
-    exercise rejections."""
-    import transformers
-
-    config = transformers.LlamaConfig(**{**_COMMON_DECODER, "num_hidden_layers": 4})
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval().requires_grad_(False)
+from llmcompress.testing.models import example_ids, tiny_model
 
 
 def _generate(model, prompt, n):
@@ -35,7 +24,8 @@ def _generate(model, prompt, n):
 
 @pytest.fixture(scope="module")
 def llama4():
-    return _llama4()
+    # 4 layers (testing's default 2 leaves one exit): exits 1-3 disagree often enough to exercise rejections
+    return tiny_model("llama", layers=4)
 
 
 @pytest.mark.parametrize("exit_layer,draft_len", [(1, 1), (2, 3), (3, 2), (3, 5)])
@@ -76,7 +66,7 @@ def test_stops_at_eos_like_generate(llama4):
 
 def test_fit_recovers_an_exact_affine_map():
     """If the last state is an exact affine map of layer E's, ridge → 0 recovers it (float64 solve)."""
-    model = _llama4()
+    model = tiny_model("llama", layers=4)
     parts = decoder_parts(model)
     g = torch.Generator().manual_seed(0)
     a = torch.eye(64) + 0.1 * torch.randn(64, 64, generator=g)

@@ -31,13 +31,17 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
 }
 
 
-def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
-    """A random-initialised model of `family` (one of `FAMILIES`), in eval mode, gradients off."""
+def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+               layers: int | None = None) -> torch.nn.Module:
+    """A random-initialised model of `family` (one of `FAMILIES`), in eval mode, gradients off; `layers` overrides
+    the 2 layers (early-exit tests need exits between several)."""
     import transformers
 
     if family not in FAMILIES:
         raise KeyError(f"unknown family {family!r}{did_you_mean(family, FAMILIES)}; known: {', '.join(FAMILIES)}")
     config_cls, model_cls, kwargs = FAMILIES[family]
+    if layers is not None:
+        kwargs = {**kwargs, ("n_layer" if "n_layer" in kwargs else "num_hidden_layers"): layers}
     config = getattr(transformers, config_cls)(**kwargs)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)

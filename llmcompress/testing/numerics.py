@@ -124,3 +124,13 @@ def random_2of4_mask(n: int, k: int, seed: int = 0, keep_fewer: bool = False) ->
         drop = torch.rand(n, k // 4, 2, generator=g) < 0.15
         mask.scatter_(-1, order[..., :2], ~drop)
     return mask.reshape(n, k)
+
+
+def uneven_router_logits(t: int, e: int, seed: int = 0) -> torch.Tensor:
+    """(t, e) router logits that load experts unevenly, as a real router does: most tokens pulled to expert 1, expert
+    0 never chosen (MoE kernels must handle an empty expert and one holding most of the batch)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, e, generator=g)
+    x[:, 0] = -10.0
+    x[: (3 * t) // 4, 1] += 3.0
+    return x

@@ -13,17 +13,10 @@ import llmcompress.kernels.grouped_linear as gl
 import llmcompress.kernels.moe_experts as mx
 import llmcompress.kernels.moe_route as mr
 from llmcompress.testing.devices import DEVICE, needs_triton
+from llmcompress.testing.numerics import uneven_router_logits
 
 OP = torch.ops.llmcompress.moe_experts_w4a16.default
 
-
-def _uneven_logits(t, e, seed=0):
-    """Most tokens pulled to expert 1, expert 0 never chosen."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(t, e, generator=g)
-    x[:, 0] = -10.0
-    x[: (3 * t) // 4, 1] += 3.0
-    return x
 
 
 def _awq_experts(e, h, i, group_size, seed=0):
@@ -58,7 +51,7 @@ DTYPE_TOLS = [(torch.float16, 1e-3, 4e-3), (torch.bfloat16, 3e-2, 2e-2)]
 def test_awq_paths_equal_float64_oracle(t, e, k, h, i, group_size, block_m, path, dtype, atol, rtol):
     x = torch.randn(t, h, generator=torch.Generator().manual_seed(t)).to(dtype).to(DEVICE)
     stored, a_gu, a_d = _awq_experts(e, h, i, group_size, seed=e)
-    routing = mr.moe_route_reference(_uneven_logits(t, e, seed=h).to(DEVICE), k, "softmax", True, block_m)
+    routing = mr.moe_route_reference(uneven_router_logits(t, e, seed=h).to(DEVICE), k, "softmax", True, block_m)
     assert 0 not in routing[1].tolist()
     got = mx.moe_experts_w4a16_triton(x, *stored, group_size, *routing, block_m, t if path == "gemv" else 0, a_gu,
                                       a_d)
@@ -77,7 +70,7 @@ def test_awq_reference_is_the_grouped_path():
     t, e, k, h, i, g = 13, 5, 2, 64, 32, 32
     x = torch.randn(t, h, generator=torch.Generator().manual_seed(1))
     stored, a_gu, a_d = (s.cpu() if torch.is_tensor(s) else [v.cpu() for v in s] for s in _awq_experts(e, h, i, g))
-    weights, ids, *_ = mr.moe_route_reference(_uneven_logits(t, e), k)
+    weights, ids, *_ = mr.moe_route_reference(uneven_router_logits(t, e), k)
     rows, offs = expert_sorted(x, ids, e)
     gu = gl.grouped_linear_w4a16_reference(rows, *stored[:3], g, offs, a_gu)
     hid = F.silu(gu[:, :i]) * gu[:, i:]

@@ -10,6 +10,7 @@ import torch
 import llmcompress.kernels.moe_experts as mx  # registers the ops
 import llmcompress.kernels.moe_route as mr
 from llmcompress.testing.devices import DEVICE, needs_triton
+from llmcompress.testing.numerics import uneven_router_logits
 
 OP = torch.ops.llmcompress.moe_experts.default
 # Outputs O(1): fp32 differs from float64 by fp32 sums; fp16 / bf16 by one rounding of h and of y (bf16 ~8e-3 per
@@ -29,15 +30,6 @@ def _routing(logits, k, block_m, norm=True):
     return mr.moe_route_reference(logits.to(DEVICE), k, "softmax", norm, block_m)
 
 
-def _uneven_logits(t, e, seed=0):
-    """Random logits with most tokens pulled to expert 1, expert 0 never chosen (a hit expert with many tokens,
-    several with few, one with none)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(t, e, generator=g)
-    x[:, 0] = -10.0
-    x[: (3 * t) // 4, 1] += 3.0
-    return x
-
 
 # (T, E, k, H, I, block_m): H, I never multiples of the interpreter's BLOCK_N = 16 / BLOCK_K = 32.
 CASES = [
@@ -55,7 +47,7 @@ CASES = [
 def test_paths_equal_float64_oracle(t, e, k, h, i, block_m, path, dtype, atol, rtol):
     x = torch.randn(t, h, generator=torch.Generator().manual_seed(t)).to(dtype).to(DEVICE)
     w_gate_up, w_down = _experts(e, h, i, dtype, seed=e)
-    routing = _routing(_uneven_logits(t, e, seed=h), k, block_m)
+    routing = _routing(uneven_router_logits(t, e, seed=h), k, block_m)
     assert k == e or 0 not in routing[1].tolist()
     got = mx.moe_experts_triton(x, w_gate_up, w_down, *routing, block_m, t if path == "gemv" else 0)
     want = mx.moe_experts_reference(x, w_gate_up, w_down, routing[0], routing[1], compute_dtype=torch.float64)
@@ -214,7 +206,7 @@ W4_CASES = [(1, 4, 2, 96, 64, 32, 16), (9, 6, 2, 128, 96, 32, 16), (21, 5, 3, 12
 def test_w4a16_paths_equal_float64_oracle(t, e, k, h, i, group_size, block_m, path, dtype, atol, rtol):
     x = torch.randn(t, h, generator=torch.Generator().manual_seed(t)).to(dtype).to(DEVICE)
     stored = _int4_experts(e, h, i, group_size, seed=e)
-    routing = _routing(_uneven_logits(t, e, seed=h), k, block_m)
+    routing = _routing(uneven_router_logits(t, e, seed=h), k, block_m)
     got = mx.moe_experts_w4a16_triton(x, *stored, group_size, *routing, block_m, t if path == "gemv" else 0)
     want = mx.moe_experts_w4a16_reference(x, *stored, group_size, routing[0], routing[1], compute_dtype=torch.float64)
     assert got.dtype == dtype and got.shape == (t, h)

@@ -12,6 +12,7 @@ import llmcompress.kernels.moe_experts as mx  # registers the ops
 import llmcompress.kernels.moe_route as mr
 from llmcompress.formats.quantized import dequantize_int8, quantize_int4_rtn, quantize_int8_per_channel
 from llmcompress.testing.devices import DEVICE, needs_triton
+from llmcompress.testing.numerics import uneven_router_logits
 
 OP = torch.ops.llmcompress.moe_experts_w8a16.default
 # Outputs O(1). fp32: the dequantized weights are exact in fp32, so fp32 sums only; fp16 / bf16 one rounding of h
@@ -33,14 +34,6 @@ def _int8_experts(e, h, i, seed=0):
     return [t.to(DEVICE) for t in (qgu, sgu, qd, sd)]
 
 
-def _uneven_logits(t, e, seed=0):
-    """Most tokens pulled to expert 1, expert 0 never chosen."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(t, e, generator=g)
-    x[:, 0] = -10.0
-    x[: (3 * t) // 4, 1] += 3.0
-    return x
-
 
 # (T, E, k, H, I, block_m): H, I never multiples of the interpreter's BLOCK_N = 16 / BLOCK_K = 32.
 CASES = [
@@ -57,7 +50,7 @@ CASES = [
 def test_w8a16_paths_equal_float64_oracle(t, e, k, h, i, block_m, path, dtype, atol, rtol):
     x = torch.randn(t, h, generator=torch.Generator().manual_seed(t)).to(dtype).to(DEVICE)
     stored = _int8_experts(e, h, i, seed=e)
-    routing = mr.moe_route_reference(_uneven_logits(t, e, seed=h).to(DEVICE), k, "softmax", True, block_m)
+    routing = mr.moe_route_reference(uneven_router_logits(t, e, seed=h).to(DEVICE), k, "softmax", True, block_m)
     assert 0 not in routing[1].tolist()
     got = mx.moe_experts_w8a16_triton(x, *stored, *routing, block_m, t if path == "gemv" else 0)
     want = mx.moe_experts_w8a16_reference(x, *stored, routing[0], routing[1], compute_dtype=torch.float64)
@@ -75,7 +68,7 @@ def test_w4a16_float32_activations_equal_float64_oracle(path):
     dn = [quantize_int4_rtn(torch.randn(h, i, generator=gen) * 0.1, g) for _ in range(e)]
     stored = [torch.stack(s).to(DEVICE) for s in zip(*gu)] + [torch.stack(s).to(DEVICE) for s in zip(*dn)]
     x = torch.randn(t, h, generator=gen).to(DEVICE)
-    routing = mr.moe_route_reference(_uneven_logits(t, e).to(DEVICE), k, "softmax", True, block_m)
+    routing = mr.moe_route_reference(uneven_router_logits(t, e).to(DEVICE), k, "softmax", True, block_m)
     got = mx.moe_experts_w4a16_triton(x, *stored, g, *routing, block_m, t if path == "gemv" else 0)
     want = mx.moe_experts_w4a16_reference(x, *stored, g, routing[0], routing[1], compute_dtype=torch.float64)
     assert got.dtype == torch.float32

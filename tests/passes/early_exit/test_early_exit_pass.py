@@ -28,15 +28,6 @@ HIDDEN = _COMMON_DECODER["hidden_size"]
 LAYERS = 4
 
 
-def _llama4() -> torch.nn.Module:
-    import transformers
-
-    config = transformers.LlamaConfig(**{**_COMMON_DECODER, "num_hidden_layers": LAYERS})
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval().requires_grad_(False)
-
-
 def _root_cause(e: BaseException) -> BaseException:
     while e.__cause__ is not None or getattr(e, "inner_exception", None) is not None:
         e = e.__cause__ or e.inner_exception
@@ -89,7 +80,7 @@ def _decisions(report_path) -> list[list[dict]]:
 
 
 def test_closed_gate_is_the_model():
-    eager, model = _llama4(), _llama4()
+    eager, model = tiny_model("llama", layers=LAYERS), tiny_model("llama", layers=LAYERS)
     splits: list = []
     _compile(model, {"passes": {"canonicalize": {}, "early-exit": {"gate": "closed", "exit_layers": [2],
                                                                     "head": "lens"}}}, splits)
@@ -114,7 +105,7 @@ def test_closed_gate_is_the_model():
 def test_open_gate_is_the_model_level_cascade(exit_layer, head, lowering):
     """Every decode step exits at E: the logits and every layer's static-cache slot equal the model-level cascade's
     with the same plan (a skipped layer whose K/V slot is not filled, or filled from the wrong state, fails)."""
-    eager, model = _llama4(), _llama4()
+    eager, model = tiny_model("llama", layers=LAYERS), tiny_model("llama", layers=LAYERS)
     splits: list = []
     _compile(model, {"lowering": lowering, **(_calibration() if head == "fitted" else {}),
                      "passes": {"canonicalize": {}, "early-exit": {"gate": "open", "exit_layers": [exit_layer],
@@ -142,7 +133,7 @@ def test_open_gate_is_the_model_level_cascade(exit_layer, head, lowering):
 def test_calibrated_plan_runs_like_the_model_level_cascade(tmp_path):
     """generate's prefill calibrates the plan (a derived result); its decode graph takes it and chooses per step:
     the tokens equal the model-level cascade's with the same plan."""
-    eager, model = _llama4(), _llama4()
+    eager, model = tiny_model("llama", layers=LAYERS), tiny_model("llama", layers=LAYERS)
     splits: list = []
     report = tmp_path / "r.json"
     _compile(model, {**_calibration(), "report": str(report),
@@ -167,7 +158,7 @@ def test_calibrated_plan_runs_like_the_model_level_cascade(tmp_path):
 
 
 def test_declined_plan_leaves_the_graph_with_the_reason(tmp_path):
-    model = _llama4()
+    model = tiny_model("llama", layers=LAYERS)
     report = tmp_path / "r.json"
     _compile(model, {**_calibration(), "report": str(report),
                      "passes": {"canonicalize": {}, "early-exit": {"min_agreement": 1.0}}})
@@ -184,7 +175,7 @@ def test_recipe_loads_and_reports_its_decision(tmp_path):
     assert [(s.name, s.options) for s in recipe.passes] == [("canonicalize", {}),
                                                             ("early-exit", {"min_agreement": 0.99,
                                                                             "max_perplexity_increase": 0.02})]
-    model, eager = _llama4(), _llama4()
+    model, eager = tiny_model("llama", layers=LAYERS), tiny_model("llama", layers=LAYERS)
     report = tmp_path / "r.json"
     _compile(model, {**_calibration(), "recipe": "early-exit-cascade", "report": str(report)})
     prompt = example_ids(1, 5, seed=7)
@@ -207,7 +198,7 @@ def test_unrecognised_graphs_are_left_alone_with_the_reason(tmp_path):
     options = {"report": str(report), "passes": {"canonicalize": {}, "early-exit": {"gate": "open",
                                                                                     "exit_layers": [1],
                                                                                     "head": "lens"}}}
-    llama = _compile(_llama4(), options)
+    llama = _compile(tiny_model("llama", layers=LAYERS), options)
     cache = DynamicCache(config=llama.config)
     with torch.no_grad():
         llama(example_ids(1, 4), cache=cache, use_cache=True)
@@ -244,7 +235,7 @@ def test_bad_options_raise(options, match):
 
 
 def test_exit_outside_the_model_raises():
-    model = _compile(_llama4(), {"passes": {"canonicalize": {}, "early-exit": {"gate": "open", "exit_layers": [4],
+    model = _compile(tiny_model("llama", layers=LAYERS), {"passes": {"canonicalize": {}, "early-exit": {"gate": "open", "exit_layers": [4],
                                                                                 "head": "lens"}}})
     with pytest.raises(Exception) as info:
         _steps(model, example_ids(1, 4), example_ids(1, 1), _static(model))
@@ -253,7 +244,7 @@ def test_exit_outside_the_model_raises():
 
 
 def test_calibration_needs_data():
-    model = _compile(_llama4(), {"passes": {"canonicalize": {}, "early-exit": {}}})
+    model = _compile(tiny_model("llama", layers=LAYERS), {"passes": {"canonicalize": {}, "early-exit": {}}})
     with pytest.raises(Exception) as info:
         _steps(model, example_ids(1, 4), example_ids(1, 1), _static(model))
     assert isinstance(_root_cause(info.value), OptionError) and "calibration" in str(_root_cause(info.value))
