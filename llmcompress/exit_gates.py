@@ -570,7 +570,8 @@ def _chunked_logits(parts: DecoderParts, head: ExitHead, states: torch.Tensor) -
 @torch.no_grad()
 def teacher_forced(model: torch.nn.Module, plan: CascadePlan, ids: torch.Tensor) -> dict[str, object]:
     """The plan's gates on the full model's states of ids (n, seq), as calibration sees them (no cache effects):
-    top-1 agreement with the full model, share of decoder-layer evaluations skipped, tokens exiting per exit."""
+    top-1 agreement with the full model, share of decoder-layer evaluations skipped, tokens exiting per exit, and
+    exit_at (n, seq): the exit each token takes (0: none)."""
     parts = decoder_parts(model)
     ids = check_ids(ids, "ids").to(parts.lm_head.weight.device)
     states = layer_states(model, ids)
@@ -586,4 +587,4 @@ def teacher_forced(model: torch.nn.Module, plan: CascadePlan, ids: torch.Tensor)
         wrong |= go & (logits.argmax(-1) != full)
     skipped = torch.where(exit_at > 0, parts.num_layers - exit_at, 0).double().sum().item()
     return {"agreement": 1 - wrong.double().mean().item(), "skip_fraction": skipped / (full.numel() * parts.num_layers),
-            "exits": {e: int((exit_at == e).sum()) for e in plan.exits}}
+            "exits": {e: int((exit_at == e).sum()) for e in plan.exits}, "exit_at": exit_at}

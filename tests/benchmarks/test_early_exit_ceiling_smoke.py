@@ -1,0 +1,31 @@
+"""Smoke test of benchmarks/early_exit_ceiling.py on the tiny-llama fixture at toy sizes: the JSON it writes, every
+budget's ceiling for lens and fitted heads with its bounds in order and its budgets held, and the gates' teacher-forced
+skip beneath the ceiling of their budget where they hold it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+
+@pytest.mark.fixtures
+def test_early_exit_ceiling_smoke(tmp_path, run_benchmark):
+    out = tmp_path / "early_exit_ceiling.json"
+    run_benchmark("early_exit_ceiling.py", "--calib", 8, "--windows", 2, "--budgets", "0.99:0.02,0.9:none",
+                  "--gate-budget", "0.9:none", "--out", out)
+    doc = json.loads(out.read_text())
+    assert {"device", "versions", "commit", "setup", "exits", "ceilings", "gates"} <= doc.keys()
+    assert sorted(doc["exits"]) == ["1", "2", "3", "4", "5"]
+    assert set(doc["ceilings"]) == {"0.99/0.02", "0.9/none"}
+    for key, rows in doc["ceilings"].items():
+        a, p = key.split("/")
+        for row in rows.values():
+            assert 0 < row["feasible"] <= row["upper"] <= 5 / 6
+            assert row["agreement"] >= float(a) - 1e-9
+            assert p == "none" or math.log1p(row["perplexity_increase"]) <= math.log1p(float(p)) + 1e-9
+    gates = doc["gates"]
+    assert gates["declined"] is None and gates["skip_fraction"] > 0
+    if gates["agreement"] >= 0.9:  # within the ceiling's budget on these tokens, so beneath it
+        assert gates["skip_fraction"] <= doc["ceilings"]["0.9/none"]["fitted"]["upper"] + 1e-9
