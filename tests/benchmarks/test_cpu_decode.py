@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("eager", "default", "w4a16")
 """The smoke test's subset: plain eager, the backend's default recipe, and a weight-only quantized one (`inductor` and
 `w8a16` run the same code in the script, each in one more child process that costs ~25 s of CI)."""
 
 
 @pytest.mark.slow
-def test_cpu_decode_small(tmp_path):
+def test_cpu_decode_small(tmp_path, run_benchmark):
     out = tmp_path / "cpu_decode_small.json"
     # --keep-weights: the memory column then includes the dense weights; release_weights is covered by the
     # warm-compiler test below.
     # --repeats 1: one timed call is enough to check the keys; the numbers are not judged here.
-    subprocess.run([sys.executable, "benchmarks/cpu_decode.py", "--small", "--keep-weights", "--repeats", "1",
-                    "--configs", ",".join(CONFIGS), "--out", str(out)], cwd=ROOT, check=True, timeout=900,
-                   capture_output=True)
+    run_benchmark("cpu_decode.py", "--small", "--keep-weights", "--repeats", 1, "--configs", ",".join(CONFIGS),
+                  "--out", out)
     doc = json.loads(out.read_text())
 
     assert doc["complete"] is True
@@ -54,12 +49,11 @@ def test_cpu_decode_small(tmp_path):
 
 
 @pytest.mark.slow
-def test_cpu_decode_warm_compiler(tmp_path):
+def test_cpu_decode_warm_compiler(tmp_path, run_benchmark):
     """--warm-compiler pays the one-time state on a throwaway model first, so rss_mib counts only this model."""
     out = tmp_path / "cpu_decode_small_warm.json"
-    subprocess.run([sys.executable, "benchmarks/cpu_decode.py", "--small", "--warm-compiler", "--configs",
-                    "eager,w4a16", "--repeats", "1", "--out", str(out)], cwd=ROOT, check=True, timeout=900,
-                   capture_output=True)
+    run_benchmark("cpu_decode.py", "--small", "--warm-compiler", "--configs", "eager,w4a16", "--repeats", 1,
+                  "--out", out)
     doc = json.loads(out.read_text())
     assert doc["settings"]["warm_compiler"] is True
     for name in ("eager", "w4a16"):

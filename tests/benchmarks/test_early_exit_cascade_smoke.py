@@ -5,26 +5,15 @@ perplexity it measured (the budget's held-back numbers come from the code beside
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from llmcompress.testing.fixtures import fixtures_dir
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.fixtures
-def test_early_exit_cascade_smoke(tmp_path):
+def test_early_exit_cascade_smoke(tmp_path, run_benchmark):
     out = tmp_path / "early_exit_cascade.json"
-    env = {**os.environ, "LLMCOMPRESS_FIXTURES": str(fixtures_dir()),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, "benchmarks/early_exit_cascade.py", "--calib", "8", "--windows", "2", "--rounds",
-                    "1", "--prompts", "1", "--new-tokens", "4", "--repeats", "1", "--frontier", "0.9:none",
-                    "--out", str(out)], cwd=ROOT, env=env, check=True, timeout=900, capture_output=True)
+    run_benchmark("early_exit_cascade.py", "--calib", 8, "--windows", 2, "--rounds", 1, "--prompts", 1, "--new-tokens",
+                  4, "--repeats", 1, "--frontier", "0.9:none", "--out", out)
     doc = json.loads(out.read_text())
     assert {"device", "versions", "commit", "setup", "exits", "full_perplexity", "cascades"} <= doc.keys()
     assert sorted(doc["exits"]) == ["1", "2", "3", "4", "5"]

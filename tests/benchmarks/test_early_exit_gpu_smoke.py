@@ -4,19 +4,11 @@ roofline step costs, draft / verify steps for k = 1..4, the predicted speedup at
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_early_exit_gpu_small(tmp_path):
+def test_early_exit_gpu_small(tmp_path, run_benchmark):
     out = tmp_path / "early_exit_gpu.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, "benchmarks/early_exit_gpu.py", "--small", "--new-tokens", "16", "--out",
-                    str(out)], cwd=ROOT, env=env, check=True, timeout=900, capture_output=True)
+    run_benchmark("early_exit_gpu.py", "--small", "--new-tokens", 16, "--out", out)
     doc = json.loads(out.read_text())
     assert doc["model"]["shape"] == "small" and doc["setup"]["exit_layer"] == 2
     for name in ("roofline", "measured"):

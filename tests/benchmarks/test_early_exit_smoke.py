@@ -5,26 +5,15 @@ decode row token-identical to plain greedy with a prediction from the measured s
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from llmcompress.testing.fixtures import fixtures_dir
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.fixtures
-def test_early_exit_smoke(tmp_path):
+def test_early_exit_smoke(tmp_path, run_benchmark):
     out = tmp_path / "early_exit.json"
-    env = {**os.environ, "LLMCOMPRESS_FIXTURES": str(fixtures_dir()),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, "benchmarks/early_exit.py", "--calib", "2", "--windows", "2", "--prompts", "1",
-                    "--new-tokens", "8", "--configs", "5:2", "--lowering", "eager", "--out", str(out)],
-                   cwd=ROOT, env=env, check=True, timeout=900, capture_output=True)
+    run_benchmark("early_exit.py", "--calib", 2, "--windows", 2, "--prompts", 1, "--new-tokens", 8, "--configs", "5:2",
+                  "--lowering", "eager", "--out", out)
     doc = json.loads(out.read_text())
     assert {"device", "versions", "commit", "setup", "exit_report", "teacher_forced", "step_costs", "plain", "decode",
             "auto", "targets"} <= doc.keys()

@@ -4,24 +4,14 @@ writes, the numerics of every configuration, and the decode step's ranks at 60 %
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.slow
-def test_lowrank_linear_smoke(tmp_path):
+def test_lowrank_linear_smoke(tmp_path, run_benchmark):
     out = tmp_path / "lowrank_linear_smoke.json"
-    # PYTHONPATH: this checkout's package (the script's own folder, benchmarks/, comes first on its sys.path).
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
-        "PYTHONPATH", "")])}
-    subprocess.run([sys.executable, "benchmarks/lowrank_linear.py", "--smoke", "--shapes", "128x128:32", "--m", "1,20",
-                    "--out", str(out)], cwd=ROOT, env=env, check=True, timeout=900, capture_output=True)
+    run_benchmark("lowrank_linear.py", "--smoke", "--shapes", "128x128:32", "--m", "1,20", "--out", out, interpret=True)
     doc = json.loads(out.read_text())
 
     assert doc["complete"] is True and doc["settings"]["smoke"] is True

@@ -7,10 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -32,7 +29,7 @@ def _row(method, ratio, ppl):
             "params_kept_fraction": ratio - 1e-5, "split_layers": 30, "seconds": 1.0}
 
 
-def test_json_names_the_commit_and_the_missing_rows_and_replots(tmp_path):
+def test_json_names_the_commit_and_the_missing_rows_and_replots(tmp_path, run_benchmark):
     q = _script()
     git = q._git_commit()
     assert re.fullmatch(r"[0-9a-f]{40}", git["commit"]) and isinstance(git["dirty"], bool)
@@ -48,9 +45,7 @@ def test_json_names_the_commit_and_the_missing_rows_and_replots(tmp_path):
                                                 _row("svd", 0.8, 17.7)])
     assert "missing_runs" not in doc
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's llmcompress, not an installed one
-    subprocess.run([sys.executable, "benchmarks/lowrank_quality.py", "--replot", "--out", str(out)], cwd=ROOT,
-                   check=True, timeout=300, capture_output=True, env=env)
+    run_benchmark("lowrank_quality.py", "--replot", "--out", out, timeout=300)
     img = Image.open(out.with_suffix(".png"))
     img.load()
     assert img.format == "PNG" and img.size[0] > 500

@@ -4,26 +4,16 @@ and transformers' eager ones): the JSON it writes, every configuration's numeric
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.slow
-def test_moe_block_smoke(tmp_path):
+def test_moe_block_smoke(tmp_path, run_benchmark):
     out = tmp_path / "moe_block_smoke.json"
-    # PYTHONPATH: this checkout's package (the script's own folder, benchmarks/, comes first on its sys.path).
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
-        "PYTHONPATH", "")])}
     configs = "hf-eager,hf-batched_mm,hf-grouped_mm,llmcompress,llmcompress-cudagraph,llmcompress-gemv," \
               "llmcompress-gemm,llmcompress-int4,w4a16-grouped"
-    subprocess.run([sys.executable, "benchmarks/moe_block.py", "--smoke", "--tokens", "1,5", "--configs", configs,
-                    "--out", str(out)], cwd=ROOT, env=env, check=True, timeout=900, capture_output=True)
+    run_benchmark("moe_block.py", "--smoke", "--tokens", "1,5", "--configs", configs, "--out", out, interpret=True)
     doc = json.loads(out.read_text())
 
     assert doc["complete"] is True and doc["settings"]["smoke"] is True and doc["device"]["type"] == "cpu"

@@ -4,28 +4,20 @@ round to nearest: no calibration): the fused run's graph holds the quantized fus
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from llmcompress.testing.fixtures import fixtures_dir
 
-ROOT = Path(__file__).resolve().parents[2]
-
 pytestmark = [pytest.mark.fixtures, pytest.mark.slow]
 
 
-def test_moe_quant_quality_smoke(tmp_path):
+def test_moe_quant_quality_smoke(tmp_path, run_benchmark):
     if not (fixtures_dir() / "tiny-mixtral").is_dir():
         pytest.skip(f"no tiny-mixtral fixture under {fixtures_dir()}")
     out = tmp_path / "moe_quant_quality.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, "benchmarks/moe_quant_quality.py", "--windows", "2", "--batch", "2",
-                    "--calib-samples", "2", "--runs", "dense", "w8a16", "w8a16 + fuse-moe", "--out", str(out)],
-                   cwd=ROOT, env=env, check=True, timeout=900, capture_output=True)
+    run_benchmark("moe_quant_quality.py", "--windows", 2, "--batch", 2, "--calib-samples", 2, "--runs", "dense", "w8a16",
+                  "w8a16 + fuse-moe", "--out", out)
     doc = json.loads(out.read_text())
     assert doc["windows"] == 2 and "objective: always" in doc["forced_by"]
     rows = {r["run"]: r for r in doc["results"]}
