@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -81,11 +81,13 @@ def call(graph: torch.fx.Graph, fake_mode: FakeTensorMode, target: Callable, arg
     return node
 
 
-def add_constant(gm: torch.fx.GraphModule, fake_mode: FakeTensorMode, tensor: torch.Tensor, hint: str) -> torch.fx.Node:
-    """Register `tensor` as a new constant attribute of `gm` and return a get_attr node for it."""
+def add_constant(gm: torch.fx.GraphModule, fake_mode: FakeTensorMode, tensor: torch.Tensor, hint: str,
+                 taken: Container[str] = ()) -> torch.fx.Node:
+    """Register `tensor` as a new constant attribute of `gm` and return a get_attr node for it. taken: names to
+    avoid besides gm's own (the pieces of a split graph each add constants to one shared weights table)."""
     base = "".join(c if c.isalnum() or c == "_" else "_" for c in hint) or "const"
     name, i = base, 0
-    while hasattr(gm, name):
+    while hasattr(gm, name) or name in taken:
         i += 1
         name = f"{base}_{i}"
     gm.register_buffer(name, tensor, persistent=False)

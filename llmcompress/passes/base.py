@@ -30,6 +30,18 @@ if TYPE_CHECKING:
     from llmcompress.passes.weights import FrozenWeights
 
 
+SPLIT_KEY = "llmcompress.split"
+"""`gm.meta[SPLIT_KEY]`: what a pass cut `gm` into (the early-exit cascade's `Branches`; any object whose `graphs()`
+lists the pieces' GraphModules). The passes after it run on each piece (`PassManager.run`) and lowering lowers the
+pieces, so `gm` itself stays the graph they were cut from."""
+
+
+def split_graphs(gm: torch.fx.GraphModule) -> list[torch.fx.GraphModule] | None:
+    """The pieces a pass cut `gm` into, or None."""
+    split = gm.meta.get(SPLIT_KEY)
+    return None if split is None else list(split.graphs())
+
+
 @dataclasses.dataclass(frozen=True)
 class NoOptions:
     """Options of a pass that takes none."""

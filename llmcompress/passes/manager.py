@@ -14,7 +14,7 @@ import torch
 
 from llmcompress._logging import logger
 from llmcompress.errors import LLMCompressError, PassFailedError, PassOrderError, did_you_mean
-from llmcompress.passes.base import Pass, PassContext, PassResult
+from llmcompress.passes.base import Pass, PassContext, PassResult, split_graphs
 from llmcompress.passes.registry import get_pass, registered_passes
 from llmcompress.recipes import PassSpec
 
@@ -110,47 +110,75 @@ class PassManager:
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> list[PassRecord]:
         """Run every pass; a pass that raises (or leaves a graph that fails lint) is undone and warned about,
         or re-raised as `PassFailedError` under `strict`. An `LLMCompressError` (a deliberate error: bad
-        calibration data, fp8 on a GPU without it ...) is re-raised as it is, after the graph is restored."""
+        calibration data, fp8 on a GPU without it ...) is re-raised as it is, after the graph is restored.
+
+        Once a pass has cut the graph into pieces (`base.split_graphs`: the early-exit cascade), the passes after it
+        run on each piece, one record per pass (decisions tagged with their piece), and the graph itself is left as
+        the pieces were cut from it."""
         records = []
         ctx.pipeline = tuple(p.name for p in self.passes)
         for p in self.passes:
-            snapshot = _Snapshot(gm)
-            before = _op_counts(gm.graph)
-            start = time.perf_counter()
-            try:
-                result = p.run(gm, ctx)
-                if not isinstance(result, PassResult):
-                    raise TypeError(f"run() returned {type(result).__name__}, expected PassResult")
-                gm.graph.lint()
-                gm.recompile()
-            except Exception as e:  # noqa: BLE001 - a pass's bug must not corrupt the graph
-                elapsed = time.perf_counter() - start
-                snapshot.restore(gm)
-                message = f"{type(e).__name__}: {e}"
-                records.append(PassRecord(p.name, "failed", elapsed, {}, {}, {}, [], message))
-                if isinstance(e, LLMCompressError):
-                    raise  # deliberate: the user asked for something that cannot be done (bad data, no fp8 ...)
-                if self.strict:
-                    raise PassFailedError(f"pass {p.name!r} failed on graph {ctx.graph_id} (strict=True): {message}") from e
-                warnings.warn(
-                    f"llmcompress: pass {p.name!r} failed on graph {ctx.graph_id} and was undone; "
-                    f"compilation continues without it: {message}",
-                    PassFallbackWarning,
-                    stacklevel=2,
-                )
-                logger.debug("pass %s failed", p.name, exc_info=True)
-                continue
-            elapsed = time.perf_counter() - start
-            after = _op_counts(gm.graph)
-            record = PassRecord(
-                p.name,
-                "changed" if result.changed else "unchanged",
-                elapsed,
-                dict(result.stats),
-                dict(after - before),
-                dict(before - after),
-                list(result.decisions),
-            )
-            logger.info("pass %s: %s in %.3fs %s", p.name, record.status, elapsed, record.stats)
-            records.append(record)
+            pieces = split_graphs(gm)
+            if pieces is None:
+                records.append(self._run_one(p, gm, ctx))
+            else:
+                records.append(_merged(p.name, [self._run_one(p, piece, ctx) for piece in pieces]))
         return records
+
+    def _run_one(self, p: Pass, gm: torch.fx.GraphModule, ctx: PassContext) -> PassRecord:
+        snapshot = _Snapshot(gm)
+        before = _op_counts(gm.graph)
+        start = time.perf_counter()
+        try:
+            result = p.run(gm, ctx)
+            if not isinstance(result, PassResult):
+                raise TypeError(f"run() returned {type(result).__name__}, expected PassResult")
+            gm.graph.lint()
+            gm.recompile()
+        except Exception as e:  # noqa: BLE001 - a pass's bug must not corrupt the graph
+            elapsed = time.perf_counter() - start
+            snapshot.restore(gm)
+            message = f"{type(e).__name__}: {e}"
+            if isinstance(e, LLMCompressError):
+                raise  # deliberate: the user asked for something that cannot be done (bad data, no fp8 ...)
+            if self.strict:
+                raise PassFailedError(f"pass {p.name!r} failed on graph {ctx.graph_id} (strict=True): {message}") from e
+            warnings.warn(
+                f"llmcompress: pass {p.name!r} failed on graph {ctx.graph_id} and was undone; "
+                f"compilation continues without it: {message}",
+                PassFallbackWarning,
+                stacklevel=3,
+            )
+            logger.debug("pass %s failed", p.name, exc_info=True)
+            return PassRecord(p.name, "failed", elapsed, {}, {}, {}, [], message)
+        elapsed = time.perf_counter() - start
+        after = _op_counts(gm.graph)
+        record = PassRecord(
+            p.name,
+            "changed" if result.changed else "unchanged",
+            elapsed,
+            dict(result.stats),
+            dict(after - before),
+            dict(before - after),
+            list(result.decisions),
+        )
+        logger.info("pass %s: %s in %.3fs %s", p.name, record.status, elapsed, record.stats)
+        return record
+
+
+def _merged(name: str, per_piece: list[PassRecord]) -> PassRecord:
+    """One record for a pass run on each piece of a split graph: counts summed, decisions tagged with the piece."""
+    status = ("failed" if any(r.status == "failed" for r in per_piece)
+              else "changed" if any(r.status == "changed" for r in per_piece) else "unchanged")
+    stats: collections.Counter = collections.Counter()
+    added: collections.Counter = collections.Counter()
+    removed: collections.Counter = collections.Counter()
+    decisions: list[dict[str, Any]] = []
+    for i, r in enumerate(per_piece):
+        stats.update({k: v for k, v in r.stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        added.update(r.ops_added)
+        removed.update(r.ops_removed)
+        decisions += [{"piece": i, **d} if isinstance(d, dict) else {"piece": i, "decision": d} for d in r.decisions]
+    errors = [f"piece {i}: {r.error}" for i, r in enumerate(per_piece) if r.error]
+    return PassRecord(name, status, sum(r.time_s for r in per_piece), {"pieces": len(per_piece), **stats},
+                      dict(added), dict(removed), decisions, "; ".join(errors) or None)

@@ -354,7 +354,7 @@ class FrozenWeights:
         Returns its get_attr node (inserted at the graph's insertion point); `name` reads well in reports.
         """
         with unset_fake_temporarily():
-            node = add_constant(gm, fake_mode_of(gm), tensor, name)
+            node = add_constant(gm, fake_mode_of(gm), tensor, name, taken=self.by_attr)
             self.by_attr[node.target] = FrozenWeight(node.target, name, tensor, derived=True)
         return node
 

@@ -143,3 +143,40 @@ def _chain_has(exc, cls, text):
             return True
         exc = exc.__cause__ or getattr(exc, "inner_exception", None)
     return False
+
+
+def test_passes_after_a_split_run_on_each_piece(passes):
+    """Once a pass cut the graph into pieces (`SPLIT_KEY`), the later passes run on each piece and leave the graph
+    itself alone; one record per pass, decisions tagged with their piece, and a piece a pass broke is restored
+    alone (the other piece keeps the change)."""
+    import copy
+    import types
+
+    from llmcompress.passes.base import SPLIT_KEY
+
+    gm = torch.fx.symbolic_trace(TwoLinears())
+    pieces = [copy.deepcopy(gm), copy.deepcopy(gm)]
+    seen = []
+
+    def split(self, g, ctx):
+        g.meta[SPLIT_KEY] = types.SimpleNamespace(graphs=lambda: pieces)
+        return PassResult(True)
+
+    def mark(self, g, ctx):
+        seen.append(g)
+        if g is pieces[1]:
+            return _break_graph_then_raise(self, g, ctx)
+        g.graph.call_function(torch.relu, (next(iter(g.graph.nodes)),))  # a dead node: the change to see
+        return PassResult(True, {"marked": 1}, [{"nodes": len(g.graph.nodes)}])
+
+    split_cls, mark_cls = passes("t-split", run=split), passes("t-mark", after=["t-split"], run=mark)
+    parent_code = gm.code
+    with pytest.warns(PassFallbackWarning, match="t-mark"):
+        records = PassManager([mark_cls(), split_cls()]).run(gm, types.SimpleNamespace(graph_id="g"))
+    assert seen == pieces and gm.code == parent_code
+    split_rec, mark_rec = records
+    assert split_rec.name == "t-split" and mark_rec.name == "t-mark"
+    assert mark_rec.status == "failed" and mark_rec.error.startswith("piece 1: RuntimeError: boom")
+    assert mark_rec.stats == {"pieces": 2, "marked": 1} and [d["piece"] for d in mark_rec.decisions] == [0]
+    assert "relu" in pieces[0].code and "relu" not in pieces[1].code and "gelu" in pieces[1].code
+    assert not hasattr(pieces[1], "leftover")

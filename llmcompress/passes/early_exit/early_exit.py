@@ -94,6 +94,8 @@ class EarlyExitPass(Pass):
     # It cuts the final graph into the pieces the backend lowers: every rewrite runs before it.
     after = ("canonicalize", "fold-into-weights", "fuse-sibling-linears", "quantize-linear", "sparsify-linear",
              "lowrank-split", "moe-prune", "moe-skip", "fuse-moe")
+    # The fusions (the Triton lowering's own passes) hide the layer structure it reads: they run on its pieces.
+    before = ("fuse-linear-epilogue", "fuse-pointwise")
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         o = self.options

@@ -25,11 +25,13 @@ import torch
 import torch.fx
 
 from llmcompress.exit_gates import Gate, gate_features
+from llmcompress.passes.base import SPLIT_KEY
 from llmcompress.passes.early_exit.structure import DecoderGraph, layer_of
 
 aten = torch.ops.aten
-META_KEY = "llmcompress.early_exit"
-"""`gm.meta[META_KEY]`: the `Branches` of a graph the pass split; the backend's lowering runs them."""
+META_KEY = SPLIT_KEY
+"""`gm.meta[META_KEY]`: the `Branches` of a graph the pass split; the backend's lowering runs them, and the passes
+after `early-exit` (the Triton lowering's fusions) run on each piece."""
 
 
 def gate_open(before: torch.Tensor, after: torch.Tensor, exit_logits: torch.Tensor | None, weight: torch.Tensor,
@@ -75,6 +77,9 @@ class Branches:
 
     def pieces(self) -> list[Piece]:
         return [*self.segments, *self.skips, self.rest]
+
+    def graphs(self) -> list[torch.fx.GraphModule]:
+        return [p.gm for p in self.pieces()]
 
     def skip_fraction(self) -> float:
         """Share of decoder-layer evaluations skipped over the steps run so far."""

@@ -128,6 +128,10 @@ class FusePointwisePass(Pass):
                 stats["kept: generator refused"] = stats.get("kept: generator refused", 0) + 1
                 decisions.append({**decision, "fused": False, "reason": str(e)})
                 continue
+            if not kernel.inputs:  # e.g. a lone scalar_tensor: nothing to read, and no device to launch on
+                stats["kept: no tensor input"] = stats.get("kept: no tensor input", 0) + 1
+                decisions.append({**decision, "fused": False, "reason": "no tensor input"})
+                continue
             insert_call(gm, kernel)
             decisions.append({**decision, "fused": True, "kernel": kernel.key, "source": str(kernel.source_path),
                               "inputs": len(kernel.inputs), "outputs": len(kernel.outputs)})
