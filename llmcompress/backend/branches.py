@@ -25,8 +25,8 @@ def split_of(gm: torch.fx.GraphModule) -> Branches | None:
     if branches is None:
         return None
     if branches.signature != graph_signature(gm):
-        raise LLMCompressError("early-exit: the graph changed after the pass cut it into pieces (a pass ran after "
-                               "'early-exit'); put 'early-exit' last")
+        raise LLMCompressError("early-exit: the graph changed after the pass cut it into pieces (a pass edited the graph "
+                               "instead of its pieces)")
     return branches
 
 

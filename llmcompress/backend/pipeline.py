@@ -198,7 +198,8 @@ def _compile(gm, example_inputs, config: CompileConfig, entry: dict, manager: Pa
         input_names = [names[i] if i < len(names) else f"input {i}" for i in kept]
         # Loaded (tokenized) only when a pass asks for it; shared by the graph's passes.
         calibration = Calibration(config.calibration, config.tokenizer, config.calibration_samples,
-                                  config.calibration_seq_len, example_inputs=fake_inputs, input_names=input_names)
+                                  config.calibration_seq_len, example_inputs=fake_inputs, input_names=input_names,
+                                  scalars=_real_scalars(example_inputs, capture, kept))
         ctx = PassContext(fake_inputs, weights, hardware, config, fake_mode, graph_id=str(entry["graph_id"]),
                           cost_model=cost_model, sizes=sizes, input_names=input_names, calibration=calibration)
         records = manager.run(aten_gm, ctx)
@@ -278,6 +279,23 @@ def _fallback(original: torch.fx.GraphModule, example_inputs, config: CompileCon
     # Eager, and for triton too: its kernels come from passes that did not run. The report says what ran.
     entry["lowering"] = "eager"
     return original.forward
+
+
+def _real_scalars(example_inputs: list[Any], capture, kept: list[int]) -> dict[int, torch.Tensor]:
+    """{position among the kept aten inputs: real value} of the 0-d floating inputs Dynamo passed (a model's float
+    attribute lifted under dynamic shapes): calibration feeds them as they were. AOT's inputs are the lifted weights,
+    then Dynamo's runtime inputs in order."""
+    n_frozen = len(capture.frozen)
+    out = {}
+    for j, i in enumerate(kept):
+        if i < n_frozen or i - n_frozen >= len(capture.runtime_positions):
+            continue
+        v = example_inputs[capture.runtime_positions[i - n_frozen]]
+        if isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point() \
+                and not isinstance(v, torch._subclasses.fake_tensor.FakeTensor):
+            with torch._subclasses.fake_tensor.unset_fake_temporarily():  # compile_aten runs under fake mode
+                out[j] = v.detach().clone()
+    return out
 
 
 def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

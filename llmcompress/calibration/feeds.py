@@ -92,6 +92,8 @@ class _Graph:
     pos: int
     batch: sympy.Expr
     seq: sympy.Expr
+    scalars: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """Real 0-d inputs known at compile time ({position: value}), fed as they are."""
 
     @property
     def mask_input(self) -> bool:
@@ -114,12 +116,16 @@ def _graph(example_inputs: Sequence[Any], input_names: Sequence[str]) -> _Graph 
     return g
 
 
-def graph_feeds(example_inputs: Sequence[Any], input_names: Sequence[str], data: Any) -> Feeds | str:
+def graph_feeds(example_inputs: Sequence[Any], input_names: Sequence[str], data: Any,
+                scalars: dict[int, torch.Tensor] | None = None) -> Feeds | str:
     """The graph's arguments for each chunk of `data` (token windows (n, L), or rows of model inputs), or why the
-    graph cannot be fed from it."""
+    graph cannot be fed from it. scalars: {position: value} of 0-d inputs whose compile-time value is real (a
+    model's float attribute Dynamo lifted), fed to every chunk."""
     g = _graph(example_inputs, input_names)
     if isinstance(g, str):
         return g
+    g.scalars = {i: v for i, v in (scalars or {}).items()
+                 if isinstance(v, torch.Tensor) and v.dim() == 0 and i < len(g.values)}
     if isinstance(data, torch.Tensor):
         return _from_windows(g, data)
     return _from_rows(g, data)
@@ -223,8 +229,17 @@ def _arguments(g: _Graph, chunk: dict[str, torch.Tensor]) -> list[Any] | str:
         bind[g.batch] = ids.shape[0]
     if not g.seq.is_number:
         bind[g.seq] = ids.shape[1]
+    for name, v in zip(g.names, g.values):
+        # A dynamic static-cache length (transformers' `cache_layers_<i>_max_cache_len` under dynamic shapes): the
+        # chunk fills an empty cache, so one as long as the chunk holds it and attends as a longer one would.
+        e = _expr(v) if isinstance(v, torch.SymInt) else None
+        if isinstance(e, sympy.Symbol) and e not in bind and "cache" in name.lower() and "len" in name.lower():
+            bind[e] = ids.shape[1]
     args = []
     for i, (name, key, v) in enumerate(zip(g.names, g.keys, g.values)):
+        if i in g.scalars and isinstance(v, torch.Tensor) and v.dim() == 0:
+            args.append(g.scalars[i].to(device=v.device, dtype=v.dtype))
+            continue
         given = chunk.get("input_ids" if i == g.pos else key)
         if given is not None and isinstance(v, torch.Tensor):
             shape = [_size(d, bind) for d in v.shape]

@@ -137,8 +137,12 @@ class Calibration:
     """A graph's calibration: the data (loaded on first use), its feeds, and the runs passes ask for."""
 
     def __init__(self, source: Any, tokenizer: Any = None, samples: int = 128, seq_len: int = 512, *,
-                 example_inputs: Sequence[Any] = (), input_names: Sequence[str] = ()) -> None:
+                 example_inputs: Sequence[Any] = (), input_names: Sequence[str] = (),
+                 scalars: dict[int, torch.Tensor] | None = None) -> None:
         self.source = source
+        self.scalars = dict(scalars or {})
+        """{input position: value}: the real 0-d inputs at compile time (a model's float attribute Dynamo lifts as
+        an input under dynamic shapes, e.g. the rotary embedding's attention scaling), fed to every chunk."""
         self.tokenizer = tokenizer
         self.samples = samples
         self.seq_len = seq_len
@@ -180,7 +184,7 @@ class Calibration:
         """The graph's inputs per chunk, or the reason the graph cannot be fed (a decode step, a graph after a
         graph break, an input neither the data holds nor the chunk's sizes give)."""
         if self._feeds is None:
-            self._feeds = graph_feeds(self.example_inputs, self.input_names, self.data)
+            self._feeds = graph_feeds(self.example_inputs, self.input_names, self.data, self.scalars)
         return self._feeds
 
     def _fed(self) -> Feeds:

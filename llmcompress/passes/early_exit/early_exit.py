@@ -222,8 +222,9 @@ class _GraphHead(torch.nn.Module):
 
 _ROW_OPS = frozenset({aten.pow.Tensor_Scalar, aten.mean.dim, aten.add.Tensor, aten.add.Scalar, aten.rsqrt.default,
                       aten.mul.Tensor, aten.mul.Scalar, aten._to_copy.default, aten.sub.Tensor, aten.div.Tensor,
-                      aten.sqrt.default, aten.alias.default})
-"""The final norm's ops the calibration head runs on any number of rows (RMSNorm's, LayerNorm-free)."""
+                      aten.sqrt.default, aten.alias.default, torch.ops.prims.convert_element_type.default})
+"""The final norm's ops the calibration head runs on any number of rows (RMSNorm's, LayerNorm-free; a dtype cast
+is `prims.convert_element_type` in a graph traced with dynamic shapes)."""
 
 
 def _head_module(gm: torch.fx.GraphModule, ctx: PassContext, dg: DecoderGraph) -> _GraphHead:
@@ -236,8 +237,21 @@ def _head_module(gm: torch.fx.GraphModule, ctx: PassContext, dg: DecoderGraph) -
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     b = PieceBuilder(gm, ctx.fake_mode, set())
     b.env[dg.states[-1]] = b.input("hidden", dg.states[-1].meta["val"])
+    # Under dynamic shapes Dynamo lifts the norm's eps (a float attribute) as a graph input: bind its value now.
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    lifted = []
+    for p in {a for n in norm for a in n.all_input_nodes if a.op == "placeholder" and a is not dg.states[-1]}:
+        value = ctx.calibration.scalars.get(placeholders.index(p))
+        if value is None:
+            raise OptionError(f"early-exit: the final norm reads graph input {p.name}, whose value is not known "
+                              "when compiling; supported: RMSNorm with a constant eps")
+        b.env[p] = b.constant(value, "norm_input")
+        lifted.append(b.env[p].target)
     b.copy(norm, order)
-    return _GraphHead(b.finish([b.env[dg.norm_out]]), ctx.weights.value(dg.head_weight))
+    head = _GraphHead(b.finish([b.env[dg.norm_out]]), ctx.weights.value(dg.head_weight))
+    for name in lifted:  # the head module holds its own reference; the graph never reads it
+        delattr(gm, name)
+    return head
 
 
 def _calibrate(gm: torch.fx.GraphModule, ctx: PassContext, dg: DecoderGraph, exits: list[int],

@@ -34,11 +34,11 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
-def _compile(model, options, splits: list | None = None):
+def _compile(model, options, splits: list | None = None, dynamic: bool | None = None):
     """model.forward compiled (so that generate runs it); `splits` collects each graph's `Branches` (or None)."""
     hook = None if splits is None else (lambda before, after, ctx: splits.append(after.meta.get(META_KEY)))
     model.forward = torch.compile(model.forward, backend="llmcompress" if hook is None else make_backend(on_graph=hook),
-                                  options={"lowering": "eager", "strict": True, **options})
+                                  options={"lowering": "eager", "strict": True, **options}, dynamic=dynamic)
     return model
 
 
@@ -131,14 +131,17 @@ def test_open_gate_is_the_model_level_cascade(exit_layer, head, lowering):
     assert all(bool(want_cache.layers[i].keys[:, :, 6:10].abs().amax(-1).gt(0).all()) for i in range(LAYERS))
 
 
-def test_calibrated_plan_runs_like_the_model_level_cascade(tmp_path):
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_calibrated_plan_runs_like_the_model_level_cascade(tmp_path, dynamic):
     """generate's prefill calibrates the plan (a derived result); its decode graph takes it and chooses per step:
-    the tokens equal the model-level cascade's with the same plan."""
+    the tokens equal the model-level cascade's with the same plan. With dynamic shapes the prefill graph takes the
+    cache length and the norms' eps as inputs: calibration binds them (other calibration data, so the plan is not
+    the static run's cached one)."""
     eager, model = tiny_model("llama", layers=LAYERS), tiny_model("llama", layers=LAYERS)
     splits: list = []
     report = tmp_path / "r.json"
-    _compile(model, {**_calibration(), "report": str(report),
-                     "passes": {"canonicalize": {}, "early-exit": {"min_agreement": 0.5}}}, splits)
+    _compile(model, {**_calibration(seed=3 if dynamic is None else 4), "report": str(report),
+                     "passes": {"canonicalize": {}, "early-exit": {"min_agreement": 0.5}}}, splits, dynamic)
     prompt = example_ids(2, 5, seed=7)
     with torch.no_grad():
         ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
