@@ -3,22 +3,22 @@ one run: `main`.
 
 1. Exit heads 1-5 fitted as `exit_gates.calibrate_cascade` fits them (ridge least squares on the first ¾ of `--calib`
    512-token windows spread over train.txt, default 64), each with its temperature (`fit_temperature`); the logit lens
-   (identity translation) with its own temperature beside them.
+   (identity translation) and the distilled heads (`exit_heads.distill_heads`, `head="distilled"`) beside them.
 2. Teacher-forced on `--windows` validation windows (default 16 × 512): per exit, top-1 agreement with the full
    model and the KL(full ‖ exit) each token would add by exiting there.
 3. The perfect-information ceiling (`exit_ceiling.skip_ceiling`) at each of `--budgets` (min_agreement:
-   max_perplexity_increase; none: no bound), for lens and fitted heads: the share of decoder-layer evaluations skipped
+   max_perplexity_increase; none: no bound), for each kind of head: the share of decoder-layer evaluations skipped
    by the best assignment of validation tokens to exits within the budgets, and the bound no assignment beats, so
    no gate, whatever it sees. Budgets summed plainly over the tokens ((1 − a)·n errors, n·log(1 + p) nats; no margin).
 4. The gates: `calibrate_cascade` (logits gates, layer counts as prices, `--gate-budget`, its usual held-back margin)
-   teacher-forced on the same validation tokens (`exit_gates.teacher_forced`): skip, agreement and added nats, and
-   their share of the ceiling.
+   with fitted and with distilled heads, teacher-forced on the same validation tokens (`exit_gates.teacher_forced`):
+   skip, agreement and added nats, and their share of the ceiling of their heads.
 
 Teacher-forced: the running cascade's drift (approximate K/V fills) lowers what either reaches; see
 early_exit_cascade.py. JSON (`--out`, default benchmarks/results/early_exit_ceiling.json): {device, commit, versions,
-threads, setup, exits: {E: {lens | fitted: {agreement, mean_kl, temperature}}}, ceilings: {"a/p": {lens | fitted:
-{feasible, upper, agreement, perplexity_increase, exit_share}}}, gates: {budget, exits, skip_fraction, agreement,
-perplexity_increase, share_of_ceiling}}.
+threads, setup, exits: {E: {lens | fitted | distilled: {agreement, mean_kl, temperature}}}, ceilings: {"a/p": {lens |
+fitted | distilled: {feasible, upper, agreement, perplexity_increase, exit_share}}}, gates: {fitted | distilled:
+{budget, exits, skip_fraction, agreement, perplexity_increase, share_of_ceiling}}}.
 """
 
 from __future__ import annotations
@@ -40,7 +40,14 @@ from llmcompress.exit_gates import (
     split_calibration,
     teacher_forced,
 )
-from llmcompress.exit_heads import ExitHead, decoder_parts, fit_heads_from_states, layer_states
+from llmcompress.exit_heads import (
+    DISTILL_STEPS,
+    ExitHead,
+    decoder_parts,
+    distill_heads,
+    fit_heads_from_states,
+    layer_states,
+)
 from llmcompress.testing.fixtures import corpus_windows, fixtures_dir, load_model, load_tokenizer, spread_windows
 from llmcompress.testing.results import run_info, write_results
 
@@ -68,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--budgets", default="0.99:0.02,0.99:none,1.0:0.02,0.98:0.05,0.95:0.1,0.9:none")
     parser.add_argument("--gate-budget", default="0.99:0.02", help="the budget the gates are calibrated to")
+    parser.add_argument("--gate-heads", default="fitted,distilled", help="the heads the gates are calibrated with")
+    parser.add_argument("--distill-steps", type=int, default=DISTILL_STEPS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "early_exit_ceiling.json")
     args = parser.parse_args(argv)
@@ -85,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         fit_states = layer_states(model, fit_rows)
         fitted = fit_heads_from_states(fit_states, exits, dtype=parts.lm_head.weight.dtype)
         lens = {e: ExitHead.identity(e, fit_states[e].shape[-1], fitted[e].weight) for e in exits}
+        kinds = {"lens": lens, "fitted": fitted, "distilled": distill_heads(parts, fit_states, fitted, steps=args.distill_steps)}
         fit_top = torch.cat([parts.lm_head(parts.norm(c)).argmax(-1) for c in fit_states[-1].split(4)])
         temps = {}
-        for name, heads in (("lens", lens), ("fitted", fitted)):
+        for name, heads in kinds.items():
             for e in exits:
                 logits = torch.cat([heads[e].logits(parts, c).float() for c in fit_states[e].split(4)])
                 temps[name, e] = fit_temperature(parts, logits, fit_states[-1], (logits.argmax(-1) == fit_top).flatten())
@@ -97,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         full_logp = torch.cat([torch.log_softmax(parts.lm_head(parts.norm(c)).float(), -1)
                                for c in val_states[-1].split(4)])
         tables = {name: exit_tables(parts, heads, {e: temps[name, e] for e in exits}, val_states, full_logp)
-                  for name, heads in (("lens", lens), ("fitted", fitted))}
+                  for name, heads in kinds.items()}
         del val_states
     n = full_logp.shape[0] * full_logp.shape[1]
     print(f"tables: {time.perf_counter() - t:.0f} s", file=sys.stderr)
@@ -119,28 +129,30 @@ def main(argv: list[str] | None = None) -> int:
                   f"+{100 * math.expm1(c.nll_per_token):.2f} %", file=sys.stderr)
 
     (a, p), = parse_budgets(args.gate_budget)
-    t = time.perf_counter()
+    key = f"{a}/{'none' if p is None else p}"
     layers_only = CascadeCosts(1.0, 0.0, 0.0, 0.0, 0.0, 0.0, parts.num_layers)
-    plan = calibrate_cascade(model, train, min_agreement=a, max_perplexity_increase=p, features="logits",
-                             costs=layers_only)
-    gates = {"budget": args.gate_budget, "exits": plan.exits, "declined": plan.declined,
-             "calibrate_s": time.perf_counter() - t, "held_back": plan.held_back}
-    if not plan.declined:
+    gates = {}
+    for head in args.gate_heads.split(","):
+        t = time.perf_counter()
+        plan = calibrate_cascade(model, train, min_agreement=a, max_perplexity_increase=p, features="logits",
+                                 costs=layers_only, head=head, distill_steps=args.distill_steps)
+        row = gates[head] = {"budget": args.gate_budget, "exits": plan.exits, "declined": plan.declined,
+                             "calibrate_s": time.perf_counter() - t, "held_back": plan.held_back}
+        if plan.declined:
+            print(f"gates {head} {args.gate_budget}: {plan.declined}", file=sys.stderr)
+            continue
         tf = teacher_forced(model, plan, val)
         exit_at = tf["exit_at"].flatten()
         plan_kl = exit_tables(parts, plan.heads, {e: plan.temperatures.get(e, 1.0) for e in plan.exits},
                               layer_states(model, val), full_logp)
         added = sum(float(plan_kl[e][0][exit_at == e].double().sum()) for e in plan.exits)
-        key = f"{a}/{'none' if p is None else p}"
-        gates.update({"skip_fraction": tf["skip_fraction"], "agreement": tf["agreement"],
-                      "perplexity_increase": math.expm1(added / n), "exit_tokens": tf["exits"],
-                      "share_of_ceiling": (tf["skip_fraction"] / ceilings[key]["fitted"]["feasible"]
-                                           if key in ceilings and ceilings[key]["fitted"]["feasible"] else None)})
-        print(f"gates {args.gate_budget}: exits {plan.exits} skip {tf['skip_fraction']:.3f} agreement "
-              f"{tf['agreement']:.4f} +{100 * gates['perplexity_increase']:.2f} % (share of the ceiling "
-              f"{gates['share_of_ceiling']})", file=sys.stderr)
-    else:
-        print(f"gates {args.gate_budget}: {plan.declined}", file=sys.stderr)
+        ceiling = ceilings.get(key, {}).get(head, {}).get("feasible")
+        row.update({"skip_fraction": tf["skip_fraction"], "agreement": tf["agreement"],
+                    "perplexity_increase": math.expm1(added / n), "exit_tokens": tf["exits"],
+                    "share_of_ceiling": tf["skip_fraction"] / ceiling if ceiling else None})
+        print(f"gates {head} {args.gate_budget}: exits {plan.exits} skip {tf['skip_fraction']:.3f} agreement "
+              f"{tf['agreement']:.4f} +{100 * row['perplexity_increase']:.2f} % (share of the ceiling "
+              f"{row['share_of_ceiling']})", file=sys.stderr)
 
     held = max(1, args.calib // 4)
     write_results(args.out, {
@@ -148,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         "setup": {"calibration": f"train.txt, {args.calib} x 512 spread windows (heads and gates on the first "
                                  f"{args.calib - held}, gate thresholds on the last {held})",
                   "validation": f"{args.windows} x 512 from validation.txt, teacher-forced (the full model's states)",
-                  "budgets": "plain sums over the validation tokens: (1 - a) n errors, n log(1 + p) nats"},
+                  "budgets": "plain sums over the validation tokens: (1 - a) n errors, n log(1 + p) nats",
+                  "distill_steps": args.distill_steps},
         "exits": exit_rows, "ceilings": ceilings, "gates": gates})
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -28,11 +28,14 @@ from llmcompress.cost.hardware import resolve
 from llmcompress.cost.roofline import CostModel
 from llmcompress.errors import OptionError
 from llmcompress.exit_heads import (
+    DISTILL_STEPS,
     DecoderParts,
     ExitHead,
     check_exit_layer,
+    check_head_kind,
     check_ids,
     decoder_parts,
+    distill_heads,
     fit_heads_from_states,
     layer_states,
 )
@@ -381,14 +384,17 @@ def choose_exits(candidates: list[int], s: GateScores, costs: CascadeCosts, logi
 def calibrate_cascade(model: torch.nn.Module, calibration: torch.Tensor, *, min_agreement: float,
                       exit_layers: Sequence[int] | str = "auto", features: str = "auto", hidden_units: int = 32,
                       hardware: str = "auto", costs: CascadeCosts | None = None,
-                      fill_maps: bool = True, max_perplexity_increase: float | None = None) -> CascadePlan:
+                      fill_maps: bool = True, max_perplexity_increase: float | None = None, head: str = "fitted",
+                      distill_steps: int = DISTILL_STEPS) -> CascadePlan:
     """Fit exit heads and gates on the first ¾ of calibration (n, seq) token ids, set thresholds on the held-back ¼
     (n ≥ 2), and keep the exits the cost model says pay. exit_layers: candidates (default every 1 … L−1);
     features: "hidden", "logits" or "auto" (the one predicted faster); hidden_units: the gate MLP's width (0: logistic
     regression; 32 let 10.5 % of tokens exit at tiny-llama's exit 3 at 0.99 against 7.4 % for logistic); costs: the
     prices to optimise (default `cascade_costs(model, hardware)`; a benchmark passes layer counts to maximise skips);
     fill_maps: fit `fit_fill_maps` for the kept exits (False: the skipped layers' K/V from the exit state itself);
-    max_perplexity_increase: also keep the held-back expected perplexity within 1 + this (0.02: +2 %; None: no bound).
+    max_perplexity_increase: also keep the held-back expected perplexity within 1 + this (0.02: +2 %; None: no bound);
+    head: "fitted" (ridge least squares) or "distilled" (refined on the full model's distribution for
+    `distill_steps`, `exit_heads.distill_heads`).
     Thresholds set here hold teacher-forced; `cascade.calibrate_on_cascade` re-sets them on the running cascade."""
     parts = decoder_parts(model)
     min_agreement = check_min_agreement(min_agreement)
@@ -411,14 +417,16 @@ def calibrate_cascade(model: torch.nn.Module, calibration: torch.Tensor, *, min_
     return calibrate_from_states(parts, layer_states(model, fit_ids), layer_states(model, held_ids),
                                  min_agreement=min_agreement, candidates=candidates, features=features,
                                  hidden_units=hidden_units, costs=costs, fill_maps=fill_maps,
-                                 max_perplexity_increase=max_perplexity_increase)
+                                 max_perplexity_increase=max_perplexity_increase, head=head,
+                                 distill_steps=distill_steps)
 
 
 @torch.no_grad()
 def calibrate_from_states(parts: DecoderParts, fit_states: Sequence[torch.Tensor],
                           held_states: Sequence[torch.Tensor], *, min_agreement: float, candidates: Sequence[int],
                           features: str, hidden_units: int, costs: CascadeCosts, fill_maps: bool = True,
-                          ridge: float = 1e-2, max_perplexity_increase: float | None = None) -> CascadePlan:
+                          ridge: float = 1e-2, max_perplexity_increase: float | None = None, head: str = "fitted",
+                          distill_steps: int = DISTILL_STEPS) -> CascadePlan:
     """`calibrate_cascade` on layer states already captured (`layer_states`' layout) for the fit rows and the
     held-back rows; parts needs only norm, lm_head and the layer count. The FX pass feeds it the graph's
     layer-boundary values. With fill_maps each skipped layer's K/V fill also pays a map (priced as a translation).
@@ -429,6 +437,8 @@ def calibrate_from_states(parts: DecoderParts, fit_states: Sequence[torch.Tensor
     if features not in GATE_FEATURES:
         raise OptionError(f"features: {features!r}; expected one of {', '.join(GATE_FEATURES)}")
     heads = fit_heads_from_states(fit_states, candidates, dtype=parts.lm_head.weight.dtype)
+    if check_head_kind(head) == "distilled":
+        heads = distill_heads(parts, fit_states, heads, steps=distill_steps)
     kinds = ["hidden", "logits"] if features == "auto" else [features]
     scores = {k: GateScores({}, {}) for k in kinds}
     gates: dict[str, dict[int, Gate]] = {k: {} for k in kinds}
@@ -471,7 +481,7 @@ def calibrate_from_states(parts: DecoderParts, fit_states: Sequence[torch.Tensor
     kind, time, exits, thresholds, dropped = best
     errors, _, exit_at = simulate_cascade(exits, thresholds, scores[kind], costs, kind == "logits")
     skipped = torch.where(exit_at > 0, parts.num_layers - exit_at, 0).double().sum().item()
-    held_back = {"tokens": n, "allowed_errors": allowed, "agreement": 1 - errors / n,
+    held_back = {"tokens": n, "head": head, "allowed_errors": allowed, "agreement": 1 - errors / n,
                  "skip_fraction": skipped / (n * parts.num_layers), "temperatures": temperatures,
                  "exit_share": {e: (exit_at == e).double().mean().item() for e in exits}}
     predicted = {"cascade_s": time, "full_s": costs.full, "speedup": costs.full / time}

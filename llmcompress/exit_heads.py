@@ -133,6 +133,59 @@ def fit_heads_from_states(states: Sequence[torch.Tensor], exit_layers: Iterable[
     return heads
 
 
+HEAD_KINDS = ("fitted", "distilled")
+"""How calibrated exit heads are fitted: "fitted", ridge least squares to the last layer's state (closed form);
+"distilled", that fit refined by `distill_heads` on the full model's next-token distribution."""
+
+DISTILL_STEPS = 1500
+"""Adam steps of `distill_heads` (512 tokens each): on tiny-llama (48 × 512 train tokens) about a minute per exit on
+2 CPU cores; the held-back KL still fell at 1500."""
+
+
+def check_head_kind(head: str) -> str:
+    if head not in HEAD_KINDS:
+        raise OptionError(f"head: {head!r}; expected one of {', '.join(HEAD_KINDS)}")
+    return head
+
+
+def distill_heads(parts: DecoderParts, states: Sequence[torch.Tensor], heads: dict[int, ExitHead], *,
+                  steps: int = DISTILL_STEPS, lr: float = 1e-4, batch: int = 512, seed: int = 0
+                  ) -> dict[int, ExitHead]:
+    """Each head's A_E, b_E refined from its least-squares fit by Adam on KL(full model ‖ exit) over minibatches of
+    the states' tokens (`layer_states`' layout): least squares matches the last layer's state in every direction,
+    while the logits depend on a few. On tiny-llama (48 × 512 train tokens, 1500 steps), validation agreement with
+    the full model went 0.53 → 0.60 at exit 3 and 0.75 → 0.78 at exit 5, mean KL 0.86 → 0.63 and 0.23 → 0.20 nats.
+    The norm and LM head stay as they are (their parameters get no gradient)."""
+    last = states[-1].reshape(-1, states[-1].shape[-1])
+    gen = torch.Generator().manual_seed(seed)
+    frozen = [p for m in (parts.norm, parts.lm_head) for p in m.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    out = {}
+    try:
+        for e, head in sorted(heads.items()):
+            x = states[e].reshape(-1, last.shape[-1])
+            a = head.weight.detach().float().clone().requires_grad_()
+            b = head.bias.detach().float().clone().requires_grad_()
+            opt = torch.optim.Adam([a, b], lr=lr)
+            for _ in range(steps):
+                idx = torch.randint(0, x.shape[0], (min(batch, x.shape[0]),), generator=gen).to(x.device)
+                with torch.no_grad():
+                    target = torch.log_softmax(parts.lm_head(parts.norm(last[idx])).float(), -1)
+                with torch.enable_grad():
+                    h = torch.nn.functional.linear(x[idx].float(), a, b).to(x.dtype)
+                    logq = torch.log_softmax(parts.lm_head(parts.norm(h)).float(), -1)
+                    loss = (target.exp() * (target - logq)).sum(-1).mean()
+                    opt.zero_grad()
+                    loss.backward()
+                opt.step()
+            out[e] = ExitHead(e, a.detach().to(head.weight.dtype), b.detach().to(head.bias.dtype))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return out
+
+
 @torch.no_grad()
 def exit_agreement(model: torch.nn.Module, heads: dict[int, ExitHead], ids: torch.Tensor) -> dict[int, dict[str, float]]:
     """Top-1 agreement with the full model on ids (n, seq), per exit layer: `fitted` through the head's translation,

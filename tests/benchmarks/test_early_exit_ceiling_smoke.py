@@ -14,7 +14,7 @@ import pytest
 def test_early_exit_ceiling_smoke(tmp_path, run_benchmark):
     out = tmp_path / "early_exit_ceiling.json"
     run_benchmark("early_exit_ceiling.py", "--calib", 8, "--windows", 2, "--budgets", "0.99:0.02,0.9:none",
-                  "--gate-budget", "0.9:none", "--out", out)
+                  "--gate-budget", "0.9:none", "--distill-steps", 5, "--out", out)
     doc = json.loads(out.read_text())
     assert {"device", "versions", "commit", "setup", "exits", "ceilings", "gates"} <= doc.keys()
     assert sorted(doc["exits"]) == ["1", "2", "3", "4", "5"]
@@ -25,7 +25,9 @@ def test_early_exit_ceiling_smoke(tmp_path, run_benchmark):
             assert 0 < row["feasible"] <= row["upper"] <= 5 / 6
             assert row["agreement"] >= float(a) - 1e-9
             assert p == "none" or math.log1p(row["perplexity_increase"]) <= math.log1p(float(p)) + 1e-9
-    gates = doc["gates"]
-    assert gates["declined"] is None and gates["skip_fraction"] > 0
-    if gates["agreement"] >= 0.9:  # within the ceiling's budget on these tokens, so beneath it
-        assert gates["skip_fraction"] <= doc["ceilings"]["0.9/none"]["fitted"]["upper"] + 1e-9
+    assert set(doc["ceilings"]["0.99/0.02"]) == {"lens", "fitted", "distilled"}
+    assert set(doc["gates"]) == {"fitted", "distilled"}
+    for head, gates in doc["gates"].items():
+        assert gates["declined"] is None and gates["skip_fraction"] > 0
+        if gates["agreement"] >= 0.9:  # within the ceiling's budget on these tokens, so beneath it
+            assert gates["skip_fraction"] <= doc["ceilings"]["0.9/none"][head]["upper"] + 1e-9

@@ -33,7 +33,14 @@ from llmcompress.exit_gates import (
     check_min_agreement,
     fit_fill_maps,
 )
-from llmcompress.exit_heads import DecoderParts, ExitHead, check_exit_layer, fit_heads_from_states
+from llmcompress.exit_heads import (
+    DISTILL_STEPS,
+    DecoderParts,
+    ExitHead,
+    check_exit_layer,
+    distill_heads,
+    fit_heads_from_states,
+)
 from llmcompress.passes.base import Pass, PassContext, PassResult
 from llmcompress.passes.early_exit.costs import graph_costs
 from llmcompress.passes.early_exit.split import (
@@ -48,7 +55,7 @@ from llmcompress.passes.early_exit.structure import DecoderGraph, find_decoder, 
 
 aten = torch.ops.aten
 GATES = ("calibrated", "open", "closed")
-HEADS = ("fitted", "lens")
+HEADS = ("fitted", "distilled", "lens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +66,11 @@ class EarlyExitOptions:
     """Candidate exits (after decoder layer E, 1 … L − 1); the cost model keeps those that pay."""
     gate: Literal["calibrated", "open", "closed"] = "calibrated"
     """`open` / `closed` force the gate of one given exit (`exit_layers: [E]`) for measuring and tests."""
-    head: Literal["fitted", "lens"] = "fitted"
-    """The exit's translation: fitted by ridge least squares (tuned lens) or the identity (logit lens)."""
+    head: Literal["fitted", "distilled", "lens"] = "fitted"
+    """The exit's translation: fitted by ridge least squares (tuned lens), that fit refined on the full model's
+    next-token distribution (`exit_heads.distill_heads`), or the identity (logit lens)."""
+    distill_steps: int = DISTILL_STEPS
+    """Adam steps of the distilled heads (512 tokens each)."""
     features: Literal["auto", "hidden", "logits"] = "auto"
     hidden_units: int = 32
     max_perplexity_increase: float | None = None
@@ -83,6 +93,8 @@ class EarlyExitOptions:
         if self.gate == "calibrated" and self.head == "lens":
             raise OptionError(f"{where}: head 'lens' is for forced gates (gate: open | closed); calibrated gates use "
                               "the fitted exit heads")
+        if self.distill_steps < 1:
+            raise OptionError(f"{where}: distill_steps {self.distill_steps}; expected ≥ 1")
         if self.hidden_units < 0:
             raise OptionError(f"{where}: hidden_units {self.hidden_units}; expected ≥ 0 (0: logistic gate)")
 
@@ -114,7 +126,7 @@ class EarlyExitPass(Pass):
         decode = isinstance(seq, int) and seq == 1
         head_nodes = closure([dg.logits], {dg.states[-1]})
         plan: CascadePlan | None | str = None
-        if o.gate == "calibrated" or o.head == "fitted":
+        if o.gate == "calibrated" or o.head != "lens":
             plan = self._plan(gm, ctx, dg, exits, head_nodes, stats, decisions)
         if not decode:
             why = ("; the plan is cached for the decode graph" if isinstance(plan, CascadePlan)
@@ -270,10 +282,14 @@ def _calibrate(gm: torch.fx.GraphModule, ctx: PassContext, dg: DecoderGraph, exi
     if o.gate == "calibrated":
         plan = calibrate_from_states(parts, fit, back, min_agreement=o.min_agreement, candidates=exits,
                                      features=o.features, hidden_units=o.hidden_units, costs=costs,
-                                     max_perplexity_increase=o.max_perplexity_increase)
+                                     max_perplexity_increase=o.max_perplexity_increase, head=o.head,
+                                     distill_steps=o.distill_steps)
     else:  # forced gate: the exit head and the skipped layers' fill maps, fitted on every row
-        plan = CascadePlan(fit_heads_from_states(states, exits, dtype=dtype), {}, o.min_agreement, "forced", {}, {},
-                           {}, None, fit_fill_maps(states, exits, dtype=dtype))
+        heads = fit_heads_from_states(states, exits, dtype=dtype)
+        if o.head == "distilled":
+            heads = distill_heads(parts, states, heads, steps=o.distill_steps)
+        plan = CascadePlan(heads, {}, o.min_agreement, "forced", {}, {}, {}, None,
+                           fit_fill_maps(states, exits, dtype=dtype))
     info: dict[str, Any] = {"calibration tokens": int(states[0].shape[0] * states[0].shape[1]),
                             "held-back tokens": int(held * states[0].shape[1]),
                             "exit agreement (held-back, lens vs fitted)": _agreement(parts, fit, back, exits, dtype)}

@@ -102,15 +102,17 @@ def test_closed_gate_is_the_model():
 
 @pytest.mark.parametrize("exit_layer, head, lowering", [(1, "lens", "eager"), (3, "lens", "eager"),
                                                         (2, "fitted", "eager"), (2, "fitted", "inductor"),
-                                                        (2, "lens", "triton"), (2, "fitted", "triton")])
+                                                        (2, "lens", "triton"), (2, "fitted", "triton"),
+                                                        (2, "distilled", "eager")])
 def test_open_gate_is_the_model_level_cascade(exit_layer, head, lowering):
     """Every decode step exits at E: the logits and every layer's static-cache slot equal the model-level cascade's
     with the same plan (a skipped layer whose K/V slot is not filled, or filled from the wrong state, fails)."""
     eager, model = tiny_model("llama", layers=LAYERS), tiny_model("llama", layers=LAYERS)
     splits: list = []
-    _compile(model, {"lowering": lowering, **(_calibration() if head == "fitted" else {}),
-                     "passes": {"canonicalize": {}, "early-exit": {"gate": "open", "exit_layers": [exit_layer],
-                                                                    "head": head}}}, splits)
+    _compile(model, {"lowering": lowering, **(_calibration() if head != "lens" else {}),
+                     "passes": {"canonicalize": {}, "early-exit": {
+                         "gate": "open", "exit_layers": [exit_layer], "head": head,
+                         **({"distill_steps": 20} if head == "distilled" else {})}}}, splits)
     prompt, tokens = example_ids(2, 6, seed=5), example_ids(2, 4, seed=6)
     got, got_cache = _steps(model, prompt, tokens, _static(model))
     (branches,) = [b for b in splits if b is not None]
@@ -118,7 +120,7 @@ def test_open_gate_is_the_model_level_cascade(exit_layer, head, lowering):
     heads = ({exit_layer: ExitHead.identity(exit_layer, HIDDEN, eager.lm_head.weight)} if head == "lens"
              else branches.plan.heads)
     fill_maps = {} if head == "lens" else branches.plan.fill_maps
-    if head == "fitted":  # fitted head and fill maps (skipped layers 3 … L-1 fed the map of the exit state)
+    if head != "lens":  # fitted head and fill maps (skipped layers 3 … L-1 fed the map of the exit state)
         assert not torch.allclose(heads[exit_layer].weight, torch.eye(HIDDEN))
         assert sorted(fill_maps) == [(exit_layer, i) for i in range(exit_layer + 1, LAYERS)]
     stats: dict = {}
@@ -231,6 +233,8 @@ def test_unrecognised_graphs_are_left_alone_with_the_reason(tmp_path):
     ({"gate": "open"}, r"give exit_layers: \[E\]"),
     ({"gate": "calibrated", "head": "lens"}, r"head 'lens' is for forced gates"),
     ({"hidden_units": -1}, r"hidden_units -1"),
+    ({"distill_steps": 0}, r"distill_steps 0; expected ≥ 1"),
+    ({"head": "tuned"}, r"key 'head' got 'tuned'"),
     ({"gate": "sometimes"}, r"key 'gate' got 'sometimes'"),
 ])
 def test_bad_options_raise(options, match):
