@@ -138,8 +138,9 @@ HEAD_KINDS = ("fitted", "distilled")
 "distilled", that fit refined by `distill_heads` on the full model's next-token distribution."""
 
 DISTILL_STEPS = 1500
-"""Adam steps of `distill_heads` (512 tokens each): on tiny-llama (48 × 512 train tokens) about a minute per exit on
-2 CPU cores; the held-back KL still fell at 1500."""
+"""Adam steps of `distill_heads` (512 tokens each): on tiny-llama (48 × 512 train tokens) about 75 s per exit on 2 CPU
+cores. Exit 3's validation KL: 1.01 → 0.84 nats after 300 steps (16 × 512 tokens), 0.86 → 0.63 after 1500 (48 × 512);
+no step count between was measured."""
 
 
 def check_head_kind(head: str) -> str:
