@@ -15,9 +15,8 @@ Compiles: transformers 5.25 passes the decode step an `attention_mask` that the 
 the decode step are two graphs whatever `dynamic` is; the static cache keeps every decode step's shapes equal, so
 nothing recompiles per step (`dynamo.unique_graphs` = 2, checked on --small with dynamic=None and False alike).
 `dynamic=False` keeps a new prompt length from turning the prefill graph symbolic (it compiles another static one).
-Known failure: with `release_weights`, the second graph's `quantize-linear` reads the dense weights the first graph
-released (`WeightReleasedError`, passes/quantize/quantize_linear.py `_targets`, although the quantized copies are
-cached), so w8a16/w4a16 record that error until it is fixed; `--keep-weights` measures them without release.
+With `release_weights` the decode graph's `quantize-linear` finds the dense weights the prefill graph released gone
+and takes its quantized copies from the derived-weight cache; `--keep-weights` measures without release.
 
 Model: `LlamaForCausalLM` from a `LlamaConfig` (hidden 2048, intermediate 5632, 8 layers, 32 heads / 4 KV heads,
 vocab 32000, untied embeddings: 483 M parameters), random weights (seeded; norm weights 1 + 0.1 N(0, 1) rather than

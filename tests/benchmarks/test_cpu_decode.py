@@ -13,11 +13,12 @@ CONFIGS = ("eager", "default", "w4a16")
 
 @pytest.mark.slow
 def test_cpu_decode_small(tmp_path, run_benchmark):
-    out = tmp_path / "cpu_decode_small.json"
-    # --keep-weights: the memory column then includes the dense weights; release_weights is covered by the
-    # warm-compiler test below.
+    """One run covers both memory modes' code: --warm-compiler pays the one-time state on a throwaway model first
+    (so rss_mib counts only this model), and without --keep-weights the compiled configs release the dense
+    weights (the decode graph then finds its quantized copies in the derived-weight cache)."""
+    out = tmp_path / "cpu_decode_small_warm.json"
     # --repeats 1: one timed call is enough to check the keys; the numbers are not judged here.
-    run_benchmark("cpu_decode.py", "--small", "--keep-weights", "--repeats", 1, "--configs", ",".join(CONFIGS),
+    run_benchmark("cpu_decode.py", "--small", "--warm-compiler", "--repeats", 1, "--configs", ",".join(CONFIGS),
                   "--out", out)
     doc = json.loads(out.read_text())
 
@@ -26,14 +27,19 @@ def test_cpu_decode_small(tmp_path, run_benchmark):
     assert {"torch", "transformers", "llmcompress"} <= doc["versions"].keys()
     assert doc["rss_definition"].startswith("VmRSS")
     assert doc["model"]["name"] == "small" and doc["model"]["parameters"] > 0
+    assert doc["settings"]["warm_compiler"] is True and doc["settings"]["release_weights"] is True
     assert tuple(doc["results"]) == CONFIGS
     for name, r in doc["results"].items():
         assert "error" not in r, (name, r.get("traceback"))
         assert r["tokens_per_s"] > 0 and r["new_tokens"] == 24 and r["rss_mib"] > 0, name
+        assert r["rss_one_time_mib"] > 0, name
         assert r["compile_and_first_call_s"] > 0, name
         assert doc["ratios"][name]["tokens_per_s_vs_eager"] > 0 and doc["ratios"][name]["rss_vs_eager"] > 0
     for name in CONFIGS[1:]:  # compiled: a prefill graph and a decode graph, and no recompile per decode step
+        # the throwaway model went through the same compile; the model's own graphs are counted apart
+        assert doc["results"][name]["warm_compiled_graphs"] == 2, (name, doc["results"][name])
         assert doc["results"][name]["dynamo"]["unique_graphs"] == 2, (name, doc["results"][name]["dynamo"])
+    assert doc["results"]["eager"]["warm_compiled_graphs"] == 0  # eager compiles nothing
     assert doc["ratios"]["default_vs_best_of_eager_inductor"] > 0
     assert [t["met"] for t in doc["targets"]] == [None] * len(doc["targets"])  # judged on the 483 M shape only
 
@@ -46,20 +52,3 @@ def test_cpu_decode_small(tmp_path, run_benchmark):
         assert r["quantization"].get(f"{name} rtn", 0) > 0, r["quantization"]
         assert r["sqnr_steps"] >= 1
         assert doc["checks"]["quantized_sqnr_ok"][name] is True, (name, r["logits_sqnr_db"])
-
-
-@pytest.mark.slow
-def test_cpu_decode_warm_compiler(tmp_path, run_benchmark):
-    """--warm-compiler pays the one-time state on a throwaway model first, so rss_mib counts only this model."""
-    out = tmp_path / "cpu_decode_small_warm.json"
-    run_benchmark("cpu_decode.py", "--small", "--warm-compiler", "--configs", "eager,w4a16", "--repeats", 1,
-                  "--out", out)
-    doc = json.loads(out.read_text())
-    assert doc["settings"]["warm_compiler"] is True
-    for name in ("eager", "w4a16"):
-        r = doc["results"][name]
-        assert "error" not in r, (name, r.get("traceback"))
-        assert r["rss_one_time_mib"] > 0 and r["rss_mib"] > 0, r
-    # The throwaway model went through the same compile (prefill and decode graphs); eager compiles nothing.
-    assert doc["results"]["w4a16"]["warm_compiled_graphs"] == 2 and doc["results"]["eager"]["warm_compiled_graphs"] == 0
-    assert doc["results"]["w4a16"]["dynamo"]["unique_graphs"] == 2  # the model's own graphs, counted apart
