@@ -6,7 +6,8 @@ What a pass can ask for:
 * `feeds()`: the graph's inputs per chunk (`calibration/feeds.py`), or why this graph cannot be fed;
 * `run_sequential(gm, targets, on_target, float_shadow=...)`: the graph runs chunk by chunk, node by node; at each
   target `on_target(TargetInputs)` sees the target's inputs (after the targets compressed before it) and returns
-  the compressed layer, which the rest of the run uses (or None to keep the node). `TargetInputs` streams the
+  the compressed layer, which the rest of the run uses (or None to keep the node); `known` replacements (layers a
+  pass found cached) stand in for theirs without `on_target`. `TargetInputs` streams the
   activations per chunk, padding rows left out, and accumulates statistics (`calibration/stats.py`: XᵀX,
   Xᵀ(X - X_float), per-channel max / mean / squared norms) once per activation: targets reading the same value
   (q, k and v; gate and up) share them. With `float_shadow` the float model runs beside it and each target also
@@ -24,7 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -198,7 +199,8 @@ class Calibration:
     def run_sequential(self, gm: torch.fx.GraphModule, targets: Sequence[torch.fx.Node],
                        on_target: Callable[[TargetInputs], Callable[..., Any] | None], *, float_shadow: bool = False,
                        progress: Callable[[int], None] | None = None, watch: Sequence[torch.fx.Node] = (),
-                       on_value: Callable[[torch.fx.Node, list[Any]], None] | None = None) -> None:
+                       on_value: Callable[[torch.fx.Node, list[Any]], None] | None = None,
+                       known: Mapping[torch.fx.Node, Callable[..., Any]] | None = None) -> None:
         """Run `gm` on the feeds; at each target (in graph order) `on_target(TargetInputs)` returns the target's
         replacement, called with the node's arguments for the rest of the run (None keeps the node).
 
@@ -206,15 +208,32 @@ class Calibration:
         in the float model (where it differs). Statistics are shared between targets of the same activation.
         watch / on_value: `on_value(node, values)` gets each watched node's value in every chunk, after the
         replacements before it (e.g. the logits, to price a rewrite in loss).
+        known: replacements already at hand (a pass's derived weights cached by an earlier compile), applied where
+        they stand without `on_target`: the targets after them then see the inputs they would see had nothing been
+        cached, not the float model's (a cache hit must not change what the layers after it are fitted to).
+        progress(i): after the i-th target's `on_target`.
         """
         feeds = self._fed()
         shared: dict[Any, dict[str, Any]] = {}
+        asked = set(targets)
+        known = {n: f for n, f in (known or {}).items() if n not in asked}
+        if known:
+            order = {n: i for i, n in enumerate(gm.graph.nodes)}
+            last = max((order[n] for n in [*targets, *watch]), default=-1)
+            targets = sorted([*targets, *(n for n in known if order[n] < last)], key=order.__getitem__)
+        done = 0
 
         def quantize(node: torch.fx.Node, calls: list, float_inputs: list | None = None) -> Any:
-            return on_target(TargetInputs(node, calls, float_inputs, feeds.masks, shared))
+            nonlocal done
+            if node in known:
+                return known[node]
+            layer = on_target(TargetInputs(node, calls, float_inputs, feeds.masks, shared))
+            done += 1
+            if progress is not None:
+                progress(done)
+            return layer
 
-        run_sequential(gm, feeds.args, targets, quantize, progress=progress, float_inputs=float_shadow, watch=watch,
-                       on_value=on_value)
+        run_sequential(gm, feeds.args, targets, quantize, float_inputs=float_shadow, watch=watch, on_value=on_value)
 
     def observe(self, gm: torch.fx.GraphModule, *, statistics: dict[torch.fx.Node, Iterable[str]] | None = None,
                 hidden_states: Iterable[torch.fx.Node] = (), routing: Iterable[torch.fx.Node] = ()) -> Observed:

@@ -4,7 +4,8 @@
   `derive(node, key, fn)` computes something from it (a quantized copy, SVD factors ...) once per weight and key,
   process-wide, so recompiles for a new batch or sequence length reuse it. With `persist=True` (results that are
   costly to compute: calibrated quantization) it is also kept on disk (`weight_store.py`), keyed by the content of
-  the weights, so another process loads it.
+  the weights, so another process loads it; and it depends on every weight of the graph, not only its own (a
+  calibrated layer's inputs come through the weights before it): a change to any of them in place misses it.
 * With `release_weights=True`, after a graph is lowered, the storage of each frozen original that no compiled graph
   uses any more is freed (`untyped_storage().resize_(0)`: the module's parameter keeps its shape, so Dynamo's guards
   still hold, but its memory is gone). A later graph that needs such a weight dense raises `WeightReleasedError`.
@@ -130,12 +131,14 @@ class _DerivedCache:
 
     def get(self, base: torch.Tensor | tuple[torch.Tensor, ...], view_key: Hashable, key: DerivedKey,
             fn: Callable[[], Any], store: WeightStore | None = None, model: str | None = None,
-            names: Sequence[str] = ()) -> Any:
+            names: Sequence[str] = (), state: dict[int, int] | None = None) -> Any:
         """`fn()` unless cached; with a `store`, looked up on and written to disk under the content of the bases
-        and `model` (the hash of every weight of the graph, `FrozenWeights.model_hash`)."""
+        and `model` (the hash of every weight of the graph, `FrozenWeights.model_hash`). state: the graph's weights'
+        {identity: version} (`FrozenWeights.model_state`) for an entry that depends on all of them: a hit needs
+        every weight both states know unchanged."""
         k = (_ids(base), view_key, key)
         entry = self._entries.get(k)
-        if entry is not None and entry[0] == _versions(base):
+        if entry is not None and entry[0] == _versions(base) and _same_state(entry[2], state):
             self.hits += 1
             return entry[1]
         disk_key = _disk_key(base, view_key, key, model) if store is not None else None
@@ -143,11 +146,11 @@ class _DerivedCache:
             value = store.load(disk_key, _device(base))
             if value is not MISSING:
                 self.disk_hits += 1
-                self._remember(base, k, value)
+                self._remember(base, k, value, state)
                 return value
         self.misses += 1
         value = fn()
-        self._remember(base, k, value)
+        self._remember(base, k, value, state)
         if store is not None:
             if disk_key is not None and store.save(disk_key, value, _device(base),
                                                    {"pass": key.name, "weights": ", ".join(names)}):
@@ -156,19 +159,20 @@ class _DerivedCache:
                 self.not_persisted += 1
         return value
 
-    def _remember(self, base: torch.Tensor | tuple[torch.Tensor, ...], k: tuple, value: Any) -> None:
-        self._entries[k] = (_versions(base), value)
+    def _remember(self, base: torch.Tensor | tuple[torch.Tensor, ...], k: tuple, value: Any,
+                  state: dict[int, int] | None = None) -> None:
+        self._entries[k] = (_versions(base), value, state)
         for b in base if isinstance(base, tuple) else (base,):
             if id(b) not in self._watched:
                 self._watched.add(id(b))
                 weakref.finalize(b, self._drop, id(b))
 
     def peek(self, base: torch.Tensor | tuple[torch.Tensor, ...], view_key: Hashable, key: DerivedKey,
-             store: WeightStore | None = None, model: str | None = None) -> Any:
+             store: WeightStore | None = None, model: str | None = None, state: dict[int, int] | None = None) -> Any:
         """The cached value (from memory, else from `store` when given), or None; nothing is computed."""
         k = (_ids(base), view_key, key)
         entry = self._entries.get(k)
-        if entry is not None and entry[0] == _versions(base):
+        if entry is not None and entry[0] == _versions(base) and _same_state(entry[2], state):
             return entry[1]
         disk_key = _disk_key(base, view_key, key, model) if store is not None else None
         if disk_key is None:
@@ -177,7 +181,7 @@ class _DerivedCache:
         if value is MISSING:
             return None
         self.disk_hits += 1
-        self._remember(base, k, value)
+        self._remember(base, k, value, state)
         return value
 
     def _drop(self, base_id: int) -> None:
@@ -210,6 +214,15 @@ def _ids(base: torch.Tensor | tuple[torch.Tensor, ...]) -> int | tuple[int, ...]
 
 def _versions(base: torch.Tensor | tuple[torch.Tensor, ...]) -> int | tuple[int, ...]:
     return tuple(_version(b) for b in base) if isinstance(base, tuple) else _version(base)
+
+
+def _same_state(stored: dict[int, int] | None, now: dict[int, int] | None) -> bool:
+    """Whether no weight known to both {identity: version} states changed between them (compared over the weights
+    both hold: generate's prefill and decode graphs need not hold the same ones)."""
+    if stored is None or now is None:
+        return True
+    small, large = (stored, now) if len(stored) <= len(now) else (now, stored)
+    return all(large.get(i, v) == v for i, v in small.items())
 
 
 DERIVED = _DerivedCache()
@@ -301,21 +314,30 @@ class FrozenWeights:
             with unset_fake_temporarily():
                 return fn(values)
 
-        if not (persist and self.store is not None):
+        if not persist:
             return DERIVED.get(bases, chains, key, compute)
-        return DERIVED.get(bases, chains, key, compute, self.store, self.model_hash(), self._names(node))
+        if self.store is None:
+            return DERIVED.get(bases, chains, key, compute, state=self.model_state())
+        return DERIVED.get(bases, chains, key, compute, self.store, self.model_hash(), self._names(node),
+                           self.model_state())
 
     def cached(self, node: torch.fx.Node | Sequence[torch.fx.Node], key: DerivedKey) -> Any:
-        """What `derive(node, key, ...)` computed earlier in this process (another graph) or, with the disk cache
-        on, in another process (`persist=True`), else None."""
+        """What `derive(node, key, ..., persist=True)` computed earlier in this process (another graph, with none of
+        the graph's weights changed since) or, with the disk cache on, in another process, else None."""
         _check_key(key, "cached")
         try:
             bases, chains = self._roots(node)
         except KeyError:
             return None
         if self.store is None:
-            return DERIVED.peek(bases, chains, key)
-        return DERIVED.peek(bases, chains, key, self.store, self.model_hash())
+            return DERIVED.peek(bases, chains, key, state=self.model_state())
+        return DERIVED.peek(bases, chains, key, self.store, self.model_hash(), self.model_state())
+
+    def model_state(self) -> dict[int, int]:
+        """{identity: version} of every frozen original of this graph: part of a persisted entry's memory key, as
+        their content is of its disk key (`model_hash`). Identities: the entries die with their bases, and the
+        model's weights with each other."""
+        return {id(w.tensor): _version(w.tensor) for w in self.by_attr.values() if not w.derived}
 
     def model_hash(self) -> str | None:
         """sha256 over the content of every frozen original of this graph (None when one has no content to hash:

@@ -113,6 +113,40 @@ def test_targets_reading_one_activation_share_its_statistics(monkeypatch):
     assert len(made) == 2 * 4 + 1
 
 
+def test_known_replacements_stand_in_for_cached_targets():
+    """A target whose replacement is already known (cached by an earlier compile) is applied where it stands, so
+    the targets after it see the inputs they see when every target is replaced through on_target; on_target and
+    progress see only the targets asked for. Oracle: the eager model with the same layers halved (hooks)."""
+    model = tiny_model("llama")
+    windows = torch.randint(2, VOCAB, (4, 11), generator=torch.Generator().manual_seed(3))
+    gm, ctx = _capture(model, {"input_ids": windows[:2]}, windows, 4, 11)
+    linears = _linears(gm, ctx)
+    halved = [n for n, name in linears.items() if name.startswith("model.layers.0.")]
+    later = [n for n, name in linears.items() if name.startswith("model.layers.1.")]
+
+    def half(x, w, *rest):
+        return torch.nn.functional.linear(x, w * 0.5, *rest)
+
+    seen, asked, progress = {}, [], []
+
+    def on_target(inputs):
+        asked.append(inputs.node)
+        seen[inputs.node] = inputs.statistics("gram")["gram"]
+
+    ctx.calibration.run_sequential(gm, later, on_target, known={n: half for n in halved},
+                                   progress=progress.append)
+    assert asked == later and progress == list(range(1, len(later) + 1))
+    eager = tiny_model("llama")
+    with torch.no_grad():
+        for name, m in eager.named_modules():
+            if name.startswith("model.layers.0.") and isinstance(m, torch.nn.Linear):
+                m.weight.mul_(0.5)
+    oracle = _eager_inputs(eager, [{"input_ids": windows[:2]}, {"input_ids": windows[2:]}])
+    for node in later:
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in oracle[linears[node]]]).double()
+        torch.testing.assert_close(seen[node].double(), x.T @ x / 44, rtol=1e-5, atol=1e-6)
+
+
 def test_hidden_states_are_the_nodes_values():
     model = tiny_model("llama")
     windows = torch.randint(2, VOCAB, (4, 11), generator=torch.Generator().manual_seed(3))

@@ -393,13 +393,12 @@ class LowrankSplitPass(Pass):
         def on_target(inputs: TargetInputs) -> Callable[..., torch.Tensor]:
             t = by_node[inputs.node]
             if t.grouped:  # per expert; no `cross`: the float model routes its rows to other experts
-                u, v = factor(t, experts.expert_statistics(inputs, ("gram", "absmean")))
-                return experts.grouped_split(t.node, u, v)
+                return _applied(t, *factor(t, experts.expert_statistics(inputs, ("gram", "absmean"))))
             kinds = ("gram", "absmean", "cross") if o.refit else ("gram", "absmean")
-            u, v = factor(t, inputs.statistics(*kinds))
-            return lambda x, _w, *rest, **kw: F.linear(F.linear(x, v), u, *rest, **kw)
+            return _applied(t, *factor(t, inputs.statistics(*kinds)))
 
-        cal.run_sequential(gm, list(by_node), on_target, float_shadow=o.refit)
+        cached = {t.node: _applied(t, *out[t.node]) for t in todo if t.node in out}
+        cal.run_sequential(gm, list(by_node), on_target, float_shadow=o.refit, known=cached)
         stats["sequential"] = len(pending)
         return out
 
@@ -425,6 +424,13 @@ class LowrankSplitPass(Pass):
             stats[experts.FEW_ROWS] = stats.get(experts.FEW_ROWS, 0) + len(few)
             experts.warn_few_rows(t.name, few)
         return experts.factor_experts(t.weight, decs, rank, st, self.options.refit)
+
+
+def _applied(t: _Target, u: torch.Tensor, v: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The split layer as the sequential calibration run calls it in the dense node's place."""
+    if t.grouped:
+        return experts.grouped_split(t.node, u, v)
+    return lambda x, _w, *rest, **kw: F.linear(F.linear(x, v), u, *rest, **kw)
 
 
 def _check_order(gm: torch.fx.GraphModule) -> None:

@@ -374,13 +374,14 @@ class QuantizeLinearPass(Pass):
             tensors = ctx.weights.derive(_sources(t), self._key(t.layer, calibration=fp),
                                          lambda _w: _calibrated(t, inputs, self.options), persist=True)
             out[t.node] = (tensors, t.layer.method)
-            return lambda *args, **kwargs: _apply(t, tensors, args, kwargs)
+            return _applied(t, tensors)
 
+        cached = {t.node: _applied(t, out[t.node][0]) for t in targets if t.node in out}
         try:
             float_shadow = self.options.awq_float_target and any(t.layer.method == "awq" and not t.grouped
                                                                  for t in pending)
             cal.run_sequential(gm, list(by_node), quantize, float_shadow=float_shadow,
-                               progress=lambda i: bar.update(1))
+                               progress=lambda i: bar.update(1), known=cached)
         finally:
             bar.close()
         return out, fp
@@ -619,6 +620,11 @@ def _calibrated_experts(t: _Target, inputs: list[torch.Tensor], o: QuantizeLinea
 def _offs(args: tuple, kwargs: dict) -> Any:
     """The expert offsets of a grouped matmul's call (`_grouped_mm(x, w, offs)`, transformers' fallback)."""
     return kwargs.get("offs", args[2] if len(args) > 2 else None)
+
+
+def _applied(t: _Target, tensors: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
+    """The quantized layer as the calibration run calls it in the dense node's place."""
+    return lambda *args, **kwargs: _apply(t, tensors, args, kwargs)
 
 
 def _apply(t: _Target, tensors: tuple[torch.Tensor, ...], args: tuple, kwargs: dict) -> torch.Tensor:

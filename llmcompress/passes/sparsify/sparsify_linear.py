@@ -361,10 +361,11 @@ class SparsifyLinearPass(Pass):
             out[t.node] = (pruned, t.layer.method, key)
             if not self.options.sequential:
                 return None  # the rest of the run sees the dense layer: every layer pruned on dense activations
-            w = _node_layout(t, pruned.weight)
-            return lambda *args, **kwargs: t.node.target(args[0], w, *args[2:], **kwargs)
+            return _applied(t, pruned)
 
-        cal.run_sequential(gm, list(by_node), prune)
+        cached = ({t.node: _applied(t, out[t.node][0]) for t in targets if t.node in out}
+                  if self.options.sequential else {})
+        cal.run_sequential(gm, list(by_node), prune, known=cached)
         return out
 
 
@@ -447,6 +448,12 @@ def _from_statistics(w: torch.Tensor, layer: _Layer, stat: torch.Tensor, o: Spar
     r = sparsegpt_prune(w.float(), 2 * stat, layer.pattern, sparsity=layer.sparsity, damp=o.damp,
                         block_size=o.block_size, group_size=group)
     return Pruned(r.weight.to(w.dtype), r.mask, r.codes, r.scales, r.zeros)
+
+
+def _applied(t: _Target, pruned: Pruned) -> Callable[..., torch.Tensor]:
+    """The pruned layer as the sequential calibration run calls it in the dense node's place."""
+    w = _node_layout(t, pruned.weight)
+    return lambda *args, **kwargs: t.node.target(args[0], w, *args[2:], **kwargs)
 
 
 def _node_layout(t: _Target, weight: torch.Tensor) -> torch.Tensor:

@@ -155,7 +155,7 @@ def test_release_weights_leaves_only_the_packed_copy(scheme, monkeypatch):
     assert all(is_released(w) for w in linears.values()) and trims
     graph_tensors = {id(getattr(gm, n.target)): getattr(gm, n.target) for n in gm.graph.nodes
                      if n.op == "get_attr" and any(u.target is CPU_OPS[scheme] for u in n.users)}
-    cached = [t for _, value in DERIVED._entries.values() for t in value if isinstance(t, torch.Tensor)]
+    cached = [t for entry in DERIVED._entries.values() for t in entry[1] if isinstance(t, torch.Tensor)]
     assert {id(t) for t in cached} == set(graph_tensors)
     packed_bytes = sum(t.untyped_storage().nbytes() for t in graph_tensors.values())
     # bfloat16 activations: int8 codes + a bf16 scale per row; int4 codes + [scale, zero] per group of 32 in bf16

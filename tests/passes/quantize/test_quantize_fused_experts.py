@@ -66,10 +66,10 @@ def test_fused_experts_become_quantized_fused_ops_equal_to_the_grouped_path(sche
 
 def test_gptq_fused_experts_equal_the_grouped_path(tmp_path):
     """GPTQ through fused experts calibrates each expert on the grouped path's rows (the down projection on the
-    quantized gate-up's SiLU·up): as close to the dense model as the grouped path's GPTQ, closer than round to
-    nearest. Not equal: this random model's router probabilities are near ties (E = 4 experts of logits ~0.02),
-    so a few tokens of 256 per chunk route differently through softmax-then-top-k (the model) and top-k of the
-    logits (moe_route), and GPTQ's error feedback spreads the changed rows (80-90 % of the codes equal)."""
+    quantized gate-up's SiLU·up): the grouped path's model, closer to the dense one than round to nearest. The
+    fused compile runs second and finds the attention layers' GPTQ cached by the grouped one (same weights, same
+    options): the calibration run must apply them before the experts, or the experts are fitted to the float
+    model's rows instead (the 37-39 dB gap, "80-90 % of the codes equal", that this test once allowed)."""
     calibration = torch.randint(2, VOCAB, (16, 32), generator=torch.Generator().manual_seed(5))
     ids = calibration[:4]
     with torch.no_grad():
@@ -82,21 +82,18 @@ def test_gptq_fused_experts_equal_the_grouped_path(tmp_path):
     quant = next(r for r in records if r["name"] == "quantize-linear")
     fused_decisions = [d for d in quant["decisions"] if str(d.get("kernel", "")).startswith("fused")]
     assert len(fused_decisions) == 2 and all(d["method"] == "gptq" for d in fused_decisions)
-    # Measured: dense vs fused GPTQ 24.2 dB, vs grouped GPTQ 24.2 dB, vs fused round to nearest 20.8 dB.
-    assert abs(sqnr_db(dense, fused) - sqnr_db(dense, grouped)) < 1.0
+    torch.testing.assert_close(fused, grouped, atol=1e-4, rtol=1e-4)  # measured: equal
+    # Measured: dense vs GPTQ 24.2 dB, vs fused round to nearest 20.8 dB.
     assert sqnr_db(dense, fused) > sqnr_db(dense, rtn) + 1.5
 
 
 def test_awq_fused_experts_match_the_grouped_path(tmp_path):
     """AWQ through fused experts: each expert's 1/s for gate-up (E, H) and down (E, I) rides on the fused op (not
-    all ones: the scales were searched), and the model is as close to the dense one as the grouped path's AWQ model.
-    Not equal to it: as for GPTQ above, the first MoE layer's codes agree only in part (86.7 % of gate-up's, measured
-    with the router scaled 100x against near ties), a difference in the calibration rows or statistics not yet
-    explained."""
+    all ones: the scales were searched), and the model is the grouped path's AWQ model up to float sums in another
+    row order (measured 93 dB apart; 37 dB when the cached attention layers were left out of the fused compile's
+    calibration run, as for GPTQ above)."""
     calibration = torch.randint(2, VOCAB, (16, 32), generator=torch.Generator().manual_seed(5))
     ids = calibration[:4]
-    with torch.no_grad():
-        dense = main_output(tiny_model("mixtral")(ids))
     quantize = {"scheme": "w4a16", "group_size": 32, "method": "awq"}
     grouped, _, _ = _run(tiny_model("mixtral"), ids, _passes(quantize, False), tmp_path, "grouped", calibration)
     fused, gm, records = _run(tiny_model("mixtral"), ids, _passes(quantize, True), tmp_path, "fused", calibration)
@@ -110,7 +107,7 @@ def test_awq_fused_experts_match_the_grouped_path(tmp_path):
     quant = next(r for r in records if r["name"] == "quantize-linear")
     fused_decisions = [d for d in quant["decisions"] if str(d.get("kernel", "")).startswith("fused")]
     assert len(fused_decisions) == 2 and all(d["method"] == "awq" for d in fused_decisions)
-    assert abs(sqnr_db(dense, fused) - sqnr_db(dense, grouped)) < 1.0, (sqnr_db(dense, fused), sqnr_db(dense, grouped))
+    assert sqnr_db(grouped, fused) > 70, sqnr_db(grouped, fused)
 
 
 def test_expert_sorted_rows_are_the_grouped_layout():
