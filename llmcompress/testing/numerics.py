@@ -126,6 +126,16 @@ def random_2of4_mask(n: int, k: int, seed: int = 0, keep_fewer: bool = False) ->
     return mask.reshape(n, k)
 
 
+GEMV_TEST_TOKENS = 9
+"""The most tokens the MoE kernel tests give the gemv path (decode's: one program per routed slot). Under the Triton
+interpreter 21 tokens cost 5-15 s a case and reach no branch that 9 (several slots per expert) do not."""
+
+
+def path_tokens(t: int, path: str) -> int:
+    """A case's token count for the MoE kernels' `path` ("gemv" or "gemm")."""
+    return min(t, GEMV_TEST_TOKENS) if path == "gemv" else t
+
+
 def uneven_router_logits(t: int, e: int, seed: int = 0) -> torch.Tensor:
     """(t, e) router logits that load experts unevenly, as a real router does: most tokens pulled to expert 1, expert
     0 never chosen (MoE kernels must handle an empty expert and one holding most of the batch)."""

@@ -13,7 +13,7 @@ import llmcompress.kernels.grouped_linear as gl
 import llmcompress.kernels.moe_experts as mx
 import llmcompress.kernels.moe_route as mr
 from llmcompress.testing.devices import DEVICE, needs_triton
-from llmcompress.testing.numerics import uneven_router_logits
+from llmcompress.testing.numerics import path_tokens, uneven_router_logits
 
 OP = torch.ops.llmcompress.moe_experts_w4a16.default
 
@@ -49,6 +49,7 @@ DTYPE_TOLS = [(torch.float16, 1e-3, 4e-3), (torch.bfloat16, 3e-2, 2e-2)]
 @pytest.mark.parametrize("path", ["gemv", "gemm"])
 @pytest.mark.parametrize("t,e,k,h,i,group_size,block_m", CASES)
 def test_awq_paths_equal_float64_oracle(t, e, k, h, i, group_size, block_m, path, dtype, atol, rtol):
+    t = path_tokens(t, path)
     x = torch.randn(t, h, generator=torch.Generator().manual_seed(t)).to(dtype).to(DEVICE)
     stored, a_gu, a_d = _awq_experts(e, h, i, group_size, seed=e)
     routing = mr.moe_route_reference(uneven_router_logits(t, e, seed=h).to(DEVICE), k, "softmax", True, block_m)

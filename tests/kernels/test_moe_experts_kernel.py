@@ -10,7 +10,7 @@ import torch
 import llmcompress.kernels.moe_experts as mx  # registers the ops
 import llmcompress.kernels.moe_route as mr
 from llmcompress.testing.devices import DEVICE, needs_triton
-from llmcompress.testing.numerics import uneven_router_logits
+from llmcompress.testing.numerics import path_tokens, uneven_router_logits
 
 OP = torch.ops.llmcompress.moe_experts.default
 # Outputs O(1): fp32 differs from float64 by fp32 sums; fp16 / bf16 by one rounding of h and of y (bf16 ~8e-3 per
@@ -45,6 +45,7 @@ CASES = [
 @pytest.mark.parametrize("path", ["gemv", "gemm"])
 @pytest.mark.parametrize("t,e,k,h,i,block_m", CASES)
 def test_paths_equal_float64_oracle(t, e, k, h, i, block_m, path, dtype, atol, rtol):
+    t = path_tokens(t, path)
     x = torch.randn(t, h, generator=torch.Generator().manual_seed(t)).to(dtype).to(DEVICE)
     w_gate_up, w_down = _experts(e, h, i, dtype, seed=e)
     routing = _routing(uneven_router_logits(t, e, seed=h), k, block_m)
@@ -204,6 +205,7 @@ W4_CASES = [(1, 4, 2, 96, 64, 32, 16), (9, 6, 2, 128, 96, 32, 16), (21, 5, 3, 12
 @pytest.mark.parametrize("path", ["gemv", "gemm"])
 @pytest.mark.parametrize("t,e,k,h,i,group_size,block_m", W4_CASES)
 def test_w4a16_paths_equal_float64_oracle(t, e, k, h, i, group_size, block_m, path, dtype, atol, rtol):
+    t = path_tokens(t, path)
     x = torch.randn(t, h, generator=torch.Generator().manual_seed(t)).to(dtype).to(DEVICE)
     stored = _int4_experts(e, h, i, group_size, seed=e)
     routing = _routing(uneven_router_logits(t, e, seed=h), k, block_m)

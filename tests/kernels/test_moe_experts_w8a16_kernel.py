@@ -12,7 +12,7 @@ import llmcompress.kernels.moe_experts as mx  # registers the ops
 import llmcompress.kernels.moe_route as mr
 from llmcompress.formats.quantized import dequantize_int8, quantize_int4_rtn, quantize_int8_per_channel
 from llmcompress.testing.devices import DEVICE, needs_triton
-from llmcompress.testing.numerics import uneven_router_logits
+from llmcompress.testing.numerics import path_tokens, uneven_router_logits
 
 OP = torch.ops.llmcompress.moe_experts_w8a16.default
 # Outputs O(1). fp32: the dequantized weights are exact in fp32, so fp32 sums only; fp16 / bf16 one rounding of h
@@ -48,6 +48,7 @@ CASES = [
 @pytest.mark.parametrize("path", ["gemv", "gemm"])
 @pytest.mark.parametrize("t,e,k,h,i,block_m", CASES)
 def test_w8a16_paths_equal_float64_oracle(t, e, k, h, i, block_m, path, dtype, atol, rtol):
+    t = path_tokens(t, path)
     x = torch.randn(t, h, generator=torch.Generator().manual_seed(t)).to(dtype).to(DEVICE)
     stored = _int8_experts(e, h, i, seed=e)
     routing = mr.moe_route_reference(uneven_router_logits(t, e, seed=h).to(DEVICE), k, "softmax", True, block_m)
