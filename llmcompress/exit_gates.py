@@ -31,11 +31,10 @@ from llmcompress.exit_heads import (
     DISTILL_STEPS,
     DecoderParts,
     ExitHead,
+    calibrated_heads,
     check_exit_layer,
-    check_head_kind,
     check_ids,
     decoder_parts,
-    distill_heads,
     fit_heads_from_states,
     layer_states,
 )
@@ -436,9 +435,7 @@ def calibrate_from_states(parts: DecoderParts, fit_states: Sequence[torch.Tensor
     max_perplexity_increase = check_max_perplexity_increase(max_perplexity_increase)
     if features not in GATE_FEATURES:
         raise OptionError(f"features: {features!r}; expected one of {', '.join(GATE_FEATURES)}")
-    heads = fit_heads_from_states(fit_states, candidates, dtype=parts.lm_head.weight.dtype)
-    if check_head_kind(head) == "distilled":
-        heads = distill_heads(parts, fit_states, heads, steps=distill_steps)
+    heads = calibrated_heads(parts, fit_states, candidates, head, steps=distill_steps)
     kinds = ["hidden", "logits"] if features == "auto" else [features]
     scores = {k: GateScores({}, {}) for k in kinds}
     gates: dict[str, dict[int, Gate]] = {k: {} for k in kinds}

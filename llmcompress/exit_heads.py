@@ -138,8 +138,8 @@ HEAD_KINDS = ("fitted", "distilled")
 "distilled", that fit refined by `distill_heads` on the full model's next-token distribution."""
 
 DISTILL_STEPS = 1500
-"""Adam steps of `distill_heads` (512 tokens each): on tiny-llama (48 × 512 train tokens) about 75 s per exit on 2 CPU
-cores. Exit 3's validation KL: 1.01 → 0.84 nats after 300 steps (16 × 512 tokens), 0.86 → 0.63 after 1500 (48 × 512);
+"""Adam steps of `distill_heads` (512 tokens each): on tiny-llama (48 × 512 train tokens) 5 exits took 247 s on a quiet
+2-core CPU, about 50 s per exit. Exit 3's validation KL: 1.01 → 0.84 nats after 300 steps (16 × 512 tokens), 0.86 → 0.63 after 1500 (48 × 512);
 no step count between was measured."""
 
 
@@ -147,6 +147,15 @@ def check_head_kind(head: str) -> str:
     if head not in HEAD_KINDS:
         raise OptionError(f"head: {head!r}; expected one of {', '.join(HEAD_KINDS)}")
     return head
+
+
+def calibrated_heads(parts: DecoderParts, states: Sequence[torch.Tensor], exit_layers: Iterable[int], head: str, *,
+                     steps: int = DISTILL_STEPS) -> dict[int, ExitHead]:
+    """The exit heads of kind `head` (`HEAD_KINDS`) fitted on `layer_states`' layout, in the LM head's dtype."""
+    heads = fit_heads_from_states(states, exit_layers, dtype=parts.lm_head.weight.dtype)
+    if check_head_kind(head) == "distilled":
+        heads = distill_heads(parts, states, heads, steps=steps)
+    return heads
 
 
 def distill_heads(parts: DecoderParts, states: Sequence[torch.Tensor], heads: dict[int, ExitHead], *,

@@ -37,8 +37,8 @@ from llmcompress.exit_heads import (
     DISTILL_STEPS,
     DecoderParts,
     ExitHead,
+    calibrated_heads,
     check_exit_layer,
-    distill_heads,
     fit_heads_from_states,
 )
 from llmcompress.passes.base import Pass, PassContext, PassResult
@@ -285,10 +285,7 @@ def _calibrate(gm: torch.fx.GraphModule, ctx: PassContext, dg: DecoderGraph, exi
                                      max_perplexity_increase=o.max_perplexity_increase, head=o.head,
                                      distill_steps=o.distill_steps)
     else:  # forced gate: the exit head and the skipped layers' fill maps, fitted on every row
-        heads = fit_heads_from_states(states, exits, dtype=dtype)
-        if o.head == "distilled":
-            heads = distill_heads(parts, states, heads, steps=o.distill_steps)
-        plan = CascadePlan(heads, {}, o.min_agreement, "forced", {}, {}, {}, None,
+        plan = CascadePlan(calibrated_heads(parts, states, exits, o.head, steps=o.distill_steps), {}, o.min_agreement, "forced", {}, {}, {}, None,
                            fit_fill_maps(states, exits, dtype=dtype))
     info: dict[str, Any] = {"calibration tokens": int(states[0].shape[0] * states[0].shape[1]),
                             "held-back tokens": int(held * states[0].shape[1]),
