@@ -13,12 +13,19 @@ one run: `main`.
 4. The gates: `calibrate_cascade` (logits gates, layer counts as prices, `--gate-budget`, its usual held-back margin)
    with fitted and with distilled heads, teacher-forced on the same validation tokens (`exit_gates.teacher_forced`):
    skip, agreement and added nats, and their share of the ceiling of their heads.
+5. Oracle gates at `--gate-budget` for each kind of head: a cascade whose gate score is each token's own KL and
+   top-1 agreement (−KL − 10 if the top-1 differs: agreeing tokens ranked by KL, ahead of every wrong one), exits
+   and thresholds chosen by `exit_gates.choose_exits` as the real gates' are. Thresholds set on the held-back
+   calibration rows with the usual margins ("held-back"), and on the validation tokens themselves with plain budgets
+   ("on validation"): what the cascade's shape (one threshold per exit, first open exit taken) leaves of the ceiling
+   even for a gate that knew the answer.
 
 Teacher-forced: the running cascade's drift (approximate K/V fills) lowers what either reaches; see
 early_exit_cascade.py. JSON (`--out`, default benchmarks/results/early_exit_ceiling.json): {device, commit, versions,
 threads, setup, exits: {E: {lens | fitted | distilled: {agreement, mean_kl, temperature}}}, ceilings: {"a/p": {lens |
 fitted | distilled: {feasible, upper, agreement, perplexity_increase, exit_share}}}, gates: {fitted | distilled:
-{budget, exits, skip_fraction, agreement, perplexity_increase, share_of_ceiling}}}.
+{budget, exits, skip_fraction, agreement, perplexity_increase, share_of_ceiling}}, oracle_gates: {lens | fitted |
+distilled: {held-back | on validation: {exits, skip_fraction, agreement, perplexity_increase}}}}.
 """
 
 from __future__ import annotations
@@ -34,9 +41,15 @@ import torch
 from llmcompress.exit_ceiling import skip_ceiling
 from llmcompress.exit_gates import (
     CascadeCosts,
+    GateScores,
+    allowed_errors,
+    allowed_nll,
     calibrate_cascade,
+    choose_exits,
     fit_temperature,
     kl_to_full,
+    nll_contributions,
+    simulate_cascade,
     split_calibration,
     teacher_forced,
 )
@@ -69,6 +82,32 @@ def exit_tables(parts, heads: dict[int, ExitHead], temperatures: dict[int, float
     return out
 
 
+def oracle_scores(table) -> GateScores:
+    """A gate that knows each token's cost of exiting: agreeing tokens ranked by their KL, every wrong one after."""
+    return GateScores({e: -kl - 10.0 * (~ag).double() for e, (kl, ag) in table.items()},
+                      {e: ag for e, (_, ag) in table.items()}, kl={e: kl for e, (kl, _) in table.items()})
+
+
+def oracle_cascade(held, val, num_layers: int, a: float, p: float | None) -> dict[str, dict]:
+    """Oracle gates' exits and thresholds chosen on `held` (with `calibrate_cascade`'s margins) and on `val` (plain
+    budgets), each run teacher-forced on `val`."""
+    costs = CascadeCosts(1.0, 0.0, 0.0, 0.0, 0.0, 0.0, num_layers)
+    on_val = oracle_scores(val)
+    nh, nv = next(iter(held.values()))[0].numel(), next(iter(val.values()))[0].numel()
+    out = {}
+    for name, scores, errors, nll, z in (
+            ("held-back", oracle_scores(held), allowed_errors(nh, a), allowed_nll(nh, p), None),
+            ("on validation", on_val, (1 - a) * nv, allowed_nll(nv, p), 0.0)):
+        kw = {} if z is None else {"budget_z": z}
+        exits, thresholds, _, _ = choose_exits(sorted(val), scores, costs, True, errors, a, nll, **kw)
+        wrong, _, exit_at = simulate_cascade(exits, thresholds, on_val, costs, True)
+        skipped = torch.where(exit_at > 0, num_layers - exit_at, 0).double().sum().item()
+        out[name] = {"exits": exits, "skip_fraction": skipped / (nv * num_layers), "agreement": 1 - wrong / nv,
+                     "perplexity_increase": math.expm1(nll_contributions(on_val, exit_at, num_layers).sum().item()
+                                                       / nv)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib", type=int, default=64)
@@ -87,20 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     exits = list(range(1, parts.num_layers))
     train = spread_windows(fixtures, tokenizer, "train.txt", args.calib)
     val = corpus_windows(fixtures, tokenizer, "validation.txt", args.windows)
-    fit_rows = split_calibration(train)[0]
+    fit_rows, held_rows = split_calibration(train)
 
     t = time.perf_counter()
     with torch.no_grad():
         fit_states = layer_states(model, fit_rows)
         fitted = fit_heads_from_states(fit_states, exits, dtype=parts.lm_head.weight.dtype)
         lens = {e: ExitHead.identity(e, fit_states[e].shape[-1], fitted[e].weight) for e in exits}
-        kinds = {"lens": lens, "fitted": fitted, "distilled": distill_heads(parts, fit_states, fitted, steps=args.distill_steps)}
+        distilled = distill_heads(parts, fit_states, fitted, steps=args.distill_steps)
+        kinds = {"lens": lens, "fitted": fitted, "distilled": distilled}
         fit_top = torch.cat([parts.lm_head(parts.norm(c)).argmax(-1) for c in fit_states[-1].split(4)])
         temps = {}
         for name, heads in kinds.items():
             for e in exits:
                 logits = torch.cat([heads[e].logits(parts, c).float() for c in fit_states[e].split(4)])
-                temps[name, e] = fit_temperature(parts, logits, fit_states[-1], (logits.argmax(-1) == fit_top).flatten())
+                agree = (logits.argmax(-1) == fit_top).flatten()
+                temps[name, e] = fit_temperature(parts, logits, fit_states[-1], agree)
                 del logits
         del fit_states
         val_states = layer_states(model, val)
@@ -109,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         tables = {name: exit_tables(parts, heads, {e: temps[name, e] for e in exits}, val_states, full_logp)
                   for name, heads in kinds.items()}
         del val_states
+        held_states = layer_states(model, held_rows)
+        held_logp = torch.cat([torch.log_softmax(parts.lm_head(parts.norm(c)).float(), -1)
+                               for c in held_states[-1].split(4)])
+        held_tables = {name: exit_tables(parts, heads, {e: temps[name, e] for e in exits}, held_states, held_logp)
+                       for name, heads in kinds.items()}
+        del held_states, held_logp
     n = full_logp.shape[0] * full_logp.shape[1]
     print(f"tables: {time.perf_counter() - t:.0f} s", file=sys.stderr)
     exit_rows = {e: {name: {"agreement": tables[name][e][1].double().mean().item(),
@@ -154,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{tf['agreement']:.4f} +{100 * row['perplexity_increase']:.2f} % (share of the ceiling "
               f"{row['share_of_ceiling']})", file=sys.stderr)
 
+    oracle = {}
+    for name, table in tables.items():
+        oracle[name] = oracle_cascade(held_tables[name], table, parts.num_layers, a, p)
+        for where, row in oracle[name].items():
+            print(f"oracle gates {name} {args.gate_budget} thresholds {where}: exits {row['exits']} skip "
+                  f"{row['skip_fraction']:.3f} agreement {row['agreement']:.4f} "
+                  f"+{100 * row['perplexity_increase']:.2f} %", file=sys.stderr)
+
     held = max(1, args.calib // 4)
     write_results(args.out, {
         **run_info(ROOT, args.threads),
@@ -162,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                   "validation": f"{args.windows} x 512 from validation.txt, teacher-forced (the full model's states)",
                   "budgets": "plain sums over the validation tokens: (1 - a) n errors, n log(1 + p) nats",
                   "distill_steps": args.distill_steps},
-        "exits": exit_rows, "ceilings": ceilings, "gates": gates})
+        "exits": exit_rows, "ceilings": ceilings, "gates": gates, "oracle_gates": oracle})
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -299,14 +299,15 @@ def nll_contributions(s: GateScores, exit_at: torch.Tensor, num_layers: int) -> 
     return out + s.drift_kl_per_fill * fills
 
 
-def nll_bound(contributions: torch.Tensor) -> float:
+def nll_bound(contributions: torch.Tensor, z: float = BUDGET_Z) -> float:
     """One-sided 90 % upper bound of the summed added NLL on text like the held-back tokens (their sum plus
     `BUDGET_Z` standard deviations of a sum of that many tokens), as `allowed_errors` shrinks the error budget: on
-    tiny-llama thresholds held to the plain sum at +2 % on held-back train.txt gave +2.3 % on validation.txt."""
+    tiny-llama thresholds held to the plain sum at +2 % on held-back train.txt gave +2.3 % on validation.txt.
+    z = 0: the plain sum."""
     c = contributions.double().flatten()
-    if c.numel() < 2:
+    if c.numel() < 2 or z == 0:
         return float(c.sum())
-    return float(c.sum()) + BUDGET_Z * math.sqrt(float((c - c.mean()).pow(2).sum()))
+    return float(c.sum()) + z * math.sqrt(float((c - c.mean()).pow(2).sum()))
 
 
 def allowed_nll(tokens: int, max_perplexity_increase: float | None) -> float:
@@ -315,7 +316,7 @@ def allowed_nll(tokens: int, max_perplexity_increase: float | None) -> float:
 
 
 def fit_thresholds(exits: list[int], s: GateScores, costs: CascadeCosts, logits: bool, allowed: float,
-                   allowed_kl: float = math.inf):
+                   allowed_kl: float = math.inf, budget_z: float = BUDGET_Z):
     """Thresholds for the least predicted time with at most `allowed` held-back errors.
 
     First a Lagrangian sweep: exit E opens when the gate's P(agree) ≥ 1 − saving_E / λ + drift_E (an error is worth
@@ -323,10 +324,12 @@ def fit_thresholds(exits: list[int], s: GateScores, costs: CascadeCosts, logits:
     approximate fills cause later, `GateScores.drift_per_fill`), the λ with the least time that meets the
     budget; then coordinate descent over each threshold (quantiles of its scores). Descent alone, from every gate
     closed, let the first exit take the whole error budget: 7 % of layer evaluations skipped on tiny-llama at 0.99
-    where the sweep + descent finds more."""
+    where the sweep + descent finds more. The added NLL is held at `nll_bound(..., budget_z)`."""
     def within(errors: float, exit_at: torch.Tensor) -> bool:
-        return errors <= allowed and (allowed_kl == math.inf
-                                      or nll_bound(nll_contributions(s, exit_at, costs.num_layers)) <= allowed_kl)
+        if errors > allowed:
+            return False
+        added = None if allowed_kl == math.inf else nll_contributions(s, exit_at, costs.num_layers)
+        return added is None or nll_bound(added, budget_z) <= allowed_kl
 
     closed = {e: math.inf for e in exits}
     thresholds, best = closed, simulate_cascade(exits, closed, s, costs, logits)[1]
@@ -354,15 +357,16 @@ def fit_thresholds(exits: list[int], s: GateScores, costs: CascadeCosts, logits:
 
 
 def choose_exits(candidates: list[int], s: GateScores, costs: CascadeCosts, logits: bool, allowed: float,
-                 min_agreement: float, allowed_kl: float = math.inf
+                 min_agreement: float, allowed_kl: float = math.inf, budget_z: float = BUDGET_Z
                  ) -> tuple[list[int], dict[int, float], float, dict[int, str]]:
     """The exits the cost model keeps: thresholds for all candidates, then the exit whose removal lowers the
     predicted time most is dropped, while one does; exits left with no threshold that saves time are dropped too.
-    Returns (exits, thresholds, predicted seconds per token, {dropped exit: reason})."""
+    Returns (exits, thresholds, predicted seconds per token, {dropped exit: reason}). budget_z: as `fit_thresholds`
+    holds the added NLL (0: the plain sum, for thresholds set on the very tokens they are judged on)."""
     exits, dropped = list(candidates), {}
-    thresholds, time = fit_thresholds(exits, s, costs, logits, allowed, allowed_kl)
+    thresholds, time = fit_thresholds(exits, s, costs, logits, allowed, allowed_kl, budget_z)
     while len(exits) > 1:
-        trials = {e: fit_thresholds([x for x in exits if x != e], s, costs, logits, allowed, allowed_kl)
+        trials = {e: fit_thresholds([x for x in exits if x != e], s, costs, logits, allowed, allowed_kl, budget_z)
                   for e in exits}
         e, (t_without, time_without) = min(trials.items(), key=lambda kv: kv[1][1])
         if time_without >= time:

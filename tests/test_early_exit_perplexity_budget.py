@@ -103,6 +103,10 @@ def test_thresholds_hold_the_perplexity_budget():
     drifted = dataclasses.replace(s, drift_kl_per_fill=0.01)
     fills = torch.where(exit_at > 0, 4 - exit_at - 1, 0).sum().item()
     assert nll_contributions(drifted, exit_at, 4).sum().item() == pytest.approx(_excess(s, bound) + 0.01 * fills, rel=1e-9)
+    # budget_z = 0 (thresholds judged on the very tokens they are set on): the plain sum, so more skip, still within
+    plain, plain_time = fit_thresholds([1, 3], s, costs, True, allowed=math.inf, allowed_kl=budget, budget_z=0.0)
+    assert _excess(s, bound) < _excess(s, plain) <= budget
+    assert plain_time < time
 
 
 def test_allowed_nll_is_the_log_of_the_perplexity_ratio():
