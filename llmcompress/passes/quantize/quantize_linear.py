@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -189,7 +189,8 @@ class QuantizeLinearPass(Pass):
         fingerprint = None
         if calibrated:
             with unset_fake_temporarily():  # passes run inside AOT's fake mode; calibration computes for real
-                calibrated_results, fingerprint = self._calibrate(gm, ctx, calibrated, stats)
+                rounded = [t for t in targets if t.layer.method == "rtn"]
+                calibrated_results, fingerprint = self._calibrate(gm, ctx, calibrated, stats, rounded)
                 results.update(calibrated_results)
         for t in targets:
             t.cpu = _cpu_plan(ctx, t)
@@ -335,9 +336,12 @@ class QuantizeLinearPass(Pass):
         effective ones (an override's) and the calibration data's fingerprint are the parts."""
         return self.cache_key(layer.scheme, method or layer.method, layer.group_size, layer.alpha, calibration)
 
-    def _calibrate(self, gm: torch.fx.GraphModule, ctx: PassContext, targets: list[_Target], stats: dict
+    def _calibrate(self, gm: torch.fx.GraphModule, ctx: PassContext, targets: list[_Target], stats: dict,
+                   rounded: Sequence[_Target] = ()
                    ) -> tuple[dict[torch.fx.Node, tuple[tuple[torch.Tensor, ...], str]], str]:
-        """(node -> (quantized tensors, method), the calibration data's fingerprint)."""
+        """(node -> (quantized tensors, method), the calibration data's fingerprint). rounded: the layers an override
+        sets to round-to-nearest; the calibration run applies them where they stand, so the layers after them are
+        fitted to the rows the compiled model gives them."""
         cfg = ctx.config
         cal = ctx.calibration or Calibration(cfg.calibration, cfg.tokenizer, cfg.calibration_samples,
                                              cfg.calibration_seq_len, example_inputs=ctx.example_inputs,
@@ -376,12 +380,13 @@ class QuantizeLinearPass(Pass):
             out[t.node] = (tensors, t.layer.method)
             return _applied(t, tensors)
 
-        cached = {t.node: _applied(t, out[t.node][0]) for t in targets if t.node in out}
+        known = {t.node: _applied(t, out[t.node][0]) for t in targets if t.node in out}
+        known.update({t.node: _applied(t, _rtn(t)) for t in rounded})
         try:
             float_shadow = self.options.awq_float_target and any(t.layer.method == "awq" and not t.grouped
                                                                  for t in pending)
             cal.run_sequential(gm, list(by_node), quantize, float_shadow=float_shadow,
-                               progress=lambda i: bar.update(1), known=cached)
+                               progress=lambda i: bar.update(1), known=known)
         finally:
             bar.close()
         return out, fp

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -218,7 +218,8 @@ class SparsifyLinearPass(Pass):
         calibrated = [t for t in targets if t.layer.method in _CALIBRATED]
         if calibrated:
             with unset_fake_temporarily():  # passes run inside AOT's fake mode; calibration computes for real
-                results.update(self._calibrate(gm, ctx, calibrated, stats))
+                by_magnitude = [t for t in targets if t.layer.method not in _CALIBRATED]
+                results.update(self._calibrate(gm, ctx, calibrated, stats, by_magnitude))
         for t in targets:
             if t.node not in results:
                 key = self._key(t.layer, "magnitude")
@@ -309,9 +310,11 @@ class SparsifyLinearPass(Pass):
         override's), the method that ran and the calibration data's fingerprint are the parts."""
         return self.cache_key(method, str(layer.pattern), layer.sparsity, calibration)
 
-    def _calibrate(self, gm: torch.fx.GraphModule, ctx: PassContext, targets: list[_Target], stats: dict
-                   ) -> dict[torch.fx.Node, tuple[Pruned, str, DerivedKey]]:
-        """node -> (pruned, method) for the layers calibration pruned (the others fall back to magnitude)."""
+    def _calibrate(self, gm: torch.fx.GraphModule, ctx: PassContext, targets: list[_Target], stats: dict,
+                   by_magnitude: Sequence[_Target] = ()) -> dict[torch.fx.Node, tuple[Pruned, str, DerivedKey]]:
+        """node -> (pruned, method) for the layers calibration pruned (the others fall back to magnitude).
+        by_magnitude: the layers an override prunes by magnitude; a sequential run applies them where they stand,
+        so the layers after them are pruned on the rows the compiled model gives them."""
         cfg = ctx.config
         cal = ctx.calibration or Calibration(cfg.calibration, cfg.tokenizer, cfg.calibration_samples,
                                              cfg.calibration_seq_len, example_inputs=ctx.example_inputs,
@@ -363,9 +366,11 @@ class SparsifyLinearPass(Pass):
                 return None  # the rest of the run sees the dense layer: every layer pruned on dense activations
             return _applied(t, pruned)
 
-        cached = ({t.node: _applied(t, out[t.node][0]) for t in targets if t.node in out}
-                  if self.options.sequential else {})
-        cal.run_sequential(gm, list(by_node), prune, known=cached)
+        known = {}
+        if self.options.sequential:
+            known = {t.node: _applied(t, out[t.node][0]) for t in targets if t.node in out}
+            known.update({t.node: _applied(t, _magnitude(t, self.options)) for t in by_magnitude})
+        cal.run_sequential(gm, list(by_node), prune, known=known)
         return out
 
 
