@@ -1,4 +1,4 @@
-"""Lowering of a graph the `early-exit` pass split (`gm.meta["llmcompress.early_exit"]`, `passes/early_exit/split.py`):
+"""Lowering of a graph the `early-exit` pass split (`gm.meta["llmcompress.split"]`, `passes/early_exit/split.py`):
 each piece is lowered as any graph is (Inductor, eager or Triton), and the returned callable chooses between them
 at run time: segment 1, then skip 1 if its gate is open, else segment 2 … else the rest.
 

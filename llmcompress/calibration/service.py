@@ -209,8 +209,8 @@ class Calibration:
         watch / on_value: `on_value(node, values)` gets each watched node's value in every chunk, after the
         replacements before it (e.g. the logits, to price a rewrite in loss).
         known: replacements already at hand (a pass's derived weights cached by an earlier compile, or its layers
-        compressed without calibration), applied where they stand without `on_target`: the targets after them then see the inputs they would see had nothing been
-        cached, not the float model's (a cache hit must not change what the layers after it are fitted to).
+        compressed without calibration), applied where they stand without `on_target`: the targets after them then
+        see the inputs they would see had nothing been cached, not the float model's (a cache hit must not change what the layers after it are fitted to).
         progress(i): after the i-th target's `on_target`.
         """
         feeds = self._fed()
