@@ -15,13 +15,14 @@ Args of the op:
     norm_topk_prob: divide the k weights by their sum (Mixtral always; Qwen2-MoE and OLMoE per their config).
     block_m: rows of one block of the experts' grouped GEMM (16, 32, 64 or 128; `moe_path.choose_moe_path`).
     skip_beta: dynamic expert skipping, in [0, 1): slot j of a token is dropped when its weight (after
-        `norm_topk_prob`) < skip_beta × the token's top weight: its id becomes E (out of range) and its weight 0, it
-        is in no block of the aligned layout, so `moe_experts` reads nothing for it; the kept slots' weights are not
-        rescaled. 0 skips nothing (the model's routing exactly).
+        `norm_topk_prob`) < skip_beta × the token's top weight: its id becomes E + its expert's id (out of range,
+        and still telling which expert the slot had: `moe_skip_compensate` reads it) and its weight is kept; it is
+        in no block of the aligned layout, so `moe_experts` reads nothing for it (ids outside [0, E) add nothing).
+        The kept slots' weights are not rescaled. 0 skips nothing (the model's routing exactly).
 
 Returns:
     topk_weights: (T, top_k) float32, in rank order (highest score first).
-    topk_ids: (T, top_k) int32 (E for a skipped slot).
+    topk_ids: (T, top_k) int32 (E + the expert's id for a skipped slot).
     sorted_ids: (T·top_k + E·(block_m − 1),) int32: slot ids s = t·top_k + j grouped by expert (in slot order within
         an expert), each expert's run padded with the sentinel T·top_k to a multiple of block_m; past
         `num_padded`, sentinels. This is vLLM's `moe_align_block_size` layout.
@@ -33,7 +34,7 @@ Ties: top-k ranks the logits themselves (softmax and sigmoid are monotonic, so t
 logits takes the lowest expert index first. `torch.topk` does not promise an order on ties (on the CPU,
 topk([1, 3, 3, 2, 3], 3) gives indices [2, 4, 1]), so on exact ties the ids can differ from the eager model's in
 order, and where a tie straddles the k-th place, in which expert is kept; ties never occur between distinct
-logits. Ids outside [0, E) (a skipped slot's E) are in no expert's run of the layout, in the reference, the host
+logits. Ids outside [0, E) (a skipped slot's E + id) are in no expert's run of the layout, in the reference, the host
 layout and the align kernel alike. NaN logits give unspecified ids, as in the eager model.
 """
 
@@ -104,9 +105,7 @@ def _moe_topk_kernel(
     if SKIP:
         # Column 0 holds the top weight (rank order); the padding columns past TOP_K are never stored.
         top = tl.sum(tl.where(rk[None, :] == 0, w_tile, 0.0), axis=1)
-        skip = w_tile < skip_beta * top[:, None]
-        w_tile = tl.where(skip, 0.0, w_tile)
-        i_tile = tl.where(skip, E, i_tile)
+        i_tile = tl.where(w_tile < skip_beta * top[:, None], E + i_tile, i_tile)
     offs = rt64[:, None] * TOP_K + rk[None, :]
     o_mask = t_mask[:, None] & (rk < TOP_K)[None, :]
     tl.store(weights_ptr + offs, w_tile, mask=o_mask)
@@ -261,9 +260,7 @@ def _topk_reference(router_logits, top_k, scoring, norm_topk_prob, skip_beta=0.0
     if norm_topk_prob:
         w = w / w.sum(-1, keepdim=True)
     if skip_beta > 0:
-        skip = w < skip_beta * w[:, :1]
-        w = w.masked_fill(skip, 0.0)
-        ids = ids.masked_fill(skip, s.shape[1])
+        ids = torch.where(w < skip_beta * w[:, :1], ids + s.shape[1], ids)
     return w, ids.to(torch.int32)
 
 

@@ -4,14 +4,16 @@ calibrated mean output instead of nothing.
 Entry point: `torch.ops.llmcompress.moe_skip_compensate(out, topk_weights, topk_ids, means, skip_beta)` ->
 out + Σ_j [w_j < skip_beta × max_j w] · w_j · means[id_j], accumulated in float32, rounded once to out's dtype.
 CUDA runs `moe_skip_compensate_triton` (one launch, no host sync: it captures in CUDA graphs); the CPU runs
-`moe_skip_compensate_reference`, the kernel's oracle. `fuse-moe` puts it after the block's experts output (fused or
-not) with the block's own routing (the weights before skipping and the model's expert ids), so the fused and the
-unfused block compute the same model; the skip rule is `moe_route`'s (`skip.skip_slots`).
+`moe_skip_compensate_reference`, the kernel's oracle. `fuse-moe` puts it after the block's experts output: a fused
+block's reads `moe_route`'s own outputs (the routing is computed once), an unfused block's the block's own routing,
+so the fused and the unfused block compute the same model; the skip rule is `moe_route`'s (`skip.skip_slots`).
 
 Args:
     out: (T, H) float16/bfloat16/float32, the experts' output with the skipped slots left out.
-    topk_weights: (T, k) float routing weights before skipping (rank order or not; compared in float32).
-    topk_ids: (T, k) integer expert ids in [0, E).
+    topk_weights: (T, k) float routing weights, the skipped slots' included (rank order or not; compared in
+        float32).
+    topk_ids: (T, k) integer expert ids in [0, E), or in [E, 2E) for a slot `moe_route` skipped (E + its expert's
+        id): the same expert.
     means: (E, H) float32, the expert's mean output on the calibration tokens it would be skipped on (an expert
         never skipped there has a zero row).
     skip_beta: in (0, 1), the skip rule's β.
@@ -59,6 +61,7 @@ def _compensate_kernel(
     for j in tl.static_range(TOP_K):
         w = tl.load(w_ptr + rt * TOP_K + j, mask=t_mask, other=0.0)
         e = tl.load(ids_ptr + rt * TOP_K + j, mask=t_mask, other=0).to(tl.int64)
+        e = tl.where(e >= E, e - E, e)  # moe_route's skipped slot: E + its expert's id
         skip = t_mask & (w < skip_beta * top) & (e >= 0) & (e < E)
         mu = tl.load(means_ptr + e[:, None] * H + rh[None, :], mask=skip[:, None] & h_mask[None, :], other=0.0)
         acc += tl.where(skip, w, 0.0)[:, None] * mu
@@ -82,6 +85,7 @@ def moe_skip_compensate_reference(out: torch.Tensor, topk_weights: torch.Tensor,
     """out + the skipped slots' weight × their expert's mean row, in float32, rounded once to out's dtype."""
     ws = skipped_weights(topk_weights, skip_beta)
     e = means.shape[0]
+    topk_ids = torch.where(topk_ids >= e, topk_ids - e, topk_ids)  # moe_route's skipped slot: E + its expert's id
     dense = torch.zeros(ws.shape[0], e, dtype=torch.float32, device=ws.device)  # (T, E) skipped mass per expert
     dense.scatter_add_(1, topk_ids.long().clamp(0, e - 1), ws.masked_fill((topk_ids < 0) | (topk_ids >= e), 0.0))
     return (out.float() + dense @ means.float()).to(out.dtype)

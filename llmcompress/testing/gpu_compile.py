@@ -195,7 +195,7 @@ def _moe_int4_cases(dtype: str, full: bool) -> list[Case]:
 def _moe_int8_cases(dtype: str, full: bool) -> list[Case]:
     """int8 experts (one scale per row) on the Mixtral-8x7B block: the same kernels with QUANT = 2 (x float16 /
     bfloat16), and the load counters' and the skip compensation's kernels (`moe_load_counters.py`,
-    `moe_skip_compensation.py`) on its routing."""
+    `moe_skip_compensation.py`) on its routing, and the routing with skipping (`moe_route`'s `skip_beta`)."""
     dt = DTYPES[dtype]
     out = []
     if dt == torch.float32:
@@ -220,6 +220,9 @@ def _moe_int8_cases(dtype: str, full: bool) -> list[Case]:
     y, means = _meta(t, h, dtype=dt), _meta(e, h, dtype=torch.float32)
     out.append(Case("moe", f"skip compensation, {t} tokens top-{k}", dtype, (t, h, i),
                     lambda: moe_skip_compensation.moe_skip_compensate_triton(y, weights, ids, means, 0.3)))
+    logits = _meta(t, e, dtype=dt)  # fuse-moe's skip_beta: the top-k kernel's SKIP branch
+    out.append(Case("moe", f"routing with skipping, {t} tokens top-{k}", dtype, (t, h, i),
+                    lambda: moe_route.moe_route_triton(logits, k, "softmax", True, 16, 0.3)))
     return out
 
 

@@ -28,7 +28,9 @@ EXPECTED_INT4 = [(kernel, INT4_VARIANTS[path]) for path in ("gemv", "gemm") for 
     (kernel, INT4_VARIANTS[path].replace("g128", "g128 awq")) for path in ("gemv", "gemm") for kernel in KERNELS[path]]
 INT8_VARIANTS = {"gemv": "mixtral-8x7b int8, gemv, block_m 16", "gemm": "mixtral-8x7b int8, gemm, block_m 64"}
 EXPECTED_INT8 = [(kernel, INT8_VARIANTS[path]) for path in ("gemv", "gemm") for kernel in KERNELS[path]] + [
-    ("_moe_count_kernel", "load counters, 512 tokens top-2"), ("_compensate_kernel", "skip compensation, 512 tokens top-2")]
+    ("_moe_count_kernel", "load counters, 512 tokens top-2"), ("_compensate_kernel", "skip compensation, 512 tokens top-2"),
+    ("_moe_topk_kernel", "routing with skipping, 512 tokens top-2"),
+    ("_moe_align_kernel", "routing with skipping, 512 tokens top-2")]
 
 
 @pytest.fixture(scope="module")

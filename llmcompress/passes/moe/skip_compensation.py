@@ -69,10 +69,13 @@ def compensation_means(xs: Sequence[torch.Tensor], router_weight: torch.Tensor, 
 
 
 def add_compensation(gm: torch.fx.GraphModule, ctx: PassContext, block: MoEBlock, output: torch.fx.Node,
-                     beta: float, means: torch.Tensor) -> torch.fx.Node:
-    """`moe_skip_compensate(output, the block's routing weights and ids, means, β)` after `output` (the experts'
-    output as the graph now computes it), which every former reader of `output` reads instead; returns the node.
-    Call after any rewrite of the routing weights' readers (the compensation reads the weights before skipping)."""
+                     beta: float, means: torch.Tensor,
+                     routing: tuple[torch.fx.Node, torch.fx.Node] | None = None) -> torch.fx.Node:
+    """`moe_skip_compensate(output, routing weights and ids, means, β)` after `output` (the experts' output as the
+    graph now computes it), which every former reader of `output` reads instead; returns the node. routing: a fused
+    block's `moe_route` weights and ids (so the block's own routing is left dead); None: the block's own weights and
+    ids. Call after any rewrite of the routing weights' readers (the compensation reads the weights before
+    skipping)."""
     g, fm = gm.graph, ctx.fake_mode
     device = output.meta["val"].device
     users = list(output.users)
@@ -80,7 +83,7 @@ def add_compensation(gm: torch.fx.GraphModule, ctx: PassContext, block: MoEBlock
         table = ctx.weights.add(gm, means.to(device), f"{block.name}.experts.skip_means")
     with g.inserting_after(table):
         comp = call(g, fm, torch.ops.llmcompress.moe_skip_compensate.default,
-                    (output, block.weights, block.indices, table, float(beta)), {})
+                    (output, *(routing or (block.weights, block.indices)), table, float(beta)), {})
     for n in (table, comp):
         n.meta.update({key: v for key, v in output.meta.items() if key in ("nn_module_stack", "stack_trace")})
     for u in users:

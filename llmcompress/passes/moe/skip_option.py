@@ -142,6 +142,8 @@ def apply_skip_fallback(gm: torch.fx.GraphModule, ctx: PassContext, block: MoEBl
         mask_routing_weights(gm, ctx, block, skip.beta)
         out["where"] = "routing weights (block not fused: the experts still run, no speed-up)"
     if skip.beta > 0 and skip.means is not None and output is not None:
-        add_compensation(gm, ctx, block, output, skip.beta, skip.means)
+        # fused: moe_route's weights and ids (the experts op's 4th and 5th arguments), so the routing runs once
+        routing = (output.args[3], output.args[4]) if fused else None
+        add_compensation(gm, ctx, block, output, skip.beta, skip.means, routing)
         out["compensated"] = True
     return out

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from llmcompress.backend import make_backend
 from llmcompress.passes.moe.routing import route
 from llmcompress.passes.moe.skip import apply_skip, skip_slots
 from llmcompress.passes.moe.skip_compensation import compensation_means
@@ -42,13 +43,14 @@ def _ids(seed=1, batch=2, seq=9):
 CAL = _ids(3)
 
 
-def _compile(fuse, report, cal=True):
+def _compile(fuse, report, cal=True, graphs=None):
     torch._dynamo.reset()
     options = {"lowering": "eager", "strict": True, "report": str(report),
                "passes": {"canonicalize": {}, "fuse-moe": fuse}}
     if cal:
         options.update(calibration=CAL, calibration_samples=CAL.shape[0], calibration_seq_len=CAL.shape[1])
-    return torch.compile(_model(), backend="llmcompress", options=options)
+    backend = "llmcompress" if graphs is None else make_backend(on_graph=lambda b, a, ctx: graphs.append(a))
+    return torch.compile(_model(), backend=backend, options=options)
 
 
 def _record(path):
@@ -145,6 +147,22 @@ def test_compensated_skipping_equals_eager_fused_or_not(objective, tmp_path):
     assert [d["fused"] for d in decisions] == [objective == "always"] * 2
     assert all(d["skip"].get("compensated") for d in decisions)
     assert stats["skip compensated layers"] == 2
+
+
+def test_a_fused_block_routes_once(tmp_path):
+    """Fused with compensation: the compensation reads moe_route's weights and ids, so the block's own routing (its
+    softmax and top-k) is gone from the graph; the result is checked against the eager model above."""
+    graphs = []
+    with torch.no_grad():
+        _compile({"objective": "always", "skip_beta": 0.5}, tmp_path / "r.json", graphs=graphs)(_ids())
+    nodes = list(graphs[0].graph.nodes)
+    comps = [n for n in nodes if n.target is torch.ops.llmcompress.moe_skip_compensate.default]
+    assert len(comps) == 2
+    for comp in comps:
+        for arg in comp.args[1:3]:
+            assert arg.args[0].target is torch.ops.llmcompress.moe_route.default  # getitem of moe_route
+    routing_ops = (torch.ops.aten.topk.default, torch.ops.aten._softmax.default, torch.ops.aten.softmax.int)
+    assert not [n for n in nodes if n.target in routing_ops]
 
 
 def test_beta_zero_is_bit_identical_to_no_skipping(tmp_path):
