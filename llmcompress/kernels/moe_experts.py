@@ -393,11 +393,12 @@ _SPILLS = {
 # As `_SPILLS` for int4 experts (benchmarks/gpu_compile.py --families moe-int4, the Mixtral-8x7B block).
 _SPILLS_INT4 = {"_moe_gate_up_gemm_kernel": {("sm_80", "16-bit"): {(64, 32, 64, 4), (64, 64, 64, 8)}},  # 4 B, 88 B
                 "_moe_down_gemm_kernel": {}}
-# As `_SPILLS_INT4` for AWQ's int4 experts (HAS_ACT: the 1/s row gathered beside the x tile): the gate-up GEMM's
-# (64, 64, 64, 8 warps) spilled 8 B per thread on sm_90 (benchmarks/gpu_compile.py --families moe-int4).
+# As `_SPILLS_INT4` for AWQ's int4 experts (HAS_ACT: the 1/s row gathered beside the x tile), sm_90
+# (benchmarks/gpu_compile.py --families moe-int4): the gate-up GEMM's (64, 64, 64, 8 warps) 8 B per thread and
+# (64, 32, 64, 4 warps) 32-56 B, the down GEMM's (16, 32, 64, 4 warps) 36 B (bfloat16).
 _SPILLS_INT4_AWQ = {"_moe_gate_up_gemm_kernel": {**_SPILLS_INT4["_moe_gate_up_gemm_kernel"],
-                                                 ("sm_90", "16-bit"): {(64, 64, 64, 8)}},
-                    "_moe_down_gemm_kernel": {}}
+                                                 ("sm_90", "16-bit"): {(64, 64, 64, 8), (64, 32, 64, 4)}},
+                    "_moe_down_gemm_kernel": {("sm_90", "16-bit"): {(16, 32, 64, 4)}}}
 # As `_SPILLS` for int8 experts (benchmarks/gpu_compile.py --families moe-int8, the Mixtral-8x7B block).
 _SPILLS_INT8 = {"_moe_gate_up_gemm_kernel": {},
                 "_moe_down_gemm_kernel": {("sm_80", "16-bit"): {(64, 64, 32, 8)}}}  # 16 B
