@@ -67,6 +67,21 @@ def test_kernel_equals_reference(t, k, e, h, dtype):
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
 
 
+@needs_triton
+@pytest.mark.parametrize("t,k,e,h", CASES[1:])
+def test_moe_route_encoding_of_skipped_slots_is_the_same_expert(t, k, e, h):
+    """moe_route writes a skipped slot's id as E + its expert's: the kernel and the reference read it as that expert,
+    so the result equals the float64 rule on the plain ids."""
+    out, w, ids, means = _inputs(t, k, e, h, torch.float32, seed=7 * t + k)
+    skipped = w < 0.5 * w.amax(-1, keepdim=True)
+    assert skipped.any()
+    encoded = torch.where(skipped, ids + e, ids)
+    want = _loop(out, w, ids, means, 0.5)
+    for got in (msc.moe_skip_compensate_triton(out, w, encoded, means, 0.5),
+                msc.moe_skip_compensate_reference(out, w, encoded, means, 0.5)):
+        torch.testing.assert_close(got.double().cpu(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_op_on_cpu_is_the_reference_and_takes_int64_ids():
     out, w, ids, means = _inputs(9, 2, 4, 40, torch.float32, seed=5)
     got = OP(out.cpu(), w.cpu(), ids.long().cpu(), means.cpu(), 0.6)
