@@ -43,3 +43,32 @@ def _cache_dir(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def cpu_only_seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def reduced_gpu_rows(tmp_path_factory):
+    """rows(families): `llmcompress.testing.gpu_compile.run_reduced`'s rows, compiled once per test run. Under
+    pytest-xdist a module's tests land on both workers, and its module-scoped fixture compiled the whole reduced set
+    on each (two 40-60 s compiles of the same kernels); the workers now share one result through a file in the run's
+    shared temp folder, named by the run's id and guarded by a lock. Skips where the compile cannot run here."""
+    import json
+
+    from filelock import FileLock
+
+    from llmcompress.testing.gpu_compile import run_reduced, unsupported
+
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+
+    def rows(families: str) -> list[dict]:
+        if unsupported():
+            pytest.skip(unsupported())
+        if run_id is None:  # one process: a module-scoped fixture already compiles once
+            return run_reduced(families, tmp_path_factory.mktemp("gpu_compile"))
+        out = tmp_path_factory.getbasetemp().parent / f"gpu_compile-{run_id}-{families}.json"
+        with FileLock(f"{out}.lock"):
+            if not out.is_file():
+                out.write_text(json.dumps(run_reduced(families, tmp_path_factory.mktemp("gpu_compile"))))
+        return json.loads(out.read_text())
+
+    return rows
+

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from llmcompress.testing.gpu_compile import REDUCED_GROUPS, check_row, run_reduced, unsupported
+from llmcompress.testing.gpu_compile import REDUCED_GROUPS, check_row
 
 pytestmark = pytest.mark.gpu_compile
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory) -> list[dict]:
-    if unsupported():
-        pytest.skip(unsupported())
-    return run_reduced("codegen", tmp_path_factory.mktemp("gpu_compile"))
+def rows(reduced_gpu_rows) -> list[dict]:
+    return reduced_gpu_rows("codegen")
 
 
 @pytest.mark.parametrize("target", ["sm_90", "sm_80"])

@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from llmcompress.kernels import fp8_linear, fused_linear, int4_linear, int8_linear, rms_norm, w8a8_linear
 from llmcompress.kernels import linear_common as common
-from llmcompress.testing.gpu_compile import check_row, run_reduced, unsupported
+from llmcompress.testing.gpu_compile import check_row
 
 pytestmark = pytest.mark.gpu_compile
 
@@ -36,10 +36,8 @@ EXPECTED = [
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory) -> list[dict]:
-    if unsupported():
-        pytest.skip(unsupported())
-    return run_reduced("kernels", tmp_path_factory.mktemp("gpu_compile"))
+def rows(reduced_gpu_rows) -> list[dict]:
+    return reduced_gpu_rows("kernels")
 
 
 @pytest.mark.parametrize("target", TARGETS)

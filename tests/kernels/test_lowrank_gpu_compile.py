@@ -10,7 +10,7 @@ import inspect
 import pytest
 
 from llmcompress.kernels import lowrank_linear
-from llmcompress.testing.gpu_compile import check_row, run_reduced, unsupported
+from llmcompress.testing.gpu_compile import check_row
 
 pytestmark = pytest.mark.gpu_compile
 
@@ -20,10 +20,8 @@ VARIANTS = tuple(f"r 1024, {rows}{u}" for rows in ("fma rows", "tensor-core rows
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory) -> list[dict]:
-    if unsupported():
-        pytest.skip(unsupported())
-    return run_reduced("lowrank", tmp_path_factory.mktemp("gpu_compile"))
+def rows(reduced_gpu_rows) -> list[dict]:
+    return reduced_gpu_rows("lowrank")
 
 
 @pytest.mark.parametrize("target", TARGETS)

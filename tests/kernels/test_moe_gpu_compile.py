@@ -11,7 +11,7 @@ import inspect
 import pytest
 
 from llmcompress.kernels import moe_experts, moe_load_counters, moe_route, moe_skip_compensation
-from llmcompress.testing.gpu_compile import check_row, run_reduced, unsupported
+from llmcompress.testing.gpu_compile import check_row
 
 pytestmark = pytest.mark.gpu_compile
 
@@ -34,10 +34,8 @@ EXPECTED_INT8 = [(kernel, INT8_VARIANTS[path]) for path in ("gemv", "gemm") for 
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory) -> list[dict]:
-    if unsupported():
-        pytest.skip(unsupported())
-    return run_reduced("moe,moe-int4,moe-int8", tmp_path_factory.mktemp("gpu_compile"))
+def rows(reduced_gpu_rows) -> list[dict]:
+    return reduced_gpu_rows("moe,moe-int4,moe-int8")
 
 
 @pytest.mark.parametrize("target", TARGETS)

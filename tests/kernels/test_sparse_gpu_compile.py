@@ -10,7 +10,7 @@ import inspect
 import pytest
 
 from llmcompress.kernels import sparse_linear
-from llmcompress.testing.gpu_compile import check_row, run_reduced, unsupported
+from llmcompress.testing.gpu_compile import check_row
 
 pytestmark = pytest.mark.gpu_compile
 
@@ -21,10 +21,8 @@ EXPECTED = [(kernel, variant) for kernel in ("_s24_gemv_kernel", "_s24_gemm_kern
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory) -> list[dict]:
-    if unsupported():
-        pytest.skip(unsupported())
-    return run_reduced("sparse", tmp_path_factory.mktemp("gpu_compile"))
+def rows(reduced_gpu_rows) -> list[dict]:
+    return reduced_gpu_rows("sparse")
 
 
 @pytest.mark.parametrize("target", TARGETS)
