@@ -40,6 +40,7 @@ import torch
 
 from llmcompress.exit_ceiling import skip_ceiling
 from llmcompress.exit_gates import (
+    BUDGET_Z,
     CascadeCosts,
     GateScores,
     allowed_errors,
@@ -88,24 +89,28 @@ def oracle_scores(table) -> GateScores:
                       {e: ag for e, (_, ag) in table.items()}, kl={e: kl for e, (kl, _) in table.items()})
 
 
-def oracle_cascade(held, val, num_layers: int, a: float, p: float | None) -> dict[str, dict]:
-    """Oracle gates' exits and thresholds chosen on `held` (with `calibrate_cascade`'s margins) and on `val` (plain
-    budgets), each run teacher-forced on `val`."""
+def judged(scores_held: GateScores, scores_val: GateScores, num_layers: int, a: float, p: float | None) -> dict:
+    """Exits and thresholds chosen by `choose_exits` (layer counts) on the held-back rows (with `calibrate_cascade`'s
+    margins) and on the validation tokens (plain budgets), each run teacher-forced on the validation tokens."""
     costs = CascadeCosts(1.0, 0.0, 0.0, 0.0, 0.0, 0.0, num_layers)
-    on_val = oracle_scores(val)
-    nh, nv = next(iter(held.values()))[0].numel(), next(iter(val.values()))[0].numel()
+    nh, nv = next(iter(scores_held.agree.values())).numel(), next(iter(scores_val.agree.values())).numel()
     out = {}
-    for name, scores, errors, nll, z in (
-            ("held-back", oracle_scores(held), allowed_errors(nh, a), allowed_nll(nh, p), None),
-            ("on validation", on_val, (1 - a) * nv, allowed_nll(nv, p), 0.0)):
-        kw = {} if z is None else {"budget_z": z}
-        exits, thresholds, _, _ = choose_exits(sorted(val), scores, costs, True, errors, a, nll, **kw)
-        wrong, _, exit_at = simulate_cascade(exits, thresholds, on_val, costs, True)
+    for name, chosen_on, errors, nll, z in (
+            ("held-back", scores_held, allowed_errors(nh, a), allowed_nll(nh, p), BUDGET_Z),
+            ("on validation", scores_val, (1 - a) * nv, allowed_nll(nv, p), 0.0)):
+        exits, thresholds, _, _ = choose_exits(sorted(scores_val.score), chosen_on, costs, True, errors, a, nll,
+                                               budget_z=z)
+        wrong, _, exit_at = simulate_cascade(exits, thresholds, scores_val, costs, True)
         skipped = torch.where(exit_at > 0, num_layers - exit_at, 0).double().sum().item()
         out[name] = {"exits": exits, "skip_fraction": skipped / (nv * num_layers), "agreement": 1 - wrong / nv,
-                     "perplexity_increase": math.expm1(nll_contributions(on_val, exit_at, num_layers).sum().item()
+                     "perplexity_increase": math.expm1(nll_contributions(scores_val, exit_at, num_layers).sum().item()
                                                        / nv)}
     return out
+
+
+def oracle_cascade(held, val, num_layers: int, a: float, p: float | None) -> dict[str, dict]:
+    """Oracle gates judged as `judged` judges any gate."""
+    return judged(oracle_scores(held), oracle_scores(val), num_layers, a, p)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,28 +28,20 @@ gates: {variant: {held-back | on validation: {exits, skip_fraction, agreement, p
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from early_exit_ceiling import oracle_scores, parse_budgets  # benchmarks/, the script's folder, is on sys.path
+from early_exit_ceiling import judged, oracle_scores, parse_budgets  # benchmarks/, the script's folder, is on sys.path
 
 from llmcompress.exit_gates import (
-    BUDGET_Z,
-    CascadeCosts,
     GateScores,
-    allowed_errors,
-    allowed_nll,
-    choose_exits,
     fit_gate,
     fit_temperature,
     gate_features,
     kl_to_full,
-    nll_contributions,
-    simulate_cascade,
     split_calibration,
 )
 from llmcompress.exit_heads import decoder_parts, fit_heads_from_states, layer_states
@@ -119,25 +111,6 @@ def gate_scores(spec: dict, fit, held, val) -> tuple[dict, dict]:
                 z = torch.nn.functional.gelu(z @ gate.hidden_weight + gate.hidden_bias)
             out[e] = torch.sigmoid(z @ gate.weight + gate.bias)
     return scores_held, scores_val
-
-
-def judged(scores_held: GateScores, scores_val: GateScores, num_layers: int, a: float, p: float | None) -> dict:
-    """Exits and thresholds chosen on the held-back rows (margins) and on the validation tokens (plain), each run on
-    the validation tokens."""
-    costs = CascadeCosts(1.0, 0.0, 0.0, 0.0, 0.0, 0.0, num_layers)
-    nh, nv = next(iter(scores_held.agree.values())).numel(), next(iter(scores_val.agree.values())).numel()
-    out = {}
-    for name, chosen_on, errors, nll, z in (
-            ("held-back", scores_held, allowed_errors(nh, a), allowed_nll(nh, p), BUDGET_Z),
-            ("on validation", scores_val, (1 - a) * nv, allowed_nll(nv, p), 0.0)):
-        exits, thresholds, _, _ = choose_exits(sorted(scores_val.score), chosen_on, costs, True, errors, a, nll,
-                                               budget_z=z)
-        wrong, _, exit_at = simulate_cascade(exits, thresholds, scores_val, costs, True)
-        skipped = torch.where(exit_at > 0, num_layers - exit_at, 0).double().sum().item()
-        out[name] = {"exits": exits, "skip_fraction": skipped / (nv * num_layers), "agreement": 1 - wrong / nv,
-                     "perplexity_increase": math.expm1(nll_contributions(scores_val, exit_at, num_layers).sum().item()
-                                                       / nv)}
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
