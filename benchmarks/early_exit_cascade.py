@@ -47,6 +47,7 @@ from llmcompress.cost.device_profile import device_name
 from llmcompress.exit_gates import CascadeCosts, calibrate_cascade, cascade_costs, split_calibration
 from llmcompress.exit_heads import ExitHead, decoder_parts, fit_exit_heads, layer_states
 from llmcompress.testing.fixtures import (
+    WINDOW,
     corpus_windows,
     fixtures_dir,
     load_model,
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib", type=int, default=64)
     parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--window", type=int, default=WINDOW, help="tokens per window (smaller only for smoke runs)")
     parser.add_argument("--min-agreement", type=float, default=0.99)
     parser.add_argument("--max-perplexity-increase", type=float, default=0.02,
                         help="the perplexity budget of the 'cost' and 'max-skip' cascades (0.02: +2 %%)")
@@ -101,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     fixtures = fixtures_dir()
     model, tokenizer = load_model(fixtures, "tiny-llama"), load_tokenizer(fixtures)
     parts = decoder_parts(model)
-    train = spread_windows(fixtures, tokenizer, "train.txt", args.calib)
-    val = corpus_windows(fixtures, tokenizer, "validation.txt", args.windows)
+    train = spread_windows(fixtures, tokenizer, "train.txt", args.calib, args.window)
+    val = corpus_windows(fixtures, tokenizer, "validation.txt", args.windows, args.window)
     held = max(1, args.calib // 4)
     exits = exit_quality(model, fit_exit_heads(model, train[:-held]), val)
     for e, q in exits.items():
@@ -198,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     out = {"device": device_name(), "commit": commit, "threads": args.threads,
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "python": platform.python_version()},
-           "setup": {"calibration": f"train.txt, {args.calib} x 512 (heads and gates on the first {args.calib - held},"
-                                    f" thresholds on the last {held})",
-                     "validation": f"{args.windows} x 512, token by token with the cascade's own KV cache",
-                     "rounds": args.rounds, "prompts": args.prompts, "new_tokens": args.new_tokens, "repeats": args.repeats,
+           "setup": {"calibration": f"train.txt, {args.calib} x {args.window} (heads and gates on the first "
+                                    f"{args.calib - held}, thresholds on the last {held})",
+                     "validation": f"{args.windows} x {args.window}, token by token with the cascade's own KV cache",
+                     "rounds": args.rounds, "prompts": args.prompts, "new_tokens": args.new_tokens,
+                     "repeats": args.repeats,
                      "lowering": "eager (no torch.compile)", "costs_s": costs.__dict__},
            "exits": exits, "full_perplexity": full["perplexity"],
            "full_perplexity_one_pass": full["perplexity_one_pass"], "cascades": cascades, "decode": decode}

@@ -62,7 +62,14 @@ from llmcompress.exit_heads import (
     fit_heads_from_states,
     layer_states,
 )
-from llmcompress.testing.fixtures import corpus_windows, fixtures_dir, load_model, load_tokenizer, spread_windows
+from llmcompress.testing.fixtures import (
+    WINDOW,
+    corpus_windows,
+    fixtures_dir,
+    load_model,
+    load_tokenizer,
+    spread_windows,
+)
 from llmcompress.testing.results import run_info, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib", type=int, default=64)
     parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--window", type=int, default=WINDOW, help="tokens per window (smaller only for smoke runs)")
     parser.add_argument("--budgets", default="0.99:0.02,0.99:none,1.0:0.02,0.98:0.05,0.95:0.1,0.9:none")
     parser.add_argument("--gate-budget", default="0.99:0.02", help="the budget the gates are calibrated to")
     parser.add_argument("--gate-heads", default="fitted,distilled", help="the heads the gates are calibrated with")
@@ -129,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(fixtures, "tiny-llama"), load_tokenizer(fixtures)
     parts = decoder_parts(model)
     exits = list(range(1, parts.num_layers))
-    train = spread_windows(fixtures, tokenizer, "train.txt", args.calib)
-    val = corpus_windows(fixtures, tokenizer, "validation.txt", args.windows)
+    train = spread_windows(fixtures, tokenizer, "train.txt", args.calib, args.window)
+    val = corpus_windows(fixtures, tokenizer, "validation.txt", args.windows, args.window)
     fit_rows, held_rows = split_calibration(train)
 
     t = time.perf_counter()
@@ -217,9 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     held = max(1, args.calib // 4)
     write_results(args.out, {
         **run_info(ROOT, args.threads),
-        "setup": {"calibration": f"train.txt, {args.calib} x 512 spread windows (heads and gates on the first "
-                                 f"{args.calib - held}, gate thresholds on the last {held})",
-                  "validation": f"{args.windows} x 512 from validation.txt, teacher-forced (the full model's states)",
+        "setup": {"calibration": f"train.txt, {args.calib} x {args.window} spread windows (heads and gates on the "
+                                 f"first {args.calib - held}, gate thresholds on the last {held})",
+                  "validation": f"{args.windows} x {args.window} from validation.txt, teacher-forced (the full "
+                                "model's states)",
                   "budgets": "plain sums over the validation tokens: (1 - a) n errors, n log(1 + p) nats",
                   "distill_steps": args.distill_steps},
         "exits": exit_rows, "ceilings": ceilings, "gates": gates, "oracle_gates": oracle})

@@ -45,7 +45,14 @@ from llmcompress.exit_gates import (
     split_calibration,
 )
 from llmcompress.exit_heads import decoder_parts, fit_heads_from_states, layer_states
-from llmcompress.testing.fixtures import corpus_windows, fixtures_dir, load_model, load_tokenizer, spread_windows
+from llmcompress.testing.fixtures import (
+    WINDOW,
+    corpus_windows,
+    fixtures_dir,
+    load_model,
+    load_tokenizer,
+    spread_windows,
+)
 from llmcompress.testing.results import run_info, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib", type=int, default=64)
     parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--window", type=int, default=WINDOW, help="tokens per window (smaller only for smoke runs)")
     parser.add_argument("--budget", default="0.99:0.02", help="min_agreement:max_perplexity_increase (none: no bound)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "early_exit_gates.json")
@@ -127,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(fixtures, "tiny-llama"), load_tokenizer(fixtures)
     parts = decoder_parts(model)
     exits = list(range(1, parts.num_layers))
-    fit_ids, held_ids = split_calibration(spread_windows(fixtures, tokenizer, "train.txt", args.calib))
-    val_ids = corpus_windows(fixtures, tokenizer, "validation.txt", args.windows)
+    fit_ids, held_ids = split_calibration(spread_windows(fixtures, tokenizer, "train.txt", args.calib, args.window))
+    val_ids = corpus_windows(fixtures, tokenizer, "validation.txt", args.windows, args.window)
 
     t = time.perf_counter()
     with torch.no_grad():
@@ -167,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     held_n = max(1, args.calib // 4)
     write_results(args.out, {
         **run_info(ROOT, args.threads),
-        "setup": {"calibration": f"train.txt, {args.calib} x 512 spread windows (heads and gates on the first "
-                                 f"{args.calib - held_n}, held-back thresholds on the last {held_n})",
-                  "validation": f"{args.windows} x 512 from validation.txt, teacher-forced (the full model's states)",
+        "setup": {"calibration": f"train.txt, {args.calib} x {args.window} spread windows (heads and gates on the "
+                                 f"first {args.calib - held_n}, held-back thresholds on the last {held_n})",
+                  "validation": f"{args.windows} x {args.window} from validation.txt, teacher-forced (the full "
+                                "model's states)",
                   "budget": args.budget, "heads": "fitted (ridge least squares), temperatures as calibrate_cascade",
                   "prices": "layer counts (skip the most)"},
         "gates": results})

@@ -21,6 +21,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 
+import numpy
 import torch
 
 from llmcompress.cost.decode_step import weights_time
@@ -263,25 +264,48 @@ class GateScores:
 def simulate_cascade(exits: list[int], thresholds: dict[int, float], s: GateScores, costs: CascadeCosts, logits: bool):
     """Teacher-forced cascade on held-back tokens → (errors, mean seconds per token, exit layer per token (0: none)).
     errors: the exits' own wrong answers plus `s.drift_per_fill` per approximate K/V fill."""
-    n = next(iter(s.score.values())).shape[0]
-    exit_at = torch.zeros(n, dtype=torch.long)
-    time = torch.zeros(n, dtype=torch.float64)
-    wrong = torch.zeros(n, dtype=torch.bool)
-    alive = torch.ones(n, dtype=torch.bool)
-    for e in exits:
-        time += alive * costs.gate(logits)
-        go = alive & (s.score[e] >= thresholds[e])
-        exit_at[go] = e
-        wrong |= go & ~s.agree[e]
+    return _Simulator(s, costs, logits)(exits, thresholds)
+
+
+class _Simulator:
+    """`simulate_cascade` on numpy copies of the scores, made once per `fit_thresholds`: the threshold search runs the
+    cascade ~10⁴ times on a few thousand tokens, where torch's per-op overhead was 40 % of the smoke runs of
+    benchmarks/early_exit_gates.py (30 s of 80). A token's seconds are its gates' then its exit's (or the full
+    model's) prices, added in the order the cascade meets them, in float64 from float32-rounded prices; the mean is
+    torch's, so the times, and the thresholds chosen by comparing them, are those of the torch arithmetic before."""
+
+    def __init__(self, s: GateScores, costs: CascadeCosts, logits: bool):
+        self.score = {e: v.numpy(force=True) for e, v in s.score.items()}
+        self.agree = {e: v.numpy(force=True).astype(bool) for e, v in s.agree.items()}
+        self.n = next(iter(self.score.values())).shape[0]
+        self.drift = s.drift_per_fill
+        self.costs, self.logits = costs, logits
+
+    def __call__(self, exits: list[int], thresholds: dict[int, float]):
+        costs, n = self.costs, self.n
         # a logits gate already computed the exit's logits; a hidden gate translates and runs the head now
-        exit_head = 0.0 if logits else costs.translation + costs.head
-        time += go * (e * costs.layer + (costs.num_layers - e) * costs.fill + exit_head)
-        alive &= ~go
-    time += alive * costs.full
-    errors = int(wrong.sum())
-    if s.drift_per_fill:
-        errors += s.drift_per_fill * torch.where(exit_at > 0, costs.num_layers - exit_at - 1, 0).sum().item()
-    return errors, time.mean().item(), exit_at
+        exit_head = 0.0 if self.logits else costs.translation + costs.head
+        gate = float(numpy.float32(costs.gate(self.logits)))
+        exit_at = numpy.zeros(n, dtype=numpy.int64)
+        position = numpy.full(n, len(exits), dtype=numpy.int64)  # index into `seconds` (len(exits): no exit)
+        wrong = numpy.zeros(n, dtype=bool)
+        alive = numpy.ones(n, dtype=bool)
+        seconds, spent = [], 0.0
+        for k, e in enumerate(exits):
+            spent += gate
+            go = alive & (self.score[e] >= thresholds[e])
+            exit_at[go] = e
+            position[go] = k
+            wrong |= go & ~self.agree[e]
+            seconds.append(spent + float(numpy.float32(e * costs.layer + (costs.num_layers - e) * costs.fill
+                                                       + exit_head)))
+            alive &= ~go
+        seconds.append(spent + float(numpy.float32(costs.full)))
+        time = torch.from_numpy(numpy.asarray(seconds, dtype=numpy.float64)[position]).mean().item()
+        errors = int(wrong.sum())
+        if self.drift:
+            errors += self.drift * int(numpy.where(exit_at > 0, costs.num_layers - exit_at - 1, 0).sum())
+        return errors, time, torch.from_numpy(exit_at)
 
 
 def nll_contributions(s: GateScores, exit_at: torch.Tensor, num_layers: int) -> torch.Tensor:
@@ -301,9 +325,9 @@ def nll_contributions(s: GateScores, exit_at: torch.Tensor, num_layers: int) -> 
 
 def nll_bound(contributions: torch.Tensor, z: float = BUDGET_Z) -> float:
     """One-sided 90 % upper bound of the summed added NLL on text like the held-back tokens (their sum plus
-    z, by default `BUDGET_Z`, standard deviations of a sum of that many tokens), as `allowed_errors` shrinks the error budget: on
-    tiny-llama thresholds held to the plain sum at +2 % on held-back train.txt gave +2.3 % on validation.txt.
-    z = 0: the plain sum."""
+    z, by default `BUDGET_Z`, standard deviations of a sum of that many tokens), as `allowed_errors` shrinks the
+    error budget: on tiny-llama thresholds held to the plain sum at +2 % on held-back train.txt gave +2.3 % on
+    validation.txt. z = 0: the plain sum."""
     c = contributions.double().flatten()
     if c.numel() < 2 or z == 0:
         return float(c.sum())
@@ -331,15 +355,16 @@ def fit_thresholds(exits: list[int], s: GateScores, costs: CascadeCosts, logits:
         added = None if allowed_kl == math.inf else nll_contributions(s, exit_at, costs.num_layers)
         return added is None or nll_bound(added, budget_z) <= allowed_kl
 
+    simulate = _Simulator(s, costs, logits)
     closed = {e: math.inf for e in exits}
-    thresholds, best = closed, simulate_cascade(exits, closed, s, costs, logits)[1]
+    thresholds, best = closed, simulate(exits, closed)[1]
     head = 0.0 if logits else costs.translation
     saving = {e: (costs.num_layers - e) * (costs.layer - costs.fill) - head + (costs.head if logits else 0.0)
               for e in exits}
     for lam in torch.logspace(-6, 2, 200).tolist():
         trial = {e: (1 - saving[e] / lam + s.drift_per_fill * (costs.num_layers - e - 1)) if saving[e] > 0
                  else math.inf for e in exits}
-        errors, time, exit_at = simulate_cascade(exits, trial, s, costs, logits)
+        errors, time, exit_at = simulate(exits, trial)
         if time < best - 1e-15 and within(errors, exit_at):
             thresholds, best = trial, time
     q = torch.linspace(0, 1, THRESHOLD_CANDIDATES, dtype=torch.float64)
@@ -348,7 +373,7 @@ def fit_thresholds(exits: list[int], s: GateScores, costs: CascadeCosts, logits:
         for e in exits:
             for t in [math.inf, *torch.quantile(s.score[e].double(), q).tolist()]:
                 trial = {**thresholds, e: t}
-                errors, time, exit_at = simulate_cascade(exits, trial, s, costs, logits)
+                errors, time, exit_at = simulate(exits, trial)
                 if time < best - 1e-15 and within(errors, exit_at):
                     thresholds, best, changed = trial, time, True
         if not changed:
@@ -506,11 +531,12 @@ def calibrate_from_states(parts: DecoderParts, fit_states: Sequence[torch.Tensor
                        {e: temperatures[e] for e in exits}, max_perplexity_increase)
 
 
-def kl_to_full(full_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def kl_to_full(full_logp: torch.Tensor, logits: torch.Tensor, full_p: torch.Tensor | None = None) -> torch.Tensor:
     """(..., vocab) log-probabilities of the full model and logits of an exit → (...) KL(full ‖ exit) in nats: the
-    negative log-likelihood the exit adds in expectation over the full model's next tokens."""
+    negative log-likelihood the exit adds in expectation over the full model's next tokens. full_p: full_logp.exp(),
+    for a caller that compares many exits' logits with the same full model (the same numbers, one exp fewer)."""
     logq = torch.log_softmax(logits.float(), -1)
-    return (full_logp.exp() * (full_logp - logq)).sum(-1).clamp_min(0.0)
+    return ((full_logp.exp() if full_p is None else full_p) * (full_logp - logq)).sum(-1).clamp_min(0.0)
 
 
 @torch.no_grad()
@@ -529,7 +555,8 @@ def fit_temperature(parts: DecoderParts, exit_logits: torch.Tensor, last_states:
     z = exit_logits.reshape(-1, exit_logits.shape[-1])[idx].float()
     full_logp = torch.log_softmax(parts.lm_head(parts.norm(last_states.reshape(-1, last_states.shape[-1])[idx]))
                                   .float(), -1)
-    kl = [kl_to_full(full_logp, z / t).mean().item() for t in TEMPERATURES]
+    full_p = full_logp.exp()
+    kl = [kl_to_full(full_logp, z / t, full_p).mean().item() for t in TEMPERATURES]
     return TEMPERATURES[min(range(len(kl)), key=kl.__getitem__)]
 
 

@@ -171,6 +171,38 @@ def test_drift_per_fill_is_charged_to_each_approximate_fill():
     assert int((exit_at == 3).sum()) > 0 and int((exit_at == 1).sum()) > 0
 
 
+@pytest.mark.parametrize("logits", [False, True])
+def test_simulated_cascade_equals_a_token_by_token_walk(logits):
+    """simulate_cascade's vectorised arithmetic against a plain walk of each token through the gates in float64:
+    the first gate it passes takes it, every gate it reaches is paid, an exit pays its layers, fills and head."""
+    costs = CascadeCosts(layer=3.1e-6, head=1.7e-6, translation=2.3e-7, fill=4.1e-7, gate_hidden=1.1e-8,
+                         gate_logits=2.1e-6, num_layers=6)
+    g = torch.Generator().manual_seed(5)
+    n = 301
+    s = GateScores({e: torch.rand(n, generator=g) for e in range(1, 6)},
+                   {e: torch.rand(n, generator=g) < 0.8 for e in range(1, 6)}, drift_per_fill=0.125)
+    exits, thresholds = [1, 3, 4], {1: 0.9, 3: 0.6, 4: 0.75}
+    errors, seconds, exit_at = simulate_cascade(exits, thresholds, s, costs, logits)
+    want_at, want_errors, want_seconds = [], 0.0, 0.0
+    for i in range(n):
+        spent, taken = 0.0, 0
+        for e in exits:
+            spent += costs.gate(logits)
+            if float(s.score[e][i]) >= thresholds[e]:
+                taken = e
+                head = 0.0 if logits else costs.translation + costs.head
+                spent += e * costs.layer + (costs.num_layers - e) * costs.fill + head
+                want_errors += (not bool(s.agree[e][i])) + 0.125 * (costs.num_layers - e - 1)
+                break
+        else:
+            spent += costs.full
+        want_at.append(taken)
+        want_seconds += spent / n
+    assert exit_at.tolist() == want_at and len(set(want_at)) == 4
+    assert errors == pytest.approx(want_errors, abs=1e-9)
+    assert seconds == pytest.approx(want_seconds, rel=1e-6)  # the prices are added as float32
+
+
 @pytest.mark.parametrize("exit_layer", [1, 2, 3])
 def test_open_gate_fills_every_kv_slot(llama4, heads, exit_layer):
     from transformers import DynamicCache

@@ -12,7 +12,7 @@ import pytest
 @pytest.mark.fixtures
 def test_early_exit_cascade_smoke(tmp_path, run_benchmark):
     out = tmp_path / "early_exit_cascade.json"
-    run_benchmark("early_exit_cascade.py", "--calib", 8, "--windows", 2, "--rounds", 1, "--prompts", 1, "--new-tokens",
+    run_benchmark("early_exit_cascade.py", "--calib", 8, "--windows", 2, "--window", 128, "--rounds", 1, "--prompts", 1, "--new-tokens",
                   4, "--repeats", 1, "--frontier", "0.9:none", "--out", out)
     doc = json.loads(out.read_text())
     assert {"device", "versions", "commit", "setup", "exits", "full_perplexity", "cascades"} <= doc.keys()

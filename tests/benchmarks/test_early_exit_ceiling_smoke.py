@@ -14,7 +14,7 @@ import pytest
 @pytest.mark.fixtures
 def test_early_exit_ceiling_smoke(tmp_path, run_benchmark):
     out = tmp_path / "early_exit_ceiling.json"
-    run_benchmark("early_exit_ceiling.py", "--calib", 8, "--windows", 2, "--budgets", "0.99:0.02,0.9:none",
+    run_benchmark("early_exit_ceiling.py", "--calib", 8, "--windows", 2, "--window", 128, "--threads", 1, "--budgets", "0.99:0.02,0.9:none",
                   "--gate-budget", "0.9:none", "--distill-steps", 5, "--out", out)
     doc = json.loads(out.read_text())
     assert {"device", "versions", "commit", "setup", "exits", "ceilings", "gates", "oracle_gates"} <= doc.keys()

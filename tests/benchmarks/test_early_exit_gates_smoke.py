@@ -12,7 +12,7 @@ import pytest
 @pytest.mark.fixtures
 def test_early_exit_gates_smoke(tmp_path, run_benchmark):
     out = tmp_path / "early_exit_gates.json"
-    run_benchmark("early_exit_gates.py", "--calib", 8, "--windows", 2, "--budget", "0.9:none", "--out", out)
+    run_benchmark("early_exit_gates.py", "--calib", 8, "--windows", 2, "--window", 128, "--threads", 1, "--budget", "0.9:none", "--out", out)
     doc = json.loads(out.read_text())
     assert {"device", "versions", "commit", "setup", "gates"} <= doc.keys()
     assert "agree / logits (today's gates)" in doc["gates"] and "oracle" in doc["gates"]
