@@ -556,8 +556,18 @@ def fit_temperature(parts: DecoderParts, exit_logits: torch.Tensor, last_states:
     full_logp = torch.log_softmax(parts.lm_head(parts.norm(last_states.reshape(-1, last_states.shape[-1])[idx]))
                                   .float(), -1)
     full_p = full_logp.exp()
-    kl = [kl_to_full(full_logp, z / t, full_p).mean().item() for t in TEMPERATURES]
-    return TEMPERATURES[min(range(len(kl)), key=kl.__getitem__)]
+    # The mean KL is convex in 1/T; its slope in T, mean(E_full[z] - E_T[z]), rises with T. A bisection for the
+    # first temperature where the slope is ≥ 0 brackets the minimum; the KL itself then decides among that
+    # temperature and its neighbours: 8 passes over (tokens, vocab) instead of 31, the same choice as trying all.
+    full_z = (full_p * z).sum(-1)
+    lo, hi = 0, len(TEMPERATURES)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        slope = (full_z - (torch.softmax(z / TEMPERATURES[mid], -1) * z).sum(-1)).mean().item()
+        lo, hi = (lo, mid) if slope >= 0 else (mid + 1, hi)
+    near = range(max(lo - 1, 0), min(lo + 2, len(TEMPERATURES)))
+    kl = {i: kl_to_full(full_logp, z / TEMPERATURES[i], full_p).mean().item() for i in near}
+    return TEMPERATURES[min(near, key=kl.__getitem__)]
 
 
 def allowed_errors(tokens: int, min_agreement: float) -> float:

@@ -64,6 +64,30 @@ def test_fit_temperature_recovers_a_known_confidence_error(scale):
     assert fit_temperature(parts, exit_logits, last, torch.zeros(n, dtype=torch.bool)) == 1.0
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_fit_temperature_is_the_grid_point_of_least_kl(seed):
+    """Against every temperature of the grid tried in float64: exit logits that are a noisy, scaled copy of the full
+    model's, so the best T falls anywhere on the grid (at its ends too), not only at a known scale."""
+    g = torch.Generator().manual_seed(10 + seed)
+    hidden, vocab, n = 16, 64, 500
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, hidden, generator=g))
+    parts = DecoderParts(None, [None, None], torch.nn.Identity(), head, None)
+    last = torch.randn(n, hidden, generator=g) * (0.3 + 0.2 * seed)
+    agree = torch.rand(n, generator=g) < 0.8
+    scale = [0.3, 0.6, 0.9, 1.3, 2.5, 6.0][seed]
+    with torch.no_grad():
+        full = head(last).double()
+        exit_logits = (full * scale + torch.randn(n, vocab, generator=g, dtype=torch.float64) * 0.3).float()
+    p = torch.softmax(full[agree], -1)
+    kl = {t: (p * (p.log() - torch.log_softmax(exit_logits[agree].double() / t, -1))).sum(-1).mean().item()
+          for t in TEMPERATURES}
+    got = fit_temperature(parts, exit_logits, last, agree)
+    best = min(kl.values())
+    assert kl[got] <= best + 1e-6 * abs(best), (got, min(kl, key=kl.get))
+
+
 def _scores(n: int = 2000) -> GateScores:
     """Every exit agrees (the error budget never binds); an exit's KL falls with its score: exit 1 costs more."""
     g = torch.Generator().manual_seed(2)
