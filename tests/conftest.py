@@ -71,4 +71,3 @@ def reduced_gpu_rows(tmp_path_factory):
         return json.loads(out.read_text())
 
     return rows
-
